@@ -1,0 +1,285 @@
+"""The human-facing report: Markdown tables and PNG plots rendered from report.json's dict.
+
+Every section of the report dict is optional; a section that is absent is left out of the
+Markdown and its plot is not written, so a half-finished run still gets a readable report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# The object-oriented Figure API with the Agg canvas never touches pyplot's global state or
+# the process-wide backend, so rendering is safe on headless workers and inside a driver
+# that may already have imported pyplot for something else.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from student.metrics import retention as retention_ratio
+
+MISSING = "—"
+BYTES_PER_MB = 1_000_000
+# Keys of a loss_history entry that are coordinates, not loss values.
+HISTORY_AXES = ("step", "epoch")
+# Names the combined loss may be logged under (combine_losses logs it as "total"); when an
+# entry carries both they are the same number, so only the first is drawn.
+TOTAL_KEYS = ("loss", "total")
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _percent(value: float | None) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}%"
+
+
+def _integer(value: int | None) -> str:
+    return MISSING if value is None else f"{int(value):,}"
+
+
+def _decimal(value: float | None, places: int) -> str:
+    return MISSING if value is None else f"{value:.{places}f}"
+
+
+def _megabytes(value: float | None) -> str:
+    return _decimal(value, 1)
+
+
+def _milliseconds(value: float | None) -> str:
+    return _decimal(value, 2)
+
+
+def _times(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2f}×"
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A pipe table with padded columns, so it reads well both rendered and in a terminal."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])
+
+
+# --------------------------------------------------------------------------- language table
+
+
+def _metric(entry: Mapping, role: str, name: str) -> float | None:
+    return entry.get(role, {}).get(name)
+
+
+def _retention_of(entry: Mapping) -> float | None:
+    """The stored retention, else student accuracy / teacher accuracy when both exist."""
+    if entry.get("retention") is not None:
+        return entry["retention"]
+    teacher, student = _metric(entry, "teacher", "accuracy"), _metric(entry, "student", "accuracy")
+    if teacher is None or student is None:
+        return None
+    return retention_ratio(student, teacher)
+
+
+def _language_rows(report: Mapping) -> list[tuple[str, Mapping]]:
+    rows = list(sorted(report.get("per_language", {}).items()))
+    if "overall" in report:
+        rows.append(("overall", report["overall"]))
+    return rows
+
+
+def _has_ablation(report: Mapping) -> bool:
+    return any("ablation" in entry for _, entry in _language_rows(report))
+
+
+def format_language_table(report: Mapping) -> str:
+    """Per-language accuracy/F1 table (teacher vs student) with an overall row last.
+
+    Accuracy, F1 and retention (student accuracy ÷ teacher accuracy) print as percentages.
+    A hard-label-only ablation column appears when any row has one. Returns "" when the
+    report has neither per-language nor overall metrics.
+    """
+    rows = _language_rows(report)
+    if not rows:
+        return ""
+    ablation = _has_ablation(report)
+    header = ["language", "teacher acc", "student acc", "retention", "teacher F1", "student F1"]
+    if ablation:
+        header.append("hard-label acc")
+    cells = []
+    for language, entry in rows:
+        row = [
+            language,
+            _percent(_metric(entry, "teacher", "accuracy")),
+            _percent(_metric(entry, "student", "accuracy")),
+            _percent(_retention_of(entry)),
+            _percent(_metric(entry, "teacher", "macro_f1")),
+            _percent(_metric(entry, "student", "macro_f1")),
+        ]
+        if ablation:
+            row.append(_percent(_metric(entry, "ablation", "accuracy")))
+        cells.append(row)
+    return _markdown_table(header, cells)
+
+
+# --------------------------------------------------------------------------- efficiency table
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def format_efficiency_table(report: Mapping) -> str:
+    """Teacher vs student size and latency; the last column is teacher ÷ student.
+
+    For sizes that ratio is the compression factor, for latencies the speed-up.
+    """
+    efficiency = report.get("efficiency", {})
+    teacher, student = efficiency.get("teacher", {}), efficiency.get("student", {})
+    if not teacher and not student:
+        return ""
+
+    def megabytes(side: Mapping) -> float | None:
+        size = side.get("disk_bytes")
+        return None if size is None else size / BYTES_PER_MB
+
+    measures = [
+        ("parameters", lambda side: side.get("params"), _integer),
+        ("non-embedding parameters", lambda side: side.get("non_embedding_params"), _integer),
+        ("disk (MB)", megabytes, _megabytes),
+        ("latency, batch 1 (ms)", lambda side: side.get("latency_ms_batch1"), _milliseconds),
+        ("latency, batch 32 (ms)", lambda side: side.get("latency_ms_batch32"), _milliseconds),
+    ]
+    rows = []
+    for label, read, render in measures:
+        teacher_value, student_value = read(teacher), read(student)
+        ratio = _ratio(teacher_value, student_value)
+        rows.append([label, render(teacher_value), render(student_value), _times(ratio)])
+    return _markdown_table(["", "teacher", "student", "teacher ÷ student"], rows)
+
+
+def _speedup_line(report: Mapping) -> str:
+    efficiency = report.get("efficiency", {})
+    teacher, student = efficiency.get("teacher", {}), efficiency.get("student", {})
+    parts = []
+    for batch in (1, 32):
+        key = f"latency_ms_batch{batch}"
+        speedup = _ratio(teacher.get(key), student.get(key))
+        if speedup is not None:
+            parts.append(f"{speedup:.2f}× at batch {batch}")
+    return f"Student speed-up over the teacher: {', '.join(parts)}." if parts else ""
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_language_accuracy(report: Mapping, path: Path) -> Path:
+    """Grouped bars of accuracy per language: teacher, student, and the ablation if present."""
+    rows = _language_rows(report)
+    series = [("teacher", "teacher"), ("student", "student")]
+    if _has_ablation(report):
+        series.append(("hard-label only", "ablation"))
+    figure = _new_figure(max(6.0, 0.9 * len(rows) + 2), 4.5)
+    axes = figure.add_subplot()
+    bar_width = 0.8 / len(series)
+    for offset, (label, role) in enumerate(series):
+        positions = [i + (offset - (len(series) - 1) / 2) * bar_width for i in range(len(rows))]
+        # A missing value becomes an absent bar (height 0) rather than breaking the plot.
+        heights = [100 * (_metric(entry, role, "accuracy") or 0.0) for _, entry in rows]
+        axes.bar(positions, heights, width=bar_width, label=label)
+    axes.set_xticks(range(len(rows)), [language for language, _ in rows])
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title("Accuracy by language")
+    axes.legend(loc="lower right")
+    axes.grid(axis="y", alpha=0.3)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _loss_series(history: Sequence[Mapping]) -> dict[str, tuple[list[float], list[float]]]:
+    """Each numeric loss key -> (steps, values), skipping entries that lack that key."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for position, entry in enumerate(history):
+        step = entry.get("step", position)
+        for name, value in entry.items():
+            if name in HISTORY_AXES or not isinstance(value, (int, float)):
+                continue
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+    if all(key in series for key in TOTAL_KEYS):
+        del series[TOTAL_KEYS[1]]
+    return series
+
+
+def _epoch_starts(history: Sequence[Mapping]) -> list[float]:
+    starts, previous = [], None
+    for entry in history:
+        epoch = entry.get("epoch")
+        if previous is not None and epoch is not None and epoch != previous:
+            starts.append(entry.get("step"))
+        previous = epoch if epoch is not None else previous
+    return [step for step in starts if step is not None]
+
+
+def plot_training_loss(history: Sequence[Mapping], path: Path) -> Path:
+    """Total loss (bold) and each logged term against step; dotted lines mark new epochs."""
+    figure = _new_figure(8.0, 4.5)
+    axes = figure.add_subplot()
+    for name, (steps, values) in sorted(_loss_series(history).items()):
+        is_total = name in TOTAL_KEYS
+        axes.plot(steps, values, label=name, linewidth=2.0 if is_total else 1.0)
+    for step in _epoch_starts(history):
+        axes.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("Training loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.savefig(path, format="png")
+    return path
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_markdown(report: Mapping) -> str:
+    """The full report.md text; sections missing from `report` are left out."""
+    sections = ["# Distillation report"]
+    language_table = format_language_table(report)
+    if language_table:
+        sections.append("## Accuracy by language\n\n" + language_table)
+        if report.get("per_language"):
+            sections.append("![Accuracy by language](per_language_accuracy.png)")
+    efficiency_table = format_efficiency_table(report)
+    if efficiency_table:
+        speedup = _speedup_line(report)
+        sections.append("## Efficiency\n\n" + efficiency_table)
+        if speedup:
+            sections.append(speedup)
+    if report.get("loss_history"):
+        sections.append("## Training loss\n\n![Training loss](training_loss.png)")
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(report: Mapping, out_dir: Path) -> list[Path]:
+    """Write report.md and the plots its sections call for; return the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown_path = out_dir / "report.md"
+    markdown_path.write_text(render_markdown(report), encoding="utf-8")
+    written = [markdown_path]
+    if report.get("per_language"):
+        written.append(plot_language_accuracy(report, out_dir / "per_language_accuracy.png"))
+    if report.get("loss_history"):
+        written.append(plot_training_loss(report["loss_history"], out_dir / "training_loss.png"))
+    return written
