@@ -1,0 +1,404 @@
+"""Redis Streams adapter: connection setup and the stream commands a job uses.
+
+Only I/O lives here. What to do with a message (decode it, retry it, dead-letter
+it, count a duplicate) is decided by the callers; this module moves opaque bytes
+and never deserialises them, so nothing that arrives from Redis can run code.
+
+Delivery model: each stream has consumer groups; a consumer reads with
+XREADGROUP, and once it is done it acknowledges *and deletes* the entry
+(XACK + XDEL), so the stream length is exactly "not yet delivered + delivered but
+not yet acknowledged". Entries of a consumer that died stay pending and are taken
+over by another consumer with XAUTOCLAIM. Work and knowledge streams are never
+trimmed, so backpressure blocks producers instead of dropping work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import EqualJitterBackoff
+from redis.client import Pipeline
+from redis.retry import Retry
+
+from storage.keys import JobKeys
+
+PAYLOAD_FIELD = b"m"
+DEFAULT_DEAD_LETTER_MAXLEN = 10_000
+_UNLINK_BATCH = 500
+
+Entry = tuple[str, bytes]  # (stream entry id, payload)
+
+
+class BackpressureTimeout(TimeoutError):
+    """A producer waited too long for consumers to drain a stream."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """Outcome of publish_and_ack.
+
+    ``input_was_pending`` is False when the input entry had already been
+    acknowledged, i.e. another consumer reclaimed and finished it first: the
+    output just published is then a duplicate that readers must tolerate.
+    """
+
+    entry_id: str
+    input_was_pending: bool
+
+
+# --------------------------------------------------------------------------- #
+# Connecting
+# --------------------------------------------------------------------------- #
+
+
+def connect(
+    url: str,
+    *,
+    password: str | None = None,
+    tls_ca_file: str | None = None,
+    socket_timeout: float = 30,
+    retries: int = 8,
+) -> redis.Redis:
+    """A client for ``redis://`` or ``rediss://`` (TLS) URLs, returning raw bytes.
+
+    Dropped connections and timeouts are retried with jittered exponential
+    backoff (10-20 s in all with the defaults), long enough to ride out a Redis
+    restart without every replica reconnecting in lock-step; a rejected password
+    fails at once. Because a retried write may have reached the server before the
+    connection dropped, writes are at-least-once: readers must tolerate duplicates.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"Redis URL {redact_url(url)!r} must start with redis:// or rediss:// (TLS) "
+            "(transport.redis_url)"
+        )
+    if password is not None and (parts.password or "password" in dict(parse_qsl(parts.query))):
+        raise ValueError(
+            "the Redis password is given both in the URL and as an argument; give it in one place"
+        )
+    if tls_ca_file is not None and parts.scheme != "rediss":
+        raise ValueError(
+            f"tls_ca_file is set but {redact_url(url)!r} is not a TLS URL; use rediss:// "
+            "or drop the CA file"
+        )
+    if socket_timeout <= 0:
+        raise ValueError(f"socket_timeout must be positive seconds, got {socket_timeout}")
+
+    options: dict[str, Any] = {
+        "decode_responses": False,  # payloads are msgpack bytes, not text
+        # RESP2 reply shapes are the same across redis-py 5..8; redis-py 8 would
+        # otherwise negotiate RESP3, whose XREADGROUP replies are shaped differently.
+        "protocol": 2,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(socket_timeout, 10),
+        "socket_keepalive": True,
+        # PING a connection idle this long before reusing it, so a dead socket
+        # (Redis restarted, NAT timeout) is found before a command is lost on it.
+        "health_check_interval": 15,
+        "retry": _RetryConnectionDrops(EqualJitterBackoff(cap=4.0, base=0.1), retries),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if password is not None:
+        options["password"] = password
+    if tls_ca_file is not None:
+        options["ssl_ca_certs"] = tls_ca_file
+    return redis.Redis.from_url(url, **options)
+
+
+class _AuthRejected(Exception):
+    """Carries an auth error past Retry, which would otherwise retry it."""
+
+    def __init__(self, error: redis.ConnectionError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _RetryConnectionDrops(Retry):
+    """Retry dropped connections and timeouts, but not a rejected password.
+
+    redis-py makes AuthenticationError a subclass of ConnectionError, so a plain
+    Retry would spend its whole backoff budget before reporting a wrong password.
+    """
+
+    def call_with_retry(
+        self, do: Callable[[], Any], fail: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        def attempt() -> Any:
+            try:
+                return do()
+            except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
+                raise _AuthRejected(error) from error
+
+        try:
+            return super().call_with_retry(attempt, fail, *args, **kwargs)
+        except _AuthRejected as rejected:
+            raise rejected.error from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for logs and errors."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user_info, _, host = netloc.rpartition("@")
+        user = user_info.split(":", 1)[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# --------------------------------------------------------------------------- #
+# Stream commands for one job
+# --------------------------------------------------------------------------- #
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw_entries: Iterable[Any]) -> list[tuple[str, dict | None]]:
+    """(id, fields) pairs; fields is None or {} when the entry was deleted."""
+    return [(_text(entry_id), fields) for entry_id, fields in raw_entries if entry_id is not None]
+
+
+def _xreadgroup_entries(reply: Any) -> list[tuple[str, dict | None]]:
+    """Entries of the single stream read, from either RESP2 or RESP3 reply shape."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: [[entries...]]}
+        (entries,) = reply.values()
+        if entries and isinstance(entries[0], list):
+            (entries,) = entries
+    else:  # RESP2: [[stream, [entries...]]]
+        ((_, entries),) = reply
+    return _entries(entries)
+
+
+def _payload(fields: dict) -> bytes:
+    # An entry without our field was written by someone else; hand back empty
+    # bytes so the caller's decode fails and the entry is dead-lettered.
+    return fields.get(PAYLOAD_FIELD, b"")
+
+
+class JobStreams:
+    """The stream operations of one job, on top of a client from ``connect``."""
+
+    def __init__(
+        self, client: redis.Redis, keys: JobKeys, *, dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.dead_letter_maxlen = dead_letter_maxlen
+
+    # -- groups and sizes --------------------------------------------------- #
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        """Create the consumer group (and the stream) if missing.
+
+        Starting at id 0 lets a group created after the producer started still
+        see every entry already in the stream.
+        """
+        try:
+            self.client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def backlog(self, stream: str) -> int:
+        """Entries still in the stream: undelivered plus delivered-but-unacknowledged."""
+        return int(self.client.xlen(stream))
+
+    def wait_for_room(
+        self,
+        stream: str,
+        max_backlog: int,
+        *,
+        timeout_s: float,
+        poll_s: float = 0.05,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Block while the backlog is at or above ``max_backlog``.
+
+        Returns True when there is room, False if ``should_stop()`` turned true
+        while waiting. Raises BackpressureTimeout after ``timeout_s``.
+        """
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog must be at least 1, got {max_backlog} (transport.max_backlog)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            backlog = self.backlog(stream)
+            if backlog < max_backlog:
+                return True
+            if should_stop is not None and should_stop():
+                return False
+            if time.monotonic() >= deadline:
+                raise BackpressureTimeout(
+                    f"stream {stream} still holds {backlog} entries after {timeout_s:g} s, at or above "
+                    f"transport.max_backlog={max_backlog}: its consumers are not acknowledging. Check "
+                    "that they are running, or raise transport.max_backlog if they are just slow"
+                )
+            time.sleep(poll_s)
+
+    # -- writing ------------------------------------------------------------ #
+
+    def add(self, stream: str, payload: bytes, *, pipeline: Pipeline | None = None) -> str | None:
+        """Append one message; returns its entry id (None when queued on a pipeline)."""
+        target = pipeline if pipeline is not None else self.client
+        entry_id = target.xadd(stream, {PAYLOAD_FIELD: payload})
+        return None if pipeline is not None else _text(entry_id)
+
+    def ack_and_delete(
+        self, stream: str, group: str, entry_ids: Sequence[str], *, pipeline: Pipeline | None = None
+    ) -> int | None:
+        """Acknowledge and delete entries; returns how many were still pending.
+
+        Deleting keeps XLEN equal to the backlog. It also removes the entry for
+        every other group on the stream, so use it only on streams that a single
+        group reads.
+        """
+        if not entry_ids:
+            return 0 if pipeline is None else None
+        target = pipeline if pipeline is not None else self.client.pipeline(transaction=True)
+        target.xack(stream, group, *entry_ids)
+        target.xdel(stream, *entry_ids)
+        if pipeline is not None:
+            return None
+        acked, _deleted = target.execute()
+        return int(acked)
+
+    def publish_and_ack(
+        self,
+        out_stream: str,
+        payload: bytes,
+        in_stream: str,
+        group: str,
+        entry_id: str,
+        *,
+        pipeline: Pipeline | None = None,
+    ) -> Published | None:
+        """Publish a result and acknowledge its input in one MULTI/EXEC.
+
+        A teacher that dies between the two steps would otherwise either lose the
+        batch (acked, not published) or publish it twice (published, not acked,
+        reclaimed). Pass a transactional pipeline to add more commands (counters)
+        to the same transaction; the result is then None.
+        """
+        transaction = pipeline if pipeline is not None else self.client.pipeline(transaction=True)
+        transaction.xadd(out_stream, {PAYLOAD_FIELD: payload})
+        transaction.xack(in_stream, group, entry_id)
+        transaction.xdel(in_stream, entry_id)
+        if pipeline is not None:
+            return None
+        new_id, acked, _deleted = transaction.execute()
+        return Published(entry_id=_text(new_id), input_was_pending=bool(acked))
+
+    def dead_letter(
+        self,
+        entry_id: str,
+        payload: bytes,
+        reason: str,
+        source_stream: str,
+        *,
+        pipeline: Pipeline | None = None,
+    ) -> str | None:
+        """Keep a message that could not be used, with why and where it came from.
+
+        The caller still acknowledges the original entry (same pipeline, ideally).
+        The dead-letter stream has no consumers, so it is capped (approximately,
+        which is cheap) at ``dead_letter_maxlen`` to survive a peer that sends
+        nothing but garbage.
+        """
+        target = pipeline if pipeline is not None else self.client
+        new_id = target.xadd(
+            self.keys.dead_letter_stream,
+            {
+                PAYLOAD_FIELD: payload,
+                b"reason": reason.encode(),
+                b"source_stream": source_stream.encode(),
+                b"source_id": entry_id.encode(),
+            },
+            maxlen=self.dead_letter_maxlen,
+            approximate=True,
+        )
+        return None if pipeline is not None else _text(new_id)
+
+    def delete_job_keys(self) -> int:
+        """Remove every key of this job (and no other job's); returns how many."""
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=self.keys.pattern, count=_UNLINK_BATCH):
+            batch.append(key)
+            if len(batch) >= _UNLINK_BATCH:
+                deleted += int(self.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(self.client.unlink(*batch))
+        return deleted
+
+    # -- reading ------------------------------------------------------------ #
+
+    def read(self, stream: str, group: str, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
+        """New entries for this consumer; waits up to ``block_ms`` (0 = do not wait)."""
+        self._check_block_fits_socket_timeout(block_ms)
+        reply = self.client.xreadgroup(
+            group, consumer, {stream: ">"}, count=count, block=block_ms if block_ms > 0 else None
+        )
+        return [(entry_id, _payload(fields or {})) for entry_id, fields in _xreadgroup_entries(reply)]
+
+    def read_pending(self, stream: str, group: str, consumer: str, count: int) -> list[Entry]:
+        """Entries delivered to this consumer but not acknowledged (e.g. before a restart).
+
+        They are returned again on every call until acknowledged. An entry
+        deleted from the stream while still pending has no payload left to
+        process, so it is acknowledged here and skipped.
+        """
+        reply = self.client.xreadgroup(group, consumer, {stream: "0"}, count=count)
+        entries: list[Entry] = []
+        gone: list[str] = []
+        for entry_id, fields in _xreadgroup_entries(reply):
+            if fields:
+                entries.append((entry_id, _payload(fields)))
+            else:
+                gone.append(entry_id)
+        if gone:
+            self.client.xack(stream, group, *gone)
+        return entries
+
+    def reclaim(
+        self, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take over up to ``count`` entries that other consumers left pending for ``min_idle_ms``.
+
+        Redis 7 drops deleted entries from the pending list itself during
+        XAUTOCLAIM; older servers report them with no fields, which are skipped.
+        """
+        claimed: list[Entry] = []
+        cursor = "0-0"
+        while len(claimed) < count:
+            reply = self.client.xautoclaim(
+                stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
+            )
+            cursor, raw_entries = _text(reply[0]), reply[1]
+            claimed.extend(
+                (entry_id, _payload(fields)) for entry_id, fields in _entries(raw_entries) if fields
+            )
+            if cursor == "0-0":  # scanned the whole pending list
+                break
+        return claimed
+
+    def _check_block_fits_socket_timeout(self, block_ms: int) -> None:
+        # A blocking read that outlasts the socket timeout fails as a timeout.
+        socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        if block_ms > 0 and socket_timeout and block_ms / 1000 >= socket_timeout:
+            raise ValueError(
+                f"block_ms={block_ms} must be shorter than the client's socket_timeout "
+                f"({socket_timeout} s); lower block_ms or connect with a larger socket_timeout"
+            )
