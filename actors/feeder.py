@@ -1,0 +1,134 @@
+"""The feeder: turns the training split into work batches, epoch after epoch.
+
+The batch plan is a pure function of (lengths, batch size, seed, epoch), so any process can
+recompute which samples batch 17 of epoch 2 holds; that is what lets a job re-enqueue exactly
+the batches a student has not applied after Redis lost its data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from cluster.config import JobConfig
+from storage import wire
+from storage.job_data import TokenizedSplit, load_job_split, pad_rows, tokenize_split
+from storage.keys import JobKeys
+from storage.streams import JobStreams, connect
+
+# Sorting by length inside windows of this many batches keeps padding low while the batch
+# order stays random: a window is small enough that every epoch still mixes languages.
+LENGTH_WINDOW_BATCHES = 50
+
+
+def plan_epoch_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[np.ndarray]:
+    """Row indices of each batch of one epoch: every row exactly once, deterministic per (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        window = batch_size * LENGTH_WINDOW_BATCHES
+        order = np.concatenate(
+            [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, -(-len(order) // window)))]
+        ) if len(order) else order
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    epochs: int
+    batches_per_epoch: int
+    samples_per_epoch: int
+    samples_per_language: dict[str, int]
+
+
+class Feeder:
+    """Plain class; ``actors.shells.FeederActor`` runs it under Ray."""
+
+    def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
+        self.config = config
+        self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        split = load_job_split(config.data, config.data.train_split)
+        self.label_names = split.label_names
+        self.cleaning = split.cleaning
+        self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)
+        self.streams = JobStreams(
+            connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file),
+            self.keys,
+        )
+        self._lengths = self.rows.lengths
+
+    def plan(self) -> FeedPlan:
+        per_language: dict[str, int] = {}
+        for language in self.rows.languages:
+            per_language[language] = per_language.get(language, 0) + 1
+        batch_size = self.config.training.batch_size
+        return FeedPlan(
+            epochs=self.config.training.epochs,
+            batches_per_epoch=-(-len(self.rows) // batch_size),
+            samples_per_epoch=len(self.rows),
+            samples_per_language=per_language,
+        )
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        training = self.config.training
+        return plan_epoch_batches(self._lengths, training.batch_size, training.seed, epoch, training.group_by_length)
+
+    def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
+        input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
+        labels = self.rows.labels[rows]
+        return wire.WorkBatch(
+            job_id=self.keys.job_id,
+            epoch=epoch,
+            batch_id=batch_id,
+            sample_ids=self.rows.sample_ids[rows],
+            languages=tuple(self.rows.languages[i] for i in rows),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels if (labels >= 0).any() else None,
+        )
+
+    def feed(
+        self,
+        only: Iterable[tuple[int, int]] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> int:
+        """Enqueues every batch of every epoch (or only the listed (epoch, batch) pairs); returns how many.
+
+        Producers wait while the work stream is full, so Redis holds at most
+        ``transport.max_work_backlog`` batches however slow the teachers are.
+        """
+        wanted = None if only is None else set(only)
+        transport = self.config.transport
+        sent = 0
+        for epoch in range(self.config.training.epochs):
+            pending = [
+                (batch_id, rows)
+                for batch_id, rows in enumerate(self.epoch_batches(epoch))
+                if wanted is None or (epoch, batch_id) in wanted
+            ]
+            while pending:
+                if not self.streams.wait_for_room(
+                    self.keys.work_stream,
+                    transport.max_work_backlog,
+                    timeout_s=transport.backpressure_timeout_s,
+                    should_stop=should_stop,
+                ):
+                    return sent
+                room = max(1, transport.max_work_backlog - self.streams.backlog(self.keys.work_stream))
+                chunk, pending = pending[:room], pending[room:]
+                pipe = self.streams.client.pipeline(transaction=False)
+                for batch_id, rows in chunk:
+                    self.streams.add(self.keys.work_stream, wire.encode(self.work_batch(epoch, batch_id, rows)), pipeline=pipe)
+                pipe.execute()
+                sent += len(chunk)
+        return sent

@@ -1,0 +1,122 @@
+"""Ray actors: thin shells that run the plain classes and report metrics to the Ray dashboard.
+
+Stopping goes through the job's control hash in Redis rather than an actor method call, so a
+long-running loop never has to be interrupted and any process (driver, CLI) can ask for it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util import metrics
+
+from cluster.config import JobConfig
+from cluster.quiet import quiet_libraries
+from storage.keys import JobKeys
+from storage.streams import connect
+
+
+class StopFlag:
+    """Polls the job's stop flag at most every ``interval`` seconds (one HGET, off the hot path)."""
+
+    def __init__(self, redis_url: str, config: JobConfig, interval: float = 0.5):
+        self.client = connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file)
+        self.key = JobKeys(config.resolved_job_id, config.transport.namespace).control
+        self.interval = interval
+        self._checked = 0.0
+        self._stopped = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._stopped and now - self._checked >= self.interval:
+            self._checked = now
+            self._stopped = self.client.hget(self.key, "stop") == b"1"
+        return self._stopped
+
+
+def _tags(config: JobConfig) -> dict[str, str]:
+    return {"job": config.resolved_job_id}
+
+
+@ray.remote
+class FeederActor:
+    def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
+        quiet_libraries()
+        from actors.feeder import Feeder
+
+        self.feeder = Feeder(config, tokenizer_dir, redis_url)
+        self.stop = StopFlag(redis_url, config)
+        self.enqueued = metrics.Counter(
+            "polydistill_batches_enqueued", "Work batches put on the work stream", tag_keys=("job",)
+        )
+        self.enqueued.set_default_tags(_tags(config))
+
+    def plan(self):
+        return self.feeder.plan(), self.feeder.label_names, self.feeder.cleaning
+
+    def feed(self, only=None) -> int:
+        sent = self.feeder.feed(only=only, should_stop=self.stop)
+        self.enqueued.inc(sent)
+        return sent
+
+
+@ray.remote
+class TeacherActor:
+    def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str):
+        quiet_libraries()
+        from actors.teacher import TeacherReplica
+
+        self.replica = TeacherReplica(replica_id, config, model_dir, redis_url)
+        self.stop = StopFlag(redis_url, config)
+        tags = {**_tags(config), "replica": replica_id}
+        self.samples = metrics.Counter(
+            "polydistill_teacher_samples", "Samples a teacher replica has labelled", tag_keys=("job", "replica")
+        )
+        self.samples.set_default_tags(tags)
+
+    def serve(self) -> dict:
+        reported = 0
+
+        def should_stop() -> bool:
+            nonlocal reported
+            if self.replica.samples_done != reported:
+                self.samples.inc(self.replica.samples_done - reported)
+                reported = self.replica.samples_done
+            return self.stop()
+
+        return self.replica.serve(should_stop)
+
+
+@ray.remote
+class StudentActor:
+    def __init__(self, config: JobConfig, teacher_dir: str, batches_per_epoch: int, redis_url: str,
+                 student_dir: str, name: str = "student"):
+        quiet_libraries()
+        from student.trainer import StudentTrainer
+
+        keys = JobKeys(config.resolved_job_id, config.transport.namespace)
+        self.client = connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file)
+        self.progress_key = keys.progress
+        self.started = time.monotonic()
+        self.loss = metrics.Gauge("polydistill_student_loss", "Student training loss", tag_keys=("job",))
+        self.rate = metrics.Gauge("polydistill_student_samples_per_s", "Student samples per second", tag_keys=("job",))
+        self.distilled = metrics.Gauge("polydistill_samples_distilled", "Samples distilled so far", tag_keys=("job",))
+        for gauge in (self.loss, self.rate, self.distilled):
+            gauge.set_default_tags(_tags(config))
+        self.trainer = StudentTrainer(
+            config, teacher_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report
+        )
+        self.stop = StopFlag(redis_url, config)
+
+    def _report(self, progress: dict) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = progress["samples"] / elapsed
+        self.loss.set(progress["loss"])
+        self.rate.set(rate)
+        self.distilled.set(progress["samples"])
+        self.client.hset(self.progress_key, mapping={**progress, "samples_per_s": round(rate, 2)})
+
+    def train(self) -> dict:
+        self.started = time.monotonic()
+        return self.trainer.train(self.stop)

@@ -1,0 +1,36 @@
+"""A progress bar over samples distilled, fed from the progress hash the student writes to Redis."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class ProgressDisplay:
+    def __init__(self, total: int, enabled: bool = True, description: str = "distilling"):
+        # On a terminal the bar redraws in place; in a log (CI, `polydistill logs`) it prints a
+        # line every 10 s instead of thousands of carriage returns.
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total,
+            desc=description,
+            unit="sample",
+            disable=not enabled,
+            mininterval=0.5 if interactive else 10.0,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def update(self, progress: dict[str, str]) -> None:
+        samples = int(float(progress.get("samples", 0)))
+        if samples > self.bar.n:
+            self.bar.update(samples - self.bar.n)
+        if "loss" in progress:
+            self.bar.set_postfix(loss=f"{float(progress['loss']):.4f}", refresh=False)
+
+    def __enter__(self) -> "ProgressDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

@@ -1,0 +1,73 @@
+"""A job's view of its data: load a split as configured, clean it, and tokenize it once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset
+
+from cluster.config import DataConfig
+from storage.cleaning import clean_dataset
+from storage.datasets import load_split
+
+
+@dataclass(frozen=True)
+class JobSplit:
+    dataset: Dataset  # columns: sample_id, text, label, language
+    label_names: list[str]
+    cleaning: dict  # per-language counts of what cleaning dropped and why
+
+
+def load_job_split(data: DataConfig, split: str, label_names: list[str] | None = None) -> JobSplit:
+    loaded = load_split(
+        data.path,
+        split,
+        languages=data.languages,
+        text_column=data.text_column,
+        label_column=data.label_column,
+        language_column=data.language_column,
+        label_names=label_names,
+        limit_per_language=data.limit_per_language,
+    )
+    cleaned, report = clean_dataset(loaded.dataset, normalization=data.normalization)
+    return JobSplit(dataset=cleaned, label_names=list(loaded.label_names), cleaning=report.to_dict())
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """Token ids without padding (padding happens per batch, to the batch's longest row)."""
+
+    sample_ids: np.ndarray  # int64 [n]
+    token_ids: list[np.ndarray]  # int32 [len_i] each
+    labels: np.ndarray  # int64 [n]; -1 where unlabelled
+    languages: list[str]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.token_ids), dtype=np.int64, count=len(self.token_ids))
+
+
+def tokenize_split(dataset: Dataset, tokenizer, max_length: int) -> TokenizedSplit:
+    columns = dataset.with_format(None).to_dict()
+    encoded = tokenizer(columns["text"], truncation=True, max_length=max_length)
+    return TokenizedSplit(
+        sample_ids=np.asarray(columns["sample_id"], dtype=np.int64),
+        token_ids=[np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]],
+        labels=np.asarray(columns["label"], dtype=np.int64),
+        languages=columns["language"],
+    )
+
+
+def pad_rows(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads rows to the longest one; returns (input_ids int32, attention_mask uint8)."""
+    width = max(len(row) for row in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((len(rows), width), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask

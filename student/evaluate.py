@@ -1,0 +1,109 @@
+"""Teacher and student measured side by side on the same held-out data, per language.
+
+Quality (accuracy, macro precision/recall/F1) and efficiency (parameters, size on disk, CPU
+latency) go into one report section each, with the student's retention of the teacher's score.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cluster.config import JobConfig
+from storage.job_data import TokenizedSplit, load_job_split, pad_rows, tokenize_split
+from student.efficiency import count_parameters, disk_bytes, measure_latency
+from student.metrics import classification_metrics, per_language_metrics, retention
+
+EVAL_BATCH = 64
+
+
+@torch.inference_mode()
+def predict(model, rows: TokenizedSplit, pad_id: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Predicted label per row; rows are batched by length so padding costs little."""
+    model.eval()
+    order = np.argsort(rows.lengths, kind="stable")
+    predictions = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
+        logits = model(
+            input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+        ).logits
+        predictions[index] = logits.argmax(-1).numpy()
+    return predictions
+
+
+def quality(model, rows: TokenizedSplit, pad_id: int, num_labels: int) -> dict:
+    predicted = predict(model, rows, pad_id)
+    return {
+        "overall": classification_metrics(rows.labels, predicted, num_labels),
+        "per_language": per_language_metrics(rows.labels, predicted, rows.languages, num_labels),
+    }
+
+
+def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
+    sample = [rows.token_ids[i] for i in range(min(32, len(rows)))]
+    input_ids, attention_mask = pad_rows(sample, pad_id)
+    inputs = {
+        "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+        "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
+    }
+    batch1 = measure_latency(model, inputs, batch_size=1, repeats=20, warmup=3)
+    batch32 = measure_latency(model, inputs, batch_size=32, repeats=5, warmup=1)
+    return {
+        **count_parameters(model),
+        "disk_bytes": disk_bytes(model_dir),
+        "latency_ms_batch1": round(batch1["latency_ms"], 3),
+        "latency_ms_batch32": round(batch32["latency_ms"], 3),
+        "samples_per_s_batch32": round(batch32["samples_per_s"], 1),
+    }
+
+
+def side_by_side(results: dict[str, dict]) -> dict:
+    """{name: quality} for teacher, student (and others) → the report's per_language / overall sections."""
+    teacher = results["teacher"]
+    languages = sorted(teacher["per_language"])
+    per_language = {}
+    for language in languages:
+        row = {name: result["per_language"][language] for name, result in results.items()}
+        row["retention"] = retention(row["student"]["accuracy"], row["teacher"]["accuracy"])
+        per_language[language] = row
+    overall = {name: result["overall"] for name, result in results.items()}
+    overall["retention"] = retention(overall["student"]["accuracy"], overall["teacher"]["accuracy"])
+    # The mean of per-language accuracies weighs every language equally, however many test rows it has.
+    overall["language_average"] = {
+        name: float(np.mean([per_language[lang][name]["accuracy"] for lang in languages])) for name in results
+    }
+    overall["retention_min_language"] = min(
+        (row["retention"] for row in per_language.values() if row["retention"] is not None), default=None
+    )
+    return {"per_language": per_language, "overall": overall}
+
+
+def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_names: list[str],
+                 extra_models: dict[str, Path] | None = None) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    split = load_job_split(config.data, config.data.eval_split, label_names=label_names)
+    rows = tokenize_split(split.dataset, tokenizer, config.data.max_length)
+    models = {"teacher": teacher_dir, "student": student_dir, **(extra_models or {})}
+    results, costs = {}, {}
+    for name, model_dir in models.items():
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        results[name] = quality(model, rows, pad_id, len(label_names))
+        if name in ("teacher", "student"):
+            costs[name] = efficiency(model, model_dir, rows, pad_id)
+    report = side_by_side(results)
+    report["efficiency"] = costs
+    report["efficiency"]["speedup_batch32"] = round(
+        costs["teacher"]["latency_ms_batch32"] / costs["student"]["latency_ms_batch32"], 3
+    )
+    report["efficiency"]["param_ratio"] = round(costs["student"]["params"] / costs["teacher"]["params"], 4)
+    report["eval_samples"] = len(rows)
+    return report
