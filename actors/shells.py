@@ -13,16 +13,21 @@ from ray.util import metrics
 
 from cluster.config import JobConfig
 from cluster.quiet import quiet_libraries
-from storage.keys import JobKeys
+from storage.keys import CONTROL_STOP, JobKeys, replica_stop_field
 from storage.streams import connect
 
 
 class StopFlag:
-    """Polls the job's stop flag at most every ``interval`` seconds (one HGET, off the hot path)."""
+    """Polls the job's stop flag at most every ``interval`` seconds (one HMGET, off the hot path).
 
-    def __init__(self, redis_url: str, config: JobConfig, interval: float = 0.5):
+    ``extra_fields`` are further control-hash fields that also mean "stop" for this worker alone,
+    e.g. the one the teacher pool sets to retire a single replica.
+    """
+
+    def __init__(self, redis_url: str, config: JobConfig, interval: float = 0.5, extra_fields: tuple[str, ...] = ()):
         self.client = connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file)
         self.key = JobKeys(config.resolved_job_id, config.transport.namespace).control
+        self.fields = (CONTROL_STOP, *extra_fields)
         self.interval = interval
         self._checked = 0.0
         self._stopped = False
@@ -31,7 +36,7 @@ class StopFlag:
         now = time.monotonic()
         if not self._stopped and now - self._checked >= self.interval:
             self._checked = now
-            self._stopped = self.client.hget(self.key, "stop") == b"1"
+            self._stopped = b"1" in self.client.hmget(self.key, self.fields)
         return self._stopped
 
 
@@ -68,7 +73,8 @@ class TeacherActor:
         from actors.teacher import TeacherReplica
 
         self.replica = TeacherReplica(replica_id, config, model_dir, redis_url)
-        self.stop = StopFlag(redis_url, config)
+        # Leaves on the job's stop flag or on its own (the pool scaling down), after the current batch.
+        self.stop = StopFlag(redis_url, config, extra_fields=(replica_stop_field(replica_id),))
         tags = {**_tags(config), "replica": replica_id}
         self.samples = metrics.Counter(
             "polydistill_teacher_samples", "Samples a teacher replica has labelled", tag_keys=("job", "replica")
@@ -90,7 +96,7 @@ class TeacherActor:
 
 @ray.remote
 class StudentActor:
-    def __init__(self, config: JobConfig, teacher_dir: str, batches_per_epoch: int, redis_url: str,
+    def __init__(self, config: JobConfig, student_init_dir: str, batches_per_epoch: int, redis_url: str,
                  student_dir: str, name: str = "student"):
         quiet_libraries()
         from student.trainer import StudentTrainer
@@ -105,7 +111,7 @@ class StudentActor:
         for gauge in (self.loss, self.rate, self.distilled):
             gauge.set_default_tags(_tags(config))
         self.trainer = StudentTrainer(
-            config, teacher_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report
+            config, student_init_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report
         )
         self.stop = StopFlag(redis_url, config)
 
@@ -115,7 +121,12 @@ class StudentActor:
         self.loss.set(progress["loss"])
         self.rate.set(rate)
         self.distilled.set(progress["samples"])
-        self.client.hset(self.progress_key, mapping={**progress, "samples_per_s": round(rate, 2)})
+        # For `polydistill status` and the teacher pool: samples per epoch, and the seconds the student
+        # was busy (not waiting for knowledge), from which the pool reads the student's capacity.
+        per_epoch = {f"samples_epoch_{epoch}": n for epoch, n in self.trainer.ledger.samples.items()}
+        busy = max(elapsed - self.trainer.state.wait_seconds, 0.0)
+        self.client.hset(self.progress_key, mapping={**progress, **per_epoch, "samples_per_s": round(rate, 2),
+                                                     "busy_seconds": round(busy, 3)})
 
     def train(self) -> dict:
         self.started = time.monotonic()

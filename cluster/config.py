@@ -6,12 +6,16 @@ Every default lives here and only here. Models use ``extra="forbid"`` so that a 
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.autoscaling import PoolScalingConfig
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -46,6 +50,21 @@ class TeacherConfig(_Strict):
         default=0, ge=0, description="Fine-tune a classification head on the labelled data first (0: use as is)."
     )
     finetune_lr: float = Field(default=5e-5, gt=0)
+    autoscaling: PoolScalingConfig | None = Field(
+        default=None,
+        description="Size the replica pool from the measured load (cluster/autoscaling.py); `replicas` is "
+        "then the initial count. Null: a fixed pool of `replicas` (`polydistill scale` still overrides it).",
+    )
+
+    @model_validator(mode="after")
+    def _initial_replicas_within_bounds(self) -> "TeacherConfig":
+        scaling = self.autoscaling
+        if scaling is not None and not scaling.min_replicas <= self.replicas <= scaling.max_replicas:
+            raise ValueError(
+                f"teacher.replicas ({self.replicas}) is the initial pool size and must lie within "
+                f"teacher.autoscaling [min_replicas={scaling.min_replicas}, max_replicas={scaling.max_replicas}]"
+            )
+        return self
 
 
 class StudentConfig(_Strict):
@@ -61,6 +80,11 @@ class StudentConfig(_Strict):
         default=None,
         description="Copy the teacher's embeddings and these encoder layers (DistilBERT style). "
         "Needs the student's width and heads to equal the teacher's.",
+    )
+    trim_vocabulary: bool = Field(
+        default=False,
+        description="Keep only the tokenizer pieces the training text uses (plus specials): for a "
+        "250k-piece multilingual vocabulary this removes most of the student's parameters.",
     )
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -110,6 +134,12 @@ class TransportConfig(_Strict):
         default=None, description="redis:// or rediss:// URL; null starts a private redis-server for this job."
     )
     password: str | None = Field(default=None, description="Redis AUTH password (or put it in the URL).")
+    password_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable that holds the Redis password, read where the job runs "
+        "(keeps the secret out of config files and job listings).",
+    )
     tls_ca_file: str | None = None
     namespace: str = Field(default="polydistill", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     max_work_backlog: int = Field(default=32, ge=1, description="Work batches waiting for teachers.")
@@ -124,6 +154,12 @@ class TransportConfig(_Strict):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, got {value.split('://')[0]!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "TransportConfig":
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("password and password_env are both set: give the Redis password in one place")
+        return self
 
 
 class TrainingConfig(_Strict):
@@ -142,6 +178,15 @@ class TrainingConfig(_Strict):
     log_every: int = Field(default=10, ge=1)
 
 
+class EvaluationConfig(_Strict):
+    ablation: bool = Field(
+        default=False,
+        description="Also train the student's architecture on hard labels alone (no teacher), from the "
+        "same initialisation, so the report shows what distillation gained per language.",
+    )
+    latency: bool = Field(default=True, description="Measure CPU latency of teacher and student.")
+
+
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
     output_dir: str = "runs/job"
@@ -151,6 +196,7 @@ class JobConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     transport: TransportConfig = TransportConfig()
     training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @field_validator("job_id")
     @classmethod
@@ -249,6 +295,25 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def with_redis_password(config: JobConfig, environ: Mapping[str, str] = os.environ) -> JobConfig:
+    """The config with ``transport.password`` read from the variable ``transport.password_env`` names.
+
+    Returns ``config`` itself when no variable is named. The value is never logged; the report
+    leaves ``transport.password`` out.
+    """
+    name = config.transport.password_env
+    if name is None:
+        return config
+    value = environ.get(name)
+    if not value:
+        raise ConfigError(
+            f"transport.password_env names {name}, but that environment variable is not set (or empty) "
+            "where the job runs; export it there (on a cluster: on every node, or in the job's runtime_env)"
+        )
+    transport = config.transport.model_copy(update={"password": value})
+    return config.model_copy(update={"transport": transport})
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from cluster.config import JobConfig
 from storage import wire
 from storage.keys import JobKeys
 from storage.ledger import EpochLedger
 from storage.streams import JobStreams, connect
-from student.build import build_student
+from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 from student.losses import combine_losses, hard_label_ce, soft_label_kl, soft_label_kl_topk
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class StudentTrainer:
     def __init__(
         self,
         config: JobConfig,
-        teacher_dir: str,
+        student_init_dir: str,
         batches_per_epoch: int,
         redis_url: str,
         student_dir: str,
@@ -83,13 +83,16 @@ class StudentTrainer:
     ):
         self.config = config
         self.name = name
-        self.teacher_dir = Path(teacher_dir)
+        self.init_dir = Path(student_init_dir)
         self.student_dir = Path(student_dir)
         self.progress = progress
         torch.set_num_threads(config.student.threads)
         torch.manual_seed(config.training.seed)
         self.device = torch.device("cuda" if config.student.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = build_student(config.student, self.teacher_dir, config.training.seed).to(self.device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.init_dir).to(self.device)
+        # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table.
+        map_path = self.init_dir / VOCAB_MAP_FILE
+        self.id_map = VocabMap.load(map_path).table if map_path.exists() else None
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.group = self.keys.student_group(name)
         self.streams = JobStreams(
@@ -159,7 +162,8 @@ class StudentTrainer:
 
     def step(self, knowledge: wire.Knowledge) -> dict[str, float]:
         work = knowledge.work
-        input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device)
+        token_ids = work.input_ids if self.id_map is None else self.id_map[work.input_ids]
+        input_ids = torch.from_numpy(token_ids.astype(np.int64)).to(self.device)
         attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(self.device)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss, values = distillation_losses(logits.float().cpu() if self.device.type != "cpu" else logits, knowledge,
@@ -186,7 +190,7 @@ class StudentTrainer:
     def save(self) -> None:
         self.student_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(self.student_dir)
-        AutoTokenizer.from_pretrained(self.teacher_dir).save_pretrained(self.student_dir)
+        AutoTokenizer.from_pretrained(self.init_dir).save_pretrained(self.student_dir)
 
     def summary(self, wall_seconds: float) -> dict:
         return {
