@@ -30,12 +30,14 @@ from __future__ import annotations
 import csv
 import json
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from datasets import Dataset, Features, Value
 
 __all__ = [
@@ -240,15 +242,17 @@ def _load_sib_directory(root, split, languages, columns: _Columns, limit):
     for lang in chosen:
         file = root / lang / f"{split}.tsv"
         data = _read_columns(file, file_columns)
-        n = len(data[columns.text]) if limit is None else min(limit, len(data[columns.text]))
+        n = len(data[columns.text])
         parts.append(
             _Part(
                 where=str(file),
-                texts=data[columns.text][:n],
-                labels=None if columns.label is None else data[columns.label][:n],
+                texts=data[columns.text],
+                labels=None if columns.label is None else data[columns.label],
                 languages=[lang] * n,
             )
         )
+    if limit is not None:
+        parts = _select_languages(parts, None, limit, str(root))
 
     def names_hint() -> list[str]:
         labels_file = root / LABELS_FILE
@@ -337,7 +341,12 @@ def _load_files(local: Path, split, languages, columns: _Columns, limit):
 
 
 def _select_languages(parts: list[_Part], languages, limit, where: str) -> list[_Part]:
-    """Keep the asked-for languages (in file order) and the first `limit` rows of each."""
+    """Keep the asked-for languages (in file order) and at most `limit` rows of each.
+
+    The rows kept under a limit are a seeded random sample in file order, not the first rows:
+    files are often sorted (SIB-200's test split is sorted by topic), and a head would keep a
+    single class.
+    """
     if languages is not None:
         present = list(dict.fromkeys(lang for p in parts for lang in p.languages))
         missing = [lang for lang in languages if lang not in present]
@@ -349,17 +358,20 @@ def _select_languages(parts: list[_Part], languages, limit, where: str) -> list[
     if languages is None and limit is None:
         return parts
     wanted = None if languages is None else set(languages)
-    taken: dict[str, int] = {}
-    out = []
-    for p in parts:
-        keep = []
+    positions: dict[str, list[tuple[int, int]]] = {}
+    for part_index, p in enumerate(parts):
         for i, lang in enumerate(p.languages):
-            if wanted is not None and lang not in wanted:
-                continue
-            if limit is not None and taken.get(lang, 0) >= limit:
-                continue
-            taken[lang] = taken.get(lang, 0) + 1
-            keep.append(i)
+            if wanted is None or lang in wanted:
+                positions.setdefault(lang, []).append((part_index, i))
+    kept: set[tuple[int, int]] = set()
+    for lang, rows in positions.items():
+        if limit is not None and len(rows) > limit:
+            rng = np.random.default_rng(zlib.crc32(lang.encode()))
+            rows = [rows[j] for j in sorted(rng.choice(len(rows), size=limit, replace=False))]
+        kept.update(rows)
+    out = []
+    for part_index, p in enumerate(parts):
+        keep = [i for i in range(len(p.languages)) if (part_index, i) in kept]
         out.append(
             _Part(
                 where=p.where,

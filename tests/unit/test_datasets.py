@@ -66,7 +66,19 @@ def test_sib_language_order_does_not_change_ids_and_limit(tmp_path):
     write_sib(tmp_path, {"b": [("travel", "b0"), ("travel", "b1")], "a": [("sports", "a0"), ("health", "a1")]})
     one = load_split(str(tmp_path), "train", languages=["b", "a"], limit_per_language=1)
     two = load_split(str(tmp_path), "train", languages=["a", "b"], limit_per_language=1)
-    assert rows(one.dataset) == rows(two.dataset) == [(0, "a0", 0, "a"), (1, "b0", 1, "b")]
+    assert rows(one.dataset) == rows(two.dataset)
+    assert [row[3] for row in rows(one.dataset)] == ["a", "b"]
+
+
+def test_limit_takes_a_sample_across_a_sorted_file_not_its_head(tmp_path):
+    # SIB-200's test split is sorted by topic: the first rows would all share one label.
+    sorted_rows = [("sports", f"s{i}") for i in range(50)] + [("travel", f"t{i}") for i in range(50)]
+    write_sib(tmp_path, {"a": sorted_rows})
+    loaded = load_split(str(tmp_path), "train", limit_per_language=20)
+    labels = [row[2] for row in rows(loaded.dataset)]
+    assert len(labels) == 20 and 0 < labels.count(labels[0]) < 20
+    again = load_split(str(tmp_path), "train", limit_per_language=20)
+    assert rows(again.dataset) == rows(loaded.dataset)
 
 
 def test_sib_labels_from_train_split_when_no_labels_txt(tmp_path):
