@@ -129,6 +129,7 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
         epochs=training.epochs, batch_size=training.batch_size, lr=training.lr,
         weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="ablation: hard labels only", show_progress=show_progress,
+        bf16=config.training.precision == "bfloat16",
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -76,6 +76,7 @@ def finetune_teacher(config: JobConfig, source: str, train: JobSplit, out_dir: P
         seed=config.training.seed + 1,
         description="fine-tuning teacher",
         show_progress=show_progress,
+        bf16=config.training.precision == "bfloat16",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

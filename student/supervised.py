@@ -31,6 +31,7 @@ def train_supervised(
     warmup_ratio: float = 0.1,
     description: str = "training",
     show_progress: bool = True,
+    bf16: bool = False,
 ) -> list[dict]:
     """Cross-entropy training over length-grouped batches; returns the loss history.
 
@@ -52,11 +53,12 @@ def train_supervised(
                 if step >= total_steps:
                     break
                 input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
-                loss = model(
-                    input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-                    attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
-                    labels=torch.from_numpy(rows.labels[index]),
-                ).loss
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(
+                        input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+                        attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+                        labels=torch.from_numpy(rows.labels[index]),
+                    ).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
