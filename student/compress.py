@@ -1,0 +1,243 @@
+"""The compression chain after distillation: prune, recover, quantise, measuring every stage.
+
+``run_stages`` starts from the distilled student's directory and applies the stages in order to
+one in-memory model; after each it saves the model (HF format, plus the student's tokenizer)
+under ``out_dir/<stage name>`` and measures it on the same held-out rows as the teacher, giving
+the report's rows: ``{name, params, disk_bytes, latency_ms_batch1, latency_ms_batch32, accuracy,
+retention, per_language}``.
+
+Stage kinds:
+- ``measure``: the model as it is (the first stage, usually named "distil").
+- ``prune``: structured head / FFN-neuron pruning by first-order Taylor importance over the
+  calibration rows (student/prune.py); shapes shrink.
+- ``magnitude``: unstructured magnitude pruning; zeros only, so size and latency do not move.
+  Its masks are re-applied after any later ``recover``, which would otherwise regrow them.
+- ``recover``: a short fine-tune through the caller's function (``train_supervised`` on hard
+  labels, ``finetune_with_loss`` with ``distillation_loss`` against cached teacher logits, ...).
+- ``quantize``: dynamic int8 of the Linear layers (student/quantize.py); must come last. Its
+  ``disk_bytes`` is the serialised int8 state dict, its ``params`` the float model's count
+  (the same weights, stored in a byte each).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from storage.job_data import TokenizedSplit
+from student.efficiency import count_parameters, disk_bytes
+from student.evaluate import efficiency, quality
+from student.losses import soft_label_kl
+from student.metrics import retention
+from student.prune import (
+    LossFn,
+    apply_masks,
+    apply_plan,
+    cross_entropy_loss,
+    heads_per_layer,
+    importance_scores,
+    intermediate_sizes,
+    magnitude_prune,
+    make_batch,
+    plan_structured_pruning,
+)
+from student.quantize import load_quantized, save_quantized, serialized_size_bytes
+
+StageKind = Literal["measure", "prune", "magnitude", "recover", "quantize"]
+KINDS = ("measure", "prune", "magnitude", "recover", "quantize")
+RecoverFn = Callable[[PreTrainedModel], object]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: StageKind
+    head_sparsity: float = 0.0  # prune: fraction of all heads removed
+    ffn_sparsity: float = 0.0  # prune: fraction of each layer's FFN neurons removed
+    sparsity: float = 0.0  # magnitude: fraction of encoder Linear weights zeroed
+    calibration_batches: int | None = 8  # prune: None = every calibration row
+    calibration_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class StageRow:
+    name: str
+    kind: str
+    params: int
+    non_embedding_params: int
+    disk_bytes: int
+    latency_ms_batch1: float
+    latency_ms_batch32: float
+    accuracy: float
+    retention: float | None  # accuracy / the teacher's, on the same rows
+    per_language: dict[str, dict]  # language -> {accuracy, macro_f1, n, retention}
+    details: dict = field(default_factory=dict)  # what the stage did (plan sizes, sparsity)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_stages(stages: Sequence[StageSpec], *, have_recover: bool) -> None:
+    """Rejects a chain before any work is done, saying what to change."""
+    names = [stage.name for stage in stages]
+    if not stages:
+        raise ValueError("compression needs at least one stage (e.g. a 'measure' stage named 'distil')")
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"stage names must be unique and non-empty (they name output folders): {names}")
+    for position, stage in enumerate(stages):
+        if stage.kind not in KINDS:
+            raise ValueError(f"stage {stage.name!r}: kind {stage.kind!r} is not one of {KINDS}")
+        if stage.kind == "quantize" and position != len(stages) - 1:
+            raise ValueError(f"stage {stage.name!r} quantises, so it must be the last stage (an int8 model cannot be pruned or trained)")
+        if stage.kind == "recover" and not have_recover:
+            raise ValueError(f"stage {stage.name!r} is 'recover' but run_stages got no recover function")
+        if stage.kind == "prune" and stage.head_sparsity == 0 and stage.ffn_sparsity == 0:
+            raise ValueError(f"stage {stage.name!r} prunes nothing: set head_sparsity and/or ffn_sparsity")
+        if stage.kind == "magnitude" and stage.sparsity == 0:
+            raise ValueError(f"stage {stage.name!r} is 'magnitude' with sparsity 0: set sparsity")
+
+
+def run_stages(
+    student_dir: str | Path,
+    stages: Sequence[StageSpec],
+    *,
+    out_dir: str | Path,
+    calibration: TokenizedSplit,
+    eval_rows: TokenizedSplit,
+    pad_id: int,
+    num_labels: int,
+    teacher_quality: Mapping,
+    recover: RecoverFn | None = None,
+    importance_loss: LossFn = cross_entropy_loss,
+) -> list[StageRow]:
+    """One row per stage; `teacher_quality` is ``student.evaluate.quality`` of the teacher on
+    `eval_rows` (its ``overall`` and ``per_language`` accuracies give the retentions)."""
+    check_stages(stages, have_recover=recover is not None)
+    student_dir, out_dir = Path(student_dir), Path(out_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    masks: dict[str, Tensor] = {}
+    rows = []
+    for stage in stages:
+        stage_dir = out_dir / stage.name
+        details: dict = {}
+        if stage.kind == "prune":
+            scores = importance_scores(
+                model, calibration, pad_id, importance_loss,
+                batch_size=stage.calibration_batch_size, max_batches=stage.calibration_batches,
+            )
+            apply_plan(model, plan_structured_pruning(scores, stage.head_sparsity, stage.ffn_sparsity))
+            masks = {}  # parameter shapes changed; magnitude masks no longer fit
+            details = {"heads_per_layer": heads_per_layer(model), "intermediate_size": intermediate_sizes(model)[0],
+                       "calibration_batches": scores.batches}
+        elif stage.kind == "magnitude":
+            result = magnitude_prune(model, stage.sparsity)
+            masks = result.masks
+            details = result.report()
+        elif stage.kind == "recover":
+            recover(model)
+            if masks:
+                apply_masks(model, masks)
+
+        if stage.kind == "measure":
+            measured, model_dir, size = model, student_dir, disk_bytes(student_dir)
+        elif stage.kind == "quantize":
+            _save(model, student_dir, stage_dir, quantized=True)
+            measured, model_dir = load_quantized(stage_dir), stage_dir
+            size = serialized_size_bytes(measured)
+            details = {"method": "dynamic int8 of nn.Linear", "float_checkpoint_bytes": disk_bytes(stage_dir)}
+        else:
+            _save(model, student_dir, stage_dir, quantized=False)
+            measured, model_dir, size = model, stage_dir, disk_bytes(stage_dir)
+        rows.append(_measure(stage, measured, model_dir, size, count_parameters(model), eval_rows, pad_id,
+                             num_labels, teacher_quality, details))
+    return rows
+
+
+def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantized: bool) -> None:
+    """The stage's model plus the student's tokenizer, so each folder loads on its own."""
+    if quantized:
+        save_quantized(model, stage_dir)
+    else:
+        model.save_pretrained(stage_dir)
+    if (student_dir / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(student_dir).save_pretrained(stage_dir)
+
+
+def _measure(stage: StageSpec, model: nn.Module, model_dir: Path, size: int, params: dict, eval_rows: TokenizedSplit,
+             pad_id: int, num_labels: int, teacher: Mapping, details: dict) -> StageRow:
+    scores = quality(model, eval_rows, pad_id, num_labels)
+    cost = efficiency(model, model_dir, eval_rows, pad_id)
+    per_language = {
+        language: {
+            "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
+            "retention": retention(metrics["accuracy"], teacher["per_language"][language]["accuracy"])
+            if language in teacher["per_language"] else None,
+        }
+        for language, metrics in scores["per_language"].items()
+    }
+    accuracy = scores["overall"]["accuracy"]
+    return StageRow(
+        name=stage.name, kind=stage.kind, params=params["params"], non_embedding_params=params["non_embedding_params"],
+        disk_bytes=size, latency_ms_batch1=cost["latency_ms_batch1"], latency_ms_batch32=cost["latency_ms_batch32"],
+        accuracy=accuracy, retention=retention(accuracy, teacher["overall"]["accuracy"]),
+        per_language=per_language, details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Recovery helpers: a short fine-tune on any loss, and a distillation loss on cached logits
+# --------------------------------------------------------------------------------------------
+
+
+def distillation_loss(teacher_logits: Tensor | np.ndarray, *, temperature: float, hard_weight: float = 0.0) -> LossFn:
+    """Loss ``(model, batch) -> loss`` against teacher logits cached per row of the split
+    (``teacher_logits[i]`` belongs to row i): soft-label KL, plus `hard_weight` × CE on labels.
+    Usable both for importance scores and for recovery."""
+    cached = torch.as_tensor(teacher_logits, dtype=torch.float32)
+
+    def loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kd = soft_label_kl(logits, cached[batch["row_index"]], temperature=temperature)
+        if hard_weight == 0:
+            return kd
+        ce = nn.functional.cross_entropy(logits, batch["labels"], ignore_index=-1)
+        return (1 - hard_weight) * kd + hard_weight * ce
+
+    return loss
+
+
+def finetune_with_loss(
+    model: PreTrainedModel, rows: TokenizedSplit, pad_id: int, loss_fn: LossFn, *,
+    epochs: float, batch_size: int, lr: float, seed: int, weight_decay: float = 0.01,
+) -> list[float]:
+    """AdamW with linear decay over shuffled batches; returns the per-step losses.
+    Build it after pruning: the optimizer must see the pruned tensors."""
+    generator = np.random.default_rng(seed)
+    steps = max(1, round(epochs * math.ceil(len(rows) / batch_size)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    order = np.array([], dtype=np.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, generator.permutation(len(rows))])
+        index, order = order[:batch_size], order[batch_size:]
+        loss = loss_fn(model, make_batch(rows, index, pad_id))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -1,0 +1,114 @@
+"""The distil → prune → recover → quantise chain on a tiny BERT gives one complete row per stage."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+from storage.job_data import TokenizedSplit
+from student.compress import StageSpec, check_stages, distillation_loss, finetune_with_loss, run_stages
+from student.evaluate import quality
+from student.losses import soft_label_kl
+from student.prune import make_batch
+from student.quantize import load_quantized
+
+VOCAB, LABELS = 50, 3
+ROW_KEYS = {"name", "params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32", "accuracy", "retention", "per_language"}
+
+
+def tiny_rows(n: int, seed: int) -> TokenizedSplit:
+    rng = np.random.default_rng(seed)
+    token_ids = [rng.integers(1, VOCAB, size=rng.integers(4, 10)).astype(np.int32) for _ in range(n)]
+    return TokenizedSplit(
+        sample_ids=np.arange(n, dtype=np.int64), token_ids=token_ids,
+        labels=rng.integers(0, LABELS, size=n).astype(np.int64), languages=["en", "sw"] * (n // 2),
+    )
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=LABELS)
+    path = tmp_path_factory.mktemp("student")
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def test_run_stages_reports_every_stage(student_dir, tmp_path):
+    train, evaluation = tiny_rows(32, seed=1), tiny_rows(16, seed=2)
+    student = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    teacher_quality = quality(student, evaluation, 0, LABELS)  # the student as its own "teacher"
+    cached_teacher_logits = torch.randn(len(train), LABELS, generator=torch.Generator().manual_seed(3))
+    recover_losses = []
+
+    def recover(model):
+        recover_losses.extend(finetune_with_loss(
+            model, train, 0, distillation_loss(cached_teacher_logits, temperature=2.0, hard_weight=0.5),
+            epochs=1, batch_size=8, lr=1e-3, seed=0,
+        ))
+
+    stages = [
+        StageSpec("distil", "measure"),
+        StageSpec("prune", "prune", head_sparsity=0.25, ffn_sparsity=0.5, calibration_batches=2),
+        StageSpec("recover", "recover"),
+        StageSpec("int8", "quantize"),
+    ]
+    rows = run_stages(student_dir, stages, out_dir=tmp_path, calibration=train, eval_rows=evaluation, pad_id=0,
+                      num_labels=LABELS, teacher_quality=teacher_quality, recover=recover)
+
+    reports = [row.to_dict() for row in rows]
+    assert [r["name"] for r in reports] == ["distil", "prune", "recover", "int8"]
+    assert all(ROW_KEYS <= set(r) for r in reports)
+    assert reports[0]["retention"] == 1.0
+    assert set(reports[0]["per_language"]) == {"en", "sw"}
+    assert all(lang["retention"] == 1.0 for lang in reports[0]["per_language"].values())
+    assert reports[1]["params"] < reports[0]["params"] and reports[1]["disk_bytes"] < reports[0]["disk_bytes"]
+    assert sum(reports[1]["details"]["heads_per_layer"]) == 6 and reports[1]["details"]["intermediate_size"] == 32
+    assert len(recover_losses) == 4
+    assert reports[3]["params"] == reports[2]["params"] and reports[3]["disk_bytes"] < reports[2]["disk_bytes"]
+    assert all(r["latency_ms_batch1"] > 0 and r["latency_ms_batch32"] > 0 for r in reports)
+    assert load_quantized(tmp_path / "int8") is not None
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "recover")
+    assert quality(reloaded, evaluation, 0, LABELS)["overall"]["accuracy"] == reports[2]["accuracy"]
+
+
+def test_magnitude_zeros_survive_recovery(student_dir, tmp_path):
+    rows = tiny_rows(16, seed=4)
+    teacher_quality = quality(AutoModelForSequenceClassification.from_pretrained(student_dir), rows, 0, LABELS)
+
+    def recover(model):
+        finetune_with_loss(model, rows, 0, lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                          labels=b["labels"]).loss,
+                           epochs=1, batch_size=8, lr=1e-2, seed=0)
+
+    stages = [StageSpec("sparse", "magnitude", sparsity=0.5), StageSpec("recover", "recover")]
+    run_stages(student_dir, stages, out_dir=tmp_path, calibration=rows, eval_rows=rows, pad_id=0,
+               num_labels=LABELS, teacher_quality=teacher_quality, recover=recover)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "recover")
+    encoder = [m.weight for m in model.bert.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    zero_fraction = sum(int((w == 0).sum()) for w in encoder) / sum(w.numel() for w in encoder)
+    assert zero_fraction == pytest.approx(0.5, abs=1e-3)
+
+
+def test_check_stages_says_what_to_change():
+    with pytest.raises(ValueError, match="must be the last stage"):
+        check_stages([StageSpec("q", "quantize"), StageSpec("m", "measure")], have_recover=False)
+    with pytest.raises(ValueError, match="no recover function"):
+        check_stages([StageSpec("r", "recover")], have_recover=False)
+    with pytest.raises(ValueError, match="unique"):
+        check_stages([StageSpec("a", "measure"), StageSpec("a", "measure")], have_recover=False)
+
+
+def test_distillation_loss_reads_the_rows_teacher_logits():
+    rows = tiny_rows(8, seed=5)
+    teacher = torch.randn(len(rows), LABELS)
+    student_logits = torch.randn(3, LABELS)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": student_logits})()
+
+    batch = make_batch(rows, np.array([5, 0, 2]), pad_id=0)
+    loss = distillation_loss(teacher, temperature=2.0)(Fixed(), batch)
+    torch.testing.assert_close(loss, soft_label_kl(student_logits, teacher[[5, 0, 2]], temperature=2.0))
