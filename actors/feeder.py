@@ -17,7 +17,7 @@ from cluster.config import JobConfig
 from storage import wire
 from storage.job_data import TokenizedSplit, load_job_split, pad_rows, tokenize_split
 from storage.keys import JobKeys
-from storage.streams import JobStreams, connect
+from storage.streams import JobStreams, connect_job
 
 # Sorting by length inside windows of this many batches keeps padding low while the batch
 # order stays random: a window is small enough that every epoch still mixes languages.
@@ -61,10 +61,7 @@ class Feeder:
         self.label_names = split.label_names
         self.cleaning = split.cleaning
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)
-        self.streams = JobStreams(
-            connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file),
-            self.keys,
-        )
+        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self._lengths = self.rows.lengths
 
     def plan(self) -> FeedPlan:
@@ -117,6 +114,10 @@ class Feeder:
                 if wanted is None or (epoch, batch_id) in wanted
             ]
             while pending:
+                # Checked before every chunk, not only while the stream is full: a recovery must be
+                # able to stop this call before it resets the streams (cluster/recovery.py).
+                if should_stop is not None and should_stop():
+                    return sent
                 if not self.streams.wait_for_room(
                     self.keys.work_stream,
                     transport.max_work_backlog,

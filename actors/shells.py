@@ -13,8 +13,15 @@ from ray.util import metrics
 
 from cluster.config import JobConfig
 from cluster.quiet import quiet_libraries
-from storage.keys import CONTROL_STOP, JobKeys, replica_stop_field
-from storage.streams import connect
+from storage.keys import (
+    CONTROL_FEED_GENERATION,
+    CONTROL_STOP,
+    TEACHER_STARTED,
+    JobKeys,
+    replica_stop_field,
+    teacher_metric_field,
+)
+from storage.streams import connect_job
 
 
 class StopFlag:
@@ -25,7 +32,7 @@ class StopFlag:
     """
 
     def __init__(self, redis_url: str, config: JobConfig, interval: float = 0.5, extra_fields: tuple[str, ...] = ()):
-        self.client = connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file)
+        self.client = connect_job(redis_url, config.transport)
         self.key = JobKeys(config.resolved_job_id, config.transport.namespace).control
         self.fields = (CONTROL_STOP, *extra_fields)
         self.interval = interval
@@ -38,6 +45,27 @@ class StopFlag:
             self._checked = now
             self._stopped = b"1" in self.client.hmget(self.key, self.fields)
         return self._stopped
+
+
+class FeedSuperseded:
+    """Stop flag of one feed call: the job's stop, or a newer feed generation in the control hash.
+
+    The driver bumps the generation when it recovers (student restarted, Redis lost its data) and
+    re-feeds only what the student is missing; a generation that vanished (Redis came back empty)
+    also stops the old call, so it never enqueues into streams the driver is about to reset.
+    """
+
+    def __init__(self, stop: StopFlag, generation: int, interval: float = 0.2):
+        self.stop, self.generation, self.interval = stop, str(generation).encode(), interval
+        self._checked = 0.0
+        self._superseded = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._superseded and now - self._checked >= self.interval:
+            self._checked = now
+            self._superseded = self.stop.client.hget(self.stop.key, CONTROL_FEED_GENERATION) != self.generation
+        return self._superseded or self.stop()
 
 
 def _tags(config: JobConfig) -> dict[str, str]:
@@ -60,8 +88,9 @@ class FeederActor:
     def plan(self):
         return self.feeder.plan(), self.feeder.label_names, self.feeder.cleaning
 
-    def feed(self, only=None) -> int:
-        sent = self.feeder.feed(only=only, should_stop=self.stop)
+    def feed(self, only=None, generation: int | None = None) -> int:
+        should_stop = self.stop if generation is None else FeedSuperseded(self.stop, generation)
+        sent = self.feeder.feed(only=only, should_stop=should_stop)
         self.enqueued.inc(sent)
         return sent
 
@@ -75,6 +104,7 @@ class TeacherActor:
         self.replica = TeacherReplica(replica_id, config, model_dir, redis_url)
         # Leaves on the job's stop flag or on its own (the pool scaling down), after the current batch.
         self.stop = StopFlag(redis_url, config, extra_fields=(replica_stop_field(replica_id),))
+        self.metrics_key = JobKeys(config.resolved_job_id, config.transport.namespace).metrics
         tags = {**_tags(config), "replica": replica_id}
         self.samples = metrics.Counter(
             "polydistill_teacher_samples", "Samples a teacher replica has labelled", tag_keys=("job", "replica")
@@ -82,6 +112,8 @@ class TeacherActor:
         self.samples.set_default_tags(tags)
 
     def serve(self) -> dict:
+        # Loaded and serving: the pool counts the replica as started (scale-up latency, `status`).
+        self.stop.client.hset(self.metrics_key, teacher_metric_field(self.replica.replica_id, TEACHER_STARTED), time.time())
         reported = 0
 
         def should_stop() -> bool:
@@ -94,15 +126,15 @@ class TeacherActor:
         return self.replica.serve(should_stop)
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # missing() answers the driver while train() loops
 class StudentActor:
     def __init__(self, config: JobConfig, student_init_dir: str, batches_per_epoch: int, redis_url: str,
-                 student_dir: str, name: str = "student"):
+                 student_dir: str, name: str = "student", checkpoint_dir: str | None = None):
         quiet_libraries()
         from student.trainer import StudentTrainer
 
         keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-        self.client = connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file)
+        self.client = connect_job(redis_url, config.transport)
         self.progress_key = keys.progress
         self.started = time.monotonic()
         self.loss = metrics.Gauge("polydistill_student_loss", "Student training loss", tag_keys=("job",))
@@ -111,7 +143,8 @@ class StudentActor:
         for gauge in (self.loss, self.rate, self.distilled):
             gauge.set_default_tags(_tags(config))
         self.trainer = StudentTrainer(
-            config, student_init_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report
+            config, student_init_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report,
+            checkpoint_dir=checkpoint_dir,
         )
         self.stop = StopFlag(redis_url, config)
 
@@ -131,3 +164,7 @@ class StudentActor:
     def train(self) -> dict:
         self.started = time.monotonic()
         return self.trainer.train(self.stop)
+
+    def missing(self) -> list[tuple[int, int]]:
+        """(epoch, batch) pairs the student has not applied (after a restart: not in its checkpoint)."""
+        return self.trainer.missing()

@@ -2,7 +2,10 @@
 
 Publishing the knowledge and acknowledging the work happen in one Redis transaction, so a
 replica killed at any point leaves its batch either done or still pending (and reclaimable by
-another replica), never lost and never half-published.
+another replica), never lost and never half-published. Every replica reclaims, on a timer, the
+batches other replicas left pending for ``transport.reclaim_idle_ms``; one handed out more than
+``transport.max_deliveries`` times is dead-lettered instead of killing replica after replica.
+If Redis comes back empty, the replica waits for the driver to recreate the work stream.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from transformers import AutoModelForSequenceClassification
 
 from cluster.config import JobConfig
 from storage import wire
-from storage.keys import TEACHER_GROUP, JobKeys
-from storage.streams import JobStreams, connect
+from storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
+from storage.delivery import split_over_delivered
+from storage.streams import GroupMissing, JobStreams, connect_job
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +39,24 @@ class TeacherReplica:
         self.device = torch.device("cuda" if config.teacher.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         dtype = _DTYPES[config.teacher.inference_dtype] if self.device.type == "cuda" else torch.float32
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # On a CPU, bfloat16 inference runs under autocast over float32 weights: the matmuls use
+        # the CPU's BF16 instructions while layer norms and softmax stay in float32.
+        self.autocast_bf16 = self.device.type == "cpu" and config.teacher.inference_dtype == "bfloat16"
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-        self.streams = JobStreams(
-            connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file),
-            self.keys,
-        )
+        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self.batches_done = 0
         self.samples_done = 0
         self.busy_seconds = 0.0
+        self.reclaimed = 0  # batches taken over from replicas that died holding them
 
     @torch.inference_mode()
     def compute(self, work: wire.WorkBatch) -> wire.Knowledge:
         started = time.perf_counter()
         input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device)
         attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu().numpy()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits.float().cpu().numpy()
         top_k = self.config.distill.top_k
         if top_k is not None and top_k < logits.shape[-1]:
             soft = wire.topk_soft_labels(logits, top_k)
@@ -70,21 +77,58 @@ class TeacherReplica:
         transport = self.config.transport
         stream, group = self.keys.work_stream, TEACHER_GROUP
         # Work this consumer read before a restart is still pending under its name: finish it first.
-        backlog = self.streams.read_pending(stream, group, self.replica_id, count=16)
+        own_pending = True
         last_reclaim = time.monotonic()
         while not should_stop():
-            entries = backlog or self.streams.read(stream, group, self.replica_id, count=1, block_ms=transport.block_ms)
-            backlog = []
-            if not entries and time.monotonic() - last_reclaim > transport.reclaim_idle_ms / 1000:
-                # Idle: take over batches that a dead replica read but never acknowledged.
-                entries = self.streams.reclaim(stream, group, self.replica_id, min_idle_ms=transport.reclaim_idle_ms, count=4)
-                last_reclaim = time.monotonic()
+            # Wait for room in the knowledge stream *before* taking a batch, not after computing it: a
+            # replica held up by a slow student then holds no work, so its batch never looks abandoned
+            # to the others' reclaim. The stream may overshoot the limit by (replicas - 1) messages.
+            if not self.streams.wait_for_room(self.keys.knowledge_stream, transport.max_knowledge_backlog,
+                                              timeout_s=transport.backpressure_timeout_s, should_stop=should_stop):
+                break
+            try:
+                if own_pending:
+                    own_pending = False
+                    entries = self._screen(self.streams.read_pending(stream, group, self.replica_id, count=16))
+                elif time.monotonic() - last_reclaim > transport.reclaim_idle_ms / 1000:
+                    # Take over batches a dead replica read but never acknowledged. On a timer, not only
+                    # when idle, so that a long work stream does not leave them until the very end.
+                    last_reclaim = time.monotonic()
+                    entries = self._screen(self.streams.reclaim(
+                        stream, group, self.replica_id, min_idle_ms=transport.reclaim_idle_ms, count=4))
+                    if entries:
+                        log.warning("replica %s reclaimed %d batch(es) left pending by another replica",
+                                    self.replica_id, len(entries))
+                    self.reclaimed += len(entries)
+                else:
+                    entries = self.streams.read(stream, group, self.replica_id, count=1, block_ms=transport.block_ms)
+            except GroupMissing as exc:
+                log.warning("%s; waiting for the driver to recreate it", exc)
+                if not self.streams.wait_for_group(stream, group, timeout_s=transport.reconnect_timeout_s,
+                                                   should_stop=should_stop):
+                    break
+                continue
             for entry_id, payload in entries:
                 self._handle(entry_id, payload, should_stop)
         return self.stats()
 
+    def _screen(self, entries: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Entries delivered again (own pending, reclaimed), less those over transport.max_deliveries,
+        which go to the dead-letter stream with the reason."""
+        if not entries:
+            return entries
+        stream, group = self.keys.work_stream, TEACHER_GROUP
+        counts = self.streams.delivery_counts(stream, group, [entry_id for entry_id, _ in entries])
+        keep, dead = split_over_delivered(entries, counts, self.config.transport.max_deliveries)
+        for (entry_id, payload), reason in dead:
+            log.error("dead-lettering work entry %s: %s", entry_id, reason)
+            transaction = self.streams.client.pipeline(transaction=True)
+            self.streams.dead_letter(entry_id, payload, reason, stream, pipeline=transaction)
+            self.streams.ack_and_delete(stream, group, [entry_id], pipeline=transaction)
+            transaction.execute()
+        return keep
+
     def _handle(self, entry_id: bytes, payload: bytes, should_stop: Callable[[], bool]) -> None:
-        transport = self.config.transport
         try:
             work = wire.decode(payload)
             if not isinstance(work, wire.WorkBatch):
@@ -95,18 +139,24 @@ class TeacherReplica:
             self.streams.ack_and_delete(self.keys.work_stream, TEACHER_GROUP, [entry_id])
             return
         knowledge = self.compute(work)
-        self.streams.wait_for_room(
-            self.keys.knowledge_stream,
-            transport.max_knowledge_backlog,
-            timeout_s=transport.backpressure_timeout_s,
-            should_stop=should_stop,
-        )
+        # The counters travel in the same transaction as the publish+ack, so the pool's throughput
+        # measurements (and `polydistill status`) count each batch exactly when it is done.
+        transaction = self.streams.client.pipeline(transaction=True)
         self.streams.publish_and_ack(
-            self.keys.knowledge_stream, wire.encode(knowledge), self.keys.work_stream, TEACHER_GROUP, entry_id
+            self.keys.knowledge_stream, wire.encode(knowledge), self.keys.work_stream, TEACHER_GROUP, entry_id,
+            pipeline=transaction,
         )
+        self._count(transaction, work.n_samples, knowledge.teacher_seconds)
+        transaction.execute()
         self.batches_done += 1
         self.samples_done += work.n_samples
         self.busy_seconds += knowledge.teacher_seconds
+
+    def _count(self, pipeline, samples: int, busy_seconds: float) -> None:
+        key = self.keys.metrics
+        pipeline.hincrby(key, teacher_metric_field(self.replica_id, "batches"), 1)
+        pipeline.hincrby(key, teacher_metric_field(self.replica_id, "samples"), samples)
+        pipeline.hincrbyfloat(key, teacher_metric_field(self.replica_id, "busy_seconds"), busy_seconds)
 
     def stats(self) -> dict:
         return {
@@ -114,4 +164,5 @@ class TeacherReplica:
             "batches": self.batches_done,
             "samples": self.samples_done,
             "busy_seconds": round(self.busy_seconds, 3),
+            "reclaimed": self.reclaimed,
         }

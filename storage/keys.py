@@ -18,6 +18,41 @@ _NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or
 
 TEACHER_GROUP = "teachers"
 
+# Fields of the control hash (``JobKeys.control``), written by the driver and the CLI.
+CONTROL_STOP = "stop"  # "1": every worker of the job finishes its current batch and exits
+CONTROL_DESIRED_TEACHERS = "desired_teachers"  # manual pool size (`polydistill scale`); absent: the policy decides
+# Set by the driver at start and at each recovery: a vanished run marker means Redis lost its data.
+CONTROL_RUN = "run"
+# The feed call that may enqueue now; an older one (or any, once Redis lost its data) stops.
+CONTROL_FEED_GENERATION = "feed_generation"
+
+# Fields of the metrics hash (``JobKeys.metrics``), written by the teacher pool and the replicas.
+METRIC_TEACHERS_WANTED = "teachers_wanted"
+METRIC_TEACHERS_RUNNING = "teachers_running"
+METRIC_POOL_REASON = "pool_reason"  # why the pool has the size it has (the policy's explanation)
+TEACHER_COUNTERS = ("batches", "samples", "busy_seconds")  # per replica, incremented with each batch
+TEACHER_STARTED = "started_at"  # per replica: wall time its serve loop began (it is loaded and ready)
+
+
+def replica_stop_field(replica_id: str) -> str:
+    """Control-hash field that asks one teacher replica to leave (the pool scaling down)."""
+    return f"stop:{_check_name(replica_id, 'replica id')}"
+
+
+def teacher_metric_field(replica_id: str, name: str) -> str:
+    """Metrics-hash field of one replica's counter (``TEACHER_COUNTERS``) or start time (``TEACHER_STARTED``)."""
+    if name not in (*TEACHER_COUNTERS, TEACHER_STARTED):
+        raise ValueError(f"unknown teacher metric {name!r}; known: {', '.join((*TEACHER_COUNTERS, TEACHER_STARTED))}")
+    return f"teacher:{_check_name(replica_id, 'replica id')}:{name}"
+
+
+def parse_teacher_metric_field(field: str) -> tuple[str, str] | None:
+    """(replica id, name) of a field made by ``teacher_metric_field``; None for any other field."""
+    parts = field.split(":")
+    if len(parts) == 3 and parts[0] == "teacher" and parts[2] in (*TEACHER_COUNTERS, TEACHER_STARTED):
+        return parts[1], parts[2]
+    return None
+
 
 def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:

@@ -4,7 +4,8 @@ It listens on 127.0.0.1 only, on a free port, keeps its files in its own temp
 directory, and persists nothing (``save ""``, ``appendonly no``): the streams hold
 in-flight batches, not state worth keeping across runs. Its settings go into a
 config file readable only by the owner, so a password never appears on a command
-line (visible in ``ps``) or in a log line.
+line (visible in ``ps``) or in a log line. Given a certificate and key it serves TLS only
+(``rediss://``), which needs a redis-server built with TLS (Debian's and Ubuntu's are).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class PrivateRedisServer:
         maxmemory: int | str | None = None,
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_ca_file: str | None = None,
     ) -> None:
         if password is not None:
             _config_value(password, "password")  # fail now, not at start()
@@ -96,6 +100,12 @@ class PrivateRedisServer:
                 raise ValueError("password must be non-empty, or None for no AUTH")
         if maxmemory is not None and _MEMORY_SIZE_RE.fullmatch(str(maxmemory)) is None:
             raise ValueError(f"maxmemory must be bytes or a size such as '512mb' or '2gb', got {maxmemory!r}")
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        for path, what in ((tls_cert_file, "tls_cert_file"), (tls_key_file, "tls_key_file"), (tls_ca_file, "tls_ca_file")):
+            if path is not None:
+                _config_value(str(path), what)
+        self._tls = (tls_cert_file, tls_key_file, tls_ca_file) if tls_cert_file else None
         self._password = password
         self._maxmemory = maxmemory
         self._binary = binary
@@ -117,7 +127,8 @@ class PrivateRedisServer:
     def url(self) -> str:
         """Connection URL, password included: hand it to clients, never to logs."""
         auth = f":{quote(self._password, safe='')}@" if self._password else ""
-        return f"redis://{auth}{_HOST}:{self.port}/0"
+        scheme = "rediss" if self._tls else "redis"
+        return f"{scheme}://{auth}{_HOST}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -146,11 +157,12 @@ class PrivateRedisServer:
         self._stop_process()
         self._remove_workdir()
 
-    def restart(self, *, keep_data: bool = False) -> None:
+    def restart(self, *, keep_data: bool = False, down_s: float = 0.0) -> None:
         """Stop and start again on the same port (used to test reconnection).
 
         keep_data=True snapshots the dataset first (SAVE) and reloads it on start;
         keep_data=False comes back empty, as after a crash of a non-persistent server.
+        down_s keeps it stopped that long first (an outage: clients must retry).
         """
         if self._workdir is None:
             raise RedisServerError("restart() needs a started server; call start() first")
@@ -161,6 +173,8 @@ class PrivateRedisServer:
         self._stop_process()
         if not keep_data:
             (self._workdir / "dump.rdb").unlink(missing_ok=True)
+        if down_s > 0:
+            time.sleep(down_s)
         self._launch(binary)
 
     def ping(self) -> bool:
@@ -183,6 +197,10 @@ class PrivateRedisServer:
     # -- internals ---------------------------------------------------------- #
 
     def _client(self, timeout_s: float = 2.0) -> redis.Redis:
+        tls = {}
+        if self._tls:
+            ca_file = self._tls[2]
+            tls = {"ssl": True, "ssl_ca_certs": ca_file, "ssl_cert_reqs": "required" if ca_file else "none"}
         return redis.Redis(
             host=_HOST,
             port=self.port,
@@ -190,13 +208,22 @@ class PrivateRedisServer:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),  # ping() answers "down" now, not after backoff
+            **tls,
         )
 
     def _write_config(self) -> Path:
         assert self._workdir is not None
+        if self._tls:
+            cert, key, ca = self._tls
+            ports = ["port 0", f"tls-port {self._port}", f"tls-cert-file {_config_value(str(cert), 'tls_cert_file')}",
+                     f"tls-key-file {_config_value(str(key), 'tls_key_file')}", "tls-auth-clients no"]
+            if ca:
+                ports.append(f"tls-ca-cert-file {_config_value(str(ca), 'tls_ca_file')}")
+        else:
+            ports = [f"port {self._port}"]
         lines = [
             f"bind {_HOST}",
-            f"port {self._port}",
+            *ports,
             f"dir {_config_value(str(self._workdir), 'temp dir')}",
             "dbfilename dump.rdb",
             'save ""',

@@ -10,6 +10,13 @@ XREADGROUP, and once it is done it acknowledges *and deletes* the entry
 not yet acknowledged". Entries of a consumer that died stay pending and are taken
 over by another consumer with XAUTOCLAIM. Work and knowledge streams are never
 trimmed, so backpressure blocks producers instead of dropping work.
+
+Outages: a dropped connection is retried with jittered backoff until
+``reconnect_timeout_s`` has passed, then ``RedisUnavailable`` names the (redacted)
+URL and how long it waited. A Redis that comes back *empty* (restarted without
+persistence) makes group reads fail with ``GroupMissing``; consumers then wait for
+the driver to recreate the groups (``wait_for_group``) instead of recreating them
+themselves, so that only the driver decides what the new streams hold.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from storage.keys import JobKeys
 
 PAYLOAD_FIELD = b"m"
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000
+DEFAULT_RECONNECT_TIMEOUT_S = 60.0  # library default; jobs pass transport.reconnect_timeout_s
 _UNLINK_BATCH = 500
 
 Entry = tuple[str, bytes]  # (stream entry id, payload)
@@ -35,6 +43,14 @@ Entry = tuple[str, bytes]  # (stream entry id, payload)
 
 class BackpressureTimeout(TimeoutError):
     """A producer waited too long for consumers to drain a stream."""
+
+
+class RedisUnavailable(redis.ConnectionError):
+    """Redis stayed unreachable for longer than the reconnect budget; the message names the URL."""
+
+
+class GroupMissing(RuntimeError):
+    """A stream's consumer group is gone: Redis lost its data (or the job's streams were reset)."""
 
 
 @dataclass(frozen=True)
@@ -59,16 +75,18 @@ def connect(
     url: str,
     *,
     password: str | None = None,
+    username: str | None = None,
     tls_ca_file: str | None = None,
     socket_timeout: float = 30,
-    retries: int = 8,
+    reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
 ) -> redis.Redis:
     """A client for ``redis://`` or ``rediss://`` (TLS) URLs, returning raw bytes.
 
     Dropped connections and timeouts are retried with jittered exponential
-    backoff (10-20 s in all with the defaults), long enough to ride out a Redis
-    restart without every replica reconnecting in lock-step; a rejected password
-    fails at once. Because a retried write may have reached the server before the
+    backoff (capped at 4 s, so replicas do not reconnect in lock-step) until
+    ``reconnect_timeout_s`` has passed; then ``RedisUnavailable`` says which
+    (redacted) URL was unreachable and for how long. A rejected password fails at
+    once. Because a retried write may have reached the server before the
     connection dropped, writes are at-least-once: readers must tolerate duplicates.
     """
     parts = urlsplit(url)
@@ -81,6 +99,10 @@ def connect(
         raise ValueError(
             "the Redis password is given both in the URL and as an argument; give it in one place"
         )
+    if username is not None and parts.username:
+        raise ValueError(
+            "the Redis user is given both in the URL and as transport.username; give it in one place"
+        )
     if tls_ca_file is not None and parts.scheme != "rediss":
         raise ValueError(
             f"tls_ca_file is set but {redact_url(url)!r} is not a TLS URL; use rediss:// "
@@ -88,6 +110,8 @@ def connect(
         )
     if socket_timeout <= 0:
         raise ValueError(f"socket_timeout must be positive seconds, got {socket_timeout}")
+    if reconnect_timeout_s <= 0:
+        raise ValueError(f"reconnect_timeout_s must be positive seconds, got {reconnect_timeout_s}")
 
     options: dict[str, Any] = {
         "decode_responses": False,  # payloads are msgpack bytes, not text
@@ -100,44 +124,78 @@ def connect(
         # PING a connection idle this long before reusing it, so a dead socket
         # (Redis restarted, NAT timeout) is found before a command is lost on it.
         "health_check_interval": 15,
-        "retry": _RetryConnectionDrops(EqualJitterBackoff(cap=4.0, base=0.1), retries),
+        "retry": _RetryConnectionDrops(
+            EqualJitterBackoff(cap=4.0, base=0.1), reconnect_timeout_s, redact_url(url)
+        ),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
     }
     if password is not None:
         options["password"] = password
+    if username is not None:
+        options["username"] = username
     if tls_ca_file is not None:
         options["ssl_ca_certs"] = tls_ca_file
     return redis.Redis.from_url(url, **options)
 
 
-class _AuthRejected(Exception):
-    """Carries an auth error past Retry, which would otherwise retry it."""
-
-    def __init__(self, error: redis.ConnectionError) -> None:
-        super().__init__(str(error))
-        self.error = error
+def connect_job(url: str, transport: Any) -> redis.Redis:
+    """A client with every connection setting of a job's ``transport`` config section."""
+    return connect(
+        url,
+        password=transport.password,
+        username=transport.username,
+        tls_ca_file=transport.tls_ca_file,
+        reconnect_timeout_s=transport.reconnect_timeout_s,
+    )
 
 
 class _RetryConnectionDrops(Retry):
-    """Retry dropped connections and timeouts, but not a rejected password.
+    """Retry dropped connections and timeouts for a bounded time, but not a rejected password.
 
-    redis-py makes AuthenticationError a subclass of ConnectionError, so a plain
-    Retry would spend its whole backoff budget before reporting a wrong password.
+    The budget is time, not a number of attempts: redis-py nests retries (a command's
+    retry wraps a connect that has its own), and a deadline bounds the total wait
+    however deep the nesting, where attempt counts would multiply. redis-py makes
+    AuthenticationError a subclass of ConnectionError, so a plain Retry would spend
+    its whole budget before reporting a wrong password.
     """
 
+    def __init__(self, backoff: Any, timeout_s: float, where: str) -> None:
+        super().__init__(backoff, retries=-1)
+        self.timeout_s = timeout_s
+        self.where = where
+
     def call_with_retry(
-        self, do: Callable[[], Any], fail: Callable[..., Any], *args: Any, **kwargs: Any
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
     ) -> Any:
-        def attempt() -> Any:
+        self._backoff.reset()
+        started = time.monotonic()
+        failures = 0
+        while True:
             try:
                 return do()
-            except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
-                raise _AuthRejected(error) from error
-
-        try:
-            return super().call_with_retry(attempt, fail, *args, **kwargs)
-        except _AuthRejected as rejected:
-            raise rejected.error from None
+            except (redis.AuthenticationError, redis.exceptions.AuthorizationError, RedisUnavailable):
+                raise  # a wrong password, or an inner retry that already spent the budget
+            except self._supported_errors as error:
+                if is_retryable is not None and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                waited = time.monotonic() - started
+                if waited >= self.timeout_s:
+                    raise RedisUnavailable(
+                        f"Redis at {self.where} was unreachable for {waited:.1f} s ({failures} attempts; "
+                        f"transport.reconnect_timeout_s={self.timeout_s:g}); last error: {error}. Check that "
+                        "the server runs and is reachable from this node, or raise "
+                        "transport.reconnect_timeout_s to ride out longer outages"
+                    ) from error
+                time.sleep(min(self._backoff.compute(failures), self.timeout_s - waited))
 
 
 def redact_url(url: str) -> str:
@@ -180,6 +238,27 @@ def _xreadgroup_entries(reply: Any) -> list[tuple[str, dict | None]]:
     else:  # RESP2: [[stream, [entries...]]]
         ((_, entries),) = reply
     return _entries(entries)
+
+
+def _group_errors(stream: str, group: str) -> Any:
+    """Turns Redis' NOGROUP reply into GroupMissing, which callers handle (wait for the driver)."""
+    return _GroupErrors(stream, group)
+
+
+class _GroupErrors:
+    def __init__(self, stream: str, group: str) -> None:
+        self.stream, self.group = stream, group
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        if isinstance(error, redis.ResponseError) and str(error).startswith("NOGROUP"):
+            raise GroupMissing(
+                f"consumer group {self.group!r} of stream {self.stream} does not exist (Redis lost its data, "
+                "or the job's streams were reset)"
+            ) from error
+        return False
 
 
 def _payload(fields: dict) -> bytes:
@@ -348,9 +427,10 @@ class JobStreams:
     def read(self, stream: str, group: str, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer; waits up to ``block_ms`` (0 = do not wait)."""
         self._check_block_fits_socket_timeout(block_ms)
-        reply = self.client.xreadgroup(
-            group, consumer, {stream: ">"}, count=count, block=block_ms if block_ms > 0 else None
-        )
+        with _group_errors(stream, group):
+            reply = self.client.xreadgroup(
+                group, consumer, {stream: ">"}, count=count, block=block_ms if block_ms > 0 else None
+            )
         return [(entry_id, _payload(fields or {})) for entry_id, fields in _xreadgroup_entries(reply)]
 
     def read_pending(self, stream: str, group: str, consumer: str, count: int) -> list[Entry]:
@@ -360,7 +440,8 @@ class JobStreams:
         deleted from the stream while still pending has no payload left to
         process, so it is acknowledged here and skipped.
         """
-        reply = self.client.xreadgroup(group, consumer, {stream: "0"}, count=count)
+        with _group_errors(stream, group):
+            reply = self.client.xreadgroup(group, consumer, {stream: "0"}, count=count)
         entries: list[Entry] = []
         gone: list[str] = []
         for entry_id, fields in _xreadgroup_entries(reply):
@@ -383,9 +464,10 @@ class JobStreams:
         claimed: list[Entry] = []
         cursor = "0-0"
         while len(claimed) < count:
-            reply = self.client.xautoclaim(
-                stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
-            )
+            with _group_errors(stream, group):
+                reply = self.client.xautoclaim(
+                    stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
+                )
             cursor, raw_entries = _text(reply[0]), reply[1]
             claimed.extend(
                 (entry_id, _payload(fields)) for entry_id, fields in _entries(raw_entries) if fields
@@ -393,6 +475,70 @@ class JobStreams:
             if cursor == "0-0":  # scanned the whole pending list
                 break
         return claimed
+
+    def delivery_counts(self, stream: str, group: str, entry_ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending entry has been delivered (XPENDING); absent when not pending."""
+        if not entry_ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+        with _group_errors(stream, group):
+            replies = pipe.execute()
+        counts: dict[str, int] = {}
+        for reply in replies:
+            for info in reply:
+                counts[_text(info["message_id"])] = int(info["times_delivered"])
+        return counts
+
+    def has_group(self, stream: str, group: str) -> bool:
+        try:
+            groups = self.client.xinfo_groups(stream)
+        except redis.ResponseError:  # no such key
+            return False
+        return any(_text(info.get("name", info.get(b"name", b""))) == group for info in groups)
+
+    def wait_for_group(
+        self,
+        stream: str,
+        group: str,
+        *,
+        timeout_s: float,
+        poll_s: float = 0.2,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Wait until the driver has recreated a group that vanished (see ``GroupMissing``).
+
+        Returns True once it exists, False if ``should_stop()`` turned true first;
+        raises GroupMissing after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.has_group(stream, group):
+            if should_stop is not None and should_stop():
+                return False
+            if time.monotonic() >= deadline:
+                raise GroupMissing(
+                    f"consumer group {group!r} of stream {stream} was still missing after {timeout_s:g} s: "
+                    "Redis lost its data and nothing recreated the job's streams. Is the driver still "
+                    "running? (it recreates them and re-enqueues every batch the student has not applied)"
+                )
+            time.sleep(poll_s)
+        return True
+
+    def reset(self, groups: Sequence[tuple[str, str]], *, pipeline: Pipeline | None = None) -> None:
+        """Empty the given streams and recreate their (stream, group) pairs in one MULTI/EXEC.
+
+        Consumers never see a stream without its group, and an XACK of an entry of
+        the old stream is a no-op on the new one. Pass a transactional pipeline to
+        add commands (the control fields of the new run) to the same transaction.
+        """
+        transaction = pipeline if pipeline is not None else self.client.pipeline(transaction=True)
+        for stream in dict.fromkeys(stream for stream, _ in groups):
+            transaction.delete(stream)
+        for stream, group in groups:
+            transaction.xgroup_create(stream, group, id="0", mkstream=True)
+        if pipeline is None:
+            transaction.execute()
 
     def _check_block_fits_socket_timeout(self, block_ms: int) -> None:
         # A blocking read that outlasts the socket timeout fails as a timeout.

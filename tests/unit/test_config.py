@@ -108,3 +108,36 @@ def test_example_configs_are_valid():
     examples = Path(__file__).resolve().parents[2] / "examples"
     for path in sorted(examples.glob("*.yaml")):
         load_config(path)
+
+
+def test_teacher_autoscaling_is_optional_and_strict():
+    assert validate_config(MINIMAL).teacher.autoscaling is None
+    raw = {**MINIMAL, "teacher": {**MINIMAL["teacher"], "replicas": 2,
+                                  "autoscaling": {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 5}}}
+    scaling = validate_config(raw).teacher.autoscaling
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.upscale_delay_s) == (1, 4, 5)
+    assert scaling.downscale_delay_s == 300.0  # the policy's own default, defined once in cluster/autoscaling.py
+    with pytest.raises(ConfigError, match="teacher.autoscaling.max_replica: unknown key"):
+        validate_config({**MINIMAL, "teacher": {**MINIMAL["teacher"], "autoscaling": {"max_replica": 3}}})
+
+
+def test_initial_replicas_must_lie_within_the_autoscaling_bounds():
+    raw = {**MINIMAL, "teacher": {**MINIMAL["teacher"], "replicas": 5, "autoscaling": {"max_replicas": 4}}}
+    with pytest.raises(ConfigError, match=r"teacher.replicas \(5\) is the initial pool size"):
+        validate_config(raw)
+
+
+def test_password_env_names_a_variable_and_excludes_a_literal_password():
+    from cluster.config import with_redis_password
+
+    config = validate_config({**MINIMAL, "transport": {"redis_url": "redis://h:1", "password_env": "PD_REDIS_PW"}})
+    assert config.transport.password is None
+    resolved = with_redis_password(config, {"PD_REDIS_PW": "s3cret"})
+    assert resolved.transport.password == "s3cret" and resolved.transport.password_env == "PD_REDIS_PW"
+    assert with_redis_password(validate_config(MINIMAL), {}) is not None
+    with pytest.raises(ConfigError, match="names PD_REDIS_PW, but that environment variable is not set"):
+        with_redis_password(config, {})
+    with pytest.raises(ConfigError, match="in one place"):
+        validate_config({**MINIMAL, "transport": {"password": "x", "password_env": "PD_REDIS_PW"}})
+    with pytest.raises(ConfigError, match="transport.password_env"):
+        validate_config({**MINIMAL, "transport": {"password_env": "not a name"}})

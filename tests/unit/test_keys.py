@@ -78,3 +78,25 @@ def test_job_keys_are_immutable_and_hashable():
     with pytest.raises(AttributeError):
         keys.job_id = "other"  # type: ignore[misc]
     assert {keys: 1}[JobKeys("j")] == 1
+
+
+def test_control_and_metric_field_names():
+    from storage.keys import (
+        CONTROL_DESIRED_TEACHERS,
+        CONTROL_STOP,
+        parse_teacher_metric_field,
+        replica_stop_field,
+        teacher_metric_field,
+    )
+
+    assert CONTROL_STOP == "stop" and CONTROL_DESIRED_TEACHERS == "desired_teachers"
+    assert replica_stop_field("teacher-3") == "stop:teacher-3"
+    assert replica_stop_field("teacher-3") != CONTROL_STOP
+    assert teacher_metric_field("teacher-3", "batches") == "teacher:teacher-3:batches"
+    assert parse_teacher_metric_field("teacher:teacher-3:busy_seconds") == ("teacher-3", "busy_seconds")
+    assert parse_teacher_metric_field("teachers_wanted") is None
+    assert teacher_metric_field("teacher-3", "started_at") == "teacher:teacher-3:started_at"
+    with pytest.raises(ValueError, match="unknown teacher metric"):
+        teacher_metric_field("teacher-3", "bytes")
+    with pytest.raises(ValueError, match="replica id"):
+        replica_stop_field("a:b")

@@ -1,0 +1,268 @@
+"""The driver's recovery loop: notice a lost student, lost Redis data or lost messages, and
+re-enqueue exactly what the student has not learnt.
+
+What can go wrong, and what notices it::
+
+    student worker dies           its train() call fails with RayActorError
+    Redis comes back empty        the run marker (control hash field "run") is gone
+    messages lost in flight       nothing queued or held, the feed is done, the student still
+      (Redis restarted from an     misses batches (probe: StudentActor.missing())
+      older snapshot)
+    a teacher replica dies        nothing to do here: its pending batch stays in the work
+                                  stream and another replica reclaims it (actors/teacher.py);
+                                  the pool replaces the replica (actors/pool.py)
+
+One procedure answers the first three (``Supervisor.recover``), and the first start of a job is
+the same procedure with nothing applied yet::
+
+    1. bump the feed generation        the running feed call stops before its next chunk
+       and wait for that call to end   (actors.shells.FeedSuperseded)
+    2. restart the student if it died  the new one loads its checkpoint (student/checkpoint.py)
+    3. in ONE transaction: empty the   consumers never see a stream without its group; a late
+       work and knowledge streams,     XACK of an old entry is a no-op on the new stream
+       recreate their groups, set the
+       run marker and the generation
+    4. ask the student what it misses  the live ledger, or the checkpoint's after a restart
+    5. feed exactly those batches      Feeder.feed(only=...): the plan is a pure function
+
+Why this is exact: after step 3 nothing older than the reset can be lost any more, and step 5
+enqueues every batch that step 4 did not find in the student's ledger, so every batch is applied
+at least once; the ledger drops any second copy (a teacher mid-batch during the reset publishes
+into the new stream), so none is applied twice. Step 1 is what keeps the old feed from adding
+stale copies after the reset, and step 4 comes after step 3 so that a batch applied meanwhile
+is not re-fed for nothing. The student keeps its in-memory ledger across a Redis data loss: its
+reads fail with ``GroupMissing`` and it waits (bounded) for step 3.
+
+Deciding is a pure function (``watch``) of one observation, the previous state and the clock,
+unit-tested without Ray or Redis; ``Supervisor`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ray
+
+from cluster.config import JobConfig
+from storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
+from storage.streams import JobStreams
+
+log = logging.getLogger(__name__)
+
+QUIET_S = 2.0  # nothing queued or in flight for this long before asking the student what it misses
+FEED_STOP_TIMEOUT_S = 60.0  # a superseded feed call checks its generation before every chunk
+POLL_S = 0.5
+
+
+class RecoveryFailed(RuntimeError):
+    """The job could not be brought back: too many recoveries, or batches lost to dead letters."""
+
+
+# -- deciding (pure) ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Observation:
+    """One reading of the job, taken in a single Redis transaction."""
+
+    run_marker_present: bool
+    feeding: bool  # the current feed call is still enqueuing
+    work_backlog: int
+    knowledge_backlog: int
+
+
+@dataclass(frozen=True)
+class WatchState:
+    quiet_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Literal["wait", "recover", "probe", "stop"]
+    reason: str = ""
+
+
+def watch(observation: Observation, state: WatchState, now: float, quiet_s: float = QUIET_S) -> tuple[Verdict, WatchState]:
+    """What the driver should do after one observation: wait, recover, or probe the student."""
+    if not observation.run_marker_present:
+        return Verdict("recover", "Redis lost the job's data (its run marker is gone)"), WatchState()
+    if observation.feeding or observation.work_backlog or observation.knowledge_backlog:
+        return Verdict("wait"), WatchState()
+    if state.quiet_since is None:
+        return Verdict("wait"), WatchState(quiet_since=now)
+    if now - state.quiet_since < quiet_s:
+        return Verdict("wait"), state
+    # Restart the quiet period so that probes come at most every quiet_s.
+    return Verdict("probe", f"nothing queued or in flight for {quiet_s:g} s and the feed is done"), WatchState(now)
+
+
+def judge_probe(missing: int, dead_letters: int) -> Verdict:
+    """After a probe: the student misses ``missing`` batches although nothing is in flight."""
+    if missing == 0:
+        return Verdict("wait")  # the student is about to return
+    if dead_letters:
+        # Re-feeding a dead-lettered batch would only poison the teachers again: end the job, whose
+        # report then shows what is missing and why.
+        return Verdict("stop", f"{missing} batches missing and {dead_letters} messages dead-lettered")
+    return Verdict("recover", f"{missing} batches were lost in flight (Redis restarted from an older snapshot?)")
+
+
+# -- acting -------------------------------------------------------------------------------------
+@dataclass
+class Recovery:
+    cause: str
+    detected_at: float  # time.time()
+    seconds: float  # detection -> missing batches re-enqueued
+    batches_refed: int
+    student_restarted: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cause": self.cause, "detected_at": round(self.detected_at, 3), "seconds": round(self.seconds, 3),
+                "batches_refed": self.batches_refed, "student_restarted": self.student_restarted}
+
+
+class Supervisor:
+    """Feeds the job, watches it, and recovers it (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        streams: JobStreams,
+        feeder: ray.actor.ActorHandle,
+        make_student: Callable[[], ray.actor.ActorHandle],
+        total_batches: int,
+        student_name: str = "student",
+    ):
+        self.config = config
+        self.streams = streams
+        self.keys: JobKeys = streams.keys
+        self.feeder = feeder
+        self.make_student = make_student
+        self.total_batches = total_batches
+        self.student_group = self.keys.student_group(student_name)
+        self.run_token = uuid.uuid4().hex
+        self.generation = 0
+        self.student: ray.actor.ActorHandle | None = None
+        self.train_ref: ray.ObjectRef | None = None
+        self.feed_ref: ray.ObjectRef | None = None
+        self.batches_fed = 0
+        self.dead_letters_lost = 0  # counted before Redis lost its data
+        self._dead_letters_seen = 0
+        self.recoveries: list[Recovery] = []
+        self._state = WatchState()
+
+    # -- starting ---------------------------------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        """Starts the student and the feed; on resume only the batches not in the checkpoint."""
+        self.student = self.make_student()
+        self.generation = 1
+        self._reset()
+        only = ray.get(self.student.missing.remote()) if resume else None
+        if resume:
+            log.info("resuming: %d of %d batches still to distil", len(only), self.total_batches)
+        self.feed_ref = self.feeder.feed.remote(only, self.generation)
+        self.train_ref = self.student.train.remote()
+
+    def _reset(self) -> None:
+        transaction = self.streams.client.pipeline(transaction=True)
+        self.streams.reset([(self.keys.work_stream, TEACHER_GROUP), (self.keys.knowledge_stream, self.student_group)],
+                           pipeline=transaction)
+        transaction.hset(self.keys.control, mapping={CONTROL_RUN: self.run_token,
+                                                     CONTROL_FEED_GENERATION: self.generation})
+        transaction.execute()
+
+    # -- watching ---------------------------------------------------------------------------------
+    def wait(self, helper_refs: list, on_progress: Callable[[dict[str, str]], None]) -> dict:
+        """Returns the student's summary; recovers on the way; raises the first helper failure."""
+        watching = list(helper_refs)
+        while True:
+            ready, _ = ray.wait([self.train_ref], timeout=POLL_S)
+            if ready:
+                try:
+                    return ray.get(self.train_ref)
+                except ray.exceptions.RayActorError as exc:
+                    self.recover(f"the student worker died ({type(exc).__name__})", restart_student=True)
+                    continue
+            done, watching = ray.wait(watching, num_returns=len(watching), timeout=0)
+            for ref in done:
+                ray.get(ref)  # raises the actor's error; one that finished cleanly returns here
+            observation, progress, dead_letters = self._observe()
+            self._dead_letters_seen = dead_letters
+            verdict, self._state = watch(observation, self._state, time.monotonic())
+            if verdict.action == "probe":
+                missing = len(ray.get(self.student.missing.remote()))
+                verdict = judge_probe(missing, self.dead_letters_lost + dead_letters)
+                if verdict.action == "stop":
+                    log.error("stopping the job: %s (see %s)", verdict.reason, self.keys.dead_letter_stream)
+                    self.streams.client.hset(self.keys.control, CONTROL_STOP, "1")
+            if verdict.action == "recover":
+                self.recover(verdict.reason)
+            on_progress(progress)
+
+    def _observe(self) -> tuple[Observation, dict[str, str], int]:
+        feeding = not ray.wait([self.feed_ref], timeout=0)[0]
+        if not feeding:
+            ray.get(self.feed_ref)  # raises the feeder's error, if it failed
+        transaction = self.streams.client.pipeline(transaction=True)
+        transaction.hget(self.keys.control, CONTROL_RUN)
+        transaction.xlen(self.keys.work_stream)
+        transaction.xlen(self.keys.knowledge_stream)
+        transaction.xlen(self.keys.dead_letter_stream)
+        transaction.hgetall(self.keys.progress)
+        marker, work, knowledge, dead, progress = transaction.execute()
+        observation = Observation(
+            run_marker_present=marker == self.run_token.encode(),
+            feeding=feeding,
+            work_backlog=int(work),
+            knowledge_backlog=int(knowledge),
+        )
+        return observation, {k.decode(): v.decode() for k, v in progress.items()}, int(dead)
+
+    # -- recovering -------------------------------------------------------------------------------
+    def recover(self, cause: str, *, restart_student: bool = False) -> None:
+        limit = self.config.training.max_recoveries
+        if len(self.recoveries) >= limit:
+            raise RecoveryFailed(
+                f"job {self.keys.job_id} needed a recovery ({cause}) after {len(self.recoveries)} already "
+                f"(training.max_recoveries={limit}); giving up. Earlier causes: "
+                + "; ".join(r.cause for r in self.recoveries)
+            )
+        detected_at, started = time.time(), time.monotonic()
+        log.warning("job %s: %s; recovering", self.keys.job_id, cause)
+        if not self._marker_present():
+            self.dead_letters_lost += self._dead_letters_seen
+            self._dead_letters_seen = 0
+        # 1. Stop the feed call in progress (before the reset, so that it adds nothing afterwards).
+        self.generation += 1
+        self.streams.client.hset(self.keys.control, CONTROL_FEED_GENERATION, self.generation)
+        self.batches_fed += ray.get(self.feed_ref, timeout=FEED_STOP_TIMEOUT_S)
+        # 2. A new student loads the last checkpoint.
+        if restart_student:
+            ray.kill(self.student, no_restart=True)
+            self.student = self.make_student()
+        # 3. Fresh streams and groups, the run marker and the generation, in one transaction.
+        self._reset()
+        # 4-5. Re-enqueue exactly what the student has not learnt.
+        missing = ray.get(self.student.missing.remote())
+        self.feed_ref = self.feeder.feed.remote(missing, self.generation)
+        if restart_student:
+            self.train_ref = self.student.train.remote()
+        self._state = WatchState()
+        recovery = Recovery(cause, detected_at, time.monotonic() - started, len(missing), restart_student)
+        self.recoveries.append(recovery)
+        log.warning("job %s recovered in %.1f s: %d batches re-enqueued%s", self.keys.job_id, recovery.seconds,
+                    len(missing), ", student restarted from its checkpoint" if restart_student else "")
+
+    def _marker_present(self) -> bool:
+        return self.streams.client.hget(self.keys.control, CONTROL_RUN) == self.run_token.encode()
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self, timeout_s: float = 120.0) -> int:
+        """Batches enqueued over the whole run (every feed call, re-feeds included)."""
+        return self.batches_fed + ray.get(self.feed_ref, timeout=timeout_s)
+
+    def dead_letters(self) -> int:
+        return self.dead_letters_lost + int(self.streams.client.xlen(self.keys.dead_letter_stream))

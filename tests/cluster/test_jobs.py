@@ -1,0 +1,194 @@
+"""Job submission end to end: a real Ray head with its dashboard (the Jobs API server) started by the
+test, the tiny example submitted through cluster/jobs.py, watched, scaled, and a second job stopped.
+
+The head runs with Ray's token authentication on (the default for local clusters since Ray 2.59),
+with a token made for this test only, passed to the head in its environment and to the client as a
+header; ~/.ray is not touched. It uses its own --temp-dir, so no other Ray on this machine can
+attach to it by accident, and it is stopped by killing its own process group (never `ray stop`,
+which would stop every Ray of this user).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster import jobs
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny.yaml"
+SMALL = [
+    "data.languages=[eng_Latn, swh_Latn]",
+    "data.limit_per_language=200",
+    "data.eval_split=null",
+    "training.epochs=1",
+    "training.batch_size=16",
+    "teacher.replicas=1",
+]
+
+
+@dataclass(frozen=True)
+class Head:
+    address: str
+    headers: dict[str, str]
+    temp_dir: str
+
+    def diagnostics(self) -> str:
+        """The tails of the head's own logs, for a failure message."""
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        parts = []
+        for path in [Path(self.temp_dir) / "head.log", logs / "ray_process_exit.log", logs / "dashboard.log",
+                     logs / "raylet.out", logs / "gcs_server.out"]:
+            if path.exists():
+                parts.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-1500:])
+        return "\n".join(parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _kill_tree(process: subprocess.Popen, temp_dir: str) -> None:
+    """Kills the head's process group, then any process of this head that left the group."""
+    try:  # a throwaway head: no need for a graceful shutdown
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=15)
+    time.sleep(0.5)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[Head]:
+    token = secrets.token_hex(32)
+    # Short: Ray puts unix sockets under it, and their paths must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="pdray", dir="/tmp")
+    dashboard_port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           # the entrypoint's `python` must be this environment's
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "POLYDISTILL_REDIS_URL"):
+        env.pop(name, None)
+    log_path = Path(temp_dir) / "head.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+             f"--port={_free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+             # Every port this head listens on is a free one: Ray's fixed defaults (e.g. the job agent's
+             # 52365) collide with any other Ray running on the machine, and then no job can start.
+             *(f"--{name}={_free_port()}" for name in (
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "runtime-env-agent-port", "ray-client-server-port")),
+             "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    head = Head(f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {token}"}, temp_dir)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                request = urllib.request.Request(f"{head.address}/api/version", headers=head.headers)
+                urllib.request.urlopen(request, timeout=2).read()
+                break
+            except OSError as exc:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the Ray head did not serve its dashboard ({exc}):\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield head
+    finally:
+        _kill_tree(process, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_status(head: Head, job: str, until, timeout_s: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = jobs.status(head.address, job, headers=head.headers)
+        except ConnectionError as exc:
+            pytest.fail(f"the Ray head stopped answering ({exc}):\n{head.diagnostics()}")
+        if until(result):
+            return result
+        if result["status"] in jobs.TERMINAL or time.monotonic() > deadline:
+            logs = jobs.logs(head.address, job, headers=head.headers)
+            pytest.fail(f"waiting for {what}: job is {result['status']} ({result['message']})\n{logs[-4000:]}")
+        time.sleep(0.5)
+
+
+def test_submit_status_scale_logs(ray_head, redis_server, redis_client, tmp_path):
+    submitted = time.monotonic()
+    job = jobs.submit(ray_head.address, TINY, SMALL, str(tmp_path / "out"), redis_server.url,
+                      headers=ray_head.headers)
+    assert job.startswith("out-")  # the job id: the output folder's name (the config's rule) + a random suffix
+    # The Redis URL is in the job's environment, not in the entrypoint that `ray job list` shows.
+    info = jobs._client(ray_head.address, ray_head.headers).get_job_info(job)
+    assert redis_server.url not in info.entrypoint and info.entrypoint.startswith("python -m cluster.cli run ")
+    assert info.runtime_env["env_vars"]["POLYDISTILL_REDIS_URL"] == redis_server.url
+
+    # -- status and scale while it runs ------------------------------------------------------------
+    running = wait_status(ray_head, job,
+                          lambda r: r["progress"] and r["progress"]["teachers_running"] == 1, 120,
+                          "the teacher pool to run")
+    assert running["status"] == "RUNNING"
+    jobs.scale(ray_head.address, job, 2, headers=ray_head.headers)
+    scaled = wait_status(ray_head, job,
+                         lambda r: r["progress"] is None
+                         or (r["progress"]["teachers_wanted"], r["progress"]["teachers_running"]) == (2, 2), 30,
+                         "the pool to take the override")
+    if scaled["progress"] is not None:  # None: the job finished before the pool's next step
+        assert scaled["progress"]["teachers_override"] == 2
+        assert scaled["progress"]["pool_reason"] == "manual override"
+        assert "teachers: 2 running / 2 wanted, manual override 2" in jobs.format_status(scaled)
+        print("\n" + jobs.format_status(scaled))
+
+    # -- it completes; its keys are gone; the logs end with the summary ------------------------------
+    final = wait_status(ray_head, job, lambda r: r["status"] == "SUCCEEDED", 180, "SUCCEEDED")
+    elapsed = time.monotonic() - submitted
+    assert final["progress"] is None  # the driver removed the job's keys
+    assert list(redis_client.scan_iter(match=f"polydistill:{job}:*")) == []
+    text = jobs.logs(ray_head.address, job, headers=ray_head.headers)
+    assert "distilled 400/400 samples in" in text, text[-3000:]
+    assert (tmp_path / "out" / "report.json").exists()
+    print(f"\nsubmitted job SUCCEEDED {elapsed:.1f} s after submission")
+
+
+def test_stop_ends_a_running_job_cleanly(ray_head, redis_server, redis_client, tmp_path):
+    job = jobs.submit(ray_head.address, TINY, [*SMALL, "training.epochs=50"], str(tmp_path / "out"),
+                      redis_server.url, headers=ray_head.headers)
+    wait_status(ray_head, job, lambda r: r["progress"] and r["progress"]["samples"] > 0, 120,
+                "the job to distil")
+    stopped_at = time.monotonic()
+    assert jobs.stop(ray_head.address, job, wait_s=90, headers=ray_head.headers) == "STOPPED"
+    stop_s = time.monotonic() - stopped_at
+    # The driver wound down before Ray's SIGKILL: the student saved a checkpoint, the keys are gone.
+    logs = jobs.logs(ray_head.address, job, headers=ray_head.headers)
+    assert "SIGTERM: asked every worker to stop" in logs, logs[-3000:]
+    assert (tmp_path / "out" / "student" / "config.json").exists(), logs[-3000:]
+    assert list(redis_client.scan_iter(match=f"polydistill:{job}:*")) == [], logs[-3000:]
+    assert jobs.stop(ray_head.address, job, headers=ray_head.headers) == "STOPPED"  # idempotent
+    print(f"\nstop: STOPPED {stop_s:.1f} s after `stop`")
