@@ -2,6 +2,7 @@
 
     polydistill run CONFIG [--set dotted.key=value ...] [--output DIR]
     polydistill validate CONFIG [--set ...]
+    polydistill finetune CONFIG [--set ...]       fine-tune the teacher only (cached by recipe)
     polydistill resume OUTPUT_DIR [--set ...]     continue a stopped or crashed run from its checkpoint
 
 On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:8265):
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a config and print it with every default filled in")
     _add_config_arguments(validate)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune the configured teacher on the job's labelled data (cached); print its path"
+    )
+    _add_config_arguments(finetune)
+    finetune.add_argument("--output", help="output directory (overrides output_dir)")
 
     resume = commands.add_parser("resume", help="continue a stopped or crashed `run` from the student's checkpoint")
     resume.add_argument("output", help="the output directory of the run (holds job.yaml and checkpoints/)")
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
+    if args.command == "finetune":
+        return _finetune(config)
     return _run(config, show_progress=not args.no_progress, resume=args.command == "resume")
 
 
@@ -139,6 +148,38 @@ def _job_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(config) -> int:
+    from pathlib import Path
+
+    from cluster.driver import prepare_teacher
+    from storage.datasets import DataSourceError
+    from storage.job_data import load_job_split
+    from student.build import ModelSetupError
+
+    try:
+        train = load_job_split(config.data, config.data.train_split)
+        print(prepare_teacher(config, Path(config.output_dir).resolve(), train))
+    except (ModelSetupError, DataSourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _summary_line(report: dict) -> str | None:
+    """Retention and speed-up in one line, when the run evaluated its models."""
+    overall, costs = report.get("overall"), report.get("efficiency") or {}
+    if not overall or overall.get("retention") is None:
+        return None
+    parts = [f"retention {overall['retention']:.1%} overall"]
+    if overall.get("retention_min_language") is not None:
+        parts.append(f"{overall['retention_min_language']:.1%} in the weakest language")
+    if costs.get("speedup_batch32"):
+        parts.append(f"student {costs['speedup_batch32']:.2f}x faster at batch 32")
+    if costs.get("param_ratio"):
+        parts.append(f"{costs['param_ratio']:.1%} of the teacher's parameters")
+    return "; ".join(parts)
+
+
 def _run(config, show_progress: bool, resume: bool = False) -> int:
     from cluster.driver import JobFailed, run_job
     from cluster.recovery import RecoveryFailed
@@ -158,6 +199,9 @@ def _run(config, show_progress: bool, resume: bool = False) -> int:
     from student.report import format_language_table
 
     print(format_language_table(report))
+    summary = _summary_line(report)
+    if summary:
+        print(summary)
     print(
         f"distilled {report['samples_distilled']}/{report['samples_expected']} samples in "
         f"{report['wall_seconds']:.1f} s ({report['epochs']} epochs, {report['teacher_replicas']} teacher replicas, "
