@@ -169,3 +169,20 @@ def test_lm_knowledge_hits_its_target_size():
         size = len(wire.encode(lm_knowledge(target)))
         assert 0.9 * target <= size <= 1.1 * target
     assert np.all(np.diff(lm_knowledge(10_000).soft.topk_values, axis=-1) <= 0)  # descending, as the wire says
+
+
+def test_repeated_runs_are_summarised_per_setup_by_median():
+    def run(retention, wait):
+        figures = {key: None for key in summary.SETUP_FIGURES}
+        return {**figures, "retention": retention, "wait_share": {"median": wait, "min": 0, "max": 1, "n": 3}}
+
+    per_run = {"colocated_r1#1": run(0.5, 0.4), "colocated_r2#1": run(0.9, 0.1),
+               "colocated_r1#2": run(0.7, 0.2), "teachers_ahead": run(0.95, 0.0)}
+    setups = summary.summarize_setups(per_run)
+    assert list(setups) == ["colocated_r1", "colocated_r2", "teachers_ahead"]
+    assert setups["colocated_r1"]["runs"] == 2
+    assert setups["colocated_r1"]["retention"] == pytest.approx(0.6)
+    assert setups["colocated_r1"]["retention_per_run"] == [0.5, 0.7]
+    assert setups["colocated_r1"]["wait_share"] == pytest.approx(0.3)  # medians of each run's median
+    assert setups["colocated_r1"]["cpu_retention"] is None  # not measured: stays None, no crash
+    assert summary.setup_name("colocated_r1#2") == "colocated_r1" and summary.setup_name("teachers_ahead") == "teachers_ahead"
