@@ -16,17 +16,71 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from cluster.config import JobConfig
 from storage import wire
 from storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
 from storage.delivery import split_over_delivered
 from storage.streams import GroupMissing, JobStreams, connect_job
+from student.contract import KnowledgeRequest, teacher_contract
+from student.losses import mean_pool
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@torch.inference_mode()
+def compute_knowledge(
+    model: PreTrainedModel,
+    work: wire.WorkBatch,
+    request: KnowledgeRequest,
+    *,
+    teacher_id: str,
+    top_k: int | None = None,
+    autocast_bf16: bool = False,
+) -> wire.Knowledge:
+    """One forward pass of the teacher over a work batch, keeping only what ``request`` asks for.
+
+    Features leave the device as float16 (the wire's feature dtype), which also halves the copy.
+    """
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(device)
+    attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=request.needs_hidden_states,
+            output_attentions=request.needs_attentions,
+        )
+    soft = None
+    if request.soft:
+        logits = outputs.logits.float().cpu().numpy()
+        if top_k is not None and top_k < logits.shape[-1]:
+            soft = wire.topk_soft_labels(logits, top_k)
+        else:
+            soft = wire.SoftLabels.full(logits)
+    hidden = {layer: _half(outputs.hidden_states[layer]) for layer in request.hidden_layers}
+    attentions = {layer: _half(outputs.attentions[layer - 1]) for layer in request.attention_layers}
+    embeddings = None
+    if request.embeddings:
+        embeddings = _half(mean_pool(outputs.hidden_states[-1].float(), attention_mask))
+    return wire.Knowledge(
+        work=work,
+        teacher_id=teacher_id,
+        soft=soft,
+        hidden_states=hidden,
+        attentions=attentions,
+        embeddings=embeddings,
+        teacher_seconds=time.perf_counter() - started,
+    )
+
+
+def _half(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float16).cpu().numpy()
 
 
 class TeacherReplica:
@@ -38,7 +92,13 @@ class TeacherReplica:
         torch.set_num_threads(config.teacher.threads)
         self.device = torch.device("cuda" if config.teacher.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         dtype = _DTYPES[config.teacher.inference_dtype] if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # The knowledge contract, resolved here exactly as the student resolves it: what to ship per batch.
+        self.request = teacher_contract(config, model_dir).request
+        # Attention maps need the eager implementation (SDPA never materialises them); otherwise keep the fast one.
+        attention = "eager" if self.request.needs_attentions else None
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attention
+        ).to(self.device).eval()
         # On a CPU, bfloat16 inference runs under autocast over float32 weights: the matmuls use
         # the CPU's BF16 instructions while layer norms and softmax stay in float32.
         self.autocast_bf16 = self.device.type == "cpu" and config.teacher.inference_dtype == "bfloat16"
@@ -49,28 +109,9 @@ class TeacherReplica:
         self.busy_seconds = 0.0
         self.reclaimed = 0  # batches taken over from replicas that died holding them
 
-    @torch.inference_mode()
     def compute(self, work: wire.WorkBatch) -> wire.Knowledge:
-        started = time.perf_counter()
-        input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device)
-        attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logits = logits.float().cpu().numpy()
-        top_k = self.config.distill.top_k
-        if top_k is not None and top_k < logits.shape[-1]:
-            soft = wire.topk_soft_labels(logits, top_k)
-        else:
-            soft = wire.SoftLabels.full(logits)
-        return wire.Knowledge(
-            work=work,
-            teacher_id=self.replica_id,
-            soft=soft,
-            hidden_states={},
-            attentions={},
-            embeddings=None,
-            teacher_seconds=time.perf_counter() - started,
-        )
+        return compute_knowledge(self.model, work, self.request, teacher_id=self.replica_id,
+                                 top_k=self.config.distill.top_k, autocast_bf16=self.autocast_bf16)
 
     def serve(self, should_stop: Callable[[], bool]) -> dict:
         """Processes work until told to stop; returns this replica's counters."""

