@@ -84,6 +84,11 @@ class StudentConfig(_Strict):
     vocab_min_count: int = Field(
         default=1, ge=1, description="With trim_vocabulary: keep pieces used at least this often."
     )
+    freeze_embeddings: bool = Field(
+        default=False,
+        description="Keep the input word embeddings fixed (copied from the teacher): cheaper steps, "
+        "and the words of languages rare in the training data keep the teacher's vectors.",
+    )
     trim_vocabulary: bool = Field(
         default=False,
         description="Keep only the tokenizer pieces the training text uses (plus specials): for a "

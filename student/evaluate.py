@@ -122,6 +122,8 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
     torch.set_num_threads(threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(student_init_dir)
     model = AutoModelForSequenceClassification.from_pretrained(student_init_dir)
+    if config.student.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     rows = tokenize_split(train.dataset, tokenizer, config.data.max_length)
     training = config.training
     train_supervised(

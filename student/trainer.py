@@ -337,6 +337,8 @@ class StudentTrainer:
                 overrides["attention_probs_dropout_prob"] = 0.0
         self._config_restore = {key: getattr(student_config, key) for key in overrides if key != "attn_implementation"}
         self.model = AutoModelForSequenceClassification.from_pretrained(self.init_dir, **overrides).to(self.device)
+        if config.student.freeze_embeddings:
+            self.model.get_input_embeddings().weight.requires_grad_(False)
         self.projections = build_projections(self.contract).to(self.device)
         # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table.
         map_path = self.init_dir / VOCAB_MAP_FILE
@@ -372,7 +374,7 @@ class StudentTrainer:
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimiser trains: the student and the feature projections."""
-        return [*self.model.parameters(), *self.projections.parameters()]
+        return [p for p in (*self.model.parameters(), *self.projections.parameters()) if p.requires_grad]
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, should_stop: Callable[[], bool] = lambda: False) -> dict:
