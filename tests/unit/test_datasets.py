@@ -13,10 +13,12 @@ from datasets import Dataset, Value
 import storage.datasets as sd
 from storage.datasets import CANONICAL_FEATURES, DataSourceError, load_parallel, load_split
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-SIB = DATA / "sib200"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data"
+SIB = ROOT / "examples" / "data" / "sib200"  # the copy the project ships
 TATOEBA = DATA / "tatoeba"
-needs_data = pytest.mark.skipif(not SIB.is_dir(), reason=f"shared data not found at {DATA}")
+needs_data = pytest.mark.skipif(not SIB.is_dir(), reason=f"SIB-200 not found at {SIB}")
+needs_tatoeba = pytest.mark.skipif(not TATOEBA.is_dir(), reason=f"Tatoeba data not found at {TATOEBA}")
 
 LABELS = ["sports", "travel", "health"]
 
@@ -335,7 +337,7 @@ def test_real_sib200_dev_test_and_language_subset():
     assert test["language"][:] == ["eng_Latn"] * 10 + ["yor_Latn"] * 10
 
 
-@needs_data
+@needs_tatoeba
 def test_real_tatoeba_pairs():
     ds = load_parallel(str(TATOEBA), "fra")
     assert len(ds) == 1000

