@@ -489,7 +489,21 @@ def _read_columns(file: Path, columns: _Columns) -> dict[str, list[Any]]:
     return {name: [r.get(name) for r in records] for name in columns.wanted()}
 
 
+def _check_utf8(file: Path) -> None:
+    """Names the file and line of the first byte that is not UTF-8, instead of a bare codec error."""
+    raw = file.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataSourceError(
+            f"{file}, line {line}: byte {raw[exc.start]:#04x} at offset {exc.start} is not UTF-8; "
+            "re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+        ) from None
+
+
 def _read_delimited(file: Path, ext: str) -> tuple[list[str], list[list[str]]]:
+    _check_utf8(file)
     with open(file, newline="", encoding="utf-8-sig") as fh:
         if ext == "csv":
             reader = csv.reader(fh)
@@ -517,6 +531,7 @@ def _unquote(value: str) -> str:
 
 
 def _read_jsonl(file: Path) -> list[dict[str, Any]]:
+    _check_utf8(file)
     records = []
     with open(file, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, start=1):

@@ -26,6 +26,9 @@ import msgpack
 import numpy as np
 
 SCHEMA_VERSION = 1
+# One message must stay far below Redis' 512 MB bulk-string limit and fit comfortably in a
+# consumer's memory; a batch of hidden states that needs more should be split or reduced.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 KIND_WORK = "work"
 KIND_KNOWLEDGE = "knowledge"
@@ -384,7 +387,14 @@ def encode(msg: Message) -> bytes:
         body = {"kind": KIND_KNOWLEDGE, **_knowledge_body(msg)}
     else:
         raise TypeError(f"encode() takes a WorkBatch or Knowledge, got {type(msg).__name__}")
-    return msgpack.packb({"v": SCHEMA_VERSION, **body}, use_bin_type=True)
+    data = msgpack.packb({"v": SCHEMA_VERSION, **body}, use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError(
+            f"a {body['kind']} message of {len(data):,} bytes exceeds the limit of {MAX_MESSAGE_BYTES:,} bytes: "
+            "use smaller batches (training.batch_size), fewer hidden/attention layers, or top-k soft labels "
+            "(distill.top_k)"
+        )
+    return data
 
 
 def _pack_array(array: np.ndarray) -> dict[str, Any]:
@@ -450,6 +460,9 @@ def _knowledge_body(knowledge: Knowledge) -> dict[str, Any]:
 
 def decode(data: bytes) -> Message:
     """Decode one message; raise WireError (dead-letter it) if it is not valid."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        # Checked before unpacking, so a hostile or broken peer cannot make us allocate without bound.
+        raise WireError(f"message of {len(data):,} bytes exceeds the limit of {MAX_MESSAGE_BYTES:,} bytes")
     try:
         top = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
