@@ -36,8 +36,7 @@ from cluster import driver
 from cluster.config import JobConfig, load_config
 from storage import wire
 from storage.job_data import load_job_split
-from storage.keys import CONTROL_STOP, TEACHER_GROUP, JobKeys
-from storage.streams import JobStreams, connect_job
+from storage.keys import CONTROL_STOP
 from student.trainer import StudentTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,11 +243,7 @@ def run_pipeline(config: JobConfig, teacher_dir: Path, student_init_dir: Path, r
     """
     if between_epochs is not None and not teachers_ahead:
         raise ValueError("between_epochs would let running teachers get ahead; use it with teachers_ahead only")
-    keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-    streams = JobStreams(connect_job(redis_url, config.transport), keys)
-    streams.delete_job_keys()
-    streams.ensure_group(keys.work_stream, TEACHER_GROUP)
-    streams.ensure_group(keys.knowledge_stream, keys.student_group("student"))
+    keys, streams = driver.reset_job_streams(config, redis_url)
 
     feeder = FeederActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)
     pool = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)

@@ -127,6 +127,12 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
         extra = {"ablation": ablation_dir} if ablation_dir is not None else {}
         report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names, extra))
         stage_seconds["evaluate"] = _lap(started, stage_seconds)
+        if config.compress is not None:  # prune / recover / quantise: a report row per stage
+            from student.compress_job import compress_job
+
+            report.update(compress_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
+                                       out_dir / "compress"))
+            stage_seconds["compress"] = _lap(started, stage_seconds)
     report["stage_seconds"] = stage_seconds
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     _write_report(report, out_dir)
@@ -153,16 +159,21 @@ def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str) -> st
     return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False, threads=1))
 
 
-def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis_url: str, out_dir: Path,
-            show_progress: bool, resume: bool = False) -> dict:
-    config = with_redis_password(config)  # transport.password_env, read here where the job runs
+def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobStreams]:
+    """Empty work and knowledge streams with their consumer groups, for a run that starts afresh:
+    leftovers of an earlier run under the same job id would otherwise be distilled twice."""
     keys = JobKeys(config.resolved_job_id, config.transport.namespace)
     streams = JobStreams(connect_job(redis_url, config.transport), keys)
-    # A fresh run starts from empty streams: leftovers of an earlier run under the same job id
-    # would otherwise be distilled twice.
     streams.delete_job_keys()
     streams.ensure_group(keys.work_stream, TEACHER_GROUP)
     streams.ensure_group(keys.knowledge_stream, keys.student_group("student"))
+    return keys, streams
+
+
+def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis_url: str, out_dir: Path,
+            show_progress: bool, resume: bool = False) -> dict:
+    config = with_redis_password(config)  # transport.password_env, read here where the job runs
+    keys, streams = reset_job_streams(config, redis_url)
 
     feeder = FeederActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)
     plan, _, cleaning = ray.get(feeder.plan.remote())
@@ -199,6 +210,7 @@ def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis
             raise
     streams.client.hset(keys.control, CONTROL_STOP, "1")
     teacher_stats = ray.get(pool_ref, timeout=180)
+    pool_summary = ray.get(pool.summary.remote(), timeout=30)
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
     streams.delete_job_keys()
@@ -209,6 +221,7 @@ def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis
         "cleaning": cleaning,
         "training": training,
         "teachers": teacher_stats,
+        "teacher_pool": pool_summary,
         "batches_fed": batches_fed,
         "dead_letters": dead_letters,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
@@ -234,7 +247,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "recoveries": result.get("recoveries", []),
         "dead_letters": result["dead_letters"],
         "epochs": plan["epochs"],
-        "teacher_replicas": config.teacher.replicas,
+        "teacher_replicas": config.teacher.replicas,  # the starting size; teacher_pool has how it changed
+        "teacher_pool": result.get("teacher_pool"),
         "teachers": result["teachers"],
         "wall_seconds": result["wall_seconds"],
         "student_seconds": {

@@ -550,7 +550,7 @@ class StudentTrainer:
         model_state, projection_state = unpack_weights(checkpoint.model)
         try:
             self.projections.load_state_dict(projection_state)
-        except RuntimeError as exc:
+        except RuntimeError:
             raise CheckpointError(
                 f"{where} holds feature projections {sorted(projection_state)} but this config needs "
                 f"{sorted(self.projections.state_dict())} (distill.hidden_layers, distill.embedding_weight, or the "

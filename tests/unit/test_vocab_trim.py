@@ -29,7 +29,6 @@ from student.vocab_trim import (
     count_parameters,
     remap_ids,
     select_vocabulary,
-    single_character_ids,
     trim_embeddings,
     trim_model_and_tokenizer,
     trim_tokenizer,
