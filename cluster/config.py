@@ -296,6 +296,48 @@ class EvaluationConfig(_Strict):
     latency: bool = Field(default=True, description="Measure CPU latency of teacher and student.")
 
 
+class CompressStageConfig(_Strict):
+    """One stage of the chain after distillation; mirrors ``student.compress.StageSpec``."""
+
+    name: str = Field(min_length=1, description="Names the stage's row in the report and its output folder.")
+    kind: Literal["measure", "prune", "magnitude", "recover", "quantize"]
+    head_sparsity: float = Field(default=0.0, ge=0, lt=1, description="prune: fraction of all heads removed.")
+    ffn_sparsity: float = Field(default=0.0, ge=0, lt=1, description="prune: fraction of FFN neurons removed.")
+    sparsity: float = Field(default=0.0, ge=0, lt=1, description="magnitude: fraction of Linear weights zeroed.")
+    calibration_batches: int | None = Field(default=8, ge=1, description="prune: null = every calibration row.")
+    calibration_batch_size: int = Field(default=16, ge=1)
+
+
+class CompressConfig(_Strict):
+    """distil → prune → recover → quantise after evaluation, a report row per stage (student/compress_job.py)."""
+
+    stages: list[CompressStageConfig]
+    recover_epochs: float = Field(default=1.0, gt=0, le=100, description="Length of each 'recover' fine-tune.")
+    recover_lr: float = Field(default=1e-4, gt=0, le=1)
+    recover_batch_size: int = Field(default=32, ge=1, le=65536)
+    recover_loss: Literal["distill", "hard"] = Field(
+        default="distill",
+        description="distill: KL to the teacher's logits (computed once on the calibration rows) plus "
+        "distill.hard_weight × CE; hard: cross-entropy on the labels only.",
+    )
+    calibration_rows: int | None = Field(
+        default=None, ge=1, description="Training rows used for pruning scores and recovery; null: all."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _valid_chain(cls, stages: list[CompressStageConfig]) -> list[CompressStageConfig]:
+        from student.compress import StageSpec, check_stages  # torch: only when a compress section is given
+
+        names = [stage.name for stage in stages]
+        try:
+            check_stages([StageSpec(**stage.model_dump()) for stage in stages], have_recover=True)
+        except ValueError as exc:
+            where = next((f"stages[{i}] ({name!r}): " for i, name in enumerate(names) if repr(name) in str(exc)), "")
+            raise ValueError(f"{where}{exc}") from None
+        return stages
+
+
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
     output_dir: str = "runs/job"
@@ -306,6 +348,9 @@ class JobConfig(_Strict):
     transport: TransportConfig = TransportConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    compress: CompressConfig | None = Field(
+        default=None, description="Prune / recover / quantise the distilled student after evaluation; null: don't."
+    )
 
     @field_validator("job_id")
     @classmethod
@@ -336,6 +381,12 @@ class JobConfig(_Strict):
                     "teacher.finetune_epochs: 0 and a trained classifier as teacher.model"
                 )
         unlabelled = data.label_column is None or data.withhold_labels
+        if self.compress is not None and data.eval_split is None:
+            raise ValueError("compress is set but data.eval_split is null: every stage is measured on the held-out "
+                             "rows; give data.eval_split or drop compress")
+        if self.compress is not None and unlabelled and self.compress.recover_loss == "hard":
+            raise ValueError("compress.recover_loss is 'hard' but the student gets no labels (data.label_column is "
+                             "null or data.withhold_labels is true): use compress.recover_loss: distill")
         teacher_terms = (distill.soft_weight, distill.hidden_weight, distill.attention_weight, distill.embedding_weight)
         if unlabelled and not any(teacher_terms) and distill.pseudo_label_threshold is None:
             raise ValueError(

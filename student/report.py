@@ -131,6 +131,22 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def format_stages_table(report: Mapping) -> str:
+    """One row per compression stage (report["stages"]); empty when the job compressed nothing."""
+    stages = report.get("stages") or []
+    if not stages:
+        return ""
+    header = ["Stage", "Kind", "Params", "Disk (MB)", "Latency b1 (ms)", "Latency b32 (ms)", "Accuracy", "Retention"]
+    rows = [
+        [str(stage.get("name")), str(stage.get("kind", "")), _integer(stage.get("params")),
+         _megabytes(None if stage.get("disk_bytes") is None else stage["disk_bytes"] / BYTES_PER_MB),
+         _milliseconds(stage.get("latency_ms_batch1")), _milliseconds(stage.get("latency_ms_batch32")),
+         _percent(stage.get("accuracy")), _percent(stage.get("retention"))]
+        for stage in stages
+    ]
+    return _markdown_table(header, rows)
+
+
 def format_efficiency_table(report: Mapping) -> str:
     """Teacher vs student size and latency; the last column is teacher ÷ student.
 
@@ -266,6 +282,9 @@ def render_markdown(report: Mapping) -> str:
         sections.append("## Efficiency\n\n" + efficiency_table)
         if speedup:
             sections.append(speedup)
+    stages_table = format_stages_table(report)
+    if stages_table:
+        sections.append("## Compression stages\n\n" + stages_table)
     if report.get("loss_history"):
         sections.append("## Training loss\n\n![Training loss](training_loss.png)")
     return "\n\n".join(sections) + "\n"
