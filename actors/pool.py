@@ -155,6 +155,9 @@ class TeacherPool:
         self.wanted = config.teacher.replicas
         self.events: list[ScalingEvent] = []
         self.last_decision: PoolDecision | None = None
+        self.max_running = 0  # the most replicas active at once
+        self.final_running: int | None = None  # active when the pool was shut down
+        self._born = clock()
 
     # -- what the pool holds ---------------------------------------------------------------------
     @property
@@ -184,6 +187,17 @@ class TeacherPool:
     def stats(self) -> list[dict]:
         """Counters of every replica that has left, in the order the replicas were started."""
         return [stats for _, stats in sorted(self._retired, key=lambda item: item[0])]
+
+    def summary(self) -> dict:
+        """The pool's sizes and every change of its target size, for the job's report."""
+        return {
+            "initial": self.config.teacher.replicas,
+            "max_running": self.max_running,
+            "final_running": self.final_running if self.final_running is not None else self.running,
+            "replicas_served": len(self._retired) + len(self._active) + len(self._leaving),
+            "events": [{"at_s": round(e.at - self._born, 2), "from": e.replicas_from, "to": e.replicas_to,
+                        "reason": e.reason} for e in self.events],
+        }
 
     # -- scaling ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,6 +234,7 @@ class TeacherPool:
         self.client.hdel(self.keys.control, replica_stop_field(replica_id))
         actor = TeacherActor.options(**self._options).remote(replica_id, self.config, self.model_dir, self.redis_url)
         self._active[replica_id] = _Replica(replica_id, index, actor, actor.serve.remote(), self.clock(), time.time())
+        self.max_running = max(self.max_running, len(self._active))
 
     def _retire(self, replica_id: str) -> None:
         replica = self._active.pop(replica_id)
@@ -370,6 +385,8 @@ class TeacherPool:
     def shutdown(self, timeout_s: float = 120.0) -> list[dict]:
         """Asks every replica to leave, waits for their last batches, returns all counters."""
         with self._lock:
+            if self.final_running is None:
+                self.final_running = self.running
             for replica_id in list(self._active):
                 self._retire(replica_id)
             # A replica still starting has never read from the group, so it holds no work, and once
@@ -451,6 +468,9 @@ class TeacherPoolActor:
 
     def scale_to(self, replicas: int) -> None:
         self.pool.scale_to(replicas, "scale_to call")
+
+    def summary(self) -> dict:
+        return self.pool.summary()
 
     def snapshot(self) -> dict:
         return {

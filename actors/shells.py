@@ -84,9 +84,17 @@ class FeederActor:
             "polydistill_batches_enqueued", "Work batches put on the work stream", tag_keys=("job",)
         )
         self.enqueued.set_default_tags(_tags(config))
+        self.per_language = metrics.Gauge(
+            "polydistill_language_samples", "Samples per epoch of each language (after cleaning)",
+            tag_keys=("job", "language"),
+        )
+        self.per_language.set_default_tags(_tags(config))
 
     def plan(self):
-        return self.feeder.plan(), self.feeder.label_names, self.feeder.cleaning
+        plan = self.feeder.plan()
+        for language, count in plan.samples_per_language.items():
+            self.per_language.set(count, tags={"language": language})
+        return plan, self.feeder.label_names, self.feeder.cleaning
 
     def feed(self, only=None, generation: int | None = None) -> int:
         should_stop = self.stop if generation is None else FeedSuperseded(self.stop, generation)
@@ -109,18 +117,34 @@ class TeacherActor:
         self.samples = metrics.Counter(
             "polydistill_teacher_samples", "Samples a teacher replica has labelled", tag_keys=("job", "replica")
         )
-        self.samples.set_default_tags(tags)
+        self.batch_seconds = metrics.Histogram(
+            "polydistill_teacher_batch_seconds", "Busy seconds per teacher batch (mean over each report)",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0], tag_keys=("job", "replica"),
+        )
+        self.rate = metrics.Gauge("polydistill_teacher_samples_per_s", "Teacher samples per busy second",
+                                  tag_keys=("job", "replica"))
+        for metric in (self.samples, self.batch_seconds, self.rate):
+            metric.set_default_tags(tags)
 
     def serve(self) -> dict:
         # Loaded and serving: the pool counts the replica as started (scale-up latency, `status`).
         self.stop.client.hset(self.metrics_key, teacher_metric_field(self.replica.replica_id, TEACHER_STARTED), time.time())
         reported = 0
+        batches, busy = 0, 0.0
 
         def should_stop() -> bool:
-            nonlocal reported
-            if self.replica.samples_done != reported:
-                self.samples.inc(self.replica.samples_done - reported)
-                reported = self.replica.samples_done
+            nonlocal reported, batches, busy
+            replica = self.replica
+            if replica.samples_done != reported:
+                self.samples.inc(replica.samples_done - reported)
+                reported = replica.samples_done
+            if replica.batches_done > batches:
+                per_batch = (replica.busy_seconds - busy) / (replica.batches_done - batches)
+                for _ in range(replica.batches_done - batches):
+                    self.batch_seconds.observe(max(per_batch, 0.0))
+                batches, busy = replica.batches_done, replica.busy_seconds
+                if busy > 0:
+                    self.rate.set(replica.samples_done / busy)
             return self.stop()
 
         return self.replica.serve(should_stop)
@@ -140,7 +164,11 @@ class StudentActor:
         self.loss = metrics.Gauge("polydistill_student_loss", "Student training loss", tag_keys=("job",))
         self.rate = metrics.Gauge("polydistill_student_samples_per_s", "Student samples per second", tag_keys=("job",))
         self.distilled = metrics.Gauge("polydistill_samples_distilled", "Samples distilled so far", tag_keys=("job",))
-        for gauge in (self.loss, self.rate, self.distilled):
+        self.loss_term = metrics.Gauge("polydistill_student_loss_term", "Student loss by term (soft, hard, ...)",
+                                       tag_keys=("job", "term"))
+        self.wire_bytes = metrics.Gauge("polydistill_wire_bytes", "Knowledge bytes the student has received",
+                                        tag_keys=("job",))
+        for gauge in (self.loss, self.rate, self.distilled, self.loss_term, self.wire_bytes):
             gauge.set_default_tags(_tags(config))
         self.trainer = StudentTrainer(
             config, student_init_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report,
@@ -154,6 +182,11 @@ class StudentActor:
         self.loss.set(progress["loss"])
         self.rate.set(rate)
         self.distilled.set(progress["samples"])
+        self.wire_bytes.set(self.trainer.state.wire_bytes)
+        latest = self.trainer.state.loss_history[-1] if self.trainer.state.loss_history else {}
+        for term, value in latest.items():
+            if term not in ("step", "epoch", "loss") and isinstance(value, (int, float)):
+                self.loss_term.set(value, tags={"term": term})
         # For `polydistill status` and the teacher pool: samples per epoch, and the seconds the student
         # was busy (not waiting for knowledge), from which the pool reads the student's capacity.
         per_epoch = {f"samples_epoch_{epoch}": n for epoch, n in self.trainer.ledger.samples.items()}

@@ -10,6 +10,7 @@ which would stop every Ray of this user).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ class Head:
     address: str
     headers: dict[str, str]
     temp_dir: str
+    metrics_port: int  # the node's metrics agent: Prometheus text at /metrics
 
     def diagnostics(self) -> str:
         """The tails of the head's own logs, for a failure message."""
@@ -89,7 +91,10 @@ def ray_head() -> Iterator[Head]:
     # Short: Ray puts unix sockets under it, and their paths must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="pdray", dir="/tmp")
     dashboard_port = _free_port()
+    metrics_port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           # workers hand their metrics to the agent every second instead of every ten
+           "RAY_metrics_report_interval_ms": "1000",
            # the entrypoint's `python` must be this environment's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "POLYDISTILL_REDIS_URL"):
@@ -99,15 +104,16 @@ def ray_head() -> Iterator[Head]:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
              f"--port={_free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+             f"--metrics-export-port={metrics_port}",
              # Every port this head listens on is a free one: Ray's fixed defaults (e.g. the job agent's
              # 52365) collide with any other Ray running on the machine, and then no job can start.
              *(f"--{name}={_free_port()}" for name in (
-                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                  "runtime-env-agent-port", "ray-client-server-port")),
              "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
-    head = Head(f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {token}"}, temp_dir)
+    head = Head(f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {token}"}, temp_dir, metrics_port)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -192,3 +198,124 @@ def test_stop_ends_a_running_job_cleanly(ray_head, redis_server, redis_client, t
     assert list(redis_client.scan_iter(match=f"polydistill:{job}:*")) == [], logs[-3000:]
     assert jobs.stop(ray_head.address, job, headers=ray_head.headers) == "STOPPED"  # idempotent
     print(f"\nstop: STOPPED {stop_s:.1f} s after `stop`")
+
+
+# The metrics the job's actors export through ray.util.metrics (Prometheus names; Ray prefixes "ray_").
+POOL_METRICS = ["polydistill_teacher_replicas_wanted", "polydistill_teacher_replicas_running",
+                "polydistill_work_backlog", "polydistill_knowledge_backlog", "polydistill_samples_distilled",
+                "polydistill_student_loss", "polydistill_student_samples_per_s", "polydistill_teacher_samples",
+                "polydistill_batches_enqueued", "polydistill_teacher_batch_seconds",
+                "polydistill_teacher_samples_per_s", "polydistill_student_loss_term", "polydistill_wire_bytes",
+                "polydistill_language_samples"]
+
+
+def scrape(head: Head) -> dict[str, list[str]]:
+    """polydistill_* sample lines on the head's metrics endpoint, by metric name (without Ray's prefix)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "polydistill_" not in line:
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("ray_")
+        for suffix in ("_total", "_bucket", "_count", "_sum"):
+            if name.endswith(suffix) and name.removesuffix(suffix) in POOL_METRICS:
+                name = name.removesuffix(suffix)
+        found.setdefault(name, []).append(line)
+    return found
+
+
+def test_autoscaled_pool_scale_metrics_and_exact_report(ray_head, redis_server, redis_client, tmp_path):
+    """The policy grows the pool, `scale` pins it, the metrics endpoint shows the job, the report is exact."""
+    submitted = time.monotonic()
+    job = jobs.submit(ray_head.address, TINY, [
+        *SMALL, "training.epochs=3",
+        # Grow at once when the work backlog asks for it (4 batches per replica); never shrink on the
+        # policy's own account, so that the only shrink is the manual one.
+        # (an upscale delay of 4 s: long enough for status to see 1 replica first)
+        ("teacher.autoscaling={min_replicas: 1, max_replicas: 3, target_backlog_per_replica: 4,"
+         " upscale_delay_s: 4, downscale_delay_s: 3600}"),
+        "transport.max_knowledge_backlog=4",  # a slow student holds the work back: the backlog stays up
+    ], str(tmp_path / "out"), redis_server.url, headers=ray_head.headers)
+    seen_running: list[int] = []
+    rates: list[float] = []
+    metrics: dict[str, list[str]] = {}
+    scraped = [0.0]  # when the metrics endpoint was last read
+    peak = [0.0]  # the most replicas running that the metrics endpoint showed for this job
+
+    def watch(until):
+        def check(result):
+            progress = result["progress"]
+            if progress and progress["teachers_running"] is not None:
+                if not seen_running or seen_running[-1] != progress["teachers_running"]:
+                    seen_running.append(progress["teachers_running"])
+                if progress["samples_per_s"]:
+                    rates.append(progress["samples_per_s"])
+            if time.monotonic() < scraped[0] + 2:  # the endpoint is slow on a busy machine: every 2 s
+                return until(result)
+            scraped[0] = time.monotonic()
+            for name, lines in scrape(ray_head).items():
+                metrics[name] = lines
+                if name == "polydistill_teacher_replicas_running":
+                    peak[0] = max([peak[0], *(float(line.rsplit(" ", 1)[1]) for line in lines if job in line)])
+            return until(result)
+        return check
+
+    # -- the policy grows the pool from 1 replica, and the new replicas serve ------------------------------
+    grown = wait_status(ray_head, job, watch(lambda r: r["progress"] and r["progress"]["teachers_running"] == 3 and (
+        sum(c["batches"] > 0 for c in r["progress"]["replicas"].values()) >= 2 or r["progress"]["samples"] >= 400)),
+        120, "the policy to grow the pool")
+    assert seen_running[:2] == [1, 3], seen_running  # status saw 1 replica, then the policy's 3
+    assert grown["progress"]["pool_reason"].startswith(("scale up 1 -> 3", "hold at 3")), grown["progress"]
+    print("\n" + jobs.format_status(grown))
+
+    # -- `scale` overrides it; the pool follows ---------------------------------------------------------
+    jobs.scale(ray_head.address, job, 1, headers=ray_head.headers)
+    pinned = wait_status(ray_head, job, watch(lambda r: r["progress"] is None or (
+        r["progress"]["teachers_wanted"], r["progress"]["teachers_running"]) == (1, 1)), 30,
+        "the pool to follow `scale --teachers 1`")
+    followed = pinned["progress"] is not None
+    if followed:
+        assert pinned["progress"]["teachers_override"] == 1
+        assert pinned["progress"]["pool_reason"].startswith("manual override")
+        assert "teachers: 1 running / 1 wanted, manual override 1" in jobs.format_status(pinned)
+        print(jobs.format_status(pinned))
+
+    final = wait_status(ray_head, job, watch(lambda r: r["status"] == "SUCCEEDED"), 180, "SUCCEEDED")
+    scraped[0] = 0.0
+    watch(lambda r: True)(final)  # one last read of the endpoint
+    elapsed = time.monotonic() - submitted
+    assert final["progress"] is None and list(redis_client.scan_iter(match=f"polydistill:{job}:*")) == []
+
+    # -- the dashboard's metrics endpoint exposed the job's metrics ---------------------------------------
+    missing = [name for name in POOL_METRICS if name not in metrics]
+    assert not missing, f"not on :{ray_head.metrics_port}/metrics: {missing}; seen {sorted(metrics)}"
+    assert any(f'job="{job}"' in line for lines in metrics.values() for line in lines)
+    assert peak[0] >= 2, metrics["polydistill_teacher_replicas_running"]
+
+    # -- exact accounting, and the pool's history in the report -------------------------------------------
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["samples_distilled"] == report["samples_expected"] == 1200
+    assert report["batches_missing"] == 0 and report["duplicates_dropped"] == 0
+    assert report["batches_applied"] == report["batches_expected"] == report["student_steps"]
+    assert sum(t["samples"] for t in report["teachers"]) == report["samples_expected"]
+    assert sorted(report["samples_per_epoch"].values() if isinstance(report["samples_per_epoch"], dict) else report["samples_per_epoch"]) == [400, 400, 400]
+    pool = report["teacher_pool"]
+    assert pool["initial"] == report["teacher_replicas"] == 1
+    assert pool["max_running"] >= 2 and pool["replicas_served"] == len(report["teachers"]) >= 2
+    ups = [e for e in pool["events"] if e["to"] > e["from"] and e["reason"].startswith("scale up")]
+    assert ups, pool["events"]
+    if followed:
+        assert pool["final_running"] == 1
+        assert any(e["to"] == 1 and e["reason"].startswith("manual override") for e in pool["events"]), pool["events"]
+    student_rate = report["samples_distilled"] / report["student_seconds"]["total"]
+    print(f"pool sizes seen in status: {seen_running}; report: max {pool['max_running']}, final "
+          f"{pool['final_running']}, events {[(e['at_s'], e['from'], e['to']) for e in pool['events']]}")
+    print(f"student: {student_rate:.1f} samples/s over the run, status rates {min(rates, default=0):.1f}.."
+          f"{max(rates, default=0):.1f}; teachers: " + ", ".join(
+              f"{t['replica_id']} {t['samples']} samples {t['batches'] / max(t['busy_seconds'], 1e-9):.2f} batches/busy s"
+              for t in report["teachers"]))
+    print(f"metrics on the endpoint: {sorted(metrics)}; replicas running peaked there at {peak[0]:g}")
+    print(f"autoscaled job SUCCEEDED {elapsed:.1f} s after submission")
