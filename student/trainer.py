@@ -229,7 +229,7 @@ def distillation_losses(
                 temperature=distill.temperature,
             )
     if labels is not None and distill.hard_weight > 0 and (labels >= 0).any():
-        hard = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        hard = torch.tensor(labels, dtype=torch.int64, device=device)
         terms["hard"] = hard_label_ce(logits, hard, ignore_index=-1)
 
     mask = torch.from_numpy(knowledge.work.attention_mask.astype(np.bool_)).to(device)
