@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from cluster.config import JobConfig
 from storage import wire
-from storage.job_data import TokenizedSplit, load_job_split, pad_rows, tokenize_split
+from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from storage.keys import JobKeys
 from storage.streams import JobStreams, connect_job
 
@@ -56,7 +56,7 @@ class Feeder:
         self.config = config
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
         split = load_job_split(config.data, config.data.train_split)
         self.label_names = split.label_names
         self.cleaning = split.cleaning

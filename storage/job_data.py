@@ -62,6 +62,11 @@ def tokenize_split(dataset: Dataset, tokenizer, max_length: int) -> TokenizedSpl
     )
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id rows are padded with; 0 for tokenizers that define no pad token (padding is masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def pad_rows(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads rows to the longest one; returns (input_ids int32, attention_mask uint8)."""
     width = max(len(row) for row in rows)

@@ -19,15 +19,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cluster.config import JobConfig
-from storage.job_data import TokenizedSplit, load_job_split, pad_rows, tokenize_split
+from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from student.compress import StageSpec, distillation_loss, finetune_with_loss, run_stages
 from student.evaluate import EVAL_BATCH, quality
 from student.prune import cross_entropy_loss
 from student.supervised import train_supervised
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 @torch.inference_mode()
@@ -63,7 +59,7 @@ def compress_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    teacher_pad = _pad_id(teacher_tokenizer)
+    teacher_pad = pad_token_id(teacher_tokenizer)
     teacher_quality = quality(teacher, tokenize_split(held_out.dataset, teacher_tokenizer, max_length), teacher_pad,
                               len(label_names))
     distilling = settings.recover_loss == "distill"
@@ -72,7 +68,7 @@ def compress_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     del teacher
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     rows = tokenize_split(calibration, tokenizer, max_length)
     eval_rows = tokenize_split(held_out.dataset, tokenizer, max_length)
     labelled = not config.data.withhold_labels

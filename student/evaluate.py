@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cluster.config import JobConfig
-from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, tokenize_split
+from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from student.efficiency import count_parameters, disk_bytes, measure_latency
 from student.metrics import classification_metrics, per_language_metrics, retention
 from student.supervised import train_supervised
@@ -96,7 +96,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     results, costs = {}, {}
     for name, model_dir in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(tokenizer)
         rows = tokenize_split(split.dataset, tokenizer, config.data.max_length)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         results[name] = quality(model, rows, pad_id, len(label_names))
@@ -127,7 +127,7 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
     rows = tokenize_split(train.dataset, tokenizer, config.data.max_length)
     training = config.training
     train_supervised(
-        model, rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        model, rows, pad_token_id(tokenizer),
         epochs=training.epochs, batch_size=training.batch_size, lr=training.lr,
         weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="ablation: hard labels only", show_progress=show_progress,

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cluster.config import JobConfig
-from storage.job_data import JobSplit, tokenize_split
+from storage.job_data import JobSplit, pad_token_id, tokenize_split
 from student.build import label_maps
 from student.supervised import train_supervised
 
@@ -68,7 +68,7 @@ def finetune_teacher(config: JobConfig, source: str, train: JobSplit, out_dir: P
     train_supervised(
         model,
         rows,
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_token_id(tokenizer),
         epochs=config.teacher.finetune_epochs,
         batch_size=config.training.batch_size,
         lr=config.teacher.finetune_lr,
