@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from actors.teacher import TeacherReplica, compute_knowledge
+from actors.teacher import TeacherReplica, compute_knowledge, soft_labels_on_device
 from cluster.config import validate_config
 from cluster.driver import prepare_student, prepare_teacher
 from storage import wire
@@ -265,6 +265,18 @@ def test_pseudo_labels_of_withheld_data_are_scored_against_the_gold_labels():
     labels, counts = pseudo_label(work, soft, 0.6, None, withheld=work.labels)
     assert labels.tolist() == [0, 0, 1]
     assert counts == {"eng": {"passed": 2, "total": 2, "correct": 1}, "fra": {"passed": 1, "total": 1, "correct": 1}}
+
+
+@pytest.mark.parametrize("shape", [(3, 50), (2, 7, 300)], ids=["per-sequence", "per-token"])
+def test_top_k_on_the_teacher_device_matches_the_wire_reference(shape):
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 4
+    on_device = soft_labels_on_device(logits, 8)
+    reference = wire.topk_soft_labels(logits.numpy(), 8)
+    np.testing.assert_array_equal(on_device.topk_indices, reference.topk_indices)
+    np.testing.assert_allclose(on_device.topk_values, reference.topk_values)
+    np.testing.assert_allclose(on_device.topk_logsumexp, reference.topk_logsumexp, rtol=1e-5)
+    assert on_device.topk_indices.dtype == np.int32 and on_device.per_token == (len(shape) == 3)
+    assert soft_labels_on_device(logits, None).logits.shape == shape
 
 
 def test_top_k_soft_labels_give_the_exact_top_probability():
