@@ -160,6 +160,7 @@ class StudentActor:
         keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.client = connect_job(redis_url, config.transport)
         self.progress_key = keys.progress
+        self.name = name
         self.started = time.monotonic()
         self.loss = metrics.Gauge("polydistill_student_loss", "Student training loss", tag_keys=("job",))
         self.rate = metrics.Gauge("polydistill_student_samples_per_s", "Student samples per second", tag_keys=("job",))
@@ -191,8 +192,10 @@ class StudentActor:
         # was busy (not waiting for knowledge), from which the pool reads the student's capacity.
         per_epoch = {f"samples_epoch_{epoch}": n for epoch, n in self.trainer.ledger.samples.items()}
         busy = max(elapsed - self.trainer.state.wait_seconds, 0.0)
-        self.client.hset(self.progress_key, mapping={**progress, **per_epoch, "samples_per_s": round(rate, 2),
-                                                     "busy_seconds": round(busy, 3)})
+        fields = {**progress, **per_epoch, "samples_per_s": round(rate, 2), "busy_seconds": round(busy, 3)}
+        if self.name != "student":  # the main student's fields stay unprefixed: the pool sizes itself on them
+            fields = {f"{self.name}.{key}": value for key, value in fields.items()}
+        self.client.hset(self.progress_key, mapping=fields)
 
     def train(self) -> dict:
         self.started = time.monotonic()

@@ -104,8 +104,8 @@ class TeacherReplica:
         torch.set_num_threads(config.teacher.threads)
         self.device = torch.device("cuda" if config.teacher.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         dtype = _DTYPES[config.teacher.inference_dtype] if self.device.type == "cuda" else torch.float32
-        # The knowledge contract, resolved here exactly as the student resolves it: what to ship per batch.
-        self.request = teacher_contract(config, model_dir).request
+        # The knowledge contract, resolved here exactly as the students resolve it: what to ship per batch.
+        self.request = teacher_contract(config, model_dir)
         # Attention maps need the eager implementation (SDPA never materialises them); otherwise keep the fast one.
         attention = "eager" if self.request.needs_attentions else None
         self.model = AutoModelForSequenceClassification.from_pretrained(

@@ -100,6 +100,15 @@ class StudentConfig(_Strict):
     threads: int = Field(default=1, ge=1)
 
 
+class ExtraStudentConfig(StudentConfig):
+    """One more student that learns from the same teacher pass as ``student`` (its own consumer
+    group on the knowledge stream), e.g. a second size. Training and distillation settings are
+    the job's; the teacher ships what the union of all students asks for."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$",
+                      description="Names the student's consumer group, output folder and report entry.")
+
+
 class DataConfig(_Strict):
     path: str = Field(description="A SIB-200 style folder (<lang>/<split>.tsv), a data file or folder, or a hub dataset.")
     text_column: str = "text"
@@ -351,6 +360,21 @@ class JobConfig(_Strict):
     compress: CompressConfig | None = Field(
         default=None, description="Prune / recover / quantise the distilled student after evaluation; null: don't."
     )
+    extra_students: list[ExtraStudentConfig] = Field(
+        default_factory=list,
+        description="More students distilled from the same teacher pass: the teacher computes each batch once "
+        "and every student sees every sample once per epoch.",
+    )
+
+    @field_validator("extra_students")
+    @classmethod
+    def _distinct_student_names(cls, students: list[ExtraStudentConfig]) -> list[ExtraStudentConfig]:
+        names = [student.name for student in students]
+        for name in names:
+            if name == "student" or names.count(name) > 1:
+                raise ValueError(f"the name {name!r} is taken: each extra student needs its own name, and 'student' "
+                                 "is the main student's")
+        return students
 
     @field_validator("job_id")
     @classmethod
@@ -395,6 +419,19 @@ class JobConfig(_Strict):
                 "so that the teacher's confident predictions serve as hard labels"
             )
         return self
+
+    def for_student(self, name: str) -> "JobConfig":
+        """This job as one of its students sees it: ``student`` is that student's section."""
+        if name == "student":
+            return self
+        extra = next((student for student in self.extra_students if student.name == name), None)
+        if extra is None:
+            raise KeyError(f"no extra student named {name!r} (extra_students: {[s.name for s in self.extra_students]})")
+        return self.model_copy(update={"student": StudentConfig(**extra.model_dump(exclude={"name"}))})
+
+    @property
+    def student_names(self) -> list[str]:
+        return ["student", *(student.name for student in self.extra_students)]
 
     @property
     def resolved_job_id(self) -> str:

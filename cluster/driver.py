@@ -61,10 +61,17 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
     return teacher_dir
 
 
-def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit) -> tuple[Path, dict]:
+def student_dir(out_dir: Path, name: str) -> Path:
+    """Where a student's files live: the main student at the top, extra students under students/."""
+    return out_dir if name == "student" else out_dir / "students" / name
+
+
+def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit,
+                    name: str = "student") -> tuple[Path, dict]:
     """Saves the student's initial weights (and tokenizer) once, so that the distilled student and
-    the hard-label ablation start from the same point; trims the vocabulary when asked."""
-    init_dir = out_dir / "student_init"
+    the hard-label ablation start from the same point; trims the vocabulary when asked.
+    ``config`` is the job as this student sees it (``JobConfig.for_student``)."""
+    init_dir = student_dir(out_dir, name) / "student_init"
     model = build_student(config.student, teacher_dir, config.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     info: dict = {"trimmed_vocabulary": False}
@@ -103,6 +110,11 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
     student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
     check_contract(config, AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_init_dir))
+    extra_init: dict[str, Path] = {}
+    for name in config.student_names[1:]:
+        extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
+        check_contract(config.for_student(name), AutoConfig.from_pretrained(teacher_dir),
+                       AutoConfig.from_pretrained(extra_init[name]))
     stage_seconds["prepare_student"] = _lap(started, stage_seconds)
     with redis_for(config) as redis_url, ray_for(config):
         log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))
@@ -113,7 +125,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
             ablation_ref = _ablation_task.options(num_cpus=0).remote(
                 config, str(student_init_dir), str(out_dir / "ablation")
             )
-        result = _distill(config, teacher_dir, student_init_dir, redis_url, out_dir, show_progress, resume)
+        init_dirs = {"student": student_init_dir, **extra_init}
+        result = _distill(config, teacher_dir, init_dirs, redis_url, out_dir, show_progress, resume)
         stage_seconds["distill"] = _lap(started, stage_seconds)
         ablation_dir = Path(ray.get(ablation_ref)) if ablation_ref is not None else None
         stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
@@ -124,7 +137,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     if config.data.eval_split:
         from student.evaluate import evaluate_job  # the metrics stack, only when needed
 
-        extra = {"ablation": ablation_dir} if ablation_dir is not None else {}
+        extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
+        if ablation_dir is not None:
+            extra["ablation"] = ablation_dir
         report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names, extra))
         stage_seconds["evaluate"] = _lap(started, stage_seconds)
         if config.compress is not None:  # prune / recover / quantise: a report row per stage
@@ -136,10 +151,13 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     report["stage_seconds"] = stage_seconds
     report["total_seconds"] = round(time.perf_counter() - started, 2)
     _write_report(report, out_dir)
-    if report["samples_distilled"] != report["samples_expected"] or report["batches_missing"]:
+    distilled = {"student": report["samples_distilled"],
+                 **{name: extra["samples_distilled"] for name, extra in report["extra_students"].items()}}
+    short = {name: n for name, n in distilled.items() if n != report["samples_expected"]}
+    if short or report["batches_missing"]:
         raise JobFailed(
-            f"accounting mismatch: {report['samples_distilled']} samples distilled, "
-            f"{report['samples_expected']} expected; see {out_dir / 'report.json'}"
+            f"accounting mismatch: samples distilled {distilled}, {report['samples_expected']} expected each; "
+            f"see {out_dir / 'report.json'}"
         )
     return report
 
@@ -166,11 +184,12 @@ def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobSt
     streams = JobStreams(connect_job(redis_url, config.transport), keys)
     streams.delete_job_keys()
     streams.ensure_group(keys.work_stream, TEACHER_GROUP)
-    streams.ensure_group(keys.knowledge_stream, keys.student_group("student"))
+    for name in config.student_names:
+        streams.ensure_group(keys.knowledge_stream, keys.student_group(name))
     return keys, streams
 
 
-def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis_url: str, out_dir: Path,
+def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], redis_url: str, out_dir: Path,
             show_progress: bool, resume: bool = False) -> dict:
     config = with_redis_password(config)  # transport.password_env, read here where the job runs
     keys, streams = reset_job_streams(config, redis_url)
@@ -180,29 +199,32 @@ def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis
     # The pool owns the teacher replicas: it starts teacher.replicas of them, then sizes the pool
     # (teacher.autoscaling, `polydistill scale`) until the stop flag, and returns every replica's counters.
     pool = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)
-    student_opts = _actor_options(config.student.num_cpus, config.student.num_gpus, config.student.resources)
-    checkpoint_dir = out_dir / "checkpoints" / "student"
-    if not resume:
-        discard_checkpoint(checkpoint_dir)  # a fresh run; `polydistill resume` continues one instead
 
-    def make_student():
-        return StudentActor.options(**student_opts).remote(
-            config, str(student_init_dir), plan.batches_per_epoch, redis_url, str(out_dir / "student"),
-            checkpoint_dir=str(checkpoint_dir),
+    def student_maker(name: str):
+        seen_as = config.for_student(name)
+        options = _actor_options(seen_as.student.num_cpus, seen_as.student.num_gpus, seen_as.student.resources)
+        checkpoint_dir = out_dir / "checkpoints" / name
+        if not resume:
+            discard_checkpoint(checkpoint_dir)  # a fresh run; `polydistill resume` continues one instead
+        return lambda: StudentActor.options(**options).remote(
+            seen_as, str(init_dirs[name]), plan.batches_per_epoch, redis_url, str(student_dir(out_dir, name) / "student"),
+            name, checkpoint_dir=str(checkpoint_dir),
         )
 
-    supervisor = Supervisor(config, streams, feeder, make_student, plan.batches_per_epoch * plan.epochs)
+    makers = {name: student_maker(name) for name in config.student_names}
+    supervisor = Supervisor(config, streams, feeder, makers, plan.batches_per_epoch * plan.epochs)
     supervisor.start(resume)
     pool_ref = pool.run.remote()
 
     expected = plan.samples_per_epoch * plan.epochs
     with ProgressDisplay(expected, enabled=show_progress) as display:
         try:
-            training = supervisor.wait([pool_ref], display.update)
+            summaries = supervisor.wait([pool_ref], display.update)
+            training = summaries["student"]
             display.update({"samples": str(training["samples_distilled"]), "loss": str(training["final_loss"])})
         except RedisUnavailable:
             # Nothing can be told to stop through Redis: end the actors directly, then report the outage.
-            for actor in [feeder, supervisor.student, pool]:
+            for actor in [feeder, *supervisor.students.values(), pool]:
                 ray.kill(actor)
             raise
         except BaseException:
@@ -214,12 +236,13 @@ def _distill(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
     streams.delete_job_keys()
-    for actor in [feeder, supervisor.student, pool]:
+    for actor in [feeder, *supervisor.students.values(), pool]:
         ray.kill(actor)
     return {
         "plan": asdict(plan),
         "cleaning": cleaning,
         "training": training,
+        "extra_students": {name: summary for name, summary in summaries.items() if name != "student"},
         "teachers": teacher_stats,
         "teacher_pool": pool_summary,
         "batches_fed": batches_fed,
@@ -262,6 +285,13 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "wire_bytes_per_sample": training.get("wire_bytes_per_sample"),
         "wire_bytes_per_sample_by_part": training.get("wire_bytes_per_sample_by_part"),
         "pseudo_labels": training.get("pseudo_labels"),
+        # Students that learnt from the same teacher pass: each must have seen every sample once.
+        "extra_students": {
+            name: {key: summary.get(key) for key in ("samples_distilled", "samples_per_epoch", "batches_applied",
+                                                     "duplicates_dropped", "steps", "final_loss", "student_path",
+                                                     "wall_seconds", "wait_seconds", "compute_seconds")}
+            for name, summary in result.get("extra_students", {}).items()
+        },
         "labels": label_names,
         "samples_per_language": plan["samples_per_language"],
         "cleaning": result["cleaning"],

@@ -132,21 +132,22 @@ class Supervisor:
         config: JobConfig,
         streams: JobStreams,
         feeder: ray.actor.ActorHandle,
-        make_student: Callable[[], ray.actor.ActorHandle],
+        make_students: dict[str, Callable[[], ray.actor.ActorHandle]],
         total_batches: int,
-        student_name: str = "student",
     ):
         self.config = config
         self.streams = streams
         self.keys: JobKeys = streams.keys
         self.feeder = feeder
-        self.make_student = make_student
+        # Several students learn from one teacher pass, each through its own consumer group; the
+        # re-feeds below are the union of what any of them misses (each drops copies it has).
+        self.make_students = make_students
         self.total_batches = total_batches
-        self.student_group = self.keys.student_group(student_name)
         self.run_token = uuid.uuid4().hex
         self.generation = 0
-        self.student: ray.actor.ActorHandle | None = None
-        self.train_ref: ray.ObjectRef | None = None
+        self.students: dict[str, ray.actor.ActorHandle] = {}
+        self.train_refs: dict[str, ray.ObjectRef] = {}
+        self.summaries: dict[str, dict] = {}
         self.feed_ref: ray.ObjectRef | None = None
         self.batches_fed = 0
         self.dead_letters_lost = 0  # counted before Redis lost its data
@@ -157,35 +158,53 @@ class Supervisor:
     # -- starting ---------------------------------------------------------------------------------
     def start(self, resume: bool) -> None:
         """Starts the student and the feed; on resume only the batches not in the checkpoint."""
-        self.student = self.make_student()
+        self.students = {name: make() for name, make in self.make_students.items()}
         self.generation = 1
         self._reset()
-        only = ray.get(self.student.missing.remote()) if resume else None
+        only = self._missing() if resume else None
         if resume:
             log.info("resuming: %d of %d batches still to distil", len(only), self.total_batches)
         self.feed_ref = self.feeder.feed.remote(only, self.generation)
-        self.train_ref = self.student.train.remote()
+        self.train_refs = {name: student.train.remote() for name, student in self.students.items()}
+
+    def _missing(self) -> list[tuple[int, int]]:
+        """(epoch, batch) pairs that at least one unfinished student has not applied."""
+        asked = [student.missing.remote() for name, student in self.students.items() if name not in self.summaries]
+        return sorted({tuple(pair) for pairs in ray.get(asked) for pair in pairs})
+
+    def _release_group(self, name: str) -> None:
+        """A student that has finished reads no more: its group must not hold back the trimming of
+        entries (re-feeds, late copies) that the other students still need."""
+        if len(self.make_students) > 1:
+            self.streams.client.xgroup_destroy(self.keys.knowledge_stream, self.keys.student_group(name))
+            self.streams.trim_consumed(self.keys.knowledge_stream)
 
     def _reset(self) -> None:
         transaction = self.streams.client.pipeline(transaction=True)
-        self.streams.reset([(self.keys.work_stream, TEACHER_GROUP), (self.keys.knowledge_stream, self.student_group)],
-                           pipeline=transaction)
+        groups = [(self.keys.knowledge_stream, self.keys.student_group(name))
+                  for name in self.make_students if name not in self.summaries]
+        self.streams.reset([(self.keys.work_stream, TEACHER_GROUP), *groups], pipeline=transaction)
         transaction.hset(self.keys.control, mapping={CONTROL_RUN: self.run_token,
                                                      CONTROL_FEED_GENERATION: self.generation})
         transaction.execute()
 
     # -- watching ---------------------------------------------------------------------------------
-    def wait(self, helper_refs: list, on_progress: Callable[[dict[str, str]], None]) -> dict:
-        """Returns the student's summary; recovers on the way; raises the first helper failure."""
+    def wait(self, helper_refs: list, on_progress: Callable[[dict[str, str]], None]) -> dict[str, dict]:
+        """Returns every student's summary by name; recovers on the way; raises the first helper failure."""
         watching = list(helper_refs)
         while True:
-            ready, _ = ray.wait([self.train_ref], timeout=POLL_S)
+            running = {ref: name for name, ref in self.train_refs.items() if name not in self.summaries}
+            if not running:
+                return self.summaries
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
             if ready:
+                name = running[ready[0]]
                 try:
-                    return ray.get(self.train_ref)
+                    self.summaries[name] = ray.get(ready[0])
+                    self._release_group(name)
                 except ray.exceptions.RayActorError as exc:
-                    self.recover(f"the student worker died ({type(exc).__name__})", restart_student=True)
-                    continue
+                    self.recover(f"the student worker {name!r} died ({type(exc).__name__})", restart_student=name)
+                continue
             done, watching = ray.wait(watching, num_returns=len(watching), timeout=0)
             for ref in done:
                 ray.get(ref)  # raises the actor's error; one that finished cleanly returns here
@@ -193,7 +212,7 @@ class Supervisor:
             self._dead_letters_seen = dead_letters
             verdict, self._state = watch(observation, self._state, time.monotonic())
             if verdict.action == "probe":
-                missing = len(ray.get(self.student.missing.remote()))
+                missing = len(self._missing())
                 verdict = judge_probe(missing, self.dead_letters_lost + dead_letters)
                 if verdict.action == "stop":
                     log.error("stopping the job: %s (see %s)", verdict.reason, self.keys.dead_letter_stream)
@@ -222,7 +241,7 @@ class Supervisor:
         return observation, {k.decode(): v.decode() for k, v in progress.items()}, int(dead)
 
     # -- recovering -------------------------------------------------------------------------------
-    def recover(self, cause: str, *, restart_student: bool = False) -> None:
+    def recover(self, cause: str, *, restart_student: str | None = None) -> None:
         limit = self.config.training.max_recoveries
         if len(self.recoveries) >= limit:
             raise RecoveryFailed(
@@ -241,17 +260,17 @@ class Supervisor:
         self.batches_fed += ray.get(self.feed_ref, timeout=FEED_STOP_TIMEOUT_S)
         # 2. A new student loads the last checkpoint.
         if restart_student:
-            ray.kill(self.student, no_restart=True)
-            self.student = self.make_student()
+            ray.kill(self.students[restart_student], no_restart=True)
+            self.students[restart_student] = self.make_students[restart_student]()
         # 3. Fresh streams and groups, the run marker and the generation, in one transaction.
         self._reset()
-        # 4-5. Re-enqueue exactly what the student has not learnt.
-        missing = ray.get(self.student.missing.remote())
+        # 4-5. Re-enqueue exactly what the students have not learnt.
+        missing = self._missing()
         self.feed_ref = self.feeder.feed.remote(missing, self.generation)
         if restart_student:
-            self.train_ref = self.student.train.remote()
+            self.train_refs[restart_student] = self.students[restart_student].train.remote()
         self._state = WatchState()
-        recovery = Recovery(cause, detected_at, time.monotonic() - started, len(missing), restart_student)
+        recovery = Recovery(cause, detected_at, time.monotonic() - started, len(missing), bool(restart_student))
         self.recoveries.append(recovery)
         log.warning("job %s recovered in %.1f s: %d batches re-enqueued%s", self.keys.job_id, recovery.seconds,
                     len(missing), ", student restarted from its checkpoint" if restart_student else "")

@@ -7,9 +7,11 @@ and never deserialises them, so nothing that arrives from Redis can run code.
 Delivery model: each stream has consumer groups; a consumer reads with
 XREADGROUP, and once it is done it acknowledges *and deletes* the entry
 (XACK + XDEL), so the stream length is exactly "not yet delivered + delivered but
-not yet acknowledged". Entries of a consumer that died stay pending and are taken
-over by another consumer with XAUTOCLAIM. Work and knowledge streams are never
-trimmed, so backpressure blocks producers instead of dropping work.
+not yet acknowledged". A stream that several groups read (several students learning from one
+teacher pass) is instead acknowledged per group and trimmed below the slowest group
+(``ack_and_trim``). Entries of a consumer that died stay pending and are taken
+over by another consumer with XAUTOCLAIM. Nothing is ever trimmed before every group has
+acknowledged it, so backpressure blocks producers instead of dropping work.
 
 Outages: a dropped connection is retried with jittered backoff until
 ``reconnect_timeout_s`` has passed, then ``RedisUnavailable`` names the (redacted)
@@ -218,6 +220,12 @@ def redact_url(url: str) -> str:
 # --------------------------------------------------------------------------- #
 
 
+def parse_entry_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id ("1700000000000-3") as a pair that orders like Redis orders ids."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -352,6 +360,46 @@ class JobStreams:
             return None
         acked, _deleted = target.execute()
         return int(acked)
+
+    def ack_and_trim(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
+        """Acknowledge entries of a stream that several groups read; returns how many were pending.
+
+        The entry stays for the other groups; ``trim_consumed`` then drops what every group has
+        acknowledged, so that XLEN stays "not yet acknowledged by the slowest group" and the
+        producer's backpressure waits for the slowest reader.
+        """
+        if not entry_ids:
+            return 0
+        acked = int(self.client.xack(stream, group, *entry_ids))
+        self.trim_consumed(stream)
+        return acked
+
+    def trim_consumed(self, stream: str) -> int:
+        """Delete the entries that every consumer group of ``stream`` has read and acknowledged.
+
+        Each group's floor is its oldest pending entry, or just past its last delivered entry when it
+        has none pending; everything below the lowest floor is done for all. State read a moment ago
+        can only be older (floors only rise), so a stale reading trims less, never too much.
+        """
+        try:
+            groups = self.client.xinfo_groups(stream)
+        except redis.ResponseError:  # no such key: nothing to trim
+            return 0
+        if not groups:
+            return 0
+        floors = []
+        for info in groups:
+            name = _text(info["name"])
+            oldest_pending = self.client.xpending(stream, name)["min"] if int(info["pending"]) else None
+            if oldest_pending is not None:
+                floors.append(parse_entry_id(oldest_pending))
+            else:  # none pending (or all acknowledged since the XINFO): done up to its last delivery
+                ms, seq = parse_entry_id(info["last-delivered-id"])
+                floors.append((ms, seq + 1))
+        ms, seq = min(floors)
+        if (ms, seq) <= (0, 0):
+            return 0
+        return int(self.client.xtrim(stream, minid=f"{ms}-{seq}", approximate=False))
 
     def publish_and_ack(
         self,

@@ -188,12 +188,22 @@ def wants_features(distill: DistillConfig) -> bool:
     return distill.hidden_weight > 0 or distill.attention_weight > 0 or distill.embedding_weight > 0
 
 
-def teacher_contract(config: JobConfig, teacher_dir: str | Path) -> Contract:
-    """The contract as a teacher replica resolves it: from the job config and its own model directory."""
+def teacher_contract(config: JobConfig, teacher_dir: str | Path) -> KnowledgeRequest:
+    """What a teacher replica ships, resolved from the job config and its own model directory: the
+    union of what every student of the job asks for (each student takes the layers it maps)."""
     if not wants_features(config.distill):
-        return resolve_contract(config.distill, None, None)
-    return resolve_contract(config.distill, AutoConfig.from_pretrained(teacher_dir),
-                            student_model_config(config, teacher_dir))
+        return resolve_contract(config.distill, None, None).request
+    teacher = AutoConfig.from_pretrained(teacher_dir)
+    requests = [
+        resolve_contract(config.distill, teacher, student_model_config(config.for_student(name), teacher_dir)).request
+        for name in config.student_names
+    ]
+    return KnowledgeRequest(
+        soft=any(request.soft for request in requests),
+        hidden_layers=tuple(sorted({layer for request in requests for layer in request.hidden_layers})),
+        attention_layers=tuple(sorted({layer for request in requests for layer in request.attention_layers})),
+        embeddings=any(request.embeddings for request in requests),
+    )
 
 
 def student_model_config(config: JobConfig, teacher_dir: str | Path) -> PretrainedConfig:

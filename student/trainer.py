@@ -441,7 +441,7 @@ class StudentTrainer:
         except wire.WireError as exc:
             log.error("dead-lettering knowledge entry %s: %s", entry_id, exc)
             self.streams.dead_letter(entry_id, payload, str(exc), stream)
-            self.streams.ack_and_delete(stream, self.group, [entry_id])
+            self.acknowledge(entry_id)
             return False
         work = knowledge.work
         stepped = not self.ledger.is_applied(work.epoch, work.batch_id)
@@ -459,8 +459,16 @@ class StudentTrainer:
                 self.ledger.record(work.epoch, work.batch_id, work.n_samples)
             self.log(work.epoch, values)
         # After a reset of the streams (Redis lost its data) this ack finds no group: a no-op.
-        self.streams.ack_and_delete(stream, self.group, [entry_id])
+        self.acknowledge(entry_id)
         return stepped
+
+    def acknowledge(self, entry_id: bytes) -> None:
+        stream = self.keys.knowledge_stream
+        if self.config.extra_students:
+            # Other students' groups read the same entries: acknowledge ours, drop what all have read.
+            self.streams.ack_and_trim(stream, self.group, [entry_id])
+        else:
+            self.streams.ack_and_delete(stream, self.group, [entry_id])
 
     def step(self, knowledge: wire.Knowledge) -> dict[str, float]:
         work = knowledge.work

@@ -172,7 +172,7 @@ def test_student_worker_killed_resumes_from_its_checkpoint(tmp_path, redis_serve
     injector.check()
     assert_exact(report)
     [recovery] = report["recoveries"]
-    assert recovery["student_restarted"] and "student worker died" in recovery["cause"]
+    assert recovery["student_restarted"] and "student worker 'student' died" in recovery["cause"]
     resumed = report["resumed_from_step"]
     assert resumed is not None and resumed % 4 == 0 and resumed <= injector.batches_at_injection
     # Every batch not in the checkpoint, including those applied and acknowledged after it, was re-fed.

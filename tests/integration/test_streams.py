@@ -366,3 +366,41 @@ def test_connect_uses_tls_for_rediss_urls():
 def test_redact_url_hides_the_password(url, shown):
     assert redact_url(url) == shown
     assert "hunter2" not in redact_url(url)
+
+
+# -- several groups on one stream (fan-out) ------------------------------------ #
+
+
+def test_fanout_keeps_an_entry_until_every_group_has_acknowledged_it(streams: JobStreams):
+    knowledge = streams.keys.knowledge_stream
+    fast, slow = student_group("fast"), student_group("slow")
+    for group in (fast, slow):
+        streams.ensure_group(knowledge, group)
+    ids = [streams.add(knowledge, b"k-%d" % i) for i in range(4)]
+
+    got_fast = streams.read(knowledge, fast, "f", count=10, block_ms=0)
+    assert streams.ack_and_trim(knowledge, fast, [entry for entry, _ in got_fast]) == 4
+    assert streams.backlog(knowledge) == 4  # the slow group has read nothing yet
+
+    got_slow = streams.read(knowledge, slow, "s", count=3, block_ms=0)
+    assert [payload for _, payload in got_slow] == [b"k-0", b"k-1", b"k-2"]
+    streams.ack_and_trim(knowledge, slow, [ids[0], ids[2]])  # ids[1] still pending in the slow group
+    assert [entry for entry, _ in streams.client.xrange(knowledge)] == [i.encode() for i in ids[1:]]
+
+    streams.ack_and_trim(knowledge, slow, [ids[1]])
+    assert streams.backlog(knowledge) == 1  # k-3: delivered to the fast group only
+    assert streams.read(knowledge, slow, "s", count=10, block_ms=0) == [(ids[3], b"k-3")]
+    streams.ack_and_trim(knowledge, slow, [ids[3]])
+    assert streams.backlog(knowledge) == 0
+
+
+def test_trim_consumed_never_drops_what_a_group_has_not_read(streams: JobStreams):
+    knowledge = streams.keys.knowledge_stream
+    streams.ensure_group(knowledge, student_group("a"))
+    streams.ensure_group(knowledge, student_group("b"))
+    for i in range(3):
+        streams.add(knowledge, b"k-%d" % i)
+    got = streams.read(knowledge, student_group("a"), "a", count=3, block_ms=0)
+    streams.client.xack(knowledge, student_group("a"), *[entry for entry, _ in got])
+    assert streams.trim_consumed(knowledge) == 0
+    assert streams.trim_consumed(streams.keys.dead_letter_stream) == 0  # no such stream
