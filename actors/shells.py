@@ -102,6 +102,25 @@ class FeederActor:
         self.enqueued.inc(sent)
         return sent
 
+    def cache_state(self) -> dict | None:
+        return self.feeder.cache_state()
+
+    def batches_from_cache(self) -> int:
+        return self.feeder.batches_from_cache
+
+
+@ray.remote
+class CacheWriterActor:
+    def __init__(self, config: JobConfig, root: str, key, expected_samples: int, redis_url: str):
+        quiet_libraries()
+        from actors.cache_writer import CacheFiller
+
+        self.filler = CacheFiller(config, root, key, expected_samples, redis_url)
+        self.stop = StopFlag(redis_url, config)
+
+    def run(self) -> dict:
+        return self.filler.run(self.stop)
+
 
 @ray.remote
 class TeacherActor:

@@ -347,6 +347,17 @@ class CompressConfig(_Strict):
         return stages
 
 
+class KnowledgeCacheConfig(_Strict):
+    enabled: bool = Field(
+        default=False,
+        description="Keep the teacher's knowledge of every training sample on disk (storage/knowledge_cache.py), "
+        "keyed by a content hash of teacher, contract and data: later epochs, jobs and students read it with no "
+        "teacher replica running.",
+    )
+    dir: str | None = Field(default=None, description="Cache root; default: $POLYDISTILL_CACHE/knowledge. On a "
+                            "cluster it must be on the driver's node or on storage every node shares.")
+
+
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
     output_dir: str = "runs/job"
@@ -360,6 +371,7 @@ class JobConfig(_Strict):
     compress: CompressConfig | None = Field(
         default=None, description="Prune / recover / quantise the distilled student after evaluation; null: don't."
     )
+    knowledge_cache: KnowledgeCacheConfig = KnowledgeCacheConfig()
     extra_students: list[ExtraStudentConfig] = Field(
         default_factory=list,
         description="More students distilled from the same teacher pass: the teacher computes each batch once "
@@ -428,6 +440,11 @@ class JobConfig(_Strict):
         if extra is None:
             raise KeyError(f"no extra student named {name!r} (extra_students: {[s.name for s in self.extra_students]})")
         return self.model_copy(update={"student": StudentConfig(**extra.model_dump(exclude={"name"}))})
+
+    @property
+    def knowledge_stream_shared(self) -> bool:
+        """More than one consumer group reads the knowledge stream (extra students, the cache writer)."""
+        return bool(self.extra_students) or self.knowledge_cache.enabled
 
     @property
     def student_names(self) -> list[str]:

@@ -18,16 +18,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import AutoConfig, AutoTokenizer
 
 from actors.pool import TeacherPoolActor
-from actors.shells import FeederActor, StudentActor
+from actors.shells import CacheWriterActor, FeederActor, StudentActor
 from cluster.config import JobConfig, with_redis_password
 from cluster.progress import ProgressDisplay
 from cluster.recovery import Supervisor
 from cluster.resume import save_job_config
 from cluster.services import ray_for, redis_for
-from storage.keys import CONTROL_STOP, TEACHER_GROUP, JobKeys
+from storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
+from storage.knowledge_cache import is_complete
 from storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
 from storage.job_data import JobSplit, load_job_split
 from storage.model_sources import resolve_model_source
@@ -194,11 +196,22 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
     config = with_redis_password(config)  # transport.password_env, read here where the job runs
     keys, streams = reset_job_streams(config, redis_url)
 
-    feeder = FeederActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)
+    # The feeder and the cache writer share the driver's node: the cache folder is on its disk.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    feeder = FeederActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+        config, str(teacher_dir), redis_url)
     plan, _, cleaning = ray.get(feeder.plan.remote())
+    cache = ray.get(feeder.cache_state.remote())
+    from_cache = cache is not None and cache["complete"]
+    writer = writer_ref = None
+    if cache is not None and not from_cache:
+        writer = CacheWriterActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+            config, cache["root"], cache["key"], plan.samples_per_epoch, redis_url)
     # The pool owns the teacher replicas: it starts teacher.replicas of them, then sizes the pool
     # (teacher.autoscaling, `polydistill scale`) until the stop flag, and returns every replica's counters.
-    pool = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(config, str(teacher_dir), redis_url)
+    # Served from a complete knowledge cache, the job needs no teacher at all.
+    pool = None if from_cache else TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+        config, str(teacher_dir), redis_url)
 
     def student_maker(name: str):
         seen_as = config.for_student(name)
@@ -212,33 +225,51 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
         )
 
     makers = {name: student_maker(name) for name in config.student_names}
-    supervisor = Supervisor(config, streams, feeder, makers, plan.batches_per_epoch * plan.epochs)
+    def cache_readers() -> list[str]:
+        return [CACHE_WRITER_GROUP] if writer is not None and not is_complete(cache["path"]) else []
+
+    supervisor = Supervisor(config, streams, feeder, makers, plan.batches_per_epoch * plan.epochs, cache_readers)
     supervisor.start(resume)
-    pool_ref = pool.run.remote()
+    helpers = []
+    if pool is not None:
+        helpers.append(pool.run.remote())
+    if writer is not None:
+        writer_ref = writer.run.remote()
+        helpers.append(writer_ref)
 
     expected = plan.samples_per_epoch * plan.epochs
     with ProgressDisplay(expected, enabled=show_progress) as display:
         try:
-            summaries = supervisor.wait([pool_ref], display.update)
+            summaries = supervisor.wait(helpers, display.update)
             training = summaries["student"]
             display.update({"samples": str(training["samples_distilled"]), "loss": str(training["final_loss"])})
         except RedisUnavailable:
             # Nothing can be told to stop through Redis: end the actors directly, then report the outage.
-            for actor in [feeder, *supervisor.students.values(), pool]:
-                ray.kill(actor)
+            for actor in [feeder, *supervisor.students.values(), pool, writer]:
+                if actor is not None:
+                    ray.kill(actor)
             raise
         except BaseException:
             streams.client.hset(keys.control, CONTROL_STOP, "1")
             raise
+    if writer is not None:
+        _drain_knowledge_stream(streams, keys)
     streams.client.hset(keys.control, CONTROL_STOP, "1")
-    teacher_stats = ray.get(pool_ref, timeout=180)
-    pool_summary = ray.get(pool.summary.remote(), timeout=30)
+    teacher_stats = ray.get(helpers[0], timeout=180) if pool is not None else []
+    pool_summary = ray.get(pool.summary.remote(), timeout=30) if pool is not None else None
+    cache_report = None
+    if cache is not None:
+        cache_report = {"path": cache["path"], "key": cache["key"].digest, "read_from_start": from_cache,
+                        "batches_from_cache": ray.get(feeder.batches_from_cache.remote()),
+                        "writer": ray.get(writer_ref, timeout=180) if writer_ref is not None else None}
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
     streams.delete_job_keys()
-    for actor in [feeder, *supervisor.students.values(), pool]:
-        ray.kill(actor)
+    for actor in [feeder, *supervisor.students.values(), pool, writer]:
+        if actor is not None:
+            ray.kill(actor)
     return {
+        "knowledge_cache": cache_report,
         "plan": asdict(plan),
         "cleaning": cleaning,
         "training": training,
@@ -249,6 +280,13 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
         "dead_letters": dead_letters,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
     }
+
+
+def _drain_knowledge_stream(streams: JobStreams, keys: JobKeys, timeout_s: float = 120.0) -> None:
+    """The students are done; give the cache writer the time to read what they read before it."""
+    deadline = time.monotonic() + timeout_s
+    while streams.backlog(keys.knowledge_stream) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
@@ -285,6 +323,7 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "wire_bytes_per_sample": training.get("wire_bytes_per_sample"),
         "wire_bytes_per_sample_by_part": training.get("wire_bytes_per_sample_by_part"),
         "pseudo_labels": training.get("pseudo_labels"),
+        "knowledge_cache": result.get("knowledge_cache"),
         # Students that learnt from the same teacher pass: each must have seen every sample once.
         "extra_students": {
             name: {key: summary.get(key) for key in ("samples_distilled", "samples_per_epoch", "batches_applied",

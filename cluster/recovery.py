@@ -134,8 +134,12 @@ class Supervisor:
         feeder: ray.actor.ActorHandle,
         make_students: dict[str, Callable[[], ray.actor.ActorHandle]],
         total_batches: int,
+        reader_groups: Callable[[], list[str]] = list,
     ):
         self.config = config
+        # Other consumer groups of the knowledge stream to recreate on a reset (the cache writer, while
+        # it still writes): called at each reset, since one that is done must not come back.
+        self.reader_groups = reader_groups
         self.streams = streams
         self.keys: JobKeys = streams.keys
         self.feeder = feeder
@@ -175,7 +179,7 @@ class Supervisor:
     def _release_group(self, name: str) -> None:
         """A student that has finished reads no more: its group must not hold back the trimming of
         entries (re-feeds, late copies) that the other students still need."""
-        if len(self.make_students) > 1:
+        if self.config.knowledge_stream_shared:
             self.streams.client.xgroup_destroy(self.keys.knowledge_stream, self.keys.student_group(name))
             self.streams.trim_consumed(self.keys.knowledge_stream)
 
@@ -183,6 +187,7 @@ class Supervisor:
         transaction = self.streams.client.pipeline(transaction=True)
         groups = [(self.keys.knowledge_stream, self.keys.student_group(name))
                   for name in self.make_students if name not in self.summaries]
+        groups += [(self.keys.knowledge_stream, group) for group in self.reader_groups()]
         self.streams.reset([(self.keys.work_stream, TEACHER_GROUP), *groups], pipeline=transaction)
         transaction.hset(self.keys.control, mapping={CONTROL_RUN: self.run_token,
                                                      CONTROL_FEED_GENERATION: self.generation})

@@ -17,6 +17,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 TEACHER_GROUP = "teachers"
+# The knowledge cache's writer reads the knowledge stream beside the students (storage/knowledge_cache.py).
+CACHE_WRITER_GROUP = "cache-writer"
 
 # Fields of the control hash (``JobKeys.control``), written by the driver and the CLI.
 CONTROL_STOP = "stop"  # "1": every worker of the job finishes its current batch and exits

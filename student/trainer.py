@@ -464,8 +464,9 @@ class StudentTrainer:
 
     def acknowledge(self, entry_id: bytes) -> None:
         stream = self.keys.knowledge_stream
-        if self.config.extra_students:
-            # Other students' groups read the same entries: acknowledge ours, drop what all have read.
+        if self.config.knowledge_stream_shared:
+            # Other groups (students, the cache writer) read the same entries: acknowledge ours, drop
+            # what all have read.
             self.streams.ack_and_trim(stream, self.group, [entry_id])
         else:
             self.streams.ack_and_delete(stream, self.group, [entry_id])

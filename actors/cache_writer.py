@@ -1,0 +1,78 @@
+"""The cache writer: a reader of the knowledge stream beside the students, with its own consumer
+group, that keeps every sample's knowledge on disk (``storage.knowledge_cache``) and seals the
+cache once every training sample is in it. From then on the feeder serves batches from the cache
+and the teachers have nothing left to do.
+
+It acknowledges with ``ack_and_trim``, so the stream keeps an entry until the students have read
+it too. Once sealed it reads no more and removes its group (again, should a recovery recreate it)
+so that it never holds back the trimming of entries the students still need.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.config import JobConfig
+from storage import wire
+from storage.keys import CACHE_WRITER_GROUP, JobKeys
+from storage.knowledge_cache import CacheKey, CacheWriter
+from storage.streams import GroupMissing, JobStreams, connect_job
+
+log = logging.getLogger(__name__)
+
+
+class CacheFiller:
+    """Plain class; ``actors.shells.CacheWriterActor`` runs it under Ray."""
+
+    def __init__(self, config: JobConfig, root: str, key: CacheKey, expected_samples: int, redis_url: str):
+        self.config = config
+        self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
+        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
+        self.writer = CacheWriter(Path(root), key, expected_samples)
+        self.sealed_at: str | None = None
+        self.seconds_writing = 0.0
+
+    def run(self, should_stop: Callable[[], bool]) -> dict:
+        stream = self.keys.knowledge_stream
+        while not should_stop():
+            if self.sealed_at is not None:
+                self._leave_group()
+                time.sleep(0.5)
+                continue
+            try:
+                entries = self.streams.read(stream, CACHE_WRITER_GROUP, "writer", count=8,
+                                            block_ms=self.config.transport.block_ms)
+            except GroupMissing:  # Redis lost its data; the driver recreates the group
+                time.sleep(0.2)
+                continue
+            started = time.perf_counter()
+            for entry_id, payload in entries:
+                try:
+                    knowledge = wire.decode(payload)
+                except wire.WireError:
+                    knowledge = None  # the students dead-letter it; nothing to keep
+                if isinstance(knowledge, wire.Knowledge) and knowledge.work.job_id == self.keys.job_id:
+                    self.writer.add(knowledge)
+                self.streams.ack_and_trim(stream, CACHE_WRITER_GROUP, [entry_id])
+            self.seconds_writing += time.perf_counter() - started
+            if self.writer.complete:
+                self.sealed_at = str(self.writer.seal())
+                log.info("knowledge cache sealed: %s (%d samples)", self.sealed_at, len(self.writer.index))
+                self._leave_group()
+        if self.sealed_at is None:
+            self.writer.abandon()  # the job ended first (stopped, failed): a partial cache is never read
+        return self.summary()
+
+    def _leave_group(self) -> None:
+        stream = self.keys.knowledge_stream
+        if self.streams.has_group(stream, CACHE_WRITER_GROUP):
+            self.streams.client.xgroup_destroy(stream, CACHE_WRITER_GROUP)
+            self.streams.trim_consumed(stream)
+
+    def summary(self) -> dict:
+        return {"sealed": self.sealed_at is not None, "path": self.sealed_at,
+                "samples_written": len(self.writer.index), "bytes_written": self.writer.bytes_written,
+                "seconds_writing": round(self.seconds_writing, 3)}
