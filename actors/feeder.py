@@ -117,6 +117,9 @@ class Feeder:
     def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
         input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
         labels = self.rows.labels[rows]
+        pair_ids = pair_mask = None
+        if self.rows.pair_token_ids is not None:
+            pair_ids, pair_mask = pad_rows([self.rows.pair_token_ids[i] for i in rows], self.pad_id)
         return wire.WorkBatch(
             job_id=self.keys.job_id,
             epoch=epoch,
@@ -126,6 +129,8 @@ class Feeder:
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels if (labels >= 0).any() else None,
+            pair_input_ids=pair_ids,
+            pair_attention_mask=pair_mask,
         )
 
     def feed(

@@ -16,13 +16,14 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from cluster.config import JobConfig
 from storage import wire
 from storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
 from storage.delivery import split_over_delivered
 from storage.streams import GroupMissing, JobStreams, connect_job
+from student.build import model_class
 from student.contract import KnowledgeRequest, teacher_contract
 from student.losses import mean_pool
 
@@ -108,7 +109,7 @@ class TeacherReplica:
         self.request = teacher_contract(config, model_dir)
         # Attention maps need the eager implementation (SDPA never materialises them); otherwise keep the fast one.
         attention = "eager" if self.request.needs_attentions else None
-        self.model = AutoModelForSequenceClassification.from_pretrained(
+        self.model = model_class(config.task).from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attention
         ).to(self.device).eval()
         # On a CPU, bfloat16 inference runs under autocast over float32 weights: the matmuls use

@@ -120,6 +120,15 @@ class DataConfig(_Strict):
     max_length: int = Field(default=128, ge=8, le=8192)
     limit_per_language: int | None = Field(default=None, ge=1)
     normalization: Literal["NFC", "NFKC"] | None = "NFKC"
+    parallel: bool = Field(
+        default=False,
+        description="Parallel sentences (Tatoeba layout: tatoeba.<lang>-eng.<lang> / .eng, line i translating line "
+        "i) for task sentence-embedding: each sample is an English sentence, which the teacher embeds, and its "
+        "translation, which the student learns to map to the same point.",
+    )
+    parallel_test_rows: int = Field(
+        default=200, ge=2, description="Parallel data: the last rows of each language, held out for retrieval."
+    )
     withhold_labels: bool = Field(
         default=False,
         description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
@@ -360,6 +369,12 @@ class KnowledgeCacheConfig(_Strict):
 
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
+    task: Literal["sequence-classification", "sentence-embedding"] = Field(
+        default="sequence-classification",
+        description="sequence-classification: class probabilities (and features) of a classifier teacher; "
+        "sentence-embedding: a sentence encoder's mean-pooled embeddings, learnt from parallel data (data.parallel) "
+        "and evaluated by bitext retrieval.",
+    )
     output_dir: str = "runs/job"
     teacher: TeacherConfig
     student: StudentConfig = StudentConfig()
@@ -396,8 +411,38 @@ class JobConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _embedding_task_settings(self) -> "JobConfig":
+        if (self.task == "sentence-embedding") != self.data.parallel:
+            raise ValueError("task sentence-embedding learns from parallel sentences and only from them: set both "
+                             "task: sentence-embedding and data.parallel: true, or neither")
+        if self.task != "sentence-embedding":
+            return self
+        distill = self.distill
+        wrong = {
+            "distill.soft_weight": distill.soft_weight > 0,
+            "distill.hard_weight": distill.hard_weight > 0,
+            "distill.pseudo_label_threshold": distill.pseudo_label_threshold is not None,
+            "evaluation.ablation": self.evaluation.ablation,
+            "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
+            "compress": self.compress is not None,
+            "data.withhold_labels": self.data.withhold_labels,
+            "distill.hidden_weight": distill.hidden_weight > 0,  # the embedding loss is the one this task trains
+            "distill.attention_weight": distill.attention_weight > 0,
+        }
+        if any(wrong.values()):
+            raise ValueError(
+                "task sentence-embedding has no classes and learns the pooled embeddings only: set "
+                + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
+            )
+        if distill.embedding_weight <= 0:
+            raise ValueError("task sentence-embedding learns the teacher's embeddings: set distill.embedding_weight > 0")
+        return self
+
+    @model_validator(mode="after")
     def _labels_where_needed(self) -> "JobConfig":
         data, distill = self.data, self.distill
+        if self.task == "sentence-embedding":
+            return self
         if data.label_column is None:
             if data.withhold_labels:
                 raise ValueError("data.withhold_labels is true but data.label_column is null: there are no labels "

@@ -52,7 +52,7 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
         teacher_dir = out_dir / "teacher"
         if not (teacher_dir / "config.json").exists():
             materialize_random_teacher(config.teacher, train.label_names, _texts(train), teacher_dir,
-                                       config.training.seed)
+                                       config.training.seed, config.task)
         return teacher_dir
     from student.finetune import ensure_finetuned_teacher  # heavy import, only for pretrained teachers
 
@@ -74,7 +74,7 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
     the hard-label ablation start from the same point; trims the vocabulary when asked.
     ``config`` is the job as this student sees it (``JobConfig.for_student``)."""
     init_dir = student_dir(out_dir, name) / "student_init"
-    model = build_student(config.student, teacher_dir, config.training.seed)
+    model = build_student(config.student, teacher_dir, config.training.seed, config.task)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     info: dict = {"trimmed_vocabulary": False}
     if config.student.trim_vocabulary:
@@ -92,7 +92,9 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
 
 
 def _texts(split: JobSplit) -> list[str]:
-    return split.dataset.with_format(None)["text"][:]
+    """Every text of the split (both sides of parallel data): what a trimmed vocabulary must cover."""
+    columns = split.dataset.with_format(None)
+    return columns["text"][:] + (columns["pair"][:] if "pair" in split.dataset.column_names else [])
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:

@@ -45,7 +45,8 @@ def redis_for(config: JobConfig) -> Iterator[str]:
 
 
 def logical_cpus_needed(config: JobConfig) -> float:
-    return config.teacher.replicas * config.teacher.num_cpus + config.student.num_cpus
+    students = config.student.num_cpus + sum(student.num_cpus for student in config.extra_students)
+    return config.teacher.replicas * config.teacher.num_cpus + students
 
 
 @contextmanager

@@ -150,6 +150,14 @@ def load_split(
     return LoadedSplit(dataset=dataset, label_names=names, source=source, languages=list(dict.fromkeys(langs)))
 
 
+def parallel_languages(path: str) -> list[str]:
+    """The languages with a Tatoeba pair file set in ``path``, sorted."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataSourceError(f"parallel data directory {path} does not exist (data.path)")
+    return sorted(p.name.split(".")[1].split("-")[0] for p in root.glob("tatoeba.*-eng.eng") if p.name.count(".") == 2)
+
+
 def load_parallel(path: str, language: str, *, limit: int | None = None) -> Dataset:
     """Tatoeba pairs `path/tatoeba.{language}-eng.{language}` and `...eng`, line i translating line i.
 

@@ -8,8 +8,8 @@ import numpy as np
 from datasets import Dataset
 
 from cluster.config import DataConfig
-from storage.cleaning import clean_dataset
-from storage.datasets import load_split
+from storage.cleaning import clean_dataset, clean_text
+from storage.datasets import DataSourceError, load_parallel, load_split, parallel_languages
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class JobSplit:
 
 
 def load_job_split(data: DataConfig, split: str, label_names: list[str] | None = None) -> JobSplit:
+    if data.parallel:
+        return _parallel_split(data, split)
     loaded = load_split(
         data.path,
         split,
@@ -34,6 +36,36 @@ def load_job_split(data: DataConfig, split: str, label_names: list[str] | None =
     return JobSplit(dataset=cleaned, label_names=list(loaded.label_names), cleaning=report.to_dict())
 
 
+def _parallel_split(data: DataConfig, split: str) -> JobSplit:
+    """Parallel sentences: ``text`` is the English side (the teacher's input), ``pair`` its translation.
+
+    The last ``data.parallel_test_rows`` rows of each language are the held-out split (bitext
+    retrieval), the rest the training split; ``limit_per_language`` caps the training rows.
+    """
+    if split not in (data.train_split, data.eval_split):
+        raise DataSourceError(f"parallel data has two splits, data.train_split ({data.train_split!r}) and "
+                              f"data.eval_split ({data.eval_split!r}); {split!r} is neither")
+    columns: dict[str, list] = {"sample_id": [], "text": [], "pair": [], "label": [], "language": []}
+    for language in data.languages or parallel_languages(data.path):
+        rows = load_parallel(data.path, language)
+        keep = len(rows) - data.parallel_test_rows
+        if keep < 1:
+            raise DataSourceError(f"{language}: {len(rows)} parallel rows, but data.parallel_test_rows is "
+                                  f"{data.parallel_test_rows}: hold out fewer rows")
+        if split == data.train_split:
+            rows = rows.select(range(min(keep, data.limit_per_language or keep)))
+        else:
+            rows = rows.select(range(keep, len(rows)))
+        start = len(columns["sample_id"])
+        columns["sample_id"].extend(range(start, start + len(rows)))
+        columns["text"].extend(rows["english"])
+        columns["pair"].extend(clean_text(text, normalization=data.normalization) for text in rows["text"])
+        columns["label"].extend([-1] * len(rows))
+        columns["language"].extend([language] * len(rows))
+    cleaned, report = clean_dataset(Dataset.from_dict(columns), normalization=data.normalization)
+    return JobSplit(dataset=cleaned, label_names=[], cleaning=report.to_dict())
+
+
 @dataclass(frozen=True)
 class TokenizedSplit:
     """Token ids without padding (padding happens per batch, to the batch's longest row)."""
@@ -42,6 +74,7 @@ class TokenizedSplit:
     token_ids: list[np.ndarray]  # int32 [len_i] each
     labels: np.ndarray  # int64 [n]; -1 where unlabelled
     languages: list[str]
+    pair_token_ids: list[np.ndarray] | None = None  # parallel data: the translations, int32 [len_i] each
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -54,11 +87,16 @@ class TokenizedSplit:
 def tokenize_split(dataset: Dataset, tokenizer, max_length: int) -> TokenizedSplit:
     columns = dataset.with_format(None).to_dict()
     encoded = tokenizer(columns["text"], truncation=True, max_length=max_length)
+    pairs = None
+    if "pair" in columns:
+        pairs = [np.asarray(ids, dtype=np.int32)
+                 for ids in tokenizer(columns["pair"], truncation=True, max_length=max_length)["input_ids"]]
     return TokenizedSplit(
         sample_ids=np.asarray(columns["sample_id"], dtype=np.int64),
         token_ids=[np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]],
         labels=np.asarray(columns["label"], dtype=np.int64),
         languages=columns["language"],
+        pair_token_ids=pairs,
     )
 
 

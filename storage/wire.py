@@ -146,6 +146,10 @@ class WorkBatch:
     input_ids: np.ndarray  # int32 [n, L]
     attention_mask: np.ndarray  # uint8 [n, L], 1 = real token
     labels: np.ndarray | None = None  # int64 [n]
+    # A second text per sample that only the student reads (parallel data: the translation), in the
+    # same tokenizer's ids as input_ids; [n, L2] and its mask.
+    pair_input_ids: np.ndarray | None = None
+    pair_attention_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _require_str(self.job_id, "WorkBatch.job_id")
@@ -183,6 +187,17 @@ class WorkBatch:
             labels = _as_integer_array(self.labels, "WorkBatch.labels", np.int64)
             _require_shape(labels, "WorkBatch.labels", (n,), "one label per sample")
             _set(self, "labels", labels)
+
+        if (self.pair_input_ids is None) != (self.pair_attention_mask is None):
+            raise WireError("WorkBatch.pair_input_ids and pair_attention_mask come together or not at all")
+        if self.pair_input_ids is not None:
+            pair_ids = _as_integer_array(self.pair_input_ids, "WorkBatch.pair_input_ids", np.int32)
+            _require_shape(pair_ids, "WorkBatch.pair_input_ids", (n, None), "n samples x pair length")
+            pair_mask = _as_integer_array(self.pair_attention_mask, "WorkBatch.pair_attention_mask", np.uint8,
+                                          allow_bool=True)
+            _require_shape(pair_mask, "WorkBatch.pair_attention_mask", pair_ids.shape, "same as pair_input_ids")
+            _set(self, "pair_input_ids", pair_ids)
+            _set(self, "pair_attention_mask", pair_mask)
 
     @property
     def n_samples(self) -> int:
@@ -423,6 +438,8 @@ def _work_body(work: WorkBatch) -> dict[str, Any]:
         "input_ids": _pack_array(work.input_ids),
         "attention_mask": _pack_array(work.attention_mask),
         "labels": _pack_optional(work.labels),
+        "pair_input_ids": _pack_optional(work.pair_input_ids),
+        "pair_attention_mask": _pack_optional(work.pair_attention_mask),
     }
 
 
@@ -551,6 +568,8 @@ def _read_work_body(body: dict, where: str) -> WorkBatch:
         input_ids=_get_array(body, "input_ids", where),
         attention_mask=_get_array(body, "attention_mask", where),
         labels=_get_array(body, "labels", where, optional=True),
+        pair_input_ids=_get_array(body, "pair_input_ids", where, optional=True),
+        pair_attention_mask=_get_array(body, "pair_attention_mask", where, optional=True),
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from cluster.config import StudentConfig, TeacherConfig
 from storage.model_sources import resolve_model_source
@@ -31,10 +31,16 @@ def label_maps(label_names: Sequence[str]) -> dict:
     }
 
 
+def model_class(task: str) -> type:
+    """The HF auto class of a task's teachers and students."""
+    return AutoModel if task == "sentence-embedding" else AutoModelForSequenceClassification
+
+
 def materialize_random_teacher(
-    teacher: TeacherConfig, label_names: Sequence[str], train_texts: Sequence[str], out_dir: Path, seed: int
+    teacher: TeacherConfig, label_names: Sequence[str], train_texts: Sequence[str], out_dir: Path, seed: int,
+    task: str = "sequence-classification",
 ) -> Path:
-    """Builds a random-weight classifier from ``teacher.config`` (plus a tokenizer) and saves it."""
+    """Builds a random-weight model from ``teacher.config`` (plus a tokenizer) and saves it."""
     if "model_type" not in teacher.config:
         raise ModelSetupError("teacher.model is 'random', so teacher.config must name a model_type (e.g. bert)")
     if teacher.tokenizer:
@@ -44,13 +50,15 @@ def materialize_random_teacher(
         tokenizer = train_wordpiece_tokenizer(train_texts, teacher.vocab_size, out_dir)
     fields = dict(teacher.config)
     model_type = fields.pop("model_type")
-    fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **label_maps(label_names))
+    fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if label_names:
+        fields.update(label_maps(label_names))
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, TypeError) as exc:
         raise ModelSetupError(f"teacher.config: {exc}") from exc
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = model_class(task).from_config(config)
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -84,19 +92,23 @@ def student_config(student: StudentConfig, teacher_dir: Path) -> PretrainedConfi
     return config
 
 
-def build_student(student: StudentConfig, teacher_dir: Path, seed: int) -> PreTrainedModel:
+def build_student(student: StudentConfig, teacher_dir: Path, seed: int,
+                  task: str = "sequence-classification") -> PreTrainedModel:
+    auto = model_class(task)
     if student.model:
         source = resolve_model_source(student.model)
-        model = AutoModelForSequenceClassification.from_pretrained(source)
+        model = auto.from_pretrained(source)
+        if task == "sentence-embedding":
+            return model
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
         check_classifier_labels(model.config, [teacher_config.id2label[i] for i in range(teacher_config.num_labels)],
                                 "student.model")
         return model
     config = student_config(student, teacher_dir)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = auto.from_config(config)
     if student.init_from_teacher_layers is not None:
-        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+        teacher = auto.from_pretrained(teacher_dir)
         copy_teacher_layers(teacher, model, student.init_from_teacher_layers)
     return model
 
@@ -127,6 +139,8 @@ def copy_teacher_layers(teacher: PreTrainedModel, student: PreTrainedModel, laye
         s_base.encoder.layer[s_index].load_state_dict(t_base.encoder.layer[t_index].state_dict())
     if getattr(t_base, "pooler", None) is not None and getattr(s_base, "pooler", None) is not None:
         s_base.pooler.load_state_dict(t_base.pooler.state_dict())
+    if teacher.base_model is teacher:  # an encoder without a head (sentence embeddings)
+        return
     # The classification head is task knowledge the student should inherit too when shapes match.
     t_head, s_head = _classifier_state(teacher), _classifier_state(student)
     if t_head.keys() == s_head.keys() and all(t_head[k].shape == s_head[k].shape for k in t_head):

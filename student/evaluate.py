@@ -15,8 +15,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cluster.config import JobConfig
 from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
+from student.build import model_class
 from student.efficiency import count_parameters, disk_bytes, measure_latency
 from student.metrics import classification_metrics, per_language_metrics, retention
+from student.retrieval import retrieval_quality
 from student.supervised import train_supervised
 
 EVAL_BATCH = 64
@@ -98,8 +100,11 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         pad_id = pad_token_id(tokenizer)
         rows = tokenize_split(split.dataset, tokenizer, config.data.max_length)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-        results[name] = quality(model, rows, pad_id, len(label_names))
+        model = model_class(config.task).from_pretrained(model_dir)
+        if config.task == "sentence-embedding":
+            results[name] = retrieval_quality(model, rows, pad_id)
+        else:
+            results[name] = quality(model, rows, pad_id, len(label_names))
         if name in ("teacher", "student") and config.evaluation.latency:
             costs[name] = efficiency(model, model_dir, rows, pad_id)
     report = side_by_side(results)
@@ -112,6 +117,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         costs["disk_ratio"] = round(costs["student"]["disk_bytes"] / costs["teacher"]["disk_bytes"], 4)
     report["efficiency"] = costs
     report["eval_samples"] = len(split.dataset)
+    report["metric"] = "bitext retrieval accuracy" if config.task == "sentence-embedding" else "accuracy"
     return report
 
 

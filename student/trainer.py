@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
 from cluster.config import DistillConfig, JobConfig
 from storage import wire
@@ -53,6 +53,7 @@ from student.contract import (
     resolve_contract,
     wants_features,
 )
+from student.build import model_class
 from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 from student.losses import (
     HiddenProjection,
@@ -336,7 +337,7 @@ class StudentTrainer:
             if hasattr(student_config, "attention_probs_dropout_prob"):
                 overrides["attention_probs_dropout_prob"] = 0.0
         self._config_restore = {key: getattr(student_config, key) for key in overrides if key != "attn_implementation"}
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.init_dir, **overrides).to(self.device)
+        self.model = model_class(config.task).from_pretrained(self.init_dir, **overrides).to(self.device)
         if config.student.freeze_embeddings:
             self.model.get_input_embeddings().weight.requires_grad_(False)
         self.projections = build_projections(self.contract).to(self.device)
@@ -471,22 +472,28 @@ class StudentTrainer:
         else:
             self.streams.ack_and_delete(stream, self.group, [entry_id])
 
-    def step(self, knowledge: wire.Knowledge) -> dict[str, float]:
-        work = knowledge.work
-        token_ids = work.input_ids if self.id_map is None else self.id_map[work.input_ids]
+    def _forward(self, token_ids: np.ndarray, mask: np.ndarray, *, hidden: bool, attentions: bool = False):
+        token_ids = token_ids if self.id_map is None else self.id_map[token_ids]
         input_ids = torch.from_numpy(token_ids.astype(np.int64)).to(self.device)
-        attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(self.device)
+        attention_mask = torch.from_numpy(mask.astype(np.int64)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                output_hidden_states=self.contract.student_needs_hidden_states,
-                output_attentions=self.contract.student_needs_attentions,
-            )
-        outputs = StudentOutputs(logits=output.logits, hidden_states=output.hidden_states,
-                                 attentions=output.attentions)
-        labels, counts = self.labels_for(knowledge)
-        loss, values = distillation_losses(outputs, knowledge, self.config, self.contract, self.projections, labels)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden,
+                              output_attentions=attentions)
+
+    def step(self, knowledge: wire.Knowledge) -> dict[str, float]:
+        counts: dict[str, dict[str, int]] = {}
+        if self.config.task == "sentence-embedding":
+            loss, values = self.embedding_losses(knowledge)
+        else:
+            work = knowledge.work
+            output = self._forward(work.input_ids, work.attention_mask,
+                                   hidden=self.contract.student_needs_hidden_states,
+                                   attentions=self.contract.student_needs_attentions)
+            outputs = StudentOutputs(logits=output.logits, hidden_states=output.hidden_states,
+                                     attentions=output.attentions)
+            labels, counts = self.labels_for(knowledge)
+            loss, values = distillation_losses(outputs, knowledge, self.config, self.contract, self.projections,
+                                               labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
         self.optimizer.step()
@@ -496,6 +503,23 @@ class StudentTrainer:
         self.state.last_loss = float(loss.detach())
         add_counts(self.state.pseudo_labels, counts)
         return {"loss": self.state.last_loss, **values}
+
+    def embedding_losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
+        """Parallel data (Reimers & Gurevych 2020): the student maps the English sentence *and* its
+        translation onto the teacher's embedding of the English sentence."""
+        work = knowledge.work
+        if knowledge.embeddings is None or work.pair_input_ids is None:
+            raise ContractError(_missing(knowledge, "embeddings of parallel sentences", "task: sentence-embedding"))
+        target = _tensor(knowledge.embeddings, self.device)
+        distill, projection = self.config.distill, self.projections[EMBEDDING_PROJECTION] if (
+            EMBEDDING_PROJECTION in self.projections) else None
+        terms = {}
+        for term, ids, mask in (("embedding", work.input_ids, work.attention_mask),
+                                ("translation", work.pair_input_ids, work.pair_attention_mask)):
+            states = self._forward(ids, mask, hidden=False).last_hidden_state.float()
+            pooled = mean_pool(states, torch.from_numpy(mask.astype(np.bool_)).to(self.device))
+            terms[term] = embedding_loss(pooled, target, kind=distill.embedding_loss, projection=projection)
+        return combine_losses(terms, {"embedding": distill.embedding_weight, "translation": distill.embedding_weight})
 
     def labels_for(self, knowledge: wire.Knowledge) -> tuple[np.ndarray | None, dict[str, dict[str, int]]]:
         """The hard labels of this batch, with pseudo-labels where configured, and their per-language counts."""
