@@ -64,13 +64,7 @@ def machine_info() -> dict:
     }
 
 
-NULL_REASONS = {
-    "fanout": "multi-student consumption is not supported by the pipeline yet: the driver creates one student "
-              "group on the knowledge stream and StudentTrainer acks with XDEL, which removes each entry for every "
-              "group. details.transport.extra_consumer measures what a second student would pay per message "
-              "(XREADGROUP + XACK + decode) instead.",
-    "cache_speedup": "no knowledge cache exists yet (issue 7, item 3); nothing to time.",
-}
+NULL_REASONS: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from benchmarks import pace, transport, wire_size
+    from benchmarks import fanout_cache, pace, transport, wire_size
     from storage.redis_server import PrivateRedisServer
 
     machine = machine_info()
@@ -113,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             paced = pace.measure(pace.QUICK if args.quick else pace.FULL, server.url, log)
         finally:
             ray.shutdown()
+        # Whole jobs: up to 4 students and a teacher replica, one logical CPU each (threads stay pinned to 1).
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=False)
+        try:
+            shared = fanout_cache.measure(fanout_cache.QUICK if args.quick else fanout_cache.FULL, server.url, log)
+        finally:
+            ray.shutdown()
         log("transport ...")
         moved = transport.measure(transport.QUICK if args.quick else transport.FULL, server.url,
                                   paced["realistic_knowledge"], paced["student_step_seconds"],
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "inline_over_pipeline_time": paced["inline_over_pipeline_time"],
         "transport_share_of_step": moved["transport_share_of_step"],
         "topk32_wire_ratio": wire["topk32_wire_ratio"],
-        "fanout": None,
-        "cache_speedup": None,
+        "fanout": shared["fanout"],
+        "cache_speedup": shared["cache_speedup"],
     }
     machine["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     details = {
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "transport": moved,
         "wire": wire,
+        "fanout_and_cache": shared,
     }
     headline_setup = next(iter(paced["retention_by_setup"]))
     secondary = [
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         secondary_row("KL full ‖ top-32, Zipf 1.5, T=1 (nats)",
                       wire["fidelity"]["zipf_1.5"]["kl_full_vs_topk_nats_per_token"]["top32_T1_fp32values"]["median"],
                       "synthetic peaked logits (no real LM head offline); median per token"),
+        *[secondary_row(f"fan-out, {k} students ÷ {k} separate runs", value,
+                        "distillation wall time of one teacher pass feeding K students ÷ K one-student jobs")
+          for k, value in shared["fanout_by_k"].items() if value != shared["fanout"]],
         secondary_row("extra consumer ÷ teacher forward", moved["extra_consumer"]["extra_consumer_over_teacher_forward"],
                       "a second student reading a message (XREADGROUP + XACK + decode) ÷ recomputing it"),
     ]
