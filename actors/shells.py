@@ -6,6 +6,8 @@ long-running loop never has to be interrupted and any process (driver, CLI) can 
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 import ray
@@ -172,9 +174,26 @@ class TeacherActor:
 @ray.remote(max_concurrency=2)  # missing() answers the driver while train() loops
 class StudentActor:
     def __init__(self, config: JobConfig, student_init_dir: str, batches_per_epoch: int, redis_url: str,
-                 student_dir: str, name: str = "student", checkpoint_dir: str | None = None):
+                 student_dir: str, name: str = "student", checkpoint_dir: str | None = None,
+                 rank: int = 0, rendezvous: str | None = None):
         quiet_libraries()
+        from student.data_parallel import free_rendezvous
         from student.trainer import StudentTrainer
+
+        # A data-parallel student: rank 0 (the actor the driver knows) starts the other workers as
+        # actors it owns, so that they share its fate (student/data_parallel.py).
+        workers = config.student.workers
+        self.workers: list = []
+        if workers > 1 and rank == 0:
+            rendezvous = free_rendezvous(ray.util.get_node_ip_address())
+            options = {"num_cpus": config.student.num_cpus, "num_gpus": config.student.num_gpus,
+                       "resources": dict(config.student.resources), "max_restarts": 0}
+            self.workers = [
+                StudentActor.options(**options).remote(config, student_init_dir, batches_per_epoch, redis_url,
+                                                       student_dir, name, checkpoint_dir, worker, rendezvous)
+                for worker in range(1, workers)
+            ]
+        self.rank = rank
 
         keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.client = connect_job(redis_url, config.transport)
@@ -191,8 +210,9 @@ class StudentActor:
         for gauge in (self.loss, self.rate, self.distilled, self.loss_term, self.wire_bytes):
             gauge.set_default_tags(_tags(config))
         self.trainer = StudentTrainer(
-            config, student_init_dir, batches_per_epoch, redis_url, student_dir, name, progress=self._report,
-            checkpoint_dir=checkpoint_dir,
+            config, student_init_dir, batches_per_epoch, redis_url, student_dir, name,
+            progress=self._report if rank == 0 else None, checkpoint_dir=checkpoint_dir,
+            rank=rank, world_size=workers, rendezvous=rendezvous,
         )
         self.stop = StopFlag(redis_url, config)
 
@@ -218,7 +238,21 @@ class StudentActor:
 
     def train(self) -> dict:
         self.started = time.monotonic()
-        return self.trainer.train(self.stop)
+        others = [worker.train.remote() for worker in self.workers]
+        if not others:
+            return self.trainer.train(self.stop)
+        try:
+            summary = self.trainer.train(self.stop)
+            per_worker = ray.get(others)
+        except Exception:
+            # A worker died or a collective broke: end this process, so that the driver sees a lost
+            # student and restarts the whole group from the last checkpoint.
+            logging.getLogger(__name__).exception("data-parallel student %s failed; exiting", self.name)
+            os._exit(1)
+        # Which worker read how much: the proof that the work was shared.
+        summary["data_parallel"]["samples_read_by_worker"] = [
+            worker["data_parallel"]["samples_read"] for worker in [summary, *per_worker]]
+        return summary
 
     def missing(self) -> list[tuple[int, int]]:
         """(epoch, batch) pairs the student has not applied (after a restart: not in its checkpoint)."""

@@ -98,6 +98,11 @@ class StudentConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
     threads: int = Field(default=1, ge=1)
+    workers: int = Field(
+        default=1, ge=1, le=256,
+        description="Data-parallel workers training this student (torch.distributed: gloo on CPUs, nccl on GPUs), "
+        "each with num_cpus/num_gpus/resources and threads of its own, reading one consumer group.",
+    )
 
 
 class ExtraStudentConfig(StudentConfig):

@@ -306,6 +306,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "duplicates_dropped": training["duplicates_dropped"],
         # One optimiser step per applied batch: equal to batches_expected when none was applied twice.
         "student_steps": training["steps"],
+        # Several workers training the student (student.workers): optimiser steps and who read what.
+        "data_parallel": training.get("data_parallel"),
         "resumed_from_step": training.get("resumed_from_step"),
         "recoveries": result.get("recoveries", []),
         "dead_letters": result["dead_letters"],

@@ -45,7 +45,7 @@ def redis_for(config: JobConfig) -> Iterator[str]:
 
 
 def logical_cpus_needed(config: JobConfig) -> float:
-    students = config.student.num_cpus + sum(student.num_cpus for student in config.extra_students)
+    students = sum(student.num_cpus * student.workers for student in (config.student, *config.extra_students))
     return config.teacher.replicas * config.teacher.num_cpus + students
 
 

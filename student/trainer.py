@@ -85,7 +85,8 @@ PROJECTIONS_PREFIX = "distill_projections."
 
 @dataclass
 class TrainingState:
-    step: int = 0
+    step: int = 0  # batches applied (a data-parallel round applies up to one per worker)
+    optimizer_steps: int = 0
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     last_loss: float = math.nan
@@ -318,9 +319,15 @@ class StudentTrainer:
         name: str = "student",
         progress: Callable[[dict], None] | None = None,
         checkpoint_dir: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        rendezvous: str | None = None,
     ):
         self.config = config
         self.name = name
+        # Data-parallel workers share the student's consumer group, each as its own consumer.
+        self.rank, self.world_size = rank, world_size
+        self.consumer = name if world_size == 1 else f"{name}-w{rank}"
         self.init_dir = Path(student_init_dir)
         self.student_dir = Path(student_dir)
         self.progress = progress
@@ -352,7 +359,8 @@ class StudentTrainer:
         self.ledger = EpochLedger(batches_per_epoch=batches_per_epoch, epochs=training.epochs)
         # The driver reads missing() from another thread while the loop records batches.
         self._ledger_lock = threading.Lock()
-        total_steps = batches_per_epoch * training.epochs
+        # Data-parallel workers apply up to world_size batches per optimiser step.
+        total_steps = -(-batches_per_epoch * training.epochs // world_size)
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=training.lr, weight_decay=training.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(training.warmup_ratio * total_steps), total_steps
@@ -362,6 +370,13 @@ class StudentTrainer:
         self.resumed_from_step: int | None = None
         if self.checkpoint_dir is not None:
             self.resume()
+        self.sync = None
+        self._own_samples = 0
+        if world_size > 1:
+            from student.data_parallel import GradientSync
+
+            self.sync = GradientSync(rank, world_size, rendezvous, self.device)
+            self.sync.broadcast_parameters([*self.model.parameters(), *self.projections.parameters()])
 
     def _resolve_contract(self) -> Contract:
         teacher_config = load_teacher_config(self.init_dir)
@@ -379,6 +394,8 @@ class StudentTrainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, should_stop: Callable[[], bool] = lambda: False) -> dict:
+        if self.sync is not None:
+            return self.train_data_parallel(should_stop)
         self.model.train()
         started = time.perf_counter()
         last_message = time.monotonic()
@@ -388,7 +405,7 @@ class StudentTrainer:
                 entries = []
                 if time.monotonic() - own_pending_checked > _OWN_PENDING_EVERY_S:
                     own_pending_checked = time.monotonic()
-                    entries = self.streams.read_pending(self.keys.knowledge_stream, self.group, self.name, count=64)
+                    entries = self.streams.read_pending(self.keys.knowledge_stream, self.group, self.consumer, count=64)
                 entries = entries or self.fetch()
             except GroupMissing as exc:
                 if not self.wait_for_streams(exc, should_stop):
@@ -410,6 +427,93 @@ class StudentTrainer:
         self.save()
         return self.summary(time.perf_counter() - started)
 
+    def train_data_parallel(self, should_stop: Callable[[], bool]) -> dict:
+        """The lock-step rounds of ``student/data_parallel.py``: every worker runs this same loop."""
+        from student.data_parallel import RoundRow, decide_round
+
+        self.model.train()
+        started = time.perf_counter()
+        last_batch = time.monotonic()
+        while not self.ledger.complete:
+            entry_id, knowledge = self._fetch_one()
+            work = knowledge.work if knowledge is not None else None
+            mine = RoundRow(has_batch=work is not None, epoch=work.epoch if work else -1,
+                            batch_id=work.batch_id if work else -1, samples=work.n_samples if work else 0,
+                            stop=should_stop())
+            table = self.sync.exchange(mine)
+            if any(row.stop for row in table):
+                break  # this worker's message stays pending: a resumed run reads it again
+            decisions = decide_round(table, self.ledger.is_applied)
+            applied = [row for row, applies in zip(table, decisions) if applies]
+            values = None
+            if applied:
+                computed = time.perf_counter()
+                if decisions[self.rank]:
+                    loss, values, counts = self.losses(knowledge)
+                    loss.backward()
+                    values = {"loss": float(loss.detach()), **values}
+                    add_counts(self.state.pseudo_labels, counts)
+                self.sync.average_gradients(self.parameters(), len(applied))
+                self.update()
+                self.state.compute_seconds += time.perf_counter() - computed
+            with self._ledger_lock:
+                for row, applies in zip(table, decisions):
+                    if applies:
+                        self.ledger.record(row.epoch, row.batch_id, row.samples)
+                        self.state.step += 1
+                    elif row.has_batch:
+                        self.ledger.count_duplicate()
+            if any(row.has_batch for row in table):
+                last_batch = time.monotonic()
+            elif time.monotonic() - last_batch > self.config.training.stall_timeout_s:
+                raise StallError(f"no knowledge for any of the {self.world_size} workers for "
+                                 f"{self.config.training.stall_timeout_s:.0f} s: are the teacher replicas running?")
+            if entry_id is not None:
+                self.acknowledge(entry_id)
+            if values is not None:
+                self.state.last_loss = values["loss"]
+                if self.rank == 0:
+                    self.log(work.epoch, values)
+            if self.rank == 0 and applied and self.state.optimizer_steps % self.config.training.checkpoint_every == 0:
+                self.checkpoint()
+        if self.rank == 0:
+            self.checkpoint()
+            self.save()
+        summary = self.summary(time.perf_counter() - started)
+        summary["data_parallel"] = {"workers": self.world_size, "rank": self.rank, "samples_read": self._own_samples,
+                                    "optimizer_steps": self.state.optimizer_steps}
+        return summary
+
+    def _fetch_one(self) -> tuple[bytes | None, wire.Knowledge | None]:
+        """At most one new, valid knowledge message for this worker (an invalid one is dead-lettered)."""
+        try:
+            entries = self.fetch()
+        except GroupMissing:
+            time.sleep(0.2)  # Redis lost its data; the driver recreates the group and re-feeds
+            return None, None
+        for entry_id, payload in entries:
+            knowledge = self._decode(entry_id, payload)
+            if knowledge is None:
+                return None, None
+            self.state.wire_bytes += len(payload)
+            self._own_samples += knowledge.work.n_samples
+            for part, size in knowledge_nbytes(knowledge).items():
+                self.state.wire_bytes_by_part[part] = self.state.wire_bytes_by_part.get(part, 0) + size
+            return entry_id, knowledge
+        return None, None
+
+    def _decode(self, entry_id: bytes, payload: bytes) -> wire.Knowledge | None:
+        try:
+            knowledge = wire.decode(payload)
+            if not isinstance(knowledge, wire.Knowledge) or knowledge.work.job_id != self.keys.job_id:
+                raise wire.WireError("not a knowledge message of this job")
+        except wire.WireError as exc:
+            log.error("dead-lettering knowledge entry %s: %s", entry_id, exc)
+            self.streams.dead_letter(entry_id, payload, str(exc), self.keys.knowledge_stream)
+            self.acknowledge(entry_id)
+            return None
+        return knowledge
+
     def wait_for_streams(self, error: GroupMissing, should_stop: Callable[[], bool]) -> bool:
         """Redis lost its data: keep the ledger (in memory) and wait for the driver to recreate the
         streams and re-enqueue whatever this student has not applied. False if told to stop."""
@@ -427,7 +531,7 @@ class StudentTrainer:
     def fetch(self) -> list[tuple[bytes, bytes]]:
         waited = time.perf_counter()
         entries = self.streams.read(
-            self.keys.knowledge_stream, self.group, self.name, count=1, block_ms=self.config.transport.block_ms
+            self.keys.knowledge_stream, self.group, self.consumer, count=1, block_ms=self.config.transport.block_ms
         )
         self.state.wait_seconds += time.perf_counter() - waited
         return entries
@@ -481,28 +585,33 @@ class StudentTrainer:
                               output_attentions=attentions)
 
     def step(self, knowledge: wire.Knowledge) -> dict[str, float]:
-        counts: dict[str, dict[str, int]] = {}
-        if self.config.task == "sentence-embedding":
-            loss, values = self.embedding_losses(knowledge)
-        else:
-            work = knowledge.work
-            output = self._forward(work.input_ids, work.attention_mask,
-                                   hidden=self.contract.student_needs_hidden_states,
-                                   attentions=self.contract.student_needs_attentions)
-            outputs = StudentOutputs(logits=output.logits, hidden_states=output.hidden_states,
-                                     attentions=output.attentions)
-            labels, counts = self.labels_for(knowledge)
-            loss, values = distillation_losses(outputs, knowledge, self.config, self.contract, self.projections,
-                                               labels)
+        loss, values, counts = self.losses(knowledge)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.update()
         self.state.step += 1
         self.state.last_loss = float(loss.detach())
         add_counts(self.state.pseudo_labels, counts)
         return {"loss": self.state.last_loss, **values}
+
+    def losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float], dict[str, dict[str, int]]]:
+        """The task's loss on one knowledge message, its terms, and per-language pseudo-label counts."""
+        if self.config.task == "sentence-embedding":
+            return *self.embedding_losses(knowledge), {}
+        work = knowledge.work
+        output = self._forward(work.input_ids, work.attention_mask, hidden=self.contract.student_needs_hidden_states,
+                               attentions=self.contract.student_needs_attentions)
+        outputs = StudentOutputs(logits=output.logits, hidden_states=output.hidden_states, attentions=output.attentions)
+        labels, counts = self.labels_for(knowledge)
+        loss, values = distillation_losses(outputs, knowledge, self.config, self.contract, self.projections, labels)
+        return loss, values, counts
+
+    def update(self) -> None:
+        """One optimiser step on the gradients in place (clipped), and the schedule."""
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.optimizer_steps += 1
 
     def embedding_losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
         """Parallel data (Reimers & Gurevych 2020): the student maps the English sentence *and* its
@@ -634,6 +743,7 @@ class StudentTrainer:
         }
 
     def _per_sample(self, total: int) -> float | None:
-        samples = self.ledger.samples_applied
+        # A data-parallel worker counts the bytes of the messages it read itself.
+        samples = self.ledger.samples_applied if self.sync is None else self._own_samples
         return round(total / samples, 1) if samples else None
 
