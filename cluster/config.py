@@ -132,7 +132,8 @@ class DataConfig(_Strict):
         "translation, which the student learns to map to the same point.",
     )
     parallel_test_rows: int = Field(
-        default=200, ge=2, description="Parallel data: the last rows of each language, held out for retrieval."
+        default=200, ge=2, description="Parallel data: the last rows of each language held out for retrieval (at "
+        "most half of a language's rows)."
     )
     withhold_labels: bool = Field(
         default=False,
@@ -196,6 +197,22 @@ class DistillConfig(_Strict):
         default=None, gt=0, le=1,
         description="For samples the student has no label for: use the teacher's predicted class as a hard "
         "label when the teacher gives it at least this probability (hard_weight weighs it).",
+    )
+    lm_loss: Literal["forward_kl", "reverse_kl", "gjs"] = Field(
+        default="forward_kl",
+        description="task causal-lm: the divergence soft_weight weighs, per token over the teacher's top-k plus a "
+        "rest bucket: forward KL(teacher||student), reverse KL(student||teacher), or the generalised Jensen-Shannon "
+        "divergence of GKD (student/lm_losses.py).",
+    )
+    gjs_beta: float = Field(
+        default=0.5, gt=0, lt=1,
+        description="lm_loss gjs: the mixture weight beta (TRL's convention: towards 0 forward KL, towards 1 "
+        "reverse KL).",
+    )
+    knowledge_message_bytes: int | None = Field(
+        default=None, ge=4096, le=64 * 1024 * 1024,
+        description="Knowledge of a batch that would take more than this many bytes travels as several messages "
+        "(storage/chunking.py); null: the wire's limit (64 MiB, storage/wire.py MAX_MESSAGE_BYTES).",
     )
 
     @model_validator(mode="after")
@@ -374,11 +391,12 @@ class KnowledgeCacheConfig(_Strict):
 
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
-    task: Literal["sequence-classification", "sentence-embedding"] = Field(
+    task: Literal["sequence-classification", "sentence-embedding", "causal-lm"] = Field(
         default="sequence-classification",
         description="sequence-classification: class probabilities (and features) of a classifier teacher; "
         "sentence-embedding: a sentence encoder's mean-pooled embeddings, learnt from parallel data (data.parallel) "
-        "and evaluated by bitext retrieval.",
+        "and evaluated by bitext retrieval; causal-lm: a decoder's next-token distributions (top-k per token) on "
+        "plain text, evaluated by perplexity per language.",
     )
     output_dir: str = "runs/job"
     teacher: TeacherConfig
@@ -444,9 +462,43 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _causal_lm_task_settings(self) -> "JobConfig":
+        if self.task != "causal-lm":
+            return self
+        distill = self.distill
+        wrong = {
+            "data.label_column": self.data.label_column is not None,  # the text is its own label
+            "data.withhold_labels": self.data.withhold_labels,
+            "distill.pseudo_label_threshold": distill.pseudo_label_threshold is not None,
+            "distill.hidden_weight": distill.hidden_weight > 0,
+            "distill.attention_weight": distill.attention_weight > 0,
+            "distill.embedding_weight": distill.embedding_weight > 0,
+            "evaluation.ablation": self.evaluation.ablation,
+            "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
+            "compress": self.compress is not None,
+            # The student predicts the teacher's vocabulary, piece for piece.
+            "student.trim_vocabulary": self.student.trim_vocabulary
+            or any(extra.trim_vocabulary for extra in self.extra_students),
+            # Cached records are per sample, but a long sample's knowledge may travel in token windows.
+            "knowledge_cache.enabled": self.knowledge_cache.enabled,
+        }
+        if any(wrong.values()):
+            raise ValueError(
+                "task causal-lm learns next-token distributions from plain text (hard labels are the text's own next "
+                "tokens, weighed by distill.hard_weight): set "
+                + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
+            )
+        if distill.soft_weight > 0 and distill.top_k is None:
+            raise ValueError(
+                "task causal-lm needs distill.top_k (e.g. 16 to 64): a teacher's full logits for every token (a "
+                "250k-piece vocabulary is 1 MB a token) are never shipped, only its top-k and their log-sum-exp"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _labels_where_needed(self) -> "JobConfig":
         data, distill = self.data, self.distill
-        if self.task == "sentence-embedding":
+        if self.task != "sequence-classification":
             return self
         if data.label_column is None:
             if data.withhold_labels:

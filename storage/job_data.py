@@ -39,8 +39,9 @@ def load_job_split(data: DataConfig, split: str, label_names: list[str] | None =
 def _parallel_split(data: DataConfig, split: str) -> JobSplit:
     """Parallel sentences: ``text`` is the English side (the teacher's input), ``pair`` its translation.
 
-    The last ``data.parallel_test_rows`` rows of each language are the held-out split (bitext
-    retrieval), the rest the training split; ``limit_per_language`` caps the training rows.
+    The last ``data.parallel_test_rows`` rows of each language (at most half of them) are the
+    held-out split (bitext retrieval), the rest the training split; ``limit_per_language`` caps
+    the training rows.
     """
     if split not in (data.train_split, data.eval_split):
         raise DataSourceError(f"parallel data has two splits, data.train_split ({data.train_split!r}) and "
@@ -48,10 +49,10 @@ def _parallel_split(data: DataConfig, split: str) -> JobSplit:
     columns: dict[str, list] = {"sample_id": [], "text": [], "pair": [], "label": [], "language": []}
     for language in data.languages or parallel_languages(data.path):
         rows = load_parallel(data.path, language)
-        keep = len(rows) - data.parallel_test_rows
-        if keep < 1:
-            raise DataSourceError(f"{language}: {len(rows)} parallel rows, but data.parallel_test_rows is "
-                                  f"{data.parallel_test_rows}: hold out fewer rows")
+        if len(rows) < 4:
+            raise DataSourceError(f"{language}: only {len(rows)} parallel rows in {data.path}; retrieval needs more")
+        # A short language (Tatoeba's Amharic has 168 pairs) keeps half of its rows for training.
+        keep = len(rows) - min(data.parallel_test_rows, len(rows) // 2)
         if split == data.train_split:
             rows = rows.select(range(min(keep, data.limit_per_language or keep)))
         else:
