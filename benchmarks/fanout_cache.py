@@ -36,7 +36,7 @@ class FanoutSettings:
     repeats: int
 
 
-QUICK = FanoutSettings(("eng_Latn", "swh_Latn"), 200, 2, (2, 4), 1)
+QUICK = FanoutSettings(("eng_Latn", "swh_Latn"), 200, 2, (2, 4), 2)
 FULL = FanoutSettings(("eng_Latn", "fra_Latn", "swh_Latn", "zho_Hans"), 300, 2, (2, 4), 2)
 
 
