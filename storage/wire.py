@@ -150,6 +150,9 @@ class WorkBatch:
     # same tokenizer's ids as input_ids; [n, L2] and its mask.
     pair_input_ids: np.ndarray | None = None
     pair_attention_mask: np.ndarray | None = None
+    # The same texts in the student's own tokenizer, when it has one (student.tokenizer); [n, L3].
+    student_input_ids: np.ndarray | None = None
+    student_attention_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _require_str(self.job_id, "WorkBatch.job_id")
@@ -188,16 +191,19 @@ class WorkBatch:
             _require_shape(labels, "WorkBatch.labels", (n,), "one label per sample")
             _set(self, "labels", labels)
 
-        if (self.pair_input_ids is None) != (self.pair_attention_mask is None):
-            raise WireError("WorkBatch.pair_input_ids and pair_attention_mask come together or not at all")
-        if self.pair_input_ids is not None:
-            pair_ids = _as_integer_array(self.pair_input_ids, "WorkBatch.pair_input_ids", np.int32)
-            _require_shape(pair_ids, "WorkBatch.pair_input_ids", (n, None), "n samples x pair length")
-            pair_mask = _as_integer_array(self.pair_attention_mask, "WorkBatch.pair_attention_mask", np.uint8,
-                                          allow_bool=True)
-            _require_shape(pair_mask, "WorkBatch.pair_attention_mask", pair_ids.shape, "same as pair_input_ids")
-            _set(self, "pair_input_ids", pair_ids)
-            _set(self, "pair_attention_mask", pair_mask)
+        for prefix in ("pair", "student"):
+            ids_name, mask_name = f"{prefix}_input_ids", f"{prefix}_attention_mask"
+            ids, mask = getattr(self, ids_name), getattr(self, mask_name)
+            if (ids is None) != (mask is None):
+                raise WireError(f"WorkBatch.{ids_name} and {mask_name} come together or not at all")
+            if ids is None:
+                continue
+            ids = _as_integer_array(ids, f"WorkBatch.{ids_name}", np.int32)
+            _require_shape(ids, f"WorkBatch.{ids_name}", (n, None), "n samples x its own length")
+            mask = _as_integer_array(mask, f"WorkBatch.{mask_name}", np.uint8, allow_bool=True)
+            _require_shape(mask, f"WorkBatch.{mask_name}", ids.shape, f"same as {ids_name}")
+            _set(self, ids_name, ids)
+            _set(self, mask_name, mask)
 
     @property
     def n_samples(self) -> int:
@@ -440,6 +446,8 @@ def _work_body(work: WorkBatch) -> dict[str, Any]:
         "labels": _pack_optional(work.labels),
         "pair_input_ids": _pack_optional(work.pair_input_ids),
         "pair_attention_mask": _pack_optional(work.pair_attention_mask),
+        "student_input_ids": _pack_optional(work.student_input_ids),
+        "student_attention_mask": _pack_optional(work.student_attention_mask),
     }
 
 
@@ -570,6 +578,8 @@ def _read_work_body(body: dict, where: str) -> WorkBatch:
         labels=_get_array(body, "labels", where, optional=True),
         pair_input_ids=_get_array(body, "pair_input_ids", where, optional=True),
         pair_attention_mask=_get_array(body, "pair_attention_mask", where, optional=True),
+        student_input_ids=_get_array(body, "student_input_ids", where, optional=True),
+        student_attention_mask=_get_array(body, "student_attention_mask", where, optional=True),
     )
 
 

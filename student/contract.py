@@ -176,7 +176,9 @@ def check_contract(config: JobConfig, teacher_config: PretrainedConfig, student_
         )
     # Every message carries the teacher tokenizer's ids, which the student reads (through its vocabulary
     # map when trimmed), and token-level features line up position by position: one tokenizer for both.
-    if not config.student.trim_vocabulary and teacher_config.vocab_size != student_config.vocab_size:
+    # A student with its own tokenizer (student.tokenizer) reads its own ids instead: the driver checks those.
+    own_ids = config.student.trim_vocabulary or config.student.tokenizer is not None
+    if not own_ids and teacher_config.vocab_size != student_config.vocab_size:
         raise ContractError(
             f"the student's vocabulary has {student_config.vocab_size} pieces but the teacher's "
             f"{teacher_config.vocab_size}: the student reads the teacher's token ids, so both need the teacher's "

@@ -598,7 +598,10 @@ class StudentTrainer:
         if self.config.task == "sentence-embedding":
             return *self.embedding_losses(knowledge), {}
         work = knowledge.work
-        output = self._forward(work.input_ids, work.attention_mask, hidden=self.contract.student_needs_hidden_states,
+        # With its own tokenizer (student.tokenizer) the student reads its own ids of the same texts.
+        ids, mask = ((work.student_input_ids, work.student_attention_mask) if work.student_input_ids is not None
+                     else (work.input_ids, work.attention_mask))
+        output = self._forward(ids, mask, hidden=self.contract.student_needs_hidden_states,
                                attentions=self.contract.student_needs_attentions)
         outputs = StudentOutputs(logits=output.logits, hidden_states=output.hidden_states, attentions=output.attentions)
         labels, counts = self.labels_for(knowledge)

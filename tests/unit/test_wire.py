@@ -324,3 +324,19 @@ def test_topk_logsumexp_does_not_overflow_for_large_fp16_logits():
 def test_topk_rejects_k_out_of_range(k):
     with pytest.raises(WireError, match="k must be between 1 and"):
         topk_soft_labels(np.zeros((N, C), np.float32), k=k)
+
+
+def test_second_texts_and_the_students_own_ids_round_trip_and_are_checked():
+    base = dict(job_id="j", epoch=0, batch_id=1, sample_ids=np.arange(2), languages=("fra", "swh"),
+                input_ids=np.ones((2, 4), np.int32), attention_mask=np.ones((2, 4), np.uint8))
+    work = WorkBatch(**base, pair_input_ids=np.full((2, 6), 7), pair_attention_mask=np.ones((2, 6), np.uint8),
+                     student_input_ids=np.full((2, 3), 9), student_attention_mask=np.ones((2, 3), np.uint8))
+    back = decode(encode(work))
+    assert back.pair_input_ids.tolist() == [[7] * 6] * 2 and back.pair_input_ids.dtype == np.int32
+    assert back.student_input_ids.shape == (2, 3) and back.student_attention_mask.dtype == np.uint8
+    plain = decode(encode(WorkBatch(**base)))
+    assert plain.pair_input_ids is None and plain.student_input_ids is None
+    with pytest.raises(WireError, match="come together"):
+        WorkBatch(**base, student_input_ids=np.ones((2, 3), np.int32))
+    with pytest.raises(WireError, match="pair_input_ids"):
+        WorkBatch(**base, pair_input_ids=np.ones((3, 3), np.int32), pair_attention_mask=np.ones((3, 3), np.uint8))

@@ -1,0 +1,39 @@
+"""A student with its own tokenizer: work batches carry both tokenizations of each text, the
+student reads its own ids, and sequence-level knowledge (soft labels) needs no alignment."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cluster.config import ConfigError
+from cluster.driver import run_job
+from storage.datasets import load_split
+from storage.vocab import train_wordpiece_tokenizer
+from tests.integration.test_pipeline import EXAMPLES, tiny_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_a_student_with_its_own_tokenizer_learns_every_sample_once(tmp_path, redis_server, local_ray):
+    texts = load_split(str(EXAMPLES / "data" / "sib200"), "train", languages=["eng_Latn", "swh_Latn"]).dataset["text"]
+    own = train_wordpiece_tokenizer(texts, 1500, tmp_path / "own-tokenizer")
+    config = tiny_config(tmp_path, redis_server.url, f"student.tokenizer={tmp_path / 'own-tokenizer'}",
+                         f"student.config.vocab_size={len(own)}", "training.epochs=1", "teacher.replicas=1")
+    report = run_job(config, show_progress=False)
+
+    assert report["samples_distilled"] == report["samples_expected"] == 400
+    assert report["duplicates_dropped"] == 0 and report["batches_missing"] == 0
+    student_tokenizer = AutoTokenizer.from_pretrained(report["student_path"])
+    assert student_tokenizer.get_vocab() == own.get_vocab()
+    model = AutoModelForSequenceClassification.from_pretrained(report["student_path"])
+    assert model.config.vocab_size == len(own) and report["teacher_path"]
+    assert len(AutoTokenizer.from_pretrained(report["teacher_path"])) != len(own)
+    # Evaluated through its own tokenizer, beside the teacher.
+    assert 0 <= report["per_language"]["swh_Latn"]["student"]["accuracy"] <= 1
+
+
+def test_token_level_knowledge_across_tokenizers_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="distill.hidden_weight"):
+        tiny_config(tmp_path, "redis://127.0.0.1:1/0", "student.tokenizer=bert-base-multilingual-cased",
+                    "distill.hidden_layers=uniform", "distill.hidden_weight=1")
