@@ -4,6 +4,7 @@
     polydistill validate CONFIG [--set ...]
     polydistill finetune CONFIG [--set ...]       fine-tune the teacher only (cached by recipe)
     polydistill resume OUTPUT_DIR [--set ...]     continue a stopped or crashed run from its checkpoint
+    polydistill tune CONFIG --space SPACE.yaml [--output DIR]   hyper-parameter search (Ray Tune)
 
 On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:8265):
     polydistill submit CONFIG [--set ...] [--output DIR] [--redis-url URL]   prints the job id
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     size = scale.add_mutually_exclusive_group(required=True)
     size.add_argument("--teachers", type=int, help="run this many teacher replicas until told otherwise")
     size.add_argument("--auto", action="store_true", help="hand the pool back to its policy")
+    from cluster.tune import add_tune_command  # `polydistill tune JOB --space SPACE`: cluster/tune.py
+
+    add_tune_command(commands)
     return parser
 
 
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "tune":
+        from cluster.tune import run_tune_command
+
+        return run_tune_command(args)
     if args.command in _JOB_COMMANDS:
         return _job_command(args)
     try:

@@ -1,0 +1,896 @@
+"""``polydistill tune``: a hyper-parameter search over distillation jobs with Ray Tune.
+
+    polydistill tune JOB.yaml --space SPACE.yaml --output DIR [--set dotted.key=value ...]
+
+SPACE.yaml (a :class:`TuneConfig`) names the dimensions searched: the temperature, the loss
+weights, the hidden-layer mapping, the learning rate, and any other job key by its dotted name
+(``space.more``, e.g. the student's depth, which is what gives the accuracy/size trade-off a front).
+Every trial is one ordinary job (``cluster.driver.run_job``) built from JOB.yaml plus the trial's
+``--set``-style overrides, with its own output folder ``DIR/trials/<trial>`` and its own job id, so
+its Redis keys never meet another trial's. All trials share one Redis (the job's
+``transport.redis_url``, else one private server started for the search). A random teacher
+(``teacher.model: random``) is built once, in ``DIR/teacher``, and every trial distils that one.
+
+When the job config knows a knowledge cache (``knowledge_cache`` in :class:`JobConfig`), every trial
+runs with it on (whatever the job file says) and one cache folder (the job's ``knowledge_cache.dir``,
+else ``DIR/knowledge_cache``), and a warm-up job with the base config runs first, alone, so
+the teacher's knowledge is computed once. The cache key includes the knowledge contract: a trial
+whose hidden-layer mapping differs from the warm-up's computes the teacher once for that contract and
+stores it, and later trials with the same contract read it. Each trial's row says whether it read
+the cache (its teacher replicas computed no sample).
+
+On a multi-node Ray cluster (``RAY_ADDRESS``), give a Redis every node reaches and put DIR on
+storage every node shares: the trials' output folders, the shared teacher and the cache live there.
+
+Outputs: ``DIR/tune_report.json`` (every trial's hyper-parameters and metrics, the best trial and the
+Pareto front of accuracy against size/latency), ``DIR/tune_report.md`` (the same as a table) and
+``DIR/pareto.png``.
+
+The pure parts (``trial_overrides``, ``pareto_front``, ``best_trial``, the table) need neither Ray nor
+torch; Ray Tune is imported only when a search runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON, REPORT_MD, PARETO_PNG = "tune_report.json", "tune_report.md", "pareto.png"
+MISSING = "—"
+# Size/latency objectives a trial reports (the student's, from the job's efficiency section).
+COST_KEYS = ("params", "non_embedding_params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32")
+METRIC_KEYS = ("accuracy", "overall_accuracy", "macro_f1", "retention")
+# The named dimensions of `space` and the job keys they set.
+NAMED_KEYS = {
+    "temperature": "distill.temperature",
+    "soft_weight": "distill.soft_weight",
+    "hard_weight": "distill.hard_weight",
+    "hidden_layers": "distill.hidden_layers",
+    "hidden_weight": "distill.hidden_weight",
+    "lr": "training.lr",
+}
+# Keys a search must not touch: the search sets them per trial itself.
+_RESERVED_PREFIXES = ("job_id", "output_dir", "transport", "knowledge_cache")
+
+
+class TuneConfigError(ConfigError):
+    """The search description is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Dimension(_Strict):
+    """One searched value: exactly one of ``choice``, ``uniform`` or ``loguniform``."""
+
+    choice: list[Any] | None = Field(default=None, description="Pick one of these values.")
+    uniform: tuple[float, float] | None = Field(default=None, description="[low, high], uniformly.")
+    loguniform: tuple[float, float] | None = Field(
+        default=None, description="[low, high] with low > 0, uniformly in log space (learning rates, temperatures)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Dimension:
+        given = [name for name in ("choice", "uniform", "loguniform") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform or loguniform (got {given or 'none'})")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice is an empty list: give at least one value")
+        for name in ("uniform", "loguniform"):
+            bounds = getattr(self, name)
+            if bounds is None:
+                continue
+            low, high = bounds
+            if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+                raise ValueError(f"{name} needs [low, high] with low < high, got [{low}, {high}]")
+            if name == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {low}")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """The values checked before the search starts: every choice, or both bounds."""
+        if self.choice is not None:
+            return list(self.choice)
+        return list(self.uniform if self.uniform is not None else self.loguniform)
+
+    def to_ray(self):
+        from ray import tune
+
+        if self.choice is not None:
+            return tune.choice(list(self.choice))
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        return tune.loguniform(*self.loguniform)
+
+
+def _is_layer_mapping(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value) and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2
+        and all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in pair)
+        for pair in value))
+
+
+class SearchSpace(_Strict):
+    """What the search varies; a dimension left out keeps the job's value."""
+
+    temperature: Dimension | None = Field(default=None, description="distill.temperature")
+    soft_weight: Dimension | None = Field(default=None, description="distill.soft_weight")
+    hard_weight: Dimension | None = Field(default=None, description="distill.hard_weight")
+    hidden_layers: Dimension | None = Field(
+        default=None,
+        description="distill.hidden_layers: a choice among [[student, teacher], ...] mappings, 'uniform' and "
+        "null (no hidden-state loss: hidden_weight becomes 0).",
+    )
+    hidden_weight: Dimension | None = Field(
+        default=None, description="distill.hidden_weight; a sampled 0 drops the hidden-state loss (layers: null)."
+    )
+    lr: Dimension | None = Field(default=None, description="training.lr")
+    more: dict[str, Dimension] = Field(
+        default_factory=dict,
+        description="Any other job key by its dotted name, e.g. student.config.num_hidden_layers: {choice: [1, 2]}.",
+    )
+
+    @field_validator("temperature", "soft_weight", "hard_weight", "hidden_weight", "lr")
+    @classmethod
+    def _numbers(cls, value: Dimension | None) -> Dimension | None:
+        if value is not None and value.choice is not None:
+            bad = [item for item in value.choice if isinstance(item, bool) or not isinstance(item, (int, float))]
+            if bad:
+                raise ValueError(f"choice must hold numbers, got {bad}")
+        return value
+
+    @field_validator("hidden_layers")
+    @classmethod
+    def _mappings(cls, value: Dimension | None) -> Dimension | None:
+        if value is None:
+            return value
+        if value.choice is None:
+            raise ValueError("hidden_layers takes a choice: [[[student, teacher], ...], 'uniform', null]")
+        for item in value.choice:
+            if item is not None and item != "uniform" and not _is_layer_mapping(item):
+                raise ValueError(f"each choice must be a list of [student_layer, teacher_layer] pairs, 'uniform' "
+                                 f"or null; got {item!r}")
+        return value
+
+    @field_validator("more")
+    @classmethod
+    def _dotted_job_keys(cls, value: dict[str, Dimension]) -> dict[str, Dimension]:
+        for key in value:
+            parts = key.split(".")
+            if len(parts) < 2 or not all(parts):
+                raise ValueError(f"{key!r} is not a dotted job key such as student.config.num_hidden_layers")
+            if key in NAMED_KEYS.values():
+                name = next(name for name, job_key in NAMED_KEYS.items() if job_key == key)
+                raise ValueError(f"{key!r} has its own dimension: use space.{name} instead")
+            if parts[0] in _RESERVED_PREFIXES:
+                raise ValueError(f"{key!r}: the search sets {parts[0]} for every trial itself")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> SearchSpace:
+        if not self.dimensions():
+            raise ValueError("the space is empty: give at least one dimension (temperature, soft_weight, "
+                             "hard_weight, hidden_layers, hidden_weight, lr or more)")
+        return self
+
+    def dimensions(self) -> dict[str, Dimension]:
+        """{job key: dimension}, named dimensions first."""
+        named = {job_key: getattr(self, name) for name, job_key in NAMED_KEYS.items()
+                 if getattr(self, name) is not None}
+        return {**named, **self.more}
+
+
+class TuneConfig(_Strict):
+    """A search: SPACE.yaml of ``polydistill tune``."""
+
+    space: SearchSpace
+    num_samples: int = Field(default=8, ge=1, le=10_000, description="How many trials to sample.")
+    max_concurrent_trials: int = Field(
+        default=1, ge=1,
+        description="Trials running at once. Each trial is a whole job (teacher replicas and a student): on a "
+        "small machine keep 1.",
+    )
+    metric: Literal["accuracy", "overall_accuracy", "macro_f1", "retention"] = Field(
+        default="accuracy",
+        description="What the best trial maximises: accuracy is the student's language-average accuracy.",
+    )
+    minimize: list[Literal["params", "non_embedding_params", "disk_bytes", "latency_ms_batch1",
+                           "latency_ms_batch32"]] = Field(
+        default_factory=lambda: ["params", "latency_ms_batch32"],
+        description="The costs of the Pareto front (the student's); latencies need evaluation.latency: true.",
+    )
+    seed: int | None = Field(default=0, description="Seeds the random search; null: a different search each run.")
+    warmup: bool = Field(
+        default=True,
+        description="Run the base job once before the search to fill the knowledge cache (only when the job "
+        "config has knowledge_cache).",
+    )
+    time_budget_s: float | None = Field(default=None, gt=0, description="Start no trial after this long.")
+    set: list[str] = Field(
+        default_factory=list, description="Overrides for every trial (and the warm-up), e.g. training.epochs=1."
+    )
+
+    @field_validator("minimize")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a cost twice: {value}")
+        return value
+
+    @field_validator("set")
+    @classmethod
+    def _overrides_shape(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if "=" not in item:
+                raise ValueError(f"{item!r}: expected dotted.key=value, e.g. training.epochs=1")
+        return value
+
+
+def load_tune_config(path: str | Path, updates: Mapping[str, Any] | None = None) -> TuneConfig:
+    """Reads and validates SPACE.yaml; ``updates`` replace top-level keys (the CLI's flags)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise TuneConfigError(f"{path}: no such search space file") from exc
+    except yaml.YAMLError as exc:
+        raise TuneConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise TuneConfigError(f"{path}: the top level must be a mapping (space:, num_samples:, ...)")
+    raw = {**raw, **{key: value for key, value in (updates or {}).items() if value is not None}}
+    return validate_tune_config(raw, source=str(path))
+
+
+def validate_tune_config(raw: Mapping[str, Any], source: str = "search space") -> TuneConfig:
+    try:
+        return TuneConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise TuneConfigError(_format_validation_error(exc, source)) from None
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def yaml_value(value: Any) -> str:
+    """VALUE of a ``key=VALUE`` override that ``cluster.config.parse_override`` reads back as ``value``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot use {value} as a setting")
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:  # YAML 1.1 reads 1e-05 as a string, 1.0e-05 as a float
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if isinstance(value, str):
+        return json.dumps(value)  # a double-quoted YAML string: no colon or hash can change its meaning
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {yaml_value(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) as a setting")
+
+
+def _plain(value: Any) -> Any:
+    """Tune hands back numpy scalars and tuples; the report and the overrides want plain values."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict, str)):
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return value
+
+
+def effective_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a sampled point ({dotted job key: value}) gives the job, as plain values.
+
+    The hidden-state loss is switched on and off as a pair, since the job refuses layers without a
+    weight and a weight without layers: a sampled mapping of null sets the weight to 0, and a sampled
+    weight of 0 sets the mapping to null.
+    """
+    values = {key: _plain(value) for key, value in sample.items()}
+    layers_key, weight_key = NAMED_KEYS["hidden_layers"], NAMED_KEYS["hidden_weight"]
+    if layers_key in values and values[layers_key] is None:
+        values[weight_key] = 0.0
+    elif weight_key in values and values[weight_key] == 0:
+        values[layers_key] = None
+    return values
+
+
+def trial_overrides(sample: Mapping[str, Any]) -> list[str]:
+    """A sampled point as ``dotted.key=value`` overrides (see :func:`effective_sample`), in its order."""
+    return [f"{key}={yaml_value(value)}" for key, value in effective_sample(sample).items()]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def pareto_front(rows: Sequence[Mapping[str, Any]], maximize: str = "accuracy",
+                 minimize: Sequence[str] = ("params", "latency_ms_batch32")) -> list[Mapping[str, Any]]:
+    """The rows no other row dominates: at least as good on every objective and better on one.
+
+    ``maximize`` is higher-is-better; each of ``minimize`` is lower-is-better. A cost that no row
+    has (latency when it was not measured) is left out; a row without ``maximize`` or without a
+    remaining cost (a failed trial) is not a candidate. Equal rows are all kept. Returns the rows
+    themselves, best ``maximize`` first (ties: input order).
+    """
+    costs = [key for key in minimize if any(_number(row.get(key)) is not None for row in rows)]
+    candidates = [row for row in rows if _number(row.get(maximize)) is not None
+                  and all(_number(row.get(key)) is not None for key in costs)]
+
+    def point(row: Mapping[str, Any]) -> tuple[float, ...]:
+        return (-_number(row[maximize]), *(_number(row[key]) for key in costs))  # all lower-is-better
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    points = [point(row) for row in candidates]
+    front = [row for row, p in zip(candidates, points) if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda row: -_number(row[maximize]))
+
+
+def best_trial(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy",
+               tie_break: Sequence[str] = ()) -> Mapping[str, Any] | None:
+    """The row with the highest ``metric``; None when no row has it.
+
+    Among equals the lowest ``tie_break`` costs win, compared in order (a row lacking one counts as
+    the most costly), then the first row. With the Pareto front's costs as ``tie_break`` the best
+    trial is always on the front."""
+    scored = [row for row in rows if _number(row.get(metric)) is not None]
+    if not scored:
+        return None
+
+    def cost(row: Mapping[str, Any], key: str) -> float:
+        value = _number(row.get(key))
+        return math.inf if value is None else value
+
+    top = max(_number(row[metric]) for row in scored)
+    return min((row for row in scored if _number(row[metric]) == top),
+               key=lambda row: tuple(cost(row, key) for key in tie_break))
+
+
+def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What a trial reports, read from its job report (``cluster.driver.run_job``)."""
+    overall = report.get("overall") or {}
+    student = (report.get("efficiency") or {}).get("student") or {}
+    teachers = report.get("teachers") or []
+    computed = sum(int(teacher.get("samples") or 0) for teacher in teachers)
+    metrics = {
+        "accuracy": (overall.get("language_average") or {}).get("student"),
+        "overall_accuracy": (overall.get("student") or {}).get("accuracy"),
+        "macro_f1": (overall.get("student") or {}).get("macro_f1"),
+        "retention": overall.get("retention"),
+        "teacher_accuracy": (overall.get("language_average") or {}).get("teacher"),
+        **{key: student.get(key) for key in COST_KEYS},
+        "final_loss": report.get("final_loss"),
+        "wall_seconds": report.get("total_seconds", report.get("wall_seconds")),
+        "samples_distilled": report.get("samples_distilled"),
+        # A job that read the teacher's knowledge from the cache ran no teacher forward pass.
+        "teacher_samples_computed": computed,
+        "knowledge_from_cache": bool(report.get("samples_distilled")) and computed == 0,
+    }
+    if "knowledge_cache" in report:  # whatever the job says about its cache, kept as it is
+        metrics["knowledge_cache"] = json.dumps(report["knowledge_cache"], default=str)
+    return metrics
+
+
+def _short_names(keys: Iterable[str]) -> dict[str, str]:
+    """Column names: a key's last part where that is unique, else the whole key."""
+    keys = list(keys)
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: (name if last.count(name) == 1 else key) for key, name in zip(keys, last)}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return yaml_value(value).replace('"', "")
+    return str(value)
+
+
+def _percent(value: Any) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{100 * number:.1f}%"
+
+
+def _count(value: Any) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{int(number):,}"
+
+
+def _ms(value: Any) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{number:.2f}"
+
+
+def format_tune_table(result: Mapping[str, Any]) -> str:
+    """The trials as a Markdown pipe table: hyper-parameters, metrics, costs, best (★) and front (◆)."""
+    rows = result.get("trials") or []
+    keys = list(result.get("searched") or dict.fromkeys(key for row in rows for key in row.get("config", {})))
+    names = _short_names(keys)
+    best = result.get("best_trial")
+    front = set(result.get("pareto_front") or [])
+    header = ["trial", *names.values(), "accuracy", "retention", "params", "latency b32 (ms)", "knowledge", "front"]
+    lines = []
+    for row in rows:
+        marks = ("★" if row["trial"] == best else "") + ("◆" if row["trial"] in front else "")
+        if row.get("status") != "ok":
+            knowledge = "failed"
+        else:
+            knowledge = "cache" if row.get("knowledge_from_cache") else "teacher"
+        config = row.get("config") or {}
+        lines.append([row["trial"], *(_cell(config.get(key)) for key in keys), _percent(row.get("accuracy")),
+                      _percent(row.get("retention")), _count(row.get("params")), _ms(row.get("latency_ms_batch32")),
+                      knowledge, marks])
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, lines)])
+
+
+def summary_lines(result: Mapping[str, Any]) -> list[str]:
+    rows = {row["trial"]: row for row in result.get("trials") or []}
+    metric = result.get("metric", "accuracy")
+    lines = []
+    best = rows.get(result.get("best_trial"))
+    if best is not None:
+        settings = " ".join(best.get("overrides") or [])
+        lines.append(f"best trial: {best['trial']} ({metric} {_percent(best.get(metric))}): {settings}")
+    else:
+        lines.append("best trial: none (no trial finished with a score)")
+    costs = ", ".join(result.get("pareto_costs") or []) or "nothing"
+    lines.append(f"Pareto front ({metric} against {costs}): {', '.join(result.get('pareto_front') or []) or 'empty'}")
+    finished = [row for row in rows.values() if row.get("status") == "ok"]
+    cached = [row["trial"] for row in finished if row.get("knowledge_from_cache")]
+    cache = result.get("knowledge_cache") or {}
+    if cache.get("enabled"):
+        lines.append(f"knowledge cache {cache.get('dir')}: {len(cached)} of {len(finished)} finished trials read it")
+    else:
+        lines.append("knowledge cache: not available in this job config; every trial ran its teacher")
+    failed = [name for name, row in rows.items() if row.get("status") != "ok"]
+    if failed:
+        lines.append(f"failed trials: {', '.join(failed)} (errors in tune_report.json)")
+    return lines
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    costs = ", ".join(f"`{cost}`" for cost in result.get("pareto_costs") or []) or "none"
+    intro = (f"{len(result.get('trials') or [])} trials, metric `{result.get('metric')}` (maximised), "
+             f"Pareto costs {costs} (minimised). ★ best trial, ◆ on the Pareto front.")
+    parts = [f"# Hyper-parameter search: {result.get('job')}", "", intro, "", format_tune_table(result), "",
+             *(f"- {line}" for line in summary_lines(result))]
+    if result.get("plot"):
+        parts += ["", f"![Pareto front]({result['plot']})"]
+    return "\n".join(parts) + "\n"
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], front_names: Iterable[str], best_name: str | None,
+                metric: str, costs: Sequence[str], path: Path) -> Path | None:
+    """Accuracy against each cost, the front joined by a line; None when matplotlib is missing or
+    there is nothing to draw."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s", path.name)
+        return None
+    costs = [cost for cost in costs if any(_number(row.get(cost)) is not None for row in rows)]
+    scored = [row for row in rows if _number(row.get(metric)) is not None]
+    if not scored or not costs:
+        return None
+    front_names = set(front_names)
+    figure = Figure(figsize=(5 * len(costs), 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(costs), squeeze=False)[0]
+    for ax, cost in zip(axes, costs):
+        points = [(row, _number(row.get(cost)), _number(row[metric])) for row in scored
+                  if _number(row.get(cost)) is not None]
+        ax.scatter([x for _, x, _ in points], [100 * y for _, _, y in points], color="0.6", label="trial", zorder=2)
+        front = sorted((p for p in points if p[0]["trial"] in front_names), key=lambda p: p[1])
+        if front:
+            ax.plot([x for _, x, _ in front], [100 * y for _, _, y in front], "o-", color="tab:red",
+                    label="Pareto front", zorder=3)
+        for row, x, y in points:
+            ax.annotate(row["trial"].removeprefix("trial_"), (x, 100 * y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+            if row["trial"] == best_name:
+                ax.scatter([x], [100 * y], marker="*", s=200, color="gold", edgecolor="black", label="best", zorder=4)
+        ax.set_xlabel(f"student {cost}")
+        ax.set_ylabel(f"student {metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.savefig(path)
+    return path
+
+
+# --------------------------------------------------------------------------- running the search
+
+
+def cache_supported() -> bool:
+    """Whether this version of the job config has a knowledge cache section."""
+    return "knowledge_cache" in JobConfig.model_fields
+
+
+def cache_overrides(config: JobConfig, default_dir: Path) -> tuple[list[str], str | None]:
+    """Overrides that switch the knowledge cache on, with the job's own folder or ``default_dir``."""
+    if not cache_supported():
+        return [], None
+    section = getattr(config, "knowledge_cache", None)
+    configured = getattr(section, "dir", None) if section is not None else None
+    folder = str(Path(configured).resolve()) if configured else str(default_dir.resolve())
+    return ["knowledge_cache.enabled=true", f"knowledge_cache.dir={yaml_value(folder)}"], folder
+
+
+def shared_teacher(config: JobConfig, folder: Path) -> list[str]:
+    """Overrides that give every trial the same teacher checkpoint, built once here.
+
+    A random teacher (``teacher.model: random``) is otherwise built by each job in its own folder,
+    with a freshly trained WordPiece vocabulary whose ids are not reproducible: trials would distil
+    different teachers, and no two would share a knowledge-cache key. A teacher given by name or
+    folder is already shared (and its fine-tuned copy is cached by recipe). The folder is reused
+    while the teacher's recipe (teacher and data sections, seed) stays the same, so that a second
+    search reads the first one's cache."""
+    if config.teacher.model != "random":
+        return []
+    from cluster.driver import prepare_teacher
+    from storage.job_data import load_job_split
+
+    recipe = json.dumps({"teacher": config.teacher.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+                         "seed": config.training.seed}, sort_keys=True)
+    marker = folder / "tune_teacher_recipe.json"
+    if not (marker.is_file() and marker.read_text(encoding="utf-8") == recipe):
+        shutil.rmtree(folder, ignore_errors=True)
+        train = load_job_split(config.data, config.data.train_split)
+        built = prepare_teacher(config, folder.parent, train)  # writes <parent>/teacher
+        if built.resolve() != folder.resolve():
+            raise RuntimeError(f"the random teacher was built in {built}, not {folder}")
+        marker.write_text(recipe, encoding="utf-8")
+    return [f"teacher.model={yaml_value(str(folder.resolve()))}", "teacher.config={}", "teacher.tokenizer=null"]
+
+
+def trial_bundles(config: JobConfig) -> list[dict[str, float]]:
+    """Placement-group bundles for one trial: an empty one for the trial's own process, then one per
+    actor the job starts (teacher replicas, up to the autoscaler's maximum, and each student).
+
+    Ray Tune schedules everything a trial starts inside the trial's placement group, so the job's
+    actors must have their bundles there, or they would wait forever for CPUs the group lacks."""
+
+    def bundle(cpus: float, gpus: float, resources: Mapping[str, float]) -> dict[str, float]:
+        wanted = {"CPU": cpus, "GPU": gpus, **resources}
+        return {key: float(value) for key, value in wanted.items() if value}
+
+    teacher = config.teacher
+    replicas = teacher.autoscaling.max_replicas if teacher.autoscaling is not None else teacher.replicas
+    actors = [bundle(teacher.num_cpus, teacher.num_gpus, teacher.resources)] * replicas
+    for name in config.student_names:
+        student = config.for_student(name).student
+        actors.append(bundle(student.num_cpus, student.num_gpus, student.resources))
+    return [{}, *(actor for actor in actors if actor)]  # an actor that asks for nothing needs no bundle
+
+
+def check_space(job_path: Path, base: list[str], tune_config: TuneConfig) -> None:
+    """Fails before anything starts when a value of the space makes an invalid job: each candidate
+    (every choice, both bounds) is tried with the other dimensions at their first candidate."""
+    dimensions = tune_config.space.dimensions()
+    firsts = {key: dimension.candidates()[0] for key, dimension in dimensions.items()}
+    for key, dimension in dimensions.items():
+        for value in dimension.candidates():
+            sample = {**firsts, key: value}
+            try:
+                load_config(job_path, [*base, *trial_overrides(sample)])
+            except ConfigError as exc:
+                name = next((n for n, k in NAMED_KEYS.items() if k == key), f"more.{key}")
+                raise TuneConfigError(
+                    f"space.{name}: the value {yaml_value(value)} makes an invalid job "
+                    f"(with {' '.join(trial_overrides(sample))}):\n{exc}"
+                ) from None
+
+
+def _tune_trial(sample: dict, *, job_path: str, base: list[str], secret: list[str], trials_dir: str,
+                tag: str, cwd: str) -> None:
+    """One trial: the job with the sampled overrides, run to its report; reports the metrics."""
+    from ray import tune
+
+    from cluster.driver import run_job
+    from cluster.quiet import quiet_libraries
+
+    quiet_libraries()
+    os.chdir(cwd)  # relative paths in the job file mean what they mean where `polydistill tune` ran
+    name = tune.get_context().get_trial_name()
+    out_dir = Path(trials_dir) / name
+    overrides = trial_overrides(sample)
+    try:
+        config = load_config(job_path, [*base, *overrides, *secret, f"job_id={tag}-{name}"], output_dir=str(out_dir))
+        report = run_job(config, show_progress=False)
+        metrics = trial_metrics(report)
+        if metrics["params"] is None:  # evaluation.latency: false leaves efficiency empty; size is cheap
+            metrics.update(_student_size(report["student_path"]))
+        tune.report({"status": "ok", "output_dir": str(out_dir), **metrics})
+    except Exception as exc:  # an invalid combination, a failed job: the row says why, the search goes on
+        log.exception("trial %s failed", name)
+        tune.report({"status": "error", "output_dir": str(out_dir), "error": f"{type(exc).__name__}: {exc}"[:4000]})
+
+
+def _student_size(student_path: str) -> dict[str, int]:
+    from transformers import AutoModelForSequenceClassification
+
+    from student.efficiency import count_parameters, disk_bytes
+
+    model = AutoModelForSequenceClassification.from_pretrained(student_path)
+    return {**count_parameters(model), "disk_bytes": disk_bytes(student_path)}
+
+
+def _row_from_result(result, order: int) -> dict[str, Any]:
+    metrics = dict(result.metrics or {})
+    config = effective_sample(result.config or {})
+    name = Path(result.path).name if result.path else f"trial_{order:05d}"
+    row: dict[str, Any] = {"trial": name, "status": metrics.get("status", "error"), "config": config,
+                           "overrides": trial_overrides(config)}
+    for key in (*METRIC_KEYS, "teacher_accuracy", *COST_KEYS, "final_loss", "wall_seconds", "samples_distilled",
+                "teacher_samples_computed", "knowledge_from_cache", "output_dir"):
+        row[key] = _plain(metrics.get(key))
+    if "knowledge_cache" in metrics:
+        row["knowledge_cache"] = json.loads(metrics["knowledge_cache"])
+    error = metrics.get("error") or (str(result.error)[:4000] if result.error is not None else None)
+    if error or row["status"] != "ok":
+        row["status"] = "error"
+        row["error"] = error or "the trial ended without reporting"
+    return row
+
+
+def _ensure_ray(bundles: list[dict[str, float]], concurrent: int) -> bool:
+    """Joins the Ray cluster RAY_ADDRESS names, else starts a local Ray sized for ``concurrent``
+    trials, unless Ray is initialised already; returns whether it called ``ray.init`` (the caller
+    then shuts it down: a local Ray ends, a cluster is only left). Fails early when one trial cannot fit."""
+    import ray
+
+    needed = sum(bundle.get("CPU", 0.0) for bundle in bundles)
+    started = not ray.is_initialized()
+    if started and os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    elif started:
+        cpus = max(float(os.cpu_count() or 1), needed * concurrent)
+        ray.init(num_cpus=int(-(-cpus // 1)), include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level=logging.WARNING)
+    total = ray.cluster_resources()
+    for key in {key for bundle in bundles for key in bundle}:
+        want = sum(bundle.get(key, 0.0) for bundle in bundles)
+        if want > total.get(key, 0.0) + 1e-9:
+            if started:
+                ray.shutdown()
+            raise TuneConfigError(
+                f"one trial needs {want:g} {key} (teacher replicas × teacher.num_cpus/num_gpus/resources plus each "
+                f"student's), but the Ray cluster has {total.get(key, 0.0):g}: lower teacher.replicas or the "
+                "per-actor resources with --set"
+            )
+    return started
+
+
+def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Path,
+             overrides: Sequence[str] = (), show_table: bool = True) -> dict[str, Any]:
+    """Runs the search and writes its report; returns the report dict.
+
+    ``overrides`` apply to every trial (after ``tune_config.set``). Raises :class:`ConfigError`
+    (nothing started) for an invalid job or space."""
+    job_path = Path(job_path).resolve()
+    out = Path(output_dir).resolve()
+    base = [*tune_config.set, *overrides]
+    config = load_config(job_path, base)
+    if not config.data.eval_split:
+        raise ConfigError("data.eval_split is null: a search scores each trial on held-out rows; give data.eval_split")
+    check_space(job_path, base, tune_config)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("trials", "warmup"):  # a rerun into the same folder replaces its trials (the cache stays)
+        shutil.rmtree(out / stale, ignore_errors=True)
+    cache_sets, cache_dir = cache_overrides(config, out / "knowledge_cache")
+    base = [*base, *shared_teacher(config, out / "teacher"), *cache_sets]
+    tag = f"tune-{secrets.token_hex(3)}"
+    started = time.perf_counter()
+
+    from cluster.services import configured_redis_url
+    from storage.redis_server import PrivateRedisServer
+
+    bundles = trial_bundles(config)
+    started_ray = _ensure_ray(bundles, tune_config.max_concurrent_trials)
+    server = None
+    try:
+        redis_url = configured_redis_url(config)
+        if redis_url is None:  # one private server for the whole search; each trial has its own keys
+            import ray
+
+            if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+                log.warning("a private Redis listens on this machine only: trials placed on other nodes of the "
+                            "cluster cannot reach it; give transport.redis_url (or $POLYDISTILL_REDIS_URL)")
+            server = PrivateRedisServer().start()
+            redis_url = server.url
+        secret = [f"transport.redis_url={yaml_value(redis_url)}"]  # kept out of the report and Tune's files
+        warmup = None
+        if cache_dir is not None and tune_config.warmup:
+            warmup = _warmup(job_path, base, secret, out / "warmup", f"{tag}-warmup")
+        rows = _search(job_path, base, secret, tune_config, out, tag, bundles)
+    finally:
+        if server is not None:
+            server.stop()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    metric = tune_config.metric
+    costs = [key for key in tune_config.minimize if any(_number(row.get(key)) is not None for row in rows)]
+    best = best_trial(rows, metric, tie_break=costs)
+    front = pareto_front(rows, maximize=metric, minimize=costs)
+    result: dict[str, Any] = {
+        "job": str(job_path),
+        "output_dir": str(out),
+        "overrides": [item for item in base if not item.startswith("transport.")],
+        "searched": list(tune_config.space.dimensions()),
+        "tune_config": {**tune_config.model_dump(mode="json"),  # no Redis URL or password in a report
+                        "set": [item for item in tune_config.set if not item.startswith("transport.")]},
+        "metric": metric,
+        "pareto_costs": costs,
+        "trials": rows,
+        "best_trial": best["trial"] if best else None,
+        "best": best,
+        "pareto_front": [row["trial"] for row in front],
+        "warmup": warmup,
+        "knowledge_cache": {
+            "supported": cache_supported(),
+            "enabled": cache_dir is not None,
+            "dir": cache_dir,
+            "trials_from_cache": [row["trial"] for row in rows if row.get("knowledge_from_cache")],
+        },
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    plot = plot_pareto(rows, result["pareto_front"], result["best_trial"], metric, costs, out / PARETO_PNG)
+    result["plot"] = plot.name if plot else None
+    (out / REPORT_JSON).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    (out / REPORT_MD).write_text(render_markdown(result), encoding="utf-8")
+    if show_table:
+        print(format_tune_table(result))
+        for line in summary_lines(result):
+            print(line)
+        print(f"report: {out / REPORT_JSON}, {out / REPORT_MD}" + (f", {plot}" if plot else ""))
+    return result
+
+
+def _warmup(job_path: Path, base: list[str], secret: list[str], out_dir: Path, job_id: str) -> dict[str, Any]:
+    """The base job, alone, before the search: computes the teacher's knowledge into the cache."""
+    from cluster.driver import run_job
+
+    config = load_config(job_path, [*base, *secret, f"job_id={job_id}"], output_dir=str(out_dir))
+    log.info("warm-up job %s fills the knowledge cache", job_id)
+    report = run_job(config, show_progress=False)
+    metrics = trial_metrics(report)
+    if "knowledge_cache" in metrics:
+        metrics["knowledge_cache"] = json.loads(metrics["knowledge_cache"])
+    return {"output_dir": str(out_dir), **metrics}
+
+
+def _search(job_path: Path, base: list[str], secret: list[str], tune_config: TuneConfig, out: Path, tag: str,
+            bundles: list[dict[str, float]]) -> list[dict[str, Any]]:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
+    # Tune's own result files (result.json, progress.csv) without its TensorBoard logger, which would
+    # warn on every run that tensorboardX is not installed.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_parameters(_tune_trial, job_path=str(job_path), base=base, secret=secret,
+                                     trials_dir=str(out / "trials"), tag=tag, cwd=os.getcwd())
+
+    def trial_name(trial) -> str:
+        return "trial_" + str(trial.trial_id).rsplit("_", 1)[-1]
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, tune.PlacementGroupFactory(bundles, strategy="PACK")),
+        param_space={key: dimension.to_ray() for key, dimension in tune_config.space.dimensions().items()},
+        tune_config=tune.TuneConfig(
+            num_samples=tune_config.num_samples,
+            search_alg=BasicVariantGenerator(max_concurrent=tune_config.max_concurrent_trials,
+                                             random_state=tune_config.seed),
+            time_budget_s=tune_config.time_budget_s,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(name=f"search-{tag}", storage_path=str(out / "ray_tune"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
+    )
+    grid = tuner.fit()
+    rows = [_row_from_result(result, order) for order, result in enumerate(grid)]
+    return sorted(rows, key=lambda row: row["trial"])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_tune_command(subparsers) -> argparse.ArgumentParser:
+    """Declares ``polydistill tune`` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "tune", help="search temperature, loss weights, layer mapping and learning rate with Ray Tune"
+    )
+    parser.add_argument("config", help="job YAML file: the base every trial overrides")
+    parser.add_argument("--space", required=True, help="search space YAML (see examples/tune/tiny_space.yaml)")
+    parser.add_argument("--output", default="runs/tune", help="output directory (default: runs/tune)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job key for every trial, e.g. --set training.epochs=1 (YAML value)")
+    parser.add_argument("--num-samples", type=int, help="trials to run (overrides the space file's num_samples)")
+    parser.add_argument("--max-concurrent", type=int, dest="max_concurrent_trials",
+                        help="trials at once (overrides max_concurrent_trials)")
+    parser.add_argument("--seed", type=int, help="search seed (overrides seed)")
+    return parser
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    """``polydistill tune``: 0 when at least one trial finished, 2 for bad input, 1 otherwise."""
+    from cluster.cli import EXIT_BAD_INPUT, EXIT_FAILED
+
+    updates = {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials,
+               "seed": args.seed}
+    try:
+        tune_config = load_tune_config(args.space, updates)
+        result = run_tune(args.config, tune_config, args.output, args.overrides)
+    except ConfigError as exc:  # nothing was started
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        # Imported here so that a bad space or job file is reported without loading torch and Ray.
+        from cluster.driver import JobFailed
+        from cluster.recovery import RecoveryFailed
+        from storage.datasets import DataSourceError
+        from storage.streams import RedisUnavailable
+        from student.build import ModelSetupError
+        from student.checkpoint import CheckpointError
+
+        if isinstance(exc, (ModelSetupError, DataSourceError)):  # the teacher or the data: nothing searched
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(exc, (JobFailed, RecoveryFailed, RedisUnavailable, CheckpointError)):
+            print(f"error: the warm-up job failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    if not any(row.get("status") == "ok" for row in result["trials"]):
+        print(f"error: no trial finished; see the errors in {Path(result['output_dir']) / REPORT_JSON}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
