@@ -103,7 +103,11 @@ def format_language_table(report: Mapping) -> str:
     if not rows:
         return ""
     ablation = _has_ablation(report)
-    header = ["language", "teacher acc", "student acc", "retention", "teacher F1", "student F1"]
+    # Sentence-embedding jobs score bitext retrieval (both directions) instead of classes.
+    retrieval = report.get("metric") == "bitext retrieval accuracy"
+    second = ("eng_to_xx", "xx_to_eng") if retrieval else ("macro_f1", "macro_f1")
+    header = (["language", "teacher retrieval", "student retrieval", "retention", "student eng→xx", "student xx→eng"]
+              if retrieval else ["language", "teacher acc", "student acc", "retention", "teacher F1", "student F1"])
     if ablation:
         header.append("hard-label acc")
     cells = []
@@ -113,8 +117,8 @@ def format_language_table(report: Mapping) -> str:
             _percent(_metric(entry, "teacher", "accuracy")),
             _percent(_metric(entry, "student", "accuracy")),
             _percent(_retention_of(entry)),
-            _percent(_metric(entry, "teacher", "macro_f1")),
-            _percent(_metric(entry, "student", "macro_f1")),
+            _percent(_metric(entry, "student" if retrieval else "teacher", second[0])),
+            _percent(_metric(entry, "student", second[1])),
         ]
         if ablation:
             row.append(_percent(_metric(entry, "ablation", "accuracy")))
