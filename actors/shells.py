@@ -200,15 +200,18 @@ class StudentActor:
         self.progress_key = keys.progress
         self.name = name
         self.started = time.monotonic()
-        self.loss = metrics.Gauge("polydistill_student_loss", "Student training loss", tag_keys=("job",))
-        self.rate = metrics.Gauge("polydistill_student_samples_per_s", "Student samples per second", tag_keys=("job",))
-        self.distilled = metrics.Gauge("polydistill_samples_distilled", "Samples distilled so far", tag_keys=("job",))
+        # Tagged by student as well: extra students (extra_students) report beside the main one.
+        self.loss = metrics.Gauge("polydistill_student_loss", "Student training loss", tag_keys=("job", "student"))
+        self.rate = metrics.Gauge("polydistill_student_samples_per_s", "Student samples per second",
+                                  tag_keys=("job", "student"))
+        self.distilled = metrics.Gauge("polydistill_samples_distilled", "Samples distilled so far",
+                                       tag_keys=("job", "student"))
         self.loss_term = metrics.Gauge("polydistill_student_loss_term", "Student loss by term (soft, hard, ...)",
-                                       tag_keys=("job", "term"))
+                                       tag_keys=("job", "student", "term"))
         self.wire_bytes = metrics.Gauge("polydistill_wire_bytes", "Knowledge bytes the student has received",
-                                        tag_keys=("job",))
+                                        tag_keys=("job", "student"))
         for gauge in (self.loss, self.rate, self.distilled, self.loss_term, self.wire_bytes):
-            gauge.set_default_tags(_tags(config))
+            gauge.set_default_tags({**_tags(config), "student": name})
         self.trainer = StudentTrainer(
             config, student_init_dir, batches_per_epoch, redis_url, student_dir, name,
             progress=self._report if rank == 0 else None, checkpoint_dir=checkpoint_dir,
