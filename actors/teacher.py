@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from cluster.config import JobConfig
 from storage import wire
+from storage.chunking import knowledge_messages
 from storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
 from storage.delivery import split_over_delivered
 from storage.streams import GroupMissing, JobStreams, connect_job
@@ -121,10 +122,16 @@ class TeacherReplica:
         self.samples_done = 0
         self.busy_seconds = 0.0
         self.reclaimed = 0  # batches taken over from replicas that died holding them
+        self.messages_published = 0  # more than batches_done when batches travel in chunks
 
     def compute(self, work: wire.WorkBatch) -> wire.Knowledge:
         return compute_knowledge(self.model, work, self.request, teacher_id=self.replica_id,
                                  top_k=self.config.distill.top_k, autocast_bf16=self.autocast_bf16)
+
+    def encode(self, knowledge: wire.Knowledge) -> list[bytes]:
+        """The batch's knowledge as one message, or as chunks that each fit the message limit
+        (``distill.knowledge_message_bytes``, else the wire's): ``storage/chunking.py``."""
+        return knowledge_messages(knowledge, self.config.distill.knowledge_message_bytes or wire.MAX_MESSAGE_BYTES)
 
     def serve(self, should_stop: Callable[[], bool]) -> dict:
         """Processes work until told to stop; returns this replica's counters."""
@@ -193,11 +200,15 @@ class TeacherReplica:
             self.streams.ack_and_delete(self.keys.work_stream, TEACHER_GROUP, [entry_id])
             return
         knowledge = self.compute(work)
+        payloads = self.encode(knowledge)
         # The counters travel in the same transaction as the publish+ack, so the pool's throughput
-        # measurements (and `polydistill status`) count each batch exactly when it is done.
+        # measurements (and `polydistill status`) count each batch exactly when it is done. A batch in
+        # chunks is published whole in that one transaction too: every chunk, or none.
         transaction = self.streams.client.pipeline(transaction=True)
+        for payload in payloads[:-1]:
+            self.streams.add(self.keys.knowledge_stream, payload, pipeline=transaction)
         self.streams.publish_and_ack(
-            self.keys.knowledge_stream, wire.encode(knowledge), self.keys.work_stream, TEACHER_GROUP, entry_id,
+            self.keys.knowledge_stream, payloads[-1], self.keys.work_stream, TEACHER_GROUP, entry_id,
             pipeline=transaction,
         )
         self._count(transaction, work.n_samples, knowledge.teacher_seconds)
@@ -205,6 +216,7 @@ class TeacherReplica:
         self.batches_done += 1
         self.samples_done += work.n_samples
         self.busy_seconds += knowledge.teacher_seconds
+        self.messages_published += len(payloads)
 
     def _count(self, pipeline, samples: int, busy_seconds: float) -> None:
         key = self.keys.metrics
@@ -219,4 +231,5 @@ class TeacherReplica:
             "samples": self.samples_done,
             "busy_seconds": round(self.busy_seconds, 3),
             "reclaimed": self.reclaimed,
+            "messages": self.messages_published,
         }

@@ -494,6 +494,9 @@ class JobConfig(_Strict):
                 "tokens, weighed by distill.hard_weight): set "
                 + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
             )
+        if any(student.workers > 1 for student in (self.student, *self.extra_students)):
+            # Data-parallel workers apply whole messages; a batch sent in chunks needs the one-worker gather.
+            raise ValueError("task causal-lm trains each student on one worker: set student.workers to 1")
         if distill.soft_weight > 0 and distill.top_k is None:
             raise ValueError(
                 "task causal-lm needs distill.top_k (e.g. 16 to 64): a teacher's full logits for every token (a "

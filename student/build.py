@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from cluster.config import StudentConfig, TeacherConfig
 from storage.model_sources import resolve_model_source
@@ -33,6 +33,8 @@ def label_maps(label_names: Sequence[str]) -> dict:
 
 def model_class(task: str) -> type:
     """The HF auto class of a task's teachers and students."""
+    if task == "causal-lm":
+        return AutoModelForCausalLM
     return AutoModel if task == "sentence-embedding" else AutoModelForSequenceClassification
 
 
@@ -53,6 +55,11 @@ def materialize_random_teacher(
     fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if label_names:
         fields.update(label_maps(label_names))
+    if task == "causal-lm":  # a decoder's text starts and ends with the trained tokenizer's own markers
+        fields.setdefault("bos_token_id", tokenizer.cls_token_id if tokenizer.bos_token_id is None
+                          else tokenizer.bos_token_id)
+        fields.setdefault("eos_token_id", tokenizer.sep_token_id if tokenizer.eos_token_id is None
+                          else tokenizer.eos_token_id)
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, TypeError) as exc:
@@ -98,7 +105,7 @@ def build_student(student: StudentConfig, teacher_dir: Path, seed: int,
     if student.model:
         source = resolve_model_source(student.model)
         model = auto.from_pretrained(source)
-        if task == "sentence-embedding":
+        if task != "sequence-classification":  # no classes to check
             return model
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
         check_classifier_labels(model.config, [teacher_config.id2label[i] for i in range(teacher_config.num_labels)],

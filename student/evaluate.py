@@ -17,6 +17,7 @@ from cluster.config import JobConfig
 from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from student.build import model_class
 from student.efficiency import count_parameters, disk_bytes, measure_latency
+from student.lm_eval import lm_quality
 from student.metrics import classification_metrics, per_language_metrics, retention
 from student.retrieval import retrieval_quality
 from student.supervised import train_supervised
@@ -103,6 +104,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         model = model_class(config.task).from_pretrained(model_dir)
         if config.task == "sentence-embedding":
             results[name] = retrieval_quality(model, rows, pad_id)
+        elif config.task == "causal-lm":  # the teacher comes first; the others are scored against it too
+            results[name] = lm_quality(model, rows, pad_id, reference=results.get("teacher"))
         else:
             results[name] = quality(model, rows, pad_id, len(label_names))
         if name in ("teacher", "student") and config.evaluation.latency:
@@ -118,6 +121,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     report["efficiency"] = costs
     report["eval_samples"] = len(split.dataset)
     report["metric"] = "bitext retrieval accuracy" if config.task == "sentence-embedding" else "accuracy"
+    if config.task == "causal-lm":
+        report["metric"] = "next-token accuracy"  # per language beside perplexity and agreement (student/lm_eval.py)
     return report
 
 

@@ -103,11 +103,21 @@ def format_language_table(report: Mapping) -> str:
     if not rows:
         return ""
     ablation = _has_ablation(report)
-    # Sentence-embedding jobs score bitext retrieval (both directions) instead of classes.
-    retrieval = report.get("metric") == "bitext retrieval accuracy"
-    second = ("eng_to_xx", "xx_to_eng") if retrieval else ("macro_f1", "macro_f1")
-    header = (["language", "teacher retrieval", "student retrieval", "retention", "student eng→xx", "student xx→eng"]
-              if retrieval else ["language", "teacher acc", "student acc", "retention", "teacher F1", "student F1"])
+    # Sentence-embedding jobs score bitext retrieval (both directions), language models next-token
+    # accuracy and perplexity, instead of classes.
+    metric = report.get("metric")
+    retrieval, language_model = metric == "bitext retrieval accuracy", metric == "next-token accuracy"
+    if retrieval:
+        header = ["language", "teacher retrieval", "student retrieval", "retention", "student eng→xx",
+                  "student xx→eng"]
+        columns = (("student", "eng_to_xx"), ("student", "xx_to_eng"))
+    elif language_model:
+        header = ["language", "teacher next-token acc", "student next-token acc", "retention", "teacher perplexity",
+                  "student perplexity"]
+        columns = (("teacher", "perplexity"), ("student", "perplexity"))
+    else:
+        header = ["language", "teacher acc", "student acc", "retention", "teacher F1", "student F1"]
+        columns = (("teacher", "macro_f1"), ("student", "macro_f1"))
     if ablation:
         header.append("hard-label acc")
     cells = []
@@ -117,8 +127,8 @@ def format_language_table(report: Mapping) -> str:
             _percent(_metric(entry, "teacher", "accuracy")),
             _percent(_metric(entry, "student", "accuracy")),
             _percent(_retention_of(entry)),
-            _percent(_metric(entry, "student" if retrieval else "teacher", second[0])),
-            _percent(_metric(entry, "student", second[1])),
+            *(_decimal(_metric(entry, role, name), 1) if name == "perplexity" else _percent(_metric(entry, role, name))
+              for role, name in columns),
         ]
         if ablation:
             row.append(_percent(_metric(entry, "ablation", "accuracy")))

@@ -35,6 +35,7 @@ from storage import wire
 from storage.keys import JobKeys
 from storage.ledger import EpochLedger
 from storage.streams import GroupMissing, JobStreams, connect_job
+from storage.chunking import ChunkGather, is_chunk
 from student.checkpoint import (
     CheckpointError,
     StudentCheckpoint,
@@ -55,6 +56,7 @@ from student.contract import (
 )
 from student.build import model_class
 from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
+from student.lm_losses import lm_distillation_loss, next_token_ce
 from student.losses import (
     HiddenProjection,
     attention_kl,
@@ -495,14 +497,18 @@ class StudentTrainer:
             knowledge = self._decode(entry_id, payload)
             if knowledge is None:
                 return None, None
-            self.state.wire_bytes += len(payload)
             self._own_samples += knowledge.work.n_samples
-            for part, size in knowledge_nbytes(knowledge).items():
-                self.state.wire_bytes_by_part[part] = self.state.wire_bytes_by_part.get(part, 0) + size
+            self._count_bytes(payload, knowledge)
             return entry_id, knowledge
         return None, None
 
+    def _count_bytes(self, payload: bytes, knowledge: wire.Knowledge) -> None:
+        self.state.wire_bytes += len(payload)
+        for part, size in knowledge_nbytes(knowledge).items():
+            self.state.wire_bytes_by_part[part] = self.state.wire_bytes_by_part.get(part, 0) + size
+
     def _decode(self, entry_id: bytes, payload: bytes) -> wire.Knowledge | None:
+        """The knowledge message of this job in ``payload``; None after dead-lettering anything else."""
         try:
             knowledge = wire.decode(payload)
             if not isinstance(knowledge, wire.Knowledge) or knowledge.work.job_id != self.keys.job_id:
@@ -538,16 +544,11 @@ class StudentTrainer:
 
     def apply(self, entry_id: bytes, payload: bytes) -> bool:
         """Trains on one knowledge message unless the ledger has it; True when a step was taken."""
-        stream = self.keys.knowledge_stream
-        try:
-            knowledge = wire.decode(payload)
-            if not isinstance(knowledge, wire.Knowledge) or knowledge.work.job_id != self.keys.job_id:
-                raise wire.WireError("not a knowledge message of this job")
-        except wire.WireError as exc:
-            log.error("dead-lettering knowledge entry %s: %s", entry_id, exc)
-            self.streams.dead_letter(entry_id, payload, str(exc), stream)
-            self.acknowledge(entry_id)
+        knowledge = self._decode(entry_id, payload)
+        if knowledge is None:
             return False
+        if is_chunk(knowledge):  # one batch in several messages (storage/chunking.py)
+            return self.gather_chunk(entry_id, payload, knowledge)
         work = knowledge.work
         stepped = not self.ledger.is_applied(work.epoch, work.batch_id)
         if not stepped:
@@ -557,9 +558,7 @@ class StudentTrainer:
             computed = time.perf_counter()
             values = self.step(knowledge)
             self.state.compute_seconds += time.perf_counter() - computed
-            self.state.wire_bytes += len(payload)
-            for part, size in knowledge_nbytes(knowledge).items():
-                self.state.wire_bytes_by_part[part] = self.state.wire_bytes_by_part.get(part, 0) + size
+            self._count_bytes(payload, knowledge)
             with self._ledger_lock:
                 self.ledger.record(work.epoch, work.batch_id, work.n_samples)
             self.log(work.epoch, values)
@@ -597,6 +596,8 @@ class StudentTrainer:
         """The task's loss on one knowledge message, its terms, and per-language pseudo-label counts."""
         if self.config.task == "sentence-embedding":
             return *self.embedding_losses(knowledge), {}
+        if self.config.task == "causal-lm":
+            return *self.lm_losses(knowledge), {}
         work = knowledge.work
         # With its own tokenizer (student.tokenizer) the student reads its own ids of the same texts.
         ids, mask = ((work.student_input_ids, work.student_attention_mask) if work.student_input_ids is not None
@@ -632,6 +633,71 @@ class StudentTrainer:
             pooled = mean_pool(states, torch.from_numpy(mask.astype(np.bool_)).to(self.device))
             terms[term] = embedding_loss(pooled, target, kind=distill.embedding_loss, projection=projection)
         return combine_losses(terms, {"embedding": distill.embedding_weight, "translation": distill.embedding_weight})
+
+    def lm_losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
+        """Causal LM (``student/lm_losses.py``): the chosen divergence from the teacher's per-token top-k
+        (distill.lm_loss, weighed by soft_weight) and next-token cross-entropy on the text (hard_weight)."""
+        work, distill = knowledge.work, self.config.distill
+        logits = self._forward(work.input_ids, work.attention_mask, hidden=False).logits
+        mask = torch.from_numpy(work.attention_mask.astype(np.bool_)).to(self.device)
+        terms: dict[str, Tensor] = {}
+        if distill.soft_weight > 0:
+            soft = knowledge.soft
+            if soft is None or not soft.per_token:
+                raise ContractError(_missing(knowledge, "per-token soft labels", "task causal-lm's distill.soft_weight"))
+            if soft.kind == wire.SOFT_FULL:  # top_k >= the vocabulary: the whole distribution, as a top-V
+                full = _tensor(soft.logits, self.device)
+                values, lse = full, torch.logsumexp(full, dim=-1)
+                indices = torch.arange(full.shape[-1], device=self.device).expand(full.shape)
+            else:
+                values, lse = _tensor(soft.topk_values, self.device), _tensor(soft.topk_logsumexp, self.device)
+                indices = torch.from_numpy(soft.topk_indices.astype(np.int64)).to(self.device)
+            terms["soft"] = lm_distillation_loss(logits, values, indices, lse, mask, kind=distill.lm_loss,
+                                                 temperature=distill.temperature, beta=distill.gjs_beta)
+        if distill.hard_weight > 0:
+            input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device)
+            terms["hard"] = next_token_ce(logits, input_ids, mask)
+        return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
+
+    def gather_chunk(self, entry_id: bytes, payload: bytes, knowledge: wire.Knowledge) -> bool:
+        """One chunk of a batch that travels in several messages (``storage/chunking.py``). Chunks are held,
+        unacknowledged, until the batch's last one is in; then one step on the reassembled batch, recorded in
+        the ledger once, and every chunk acknowledged. True when a step was taken."""
+        if not hasattr(self, "_chunk_gather"):  # made on the first chunk: most jobs never chunk
+            self._chunk_gather = ChunkGather()
+        stream, work = self.keys.knowledge_stream, knowledge.work
+        if self.ledger.is_applied(work.epoch, work.batch_id):  # a late copy: drop it, and anything held for it
+            with self._ledger_lock:
+                self.ledger.count_duplicate()
+            for held in [entry_id, *self._chunk_gather.discard(work.epoch, work.batch_id)]:
+                self.acknowledge(held)
+            return False
+        try:
+            gathered = self._chunk_gather.add(entry_id, len(payload), knowledge)
+        except wire.WireError as exc:
+            log.error("dead-lettering knowledge entry %s: %s", entry_id, exc)
+            self.streams.dead_letter(entry_id, payload, str(exc), stream)
+            self.acknowledge(entry_id)
+            return False
+        if gathered.knowledge is None:
+            if gathered.duplicate:  # a second copy of a chunk already held
+                with self._ledger_lock:
+                    self.ledger.count_duplicate()
+                self.acknowledge(entry_id)
+            return False
+        batch = gathered.knowledge
+        computed = time.perf_counter()
+        values = self.step(batch)
+        self.state.compute_seconds += time.perf_counter() - computed
+        self.state.wire_bytes += gathered.payload_bytes
+        for part, size in knowledge_nbytes(batch).items():
+            self.state.wire_bytes_by_part[part] = self.state.wire_bytes_by_part.get(part, 0) + size
+        with self._ledger_lock:
+            self.ledger.record(work.epoch, work.batch_id, batch.work.n_samples)
+        self.log(work.epoch, values)
+        for held in gathered.entry_ids:
+            self.acknowledge(held)
+        return True
 
     def labels_for(self, knowledge: wire.Knowledge) -> tuple[np.ndarray | None, dict[str, dict[str, int]]]:
         """The hard labels of this batch, with pseudo-labels where configured, and their per-language counts."""

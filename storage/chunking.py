@@ -1,0 +1,352 @@
+"""One batch's knowledge in several messages, when one message would exceed the size limit.
+
+A causal-LM teacher ships top-k soft labels for every token: ``n × L × (8k + 4)`` bytes a batch,
+which long sequences push past the transport's message limit (``wire.MAX_MESSAGE_BYTES``, or the
+smaller ``distill.knowledge_message_bytes``). The teacher then publishes the batch as K chunks,
+each a valid ``wire.Knowledge`` of its own:
+
+- split by samples: consecutive runs of the batch's rows, as evenly sized as the limit allows;
+- a single sample still too large is split along the sequence into token windows, which needs
+  knowledge that is per token only (no attention maps, pooled embeddings, per-sample soft labels,
+  parallel pairs or the student's own token ids); otherwise ``ChunkError`` says what to reduce.
+
+Which chunk of how many a message is travels in its teacher id (``"teacher-0 chunk 2/3"``, see
+``chunk_teacher_id``), so the wire schema is unchanged and log lines name the chunk. (An optional
+field of ``wire.Knowledge`` would be the more formal carrier; the tag keeps the schema as it is.)
+
+Accounting. The teacher publishes all K chunks and acknowledges the work batch in ONE Redis
+transaction, so a batch is in the knowledge stream whole or not at all. The student gathers a
+batch's chunks (``ChunkGather``) and acknowledges none of them until the last one is in; then it
+reassembles the batch (``merge_chunks``: bit-identical to the unchunked knowledge), takes one
+step on it and records the batch in its ledger once, exactly as for an unchunked message. So
+steps, ledger batches and samples keep their meaning (a resumed checkpoint still has steps ==
+batches), a student that dies mid-batch leaves every chunk pending for redelivery, the driver
+never sees an empty stream while a student holds half a batch, and copies are harmless: the same
+entry read again (own pending) is ignored, a second copy of a chunk is dropped and counted as a
+duplicate, and chunks of a batch already applied are dropped like any duplicate.
+
+``transport.max_knowledge_backlog`` counts messages, so chunks too: a teacher waits for room before
+it takes a batch, and with batches of more chunks than that limit it runs at most one batch ahead
+of the students (raise the limit to keep it further ahead). Data-parallel students
+(``student.workers`` > 1) read messages one by one through their own loop, which does not gather
+chunks: keep their batches under the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import wire
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"^(?P<teacher>.+) chunk (?P<index>[0-9]+)/(?P<count>[0-9]+)$")
+
+# Per message: msgpack keys, array headers (dtype, shape), job id, teacher id, numbers: about 500 bytes
+# for a causal-LM message, counted generously.
+MESSAGE_FRAMING_BYTES = 1024
+ARRAY_FRAMING_BYTES = 64
+
+
+class ChunkError(ValueError):
+    """Knowledge that cannot be split to fit the message limit; the message says what to reduce."""
+
+
+@dataclass(frozen=True)
+class ChunkTag:
+    teacher_id: str  # the replica's own id
+    index: int  # 1-based
+    count: int
+
+
+def chunk_teacher_id(teacher_id: str, index: int, count: int) -> str:
+    """The teacher id of chunk ``index`` (1-based) of ``count``."""
+    return f"{teacher_id} chunk {index}/{count}"
+
+
+def is_chunk(knowledge: wire.Knowledge) -> bool:
+    """True when this message is one chunk of a batch (``chunk_tag`` then reads and checks the tag)."""
+    return _TAG.match(knowledge.teacher_id) is not None
+
+
+def chunk_tag(knowledge: wire.Knowledge) -> ChunkTag | None:
+    """Which chunk of its batch this message is; None for a batch in one message."""
+    match = _TAG.match(knowledge.teacher_id)
+    if match is None:
+        return None
+    index, count = int(match["index"]), int(match["count"])
+    if not 1 <= index <= count:
+        raise wire.WireError(f"Knowledge.teacher_id {knowledge.teacher_id!r}: chunk {index} of {count} is impossible")
+    return ChunkTag(match["teacher"], index, count)
+
+
+# -- planning (pure) ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of a batch one chunk carries: rows ``samples``, and of those the tokens ``tokens``."""
+
+    samples: slice
+    tokens: slice
+
+
+def plan_chunks(n_samples: int, bytes_per_sample: int, limit: int) -> list[slice]:
+    """Consecutive row ranges covering ``0..n_samples`` once, each of at most ``limit`` bytes, as few
+    and as evenly sized as possible. Every range holds at least one row, even one over the limit
+    (the caller splits such a row along the sequence)."""
+    if n_samples < 1 or bytes_per_sample < 1 or limit < 1:
+        raise ValueError(f"plan_chunks needs positive sizes, got n_samples={n_samples}, "
+                         f"bytes_per_sample={bytes_per_sample}, limit={limit}")
+    per_chunk = max(1, limit // bytes_per_sample)
+    count = math.ceil(n_samples / per_chunk)
+    bounds = [round(i * n_samples / count) for i in range(count + 1)]  # sizes differ by at most one
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+def plan_token_windows(seq_len: int, bytes_per_token: int, limit: int) -> list[slice]:
+    """Consecutive token ranges covering ``0..seq_len`` once, each of at most ``limit`` bytes."""
+    if bytes_per_token > limit:
+        raise ChunkError(f"the knowledge of a single token takes {bytes_per_token:,} bytes, more than the message "
+                         f"limit of {limit:,}: lower distill.top_k or raise distill.knowledge_message_bytes")
+    return plan_chunks(seq_len, bytes_per_token, limit)
+
+
+def plan_pieces(n_samples: int, seq_len: int, bytes_per_sample: int, limit: int, *,
+                windowable: bool = True) -> list[Piece]:
+    """The chunks of a batch: the whole batch when it fits, else row ranges, and token windows of
+    any single row that alone exceeds ``limit``. Sizes in bytes are payload estimates; ``limit``
+    is what is left of the message limit after framing."""
+    every_token = slice(0, seq_len)
+    if n_samples * bytes_per_sample <= limit:
+        return [Piece(slice(0, n_samples), every_token)]
+    if bytes_per_sample <= limit:
+        return [Piece(rows, every_token) for rows in plan_chunks(n_samples, bytes_per_sample, limit)]
+    if not windowable:
+        raise ChunkError(
+            f"the knowledge of a single sample takes about {bytes_per_sample:,} bytes, more than the message limit of "
+            f"{limit:,}, and this knowledge (attention maps, pooled embeddings, per-sample soft labels, parallel pairs "
+            "or the student's own token ids) cannot be split along the sequence: lower data.max_length, "
+            "raise distill.knowledge_message_bytes, or ask for fewer features"
+        )
+    windows = plan_token_windows(seq_len, math.ceil(bytes_per_sample / seq_len), limit)
+    return [Piece(slice(row, row + 1), window) for row in range(n_samples) for window in windows]
+
+
+# -- splitting (teacher side) ---------------------------------------------------------------------
+
+# WorkBatch fields: the batch's identity, the tokens (split into windows along the sequence), and
+# everything else, one row per sample (sample ids, labels, parallel pairs, the student's own ids...):
+# new per-sample fields of the wire follow chunks without a change here.
+_IDENTITY = ("job_id", "epoch", "batch_id")
+_TOKENS = ("input_ids", "attention_mask")
+
+
+def _row_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(wire.WorkBatch) if f.name not in (*_IDENTITY, *_TOKENS, "languages")]
+
+
+def _arrays(knowledge: wire.Knowledge) -> list[np.ndarray]:
+    work, soft = knowledge.work, knowledge.soft
+    parts = [getattr(work, name) for name in (*_TOKENS, *_row_fields())]
+    parts += [knowledge.embeddings, *knowledge.hidden_states.values(), *knowledge.attentions.values()]
+    if soft is not None:
+        parts += [soft.logits, soft.topk_values, soft.topk_indices, soft.topk_logsumexp]
+    return [array for array in parts if array is not None]
+
+
+def bytes_per_sample(knowledge: wire.Knowledge) -> int:
+    """Encoded payload bytes one sample adds to a message: its share of every array (they all have
+    the batch's rows as their first axis) and its language code."""
+    work = knowledge.work
+    arrays = sum(array.nbytes for array in _arrays(knowledge))
+    language = max(len(code.encode()) for code in work.languages) + 5  # msgpack str header
+    return math.ceil(arrays / work.n_samples) + language
+
+
+def windowable(knowledge: wire.Knowledge) -> bool:
+    """Whether every per-sample part of this knowledge splits along the sequence: per-token knowledge
+    only, and no per-sample rows of their own length (parallel pairs, the student's own token ids)."""
+    soft, work = knowledge.soft, knowledge.work
+    rows_1d = all(getattr(work, name) is None or getattr(work, name).ndim == 1 for name in _row_fields())
+    return (rows_1d and not knowledge.attentions and knowledge.embeddings is None
+            and (soft is None or soft.per_token))
+
+
+def slice_knowledge(knowledge: wire.Knowledge, piece: Piece, teacher_id: str, teacher_seconds: float) -> wire.Knowledge:
+    """The part of ``knowledge`` that ``piece`` covers, as a valid message of its own."""
+    work, rows, tokens = knowledge.work, piece.samples, piece.tokens
+    cut = (rows, tokens)
+
+    def optional(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[rows]
+
+    part = wire.WorkBatch(
+        **{name: getattr(work, name) for name in _IDENTITY},
+        **{name: getattr(work, name)[cut] for name in _TOKENS},
+        **{name: optional(getattr(work, name)) for name in _row_fields()},
+        languages=work.languages[rows],
+    )
+    soft = knowledge.soft
+    if soft is not None:
+        where = cut if soft.per_token else (rows,)
+        soft = (wire.SoftLabels(logits=soft.logits[where]) if soft.logits is not None else
+                wire.SoftLabels(topk_values=soft.topk_values[where], topk_indices=soft.topk_indices[where],
+                                topk_logsumexp=soft.topk_logsumexp[where]))
+    return wire.Knowledge(
+        work=part, teacher_id=teacher_id, soft=soft,
+        hidden_states={layer: array[cut] for layer, array in knowledge.hidden_states.items()},
+        attentions={layer: array[rows] for layer, array in knowledge.attentions.items()},
+        embeddings=optional(knowledge.embeddings), teacher_seconds=teacher_seconds,
+    )
+
+
+def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_BYTES) -> list[bytes]:
+    """The encoded message(s) of one batch's knowledge, each at most ``limit`` bytes: one message
+    when it fits, else chunks tagged ``chunk i/K`` in order (see the module docstring)."""
+    if limit > wire.MAX_MESSAGE_BYTES:
+        raise ValueError(f"a message limit of {limit:,} bytes exceeds the wire's {wire.MAX_MESSAGE_BYTES:,}")
+    framing = MESSAGE_FRAMING_BYTES + ARRAY_FRAMING_BYTES * len(_arrays(knowledge)) + len(knowledge.teacher_id)
+    budget = limit - framing
+    if budget < 1:
+        raise ChunkError(f"a message limit of {limit:,} bytes leaves no room for the {framing:,} bytes of framing: "
+                         "raise distill.knowledge_message_bytes")
+    work = knowledge.work
+    pieces = plan_pieces(work.n_samples, work.seq_len, bytes_per_sample(knowledge), budget,
+                         windowable=windowable(knowledge))
+    if len(pieces) == 1:
+        payloads = [wire.encode(knowledge)]
+    else:
+        seconds = knowledge.teacher_seconds / len(pieces)
+        payloads = [
+            wire.encode(slice_knowledge(knowledge, piece, chunk_teacher_id(knowledge.teacher_id, i, len(pieces)),
+                                        seconds))
+            for i, piece in enumerate(pieces, start=1)
+        ]
+    too_big = max(len(payload) for payload in payloads)
+    if too_big > limit:  # the estimate above is an upper bound; this guards against a change that breaks it
+        raise ChunkError(f"a knowledge message of {too_big:,} bytes exceeds the limit of {limit:,} bytes")
+    return payloads
+
+
+# -- gathering (student side) ---------------------------------------------------------------------
+
+def merge_chunks(chunks: list[wire.Knowledge]) -> wire.Knowledge:
+    """The batch's knowledge from all its chunks, in chunk order: token windows of one row are
+    joined along the sequence, then row ranges stacked."""
+    tags = [chunk_tag(chunk) for chunk in chunks]
+    if any(tag is None for tag in tags) or [tag.index for tag in tags] != list(range(1, len(chunks) + 1)) or any(
+            tag.count != len(chunks) for tag in tags):
+        raise wire.WireError(f"merge_chunks needs chunks 1..K of one batch in order, got "
+                             f"{[chunk.teacher_id for chunk in chunks]}")
+    rows: list[list[wire.Knowledge]] = []
+    for chunk in chunks:
+        if rows and np.array_equal(rows[-1][0].work.sample_ids, chunk.work.sample_ids):
+            rows[-1].append(chunk)  # the next token window of the same row
+        else:
+            rows.append([chunk])
+    joined = [_join(group, axis=1) for group in rows]
+    whole = _join(joined, axis=0)
+    return wire.Knowledge(work=whole.work, teacher_id=tags[0].teacher_id, soft=whole.soft,
+                          hidden_states=whole.hidden_states, attentions=whole.attentions,
+                          embeddings=whole.embeddings,
+                          teacher_seconds=sum(chunk.teacher_seconds for chunk in chunks))
+
+
+def _join(parts: list[wire.Knowledge], axis: int) -> wire.Knowledge:
+    """Concatenates knowledge along rows (axis 0) or tokens (axis 1, one row's windows)."""
+    if len(parts) == 1:
+        return parts[0]
+    first, works = parts[0], [part.work for part in parts]
+
+    def cat(arrays: list[np.ndarray | None], along: int) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays, axis=along)
+
+    # Per-sample fields are shared by a row's windows (take the first) and stacked across rows.
+    per_sample = (lambda arrays: arrays[0]) if axis == 1 else (lambda arrays: cat(arrays, 0))
+    work = wire.WorkBatch(
+        **{name: getattr(first.work, name) for name in _IDENTITY},
+        **{name: cat([getattr(w, name) for w in works], axis) for name in _TOKENS},
+        **{name: per_sample([getattr(w, name) for w in works]) for name in _row_fields()},
+        languages=first.work.languages if axis == 1 else tuple(code for w in works for code in w.languages),
+    )
+    soft = first.soft
+    if soft is not None:
+        along = axis if soft.per_token else 0
+        softs = [part.soft for part in parts]
+        if soft.logits is not None:
+            soft = wire.SoftLabels(logits=cat([s.logits for s in softs], along))
+        else:
+            soft = wire.SoftLabels(topk_values=cat([s.topk_values for s in softs], along),
+                                   topk_indices=cat([s.topk_indices for s in softs], along),
+                                   topk_logsumexp=cat([s.topk_logsumexp for s in softs], along))
+    return wire.Knowledge(
+        work=work, teacher_id=first.teacher_id, soft=soft,
+        hidden_states={layer: cat([p.hidden_states[layer] for p in parts], axis) for layer in first.hidden_states},
+        attentions={layer: cat([p.attentions[layer] for p in parts], 0) for layer in first.attentions},
+        embeddings=per_sample([p.embeddings for p in parts]),
+    )
+
+
+@dataclass
+class _Partial:
+    count: int
+    chunks: dict[int, wire.Knowledge] = field(default_factory=dict)
+    entry_ids: list = field(default_factory=list)
+    payload_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """What one chunk completed: the batch's knowledge (None while chunks are missing), the stream
+    entries to acknowledge once it is applied, and their payload bytes; ``duplicate`` when this
+    message was a second copy of a chunk already held (acknowledge it at once)."""
+
+    knowledge: wire.Knowledge | None
+    entry_ids: list
+    payload_bytes: int = 0
+    duplicate: bool = False
+
+
+class ChunkGather:
+    """The chunks of batches not yet complete, by (epoch, batch id); plain data, no I/O."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[int, int], _Partial] = {}
+
+    def add(self, entry_id, payload_bytes: int, knowledge: wire.Knowledge) -> Gathered:
+        tag = chunk_tag(knowledge)
+        if tag is None:
+            raise ValueError("ChunkGather.add takes chunks; apply a whole batch directly")
+        key = (knowledge.work.epoch, knowledge.work.batch_id)
+        partial = self.partial.get(key)
+        if partial is not None and partial.count != tag.count:
+            # Chunked differently (another limit): start over, still acknowledging the old entries at the end.
+            log.warning("batch %d of epoch %d arrives in %d chunks after %d: gathering it afresh",
+                        key[1], key[0], tag.count, partial.count)
+            partial = _Partial(tag.count, entry_ids=partial.entry_ids)
+            self.partial[key] = partial
+        if partial is None:
+            partial = self.partial[key] = _Partial(tag.count)
+        if entry_id in partial.entry_ids:
+            return Gathered(None, [])  # the same entry delivered again (this consumer's pending list)
+        if tag.index in partial.chunks:
+            return Gathered(None, [entry_id], duplicate=True)
+        partial.chunks[tag.index] = knowledge
+        partial.entry_ids.append(entry_id)
+        partial.payload_bytes += payload_bytes
+        if len(partial.chunks) < partial.count:
+            return Gathered(None, [])
+        del self.partial[key]
+        merged = merge_chunks([partial.chunks[i] for i in range(1, partial.count + 1)])
+        return Gathered(merged, partial.entry_ids, partial.payload_bytes)
+
+    def discard(self, epoch: int, batch_id: int) -> list:
+        """Drops the chunks held for a batch applied meanwhile; returns their entries to acknowledge."""
+        partial = self.partial.pop((epoch, batch_id), None)
+        return [] if partial is None else partial.entry_ids
