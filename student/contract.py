@@ -166,8 +166,8 @@ def _pairs(setting, n_student: int, n_teacher: int, field_name: str, *, first: i
 
 def check_contract(config: JobConfig, teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
     """Refuses, before any actor starts, knowledge the two models cannot exchange (ContractError)."""
-    if config.task == "causal-lm":
-        return _check_lm_vocabularies(teacher_config, student_config)
+    if config.task in ("causal-lm", "masked-lm"):
+        return _check_lm_vocabularies(config.task, teacher_config, student_config)
     distill = config.distill
     contract = resolve_contract(distill, teacher_config, student_config)
     if contract.request.soft and teacher_config.num_labels != student_config.num_labels:
@@ -188,13 +188,13 @@ def check_contract(config: JobConfig, teacher_config: PretrainedConfig, student_
         )
 
 
-def _check_lm_vocabularies(teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
+def _check_lm_vocabularies(task: str, teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
     """A causal-LM student predicts the teacher's next tokens id for id, on the teacher's token ids: one
     vocabulary for both (there are no classes to compare, and no features: the config refuses them)."""
     if teacher_config.vocab_size != student_config.vocab_size:
         raise ContractError(
-            f"task causal-lm: the student's vocabulary has {student_config.vocab_size} pieces but the teacher's "
-            f"{teacher_config.vocab_size}: the student reads the teacher's token ids and learns its next-token "
+            f"task {task}: the student's vocabulary has {student_config.vocab_size} pieces but the teacher's "
+            f"{teacher_config.vocab_size}: the student reads the teacher's token ids and learns its token "
             "distribution over the same vocabulary, so both need the teacher's tokenizer (student.model must be a "
             "checkpoint with the teacher's tokenizer; or leave student.model out to build the student from the "
             "teacher's architecture)"

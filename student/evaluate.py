@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cluster.config import JobConfig
 from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
+from storage.masking import mask_tokens
 from student.build import model_class
 from student.efficiency import count_parameters, disk_bytes, measure_latency
 from student.lm_eval import lm_quality
@@ -106,6 +107,9 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
             results[name] = retrieval_quality(model, rows, pad_id)
         elif config.task == "causal-lm":  # the teacher comes first; the others are scored against it too
             results[name] = lm_quality(model, rows, pad_id, reference=results.get("teacher"))
+        elif config.task == "masked-lm":
+            results[name] = lm_quality(model, rows, pad_id, reference=results.get("teacher"),
+                                       masking=eval_masking(config, tokenizer, rows))
         else:
             results[name] = quality(model, rows, pad_id, len(label_names))
         if name in ("teacher", "student") and config.evaluation.latency:
@@ -123,7 +127,24 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     report["metric"] = "bitext retrieval accuracy" if config.task == "sentence-embedding" else "accuracy"
     if config.task == "causal-lm":
         report["metric"] = "next-token accuracy"  # per language beside perplexity and agreement (student/lm_eval.py)
+    if config.task == "masked-lm":
+        report["metric"] = "masked-token accuracy"
     return report
+
+
+# Held-out text is masked with this epoch number: one fixed draw, never one of training's epochs.
+EVAL_MASKING_EPOCH = 2**31 - 1
+
+
+def eval_masking(config: JobConfig, tokenizer, rows: TokenizedSplit):
+    """Row i of the held-out split as every model sees it: masked the same way for all of them."""
+    special = frozenset(tokenizer.all_special_ids)
+
+    def masked(i: int):
+        return mask_tokens(rows.token_ids[i], seed=config.training.seed, epoch=EVAL_MASKING_EPOCH,
+                           sample_id=int(rows.sample_ids[i]), mask_id=tokenizer.mask_token_id,
+                           vocab_size=len(tokenizer), special_ids=special, rate=config.distill.mask_rate)
+    return masked
 
 
 def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, train: JobSplit,

@@ -1,4 +1,8 @@
-"""Causal-LM evaluation: perplexity per language, next-token accuracy and top-1 agreement with the teacher.
+"""Language-model evaluation: perplexity per language, top-1 accuracy and agreement with the teacher.
+
+A masked LM (task masked-lm) is scored the same way on the held-out text masked as in training
+(``storage.masking``, one fixed draw): the masked positions are the predicted tokens, and the
+perplexity is the usual masked-LM pseudo-perplexity over them.
 
 Every model reads the held-out text and predicts each next token (the shift of
 ``student.lm_losses``: logits at t predict token t + 1; positions whose next token is padding do
@@ -21,6 +25,7 @@ to measure agreement, so the teacher runs once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -72,6 +77,36 @@ def next_token_stats(model, rows: TokenizedSplit, pad_id: int) -> tuple[np.ndarr
     return nll_sum, correct, predictions
 
 
+@torch.inference_mode()
+def masked_token_stats(model, rows: TokenizedSplit, pad_id: int,
+                       masking: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """As ``next_token_stats`` for a masked LM: ``masking(i)`` gives row i's corrupted ids and labels
+    (``storage.masking``); the masked positions are the ones predicted and counted."""
+    model.eval()
+    masked = [masking(i) for i in range(len(rows))]
+    order = np.argsort(rows.lengths, kind="stable")
+    nll_sum = np.zeros(len(rows), dtype=np.float64)
+    correct = np.zeros(len(rows), dtype=np.int64)
+    predictions: list[np.ndarray] = [np.empty(0, np.int32)] * len(rows)
+    for start in range(0, len(order), MAX_ROWS):
+        index = order[start : start + MAX_ROWS]
+        input_ids, attention_mask = pad_rows([masked[i][0] for i in index], pad_id)
+        labels = np.full(input_ids.shape, -100, dtype=np.int64)
+        for row, i in enumerate(index):
+            labels[row, : len(masked[i][1])] = masked[i][1]
+        logits = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+                       attention_mask=torch.from_numpy(attention_mask.astype(np.int64))).logits.float()
+        target = torch.from_numpy(labels)
+        counted = target != -100
+        nll = -torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        top1 = logits.argmax(-1)
+        nll_sum[index] = torch.where(counted, nll.double(), torch.zeros((), dtype=torch.float64)).sum(-1).numpy()
+        correct[index] = ((top1 == target) & counted).sum(-1).numpy()
+        for row, i in enumerate(index):
+            predictions[i] = top1[row][counted[row]].to(torch.int32).numpy()
+    return nll_sum, correct, predictions
+
+
 def _scores(nll: float, correct: int, agreed: int | None, tokens: int, rows: int) -> dict:
     mean_nll = nll / tokens if tokens else 0.0
     return {
@@ -84,10 +119,15 @@ def _scores(nll: float, correct: int, agreed: int | None, tokens: int, rows: int
     }
 
 
-def lm_quality(model, rows: TokenizedSplit, pad_id: int, reference: LMQuality | None = None) -> LMQuality:
-    """Perplexity, next-token accuracy and (given the teacher's ``reference``) top-1 agreement with
-    it, per language and overall. Without a reference the model is its own (agreement 1.0)."""
-    nll, correct, predictions = next_token_stats(model, rows, pad_id)
+def lm_quality(model, rows: TokenizedSplit, pad_id: int, reference: LMQuality | None = None,
+               masking: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> LMQuality:
+    """Perplexity, top-1 accuracy and (given the teacher's ``reference``) top-1 agreement with it,
+    per language and overall. Without a reference the model is its own (agreement 1.0). Next tokens
+    for a causal LM; with ``masking``, the masked tokens of a masked LM (pseudo-perplexity)."""
+    if masking is None:
+        nll, correct, predictions = next_token_stats(model, rows, pad_id)
+    else:
+        nll, correct, predictions = masked_token_stats(model, rows, pad_id, masking)
     tokens = np.array([len(p) for p in predictions], dtype=np.int64)
     agree = None
     if reference is None:

@@ -168,3 +168,37 @@ def next_token_ce(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> 
     """The hard-label term of a causal LM: cross-entropy on the text itself, mean over real tokens."""
     nll, mask = next_token_nll(logits, input_ids, attention_mask)
     return masked_mean(nll, mask)
+
+
+# -- masked LM (task: masked-lm) -----------------------------------------------------------------
+# No shift: the logits at a masked position predict the token that was there. Only masked
+# positions count (``token_labels`` != -100); the teacher saw the same corrupted input.
+
+def masked_positions(token_labels: Tensor) -> Tensor:
+    """``[n, L]`` bool: the positions a masked-LM batch hid (labels other than -100)."""
+    return token_labels != -100
+
+
+def masked_lm_distillation_loss(
+    student_logits: Tensor,
+    topk_values: Tensor,
+    topk_indices: Tensor,
+    topk_logsumexp: Tensor,
+    token_labels: Tensor,
+    *,
+    kind: LMLossKind = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> Tensor:
+    """The chosen divergence at the masked positions, averaged over them (shapes as
+    ``lm_distillation_loss``, ``token_labels`` ``[n, L]``)."""
+    where = masked_positions(token_labels)
+    teacher, student = topk_buckets(student_logits[where], topk_values[where], topk_indices[where],
+                                    topk_logsumexp[where], temperature=temperature)
+    return divergence(teacher, student, kind, beta).mean()
+
+
+def masked_lm_ce(student_logits: Tensor, token_labels: Tensor) -> Tensor:
+    """The hard term: cross-entropy on the original tokens of the masked positions."""
+    return F.cross_entropy(_wide_float(student_logits).reshape(-1, student_logits.shape[-1]),
+                           token_labels.reshape(-1).long(), ignore_index=-100)

@@ -106,13 +106,15 @@ def format_language_table(report: Mapping) -> str:
     # Sentence-embedding jobs score bitext retrieval (both directions), language models next-token
     # accuracy and perplexity, instead of classes.
     metric = report.get("metric")
-    retrieval, language_model = metric == "bitext retrieval accuracy", metric == "next-token accuracy"
+    retrieval = metric == "bitext retrieval accuracy"
+    language_model = metric in ("next-token accuracy", "masked-token accuracy")
     if retrieval:
         header = ["language", "teacher retrieval", "student retrieval", "retention", "student eng→xx",
                   "student xx→eng"]
         columns = (("student", "eng_to_xx"), ("student", "xx_to_eng"))
     elif language_model:
-        header = ["language", "teacher next-token acc", "student next-token acc", "retention", "teacher perplexity",
+        kind = metric.split()[0]
+        header = ["language", f"teacher {kind} acc", f"student {kind} acc", "retention", "teacher perplexity",
                   "student perplexity"]
         columns = (("teacher", "perplexity"), ("student", "perplexity"))
     else:

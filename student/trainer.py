@@ -56,7 +56,7 @@ from student.contract import (
 )
 from student.build import model_class
 from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
-from student.lm_losses import lm_distillation_loss, next_token_ce
+from student.lm_losses import lm_distillation_loss, masked_lm_ce, masked_lm_distillation_loss, next_token_ce
 from student.losses import (
     HiddenProjection,
     attention_kl,
@@ -596,7 +596,7 @@ class StudentTrainer:
         """The task's loss on one knowledge message, its terms, and per-language pseudo-label counts."""
         if self.config.task == "sentence-embedding":
             return *self.embedding_losses(knowledge), {}
-        if self.config.task == "causal-lm":
+        if self.config.task in ("causal-lm", "masked-lm"):
             return *self.lm_losses(knowledge), {}
         work = knowledge.work
         # With its own tokenizer (student.tokenizer) the student reads its own ids of the same texts.
@@ -635,16 +635,22 @@ class StudentTrainer:
         return combine_losses(terms, {"embedding": distill.embedding_weight, "translation": distill.embedding_weight})
 
     def lm_losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
-        """Causal LM (``student/lm_losses.py``): the chosen divergence from the teacher's per-token top-k
-        (distill.lm_loss, weighed by soft_weight) and next-token cross-entropy on the text (hard_weight)."""
+        """Language models (``student/lm_losses.py``): the chosen divergence from the teacher's per-token top-k
+        (distill.lm_loss, weighed by soft_weight) and cross-entropy on the text's own tokens (hard_weight):
+        next tokens for causal-lm, the masked positions' original tokens for masked-lm."""
         work, distill = knowledge.work, self.config.distill
         logits = self._forward(work.input_ids, work.attention_mask, hidden=False).logits
         mask = torch.from_numpy(work.attention_mask.astype(np.bool_)).to(self.device)
+        masked = None
+        if self.config.task == "masked-lm":
+            if work.token_labels is None:
+                raise ContractError(_missing(knowledge, "the masked positions' labels", "task masked-lm"))
+            masked = torch.from_numpy(work.token_labels).to(self.device)
         terms: dict[str, Tensor] = {}
         if distill.soft_weight > 0:
             soft = knowledge.soft
             if soft is None or not soft.per_token:
-                raise ContractError(_missing(knowledge, "per-token soft labels", "task causal-lm's distill.soft_weight"))
+                raise ContractError(_missing(knowledge, "per-token soft labels", f"task {self.config.task}'s distill.soft_weight"))
             if soft.kind == wire.SOFT_FULL:  # top_k >= the vocabulary: the whole distribution, as a top-V
                 full = _tensor(soft.logits, self.device)
                 values, lse = full, torch.logsumexp(full, dim=-1)
@@ -652,11 +658,14 @@ class StudentTrainer:
             else:
                 values, lse = _tensor(soft.topk_values, self.device), _tensor(soft.topk_logsumexp, self.device)
                 indices = torch.from_numpy(soft.topk_indices.astype(np.int64)).to(self.device)
-            terms["soft"] = lm_distillation_loss(logits, values, indices, lse, mask, kind=distill.lm_loss,
-                                                 temperature=distill.temperature, beta=distill.gjs_beta)
+            settings = {"kind": distill.lm_loss, "temperature": distill.temperature, "beta": distill.gjs_beta}
+            if masked is not None:  # masked LM: the hidden positions only, no shift
+                terms["soft"] = masked_lm_distillation_loss(logits, values, indices, lse, masked, **settings)
+            else:
+                terms["soft"] = lm_distillation_loss(logits, values, indices, lse, mask, **settings)
         if distill.hard_weight > 0:
             input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device)
-            terms["hard"] = next_token_ce(logits, input_ids, mask)
+            terms["hard"] = masked_lm_ce(logits, masked) if masked is not None else next_token_ce(logits, input_ids, mask)
         return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
 
     def gather_chunk(self, entry_id: bytes, payload: bytes, knowledge: wire.Knowledge) -> bool:

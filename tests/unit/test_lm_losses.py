@@ -251,3 +251,28 @@ def test_kl_divergence_ignores_buckets_the_first_distribution_lacks():
     log_p = torch.log(torch.tensor([1.0, 0.0]))
     log_q = torch.log(torch.tensor([0.5, 0.5]))
     assert kl_divergence(log_p, log_q).item() == pytest.approx(LN2)
+
+
+def test_masked_lm_losses_count_the_masked_positions_only():
+    from student.lm_losses import masked_lm_ce, masked_lm_distillation_loss
+
+    torch.manual_seed(0)
+    vocab, k = 6, 2
+    student = torch.randn(1, 3, vocab, requires_grad=True)
+    teacher = torch.randn(1, 3, vocab)
+    values, indices = teacher.topk(k, dim=-1)
+    lse = teacher.logsumexp(-1)
+    labels = torch.tensor([[-100, 4, -100]])
+    loss = masked_lm_distillation_loss(student, values, indices, lse, labels)
+    # By hand at position 1: the teacher's top-2 probabilities and the rest, against the student's.
+    p = teacher[0, 1].softmax(-1)
+    q = student[0, 1].detach().softmax(-1)
+    top = indices[0, 1]
+    p_b = torch.cat([p[top], (1 - p[top].sum()).reshape(1)])
+    q_b = torch.cat([q[top], (1 - q[top].sum()).reshape(1)])
+    assert loss.item() == pytest.approx(float((p_b * (p_b / q_b).log()).sum()), rel=1e-5)
+    loss.backward()
+    assert student.grad[0, 0].abs().sum() == 0 and student.grad[0, 2].abs().sum() == 0  # unmasked: no gradient
+    assert student.grad[0, 1].abs().sum() > 0
+    ce = masked_lm_ce(student, labels)
+    assert ce.item() == pytest.approx(float(-student[0, 1].detach().log_softmax(-1)[4]), rel=1e-6)
