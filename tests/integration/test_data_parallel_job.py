@@ -32,8 +32,10 @@ def test_two_workers_share_the_stream_and_learn_every_sample_once(tmp_path, redi
     assert model.config.num_hidden_layers == 2
 
 
-@pytest.mark.parametrize("victim", ["rank 0", "worker 1"])
-def test_a_lost_worker_brings_the_group_back_from_its_checkpoint(tmp_path, redis_server, local_ray, victim):
+def test_a_lost_worker_brings_the_group_back_from_its_checkpoint(tmp_path, redis_server, local_ray):
+    # The worker rank 0 started (not the driver's actor): its peers' collectives fail, rank 0 ends
+    # its process, and the driver restarts the group. Losing rank 0 itself is a lost student like
+    # any other (its workers die with their owner).
     import os
     import signal
 
@@ -49,9 +51,9 @@ def test_a_lost_worker_brings_the_group_back_from_its_checkpoint(tmp_path, redis
                           key=lambda info: info["Pid"])
         # The driver's actor (rank 0) was created first; its worker by it, afterwards.
         students.sort(key=lambda info: info.get("StartTime", 0))
-        os.kill(students[0 if victim == "rank 0" else -1]["Pid"], signal.SIGKILL)
+        os.kill(students[-1]["Pid"], signal.SIGKILL)
 
-    injector = Injector(f"data-parallel {victim}", config, redis_server.url, kill)
+    injector = Injector("data-parallel worker 1", config, redis_server.url, kill)
     injector.start()
     report = run_job(config, show_progress=False)
     injector.check()
