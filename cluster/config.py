@@ -357,6 +357,11 @@ class CompressStageConfig(_Strict):
     sparsity: float = Field(default=0.0, ge=0, lt=1, description="magnitude: fraction of Linear weights zeroed.")
     calibration_batches: int | None = Field(default=8, ge=1, description="prune: null = every calibration row.")
     calibration_batch_size: int = Field(default=16, ge=1)
+    embeddings: bool = Field(
+        default=True,
+        description="quantize: also store the embedding tables (word, position, token-type) as 8-bit per row "
+        "(float scale and zero point per row); false: dynamic int8 of the Linear layers only, embeddings float32.",
+    )
 
 
 class CompressConfig(_Strict):

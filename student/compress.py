@@ -14,9 +14,10 @@ Stage kinds:
   Its masks are re-applied after any later ``recover``, which would otherwise regrow them.
 - ``recover``: a short fine-tune through the caller's function (``train_supervised`` on hard
   labels, ``finetune_with_loss`` with ``distillation_loss`` against cached teacher logits, ...).
-- ``quantize``: dynamic int8 of the Linear layers (student/quantize.py); must come last. Its
-  ``disk_bytes`` is the serialised int8 state dict, its ``params`` the float model's count
-  (the same weights, stored in a byte each).
+- ``quantize``: dynamic int8 of the Linear layers and, with ``embeddings`` (the default), per-row
+  8-bit embedding tables (student/quantize.py); must come last. Its ``disk_bytes`` is the
+  serialised int8 state dict, its ``params`` the float model's count (the same weights, stored
+  in a byte each); ``details`` names the method and the quantised embedding modules.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from student.prune import (
     make_batch,
     plan_structured_pruning,
 )
-from student.quantize import load_quantized, save_quantized, serialized_size_bytes
+from student.quantize import load_quantized, read_marker, save_quantized, serialized_size_bytes
 
 StageKind = Literal["measure", "prune", "magnitude", "recover", "quantize"]
 KINDS = ("measure", "prune", "magnitude", "recover", "quantize")
@@ -65,6 +66,7 @@ class StageSpec:
     sparsity: float = 0.0  # magnitude: fraction of encoder Linear weights zeroed
     calibration_batches: int | None = 8  # prune: None = every calibration row
     calibration_batch_size: int = 16
+    embeddings: bool = True  # quantize: also store the embedding tables as per-row 8-bit
 
 
 @dataclass(frozen=True)
@@ -149,10 +151,12 @@ def run_stages(
         if stage.kind == "measure":
             measured, model_dir, size = model, student_dir, disk_bytes(student_dir)
         elif stage.kind == "quantize":
-            _save(model, student_dir, stage_dir, quantized=True)
+            _save(model, student_dir, stage_dir, quantized=True, embeddings=stage.embeddings)
             measured, model_dir = load_quantized(stage_dir), stage_dir
             size = serialized_size_bytes(measured)
-            details = {"method": "dynamic int8 of nn.Linear", "float_checkpoint_bytes": disk_bytes(stage_dir)}
+            marker = read_marker(stage_dir)
+            details = {"method": marker["method"], "embedding_modules": marker.get("embedding_modules", []),
+                       "float_checkpoint_bytes": disk_bytes(stage_dir)}
         else:
             _save(model, student_dir, stage_dir, quantized=False)
             measured, model_dir, size = model, stage_dir, disk_bytes(stage_dir)
@@ -161,10 +165,11 @@ def run_stages(
     return rows
 
 
-def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantized: bool) -> None:
+def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantized: bool,
+          embeddings: bool = True) -> None:
     """The stage's model plus the student's tokenizer, so each folder loads on its own."""
     if quantized:
-        save_quantized(model, stage_dir)
+        save_quantized(model, stage_dir, embeddings=embeddings)
     else:
         model.save_pretrained(stage_dir)
     if (student_dir / "tokenizer_config.json").is_file():

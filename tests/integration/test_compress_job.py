@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from cluster.config import load_config
 from cluster.driver import run_job
+from student.quantize import METHOD_WITH_EMBEDDINGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,6 +45,8 @@ def test_compress_chain_reports_a_row_per_stage_and_shrinks(tmp_path, redis_serv
     assert pruned["params"] < distil["params"] and pruned["disk_bytes"] < distil["disk_bytes"]
     assert recovered["params"] == pruned["params"]
     assert int8["disk_bytes"] < recovered["disk_bytes"]
+    assert int8["details"]["method"] == METHOD_WITH_EMBEDDINGS  # the default: embedding tables per-row 8-bit too
+    assert "bert.embeddings.word_embeddings" in int8["details"]["embedding_modules"]
     assert report["compression"]["calibration_rows"] == 128
     assert "## Compression stages" in (tmp_path / "out" / "report.md").read_text()
     # each float stage is an HF checkpoint with the pruned shapes

@@ -10,7 +10,7 @@ from student.compress import StageSpec, check_stages, distillation_loss, finetun
 from student.evaluate import quality
 from student.losses import soft_label_kl
 from student.prune import make_batch
-from student.quantize import load_quantized
+from student.quantize import METHOD, METHOD_WITH_EMBEDDINGS, load_quantized
 
 VOCAB, LABELS = 50, 3
 ROW_KEYS = {"name", "params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32", "accuracy", "retention", "per_language"}
@@ -69,6 +69,9 @@ def test_run_stages_reports_every_stage(student_dir, tmp_path):
     assert reports[3]["params"] == reports[2]["params"] and reports[3]["disk_bytes"] < reports[2]["disk_bytes"]
     assert all(r["latency_ms_batch1"] > 0 and r["latency_ms_batch32"] > 0 for r in reports)
     assert load_quantized(tmp_path / "int8") is not None
+    assert reports[3]["details"]["method"] == METHOD_WITH_EMBEDDINGS  # embeddings: on by default
+    assert reports[3]["details"]["embedding_modules"] == [
+        "bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings"]
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "recover")
     assert quality(reloaded, evaluation, 0, LABELS)["overall"]["accuracy"] == reports[2]["accuracy"]
 
@@ -89,6 +92,25 @@ def test_magnitude_zeros_survive_recovery(student_dir, tmp_path):
     encoder = [m.weight for m in model.bert.encoder.modules() if isinstance(m, torch.nn.Linear)]
     zero_fraction = sum(int((w == 0).sum()) for w in encoder) / sum(w.numel() for w in encoder)
     assert zero_fraction == pytest.approx(0.5, abs=1e-3)
+
+
+def test_quantize_stage_embeddings_option(student_dir, tmp_path):
+    rows = tiny_rows(8, seed=5)
+    teacher_quality = quality(AutoModelForSequenceClassification.from_pretrained(student_dir), rows, 0, LABELS)
+    measured = {}
+    for embeddings in (True, False):
+        (row,) = run_stages(student_dir, [StageSpec("int8", "quantize", embeddings=embeddings)],
+                            out_dir=tmp_path / str(embeddings), calibration=rows, eval_rows=rows, pad_id=0,
+                            num_labels=LABELS, teacher_quality=teacher_quality)
+        measured[embeddings] = row
+    assert measured[False].details["method"] == METHOD and measured[False].details["embedding_modules"] == []
+    assert measured[True].details["method"] == METHOD_WITH_EMBEDDINGS
+    # 50 + 32 + 2 rows of 32 floats: 3 bytes saved per weight, 8 bytes of scale and zero point added per row
+    expected_saving = 84 * (3 * 32 - 8)
+    assert measured[False].disk_bytes - measured[True].disk_bytes == pytest.approx(expected_saving, rel=0.3)
+    assert measured[True].params == measured[False].params
+    loaded = load_quantized(tmp_path / "False" / "int8")
+    assert type(loaded.bert.embeddings.word_embeddings) is torch.nn.Embedding
 
 
 def test_check_stages_says_what_to_change():

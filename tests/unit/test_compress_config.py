@@ -36,6 +36,16 @@ def test_a_full_chain_is_accepted_with_defaults():
     assert config.compress.stages[0].calibration_batches == 8
 
 
+def test_quantize_embeddings_default_on_and_can_be_turned_off():
+    from student.compress import StageSpec
+
+    on = validate_config(_with({"stages": CHAIN})).compress.stages[3]
+    off = validate_config(_with({"stages": [*CHAIN[:3], {**CHAIN[3], "embeddings": False}]})).compress.stages[3]
+    assert on.embeddings is True and off.embeddings is False
+    assert StageSpec(**off.model_dump()).embeddings is False  # the config field reaches the stage spec
+    assert "compress.stages.3.embeddings" in _refused(_with({"stages": [*CHAIN[:3], {**CHAIN[3], "embeddings": "int4"}]}))
+
+
 def test_quantize_before_the_end_is_refused_naming_the_stage():
     message = _refused(_with({"stages": [CHAIN[0], CHAIN[3], CHAIN[1]]}))
     assert "compress.stages" in message and "'int8'" in message and "last stage" in message
