@@ -23,7 +23,31 @@ EXPECTED = {
 }
 
 
+# Hidden states and attention maps also run end to end in test_knowledge_pipeline.py (both in one
+# job); here their examples are checked as configs and contracts, the other three run as jobs.
+RUN_AS_JOBS = ("attention_relations", "pooled_embeddings", "topk_soft_labels")
+
+
 @pytest.mark.parametrize("example", sorted(EXPECTED))
+def test_every_knowledge_example_asks_for_its_knowledge(example, tmp_path):
+    from student.contract import resolve_contract
+
+    config = load_config(KNOWLEDGE / f"{example}.yaml", output_dir=str(tmp_path))
+    teacher = {"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4}
+    student = {"num_hidden_layers": 2, "hidden_size": 64,
+               "num_attention_heads": config.student.config["num_attention_heads"]}
+    request = resolve_contract(config.distill, _Config(**teacher), _Config(**student)).request
+    shipped = {"soft"} | ({"hidden_states"} if request.hidden_layers else set()) | (
+        {"attentions"} if request.attention_layers else set()) | ({"embeddings"} if request.embeddings else set())
+    assert shipped == EXPECTED[example][1]
+
+
+class _Config:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+@pytest.mark.parametrize("example", RUN_AS_JOBS)
 def test_knowledge_example(example, tmp_path, redis_server, local_ray):
     config = load_config(KNOWLEDGE / f"{example}.yaml", [
         f"transport.redis_url={redis_server.url}", "data.languages=[eng_Latn, swh_Latn]",
