@@ -84,7 +84,7 @@ def test_node_type_bounds_fit_the_global_max(raw):
 
 def test_setup_installs_the_project_with_cuda_torch_on_workers(prepared):
     workers = " ".join(prepared["worker_setup_commands"])
-    assert "download.pytorch.org/whl/cu" in workers
+    assert '--index-url "$TORCH_CUDA_INDEX"' in workers
     assert workers.index("torch") < workers.index("~/polydistill")
     assert any("polydistill" in cmd for cmd in prepared["head_setup_commands"])
 
