@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from storage.job_data import TokenizedSplit, pad_rows
+from student.losses import mean_pool
 
 EMBED_BATCH = 64
 
@@ -29,9 +30,7 @@ def embed(model, token_ids: list[np.ndarray], pad_id: int, batch_size: int = EMB
         input_ids, mask = pad_rows([token_ids[i] for i in index], pad_id)
         mask_t = torch.from_numpy(mask.astype(np.int64))
         states = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)), attention_mask=mask_t).last_hidden_state
-        weights = mask_t.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1).numpy()
+        pooled = torch.nn.functional.normalize(mean_pool(states.float(), mask_t), dim=-1).numpy()
         if out is None:
             out = np.empty((len(token_ids), pooled.shape[1]), dtype=np.float32)
         out[index] = pooled

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from transformers import BertConfig
 
 from cluster.config import load_config
 from cluster.driver import run_job
@@ -33,18 +34,13 @@ def test_every_knowledge_example_asks_for_its_knowledge(example, tmp_path):
     from student.contract import resolve_contract
 
     config = load_config(KNOWLEDGE / f"{example}.yaml", output_dir=str(tmp_path))
-    teacher = {"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4}
-    student = {"num_hidden_layers": 2, "hidden_size": 64,
-               "num_attention_heads": config.student.config["num_attention_heads"]}
-    request = resolve_contract(config.distill, _Config(**teacher), _Config(**student)).request
+    teacher = BertConfig(num_hidden_layers=4, hidden_size=128, num_attention_heads=4)
+    student = BertConfig(num_hidden_layers=2, hidden_size=64,
+                         num_attention_heads=config.student.config["num_attention_heads"])
+    request = resolve_contract(config.distill, teacher, student).request
     shipped = {"soft"} | ({"hidden_states"} if request.hidden_layers else set()) | (
         {"attentions"} if request.attention_layers else set()) | ({"embeddings"} if request.embeddings else set())
     assert shipped == EXPECTED[example][1]
-
-
-class _Config:
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
 
 
 @pytest.mark.parametrize("example", RUN_AS_JOBS)
