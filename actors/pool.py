@@ -20,6 +20,7 @@ it under Ray for the driver and reports the pool's gauges to the Ray dashboard.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from ray.util import metrics as ray_metrics
 
 from actors.shells import TeacherActor
 from cluster.autoscaling import PoolDecision, PoolMetrics, PoolState, decide
-from cluster.config import JobConfig
+from cluster.config import JobConfig, TeacherStage
 from storage.keys import (
     CONTROL_DESIRED_TEACHERS,
     CONTROL_STOP,
@@ -126,13 +127,23 @@ class TeacherPool:
         clock: Callable[[], float] = time.monotonic,
         rate_window_s: float = DEFAULT_RATE_WINDOW_S,
         request_resources: Callable[[list[dict[str, float]]], None] | None = None,
+        stage: TeacherStage | None = None,
     ):
+        # ``config`` is the job as this pool's teacher sees it (``JobConfig.for_teacher``); ``stage``
+        # says which of the job's teachers that is: the pool reads and writes that teacher's streams.
         self.config = config
+        self.stage = stage if stage is not None else config.teacher_stage()
+        self.replica_prefix = self.stage.name
+        self._own_replica = re.compile(rf"^{re.escape(self.replica_prefix)}-\d+$")
+        # `polydistill scale` sets the main pool's size; each extra teacher's pool has a field of its own.
+        self.override_field = (CONTROL_DESIRED_TEACHERS if self.stage.index == 0
+                               else f"{CONTROL_DESIRED_TEACHERS}:{self.stage.name}")
         self.model_dir = model_dir
         self.redis_url = redis_url
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.client = connect_job(redis_url, config.transport)
         self.streams = JobStreams(self.client, self.keys)
+        self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count)
         self.scaling = config.teacher.autoscaling
         self.clock = clock
         self.on_measure = on_measure
@@ -230,9 +241,11 @@ class TeacherPool:
     def _start_replica(self) -> None:
         index = self._next_index
         self._next_index += 1
-        replica_id = f"teacher-{index}"
+        replica_id = f"{self.replica_prefix}-{index}"
         self.client.hdel(self.keys.control, replica_stop_field(replica_id))
-        actor = TeacherActor.options(**self._options).remote(replica_id, self.config, self.model_dir, self.redis_url)
+        # Named, so that the Ray dashboard's actor list says which job and teacher each replica serves.
+        actor = TeacherActor.options(**self._options, name=f"{self.keys.job_id}:{replica_id}").remote(
+            replica_id, self.config, self.model_dir, self.redis_url, self.stage)
         self._active[replica_id] = _Replica(replica_id, index, actor, actor.serve.remote(), self.clock(), time.time())
         self.max_running = max(self.max_running, len(self._active))
 
@@ -278,7 +291,7 @@ class TeacherPool:
     def _consumers(self) -> dict[str, int] | None:
         """Consumers of the work group and the batches each holds; None when the group is gone."""
         try:
-            consumers = self.client.xinfo_consumers(self.keys.work_stream, TEACHER_GROUP)
+            consumers = self.client.xinfo_consumers(self.source, TEACHER_GROUP)
         except redis.ResponseError:  # no such stream or group (the job is ending)
             return None
         result = {}
@@ -291,26 +304,26 @@ class TeacherPool:
         """Removes a departed replica from the consumer group, unless it still owns pending work
         (which must stay claimable: deleting the consumer would drop it from the pending list)."""
         if (self._consumers() or {}).get(replica_id) == 0:
-            self.client.xgroup_delconsumer(self.keys.work_stream, TEACHER_GROUP, replica_id)
+            self.client.xgroup_delconsumer(self.source, TEACHER_GROUP, replica_id)
 
     def _counters_of(self, replica_id: str) -> dict:
         values = self.client.hmget(self.keys.metrics, [teacher_metric_field(replica_id, c) for c in TEACHER_COUNTERS])
         batches, samples, busy = (float(v) if v is not None else 0.0 for v in values)
-        return {"replica_id": replica_id, "batches": int(batches), "samples": int(samples),
-                "busy_seconds": round(busy, 3)}
+        return {"replica_id": replica_id, "teacher": self.stage.name, "batches": int(batches),
+                "samples": int(samples), "busy_seconds": round(busy, 3)}
 
     # -- measuring and deciding ------------------------------------------------------------------
     def measure(self) -> PoolMetrics:
         """One reading of the pipeline from Redis (one round trip)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.xlen(self.keys.work_stream)
-        pipe.xlen(self.keys.knowledge_stream)
+        pipe.xlen(self.source)
+        pipe.xlen(self.sink)
         pipe.hgetall(self.keys.metrics)
         pipe.hmget(self.keys.progress, ["batches", "busy_seconds"])
-        pipe.hget(self.keys.control, CONTROL_DESIRED_TEACHERS)
+        pipe.hget(self.keys.control, self.override_field)
         work, knowledge, counters, (student_batches, student_busy), desired = pipe.execute()
         now = self.clock()
-        totals = _teacher_totals(counters)
+        totals = _teacher_totals(counters, self._own_replica)
         teacher_rate = self._teacher_rate.update(now, totals.batches, totals.busy_seconds)
         student_rate = None
         if student_batches is not None and student_busy is not None:
@@ -359,11 +372,12 @@ class TeacherPool:
             return decision
 
     def _publish(self, metrics: PoolMetrics, decision: PoolDecision) -> None:
-        self.client.hset(self.keys.metrics, mapping={
-            METRIC_TEACHERS_WANTED: decision.replicas,
-            METRIC_TEACHERS_RUNNING: self.running,
-            METRIC_POOL_REASON: decision.reason,
-        })
+        if self.stage.index == 0:  # `polydistill status` shows the main pool
+            self.client.hset(self.keys.metrics, mapping={
+                METRIC_TEACHERS_WANTED: decision.replicas,
+                METRIC_TEACHERS_RUNNING: self.running,
+                METRIC_POOL_REASON: decision.reason,
+            })
         if self.on_measure is not None:
             self.on_measure(metrics, decision, self.running)
 
@@ -404,17 +418,21 @@ class TeacherPool:
                 self._forget(replica, self._counters_of(replica.replica_id))
             self.wanted = 0
             self._request_resources([])
-            self.client.hset(self.keys.metrics, mapping={METRIC_TEACHERS_WANTED: 0, METRIC_TEACHERS_RUNNING: 0})
+            if self.stage.index == 0:
+                self.client.hset(self.keys.metrics, mapping={METRIC_TEACHERS_WANTED: 0, METRIC_TEACHERS_RUNNING: 0})
             return self.stats()
 
 
-def _teacher_totals(counters: dict[bytes, bytes]) -> _Totals:
+def _teacher_totals(counters: dict[bytes, bytes], own_replica: re.Pattern | None = None) -> _Totals:
+    """The counters of the replicas whose ids ``own_replica`` matches (all when None)."""
     totals = _Totals()
     for raw_field, raw_value in counters.items():
         parsed = parse_teacher_metric_field(raw_field.decode())
         if parsed is None:
             continue
         replica_id, counter = parsed
+        if own_replica is not None and not own_replica.match(replica_id):
+            continue
         value = float(raw_value)
         totals.per_replica.setdefault(replica_id, {})[counter] = value
         if counter == "batches":
@@ -435,13 +453,14 @@ class TeacherPoolActor:
     """Runs a ``TeacherPool`` for the driver; threaded so that ``snapshot`` answers while ``run`` loops."""
 
     def __init__(self, config: JobConfig, model_dir: str, redis_url: str,
-                 rate_window_s: float = DEFAULT_RATE_WINDOW_S):
+                 rate_window_s: float = DEFAULT_RATE_WINDOW_S, stage: TeacherStage | None = None):
         from cluster.quiet import quiet_libraries
 
         quiet_libraries()
-        tags = {"job": config.resolved_job_id}
+        stage = stage if stage is not None else config.teacher_stage()
+        tags = {"job": config.resolved_job_id, "teacher": stage.name}
         self.gauges = {
-            name: ray_metrics.Gauge(name, description, tag_keys=("job",))
+            name: ray_metrics.Gauge(name, description, tag_keys=("job", "teacher"))
             for name, description in [
                 ("polydistill_teacher_replicas_wanted", "Teacher replicas the pool wants"),
                 ("polydistill_teacher_replicas_running", "Teacher replicas serving or starting"),
@@ -451,7 +470,8 @@ class TeacherPoolActor:
         }
         for gauge in self.gauges.values():
             gauge.set_default_tags(tags)
-        self.pool = TeacherPool(config, model_dir, redis_url, on_measure=self._report, rate_window_s=rate_window_s)
+        self.pool = TeacherPool(config, model_dir, redis_url, on_measure=self._report, rate_window_s=rate_window_s,
+                                stage=stage)
 
     def _report(self, metrics: PoolMetrics, decision: PoolDecision, running: int) -> None:
         self.gauges["polydistill_teacher_replicas_wanted"].set(decision.replicas)

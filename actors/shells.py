@@ -91,17 +91,26 @@ class FeederActor:
             tag_keys=("job", "language"),
         )
         self.per_language.set_default_tags(_tags(config))
+        self.samples_per_language: dict[str, int] = {}
+
+    def _publish_languages(self) -> None:
+        # Recorded again at each feed: a gauge set only once, before the node's metrics agent
+        # took this worker's first report, can be missing from the dashboard.
+        for language, count in self.samples_per_language.items():
+            self.per_language.set(count, tags={"language": language})
 
     def plan(self):
         plan = self.feeder.plan()
-        for language, count in plan.samples_per_language.items():
-            self.per_language.set(count, tags={"language": language})
+        self.samples_per_language = dict(plan.samples_per_language)
+        self._publish_languages()
         return plan, self.feeder.label_names, self.feeder.cleaning
 
     def feed(self, only=None, generation: int | None = None) -> int:
+        self._publish_languages()
         should_stop = self.stop if generation is None else FeedSuperseded(self.stop, generation)
         sent = self.feeder.feed(only=only, should_stop=should_stop)
         self.enqueued.inc(sent)
+        self._publish_languages()
         return sent
 
     def cache_state(self) -> dict | None:
@@ -126,11 +135,11 @@ class CacheWriterActor:
 
 @ray.remote
 class TeacherActor:
-    def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str):
+    def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str, stage=None):
         quiet_libraries()
         from actors.teacher import TeacherReplica
 
-        self.replica = TeacherReplica(replica_id, config, model_dir, redis_url)
+        self.replica = TeacherReplica(replica_id, config, model_dir, redis_url, stage)
         # Leaves on the job's stop flag or on its own (the pool scaling down), after the current batch.
         self.stop = StopFlag(redis_url, config, extra_fields=(replica_stop_field(replica_id),))
         self.metrics_key = JobKeys(config.resolved_job_id, config.transport.namespace).metrics

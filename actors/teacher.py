@@ -10,6 +10,7 @@ If Redis comes back empty, the replica waits for the driver to recreate the work
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cluster.config import JobConfig
+from cluster.config import JobConfig, TeacherStage
 from storage import wire
 from storage.chunking import knowledge_messages
 from storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
@@ -93,6 +94,30 @@ def soft_labels_on_device(logits: torch.Tensor, top_k: int | None) -> wire.SoftL
     )
 
 
+@torch.inference_mode()
+def teacher_vote(
+    model: PreTrainedModel, work: wire.WorkBatch, stage: TeacherStage, *, autocast_bf16: bool = False
+) -> tuple[wire.TeacherVote, int, float]:
+    """One teacher's class logits over the rows of the languages routed to it (the others stay zero
+    and unserved): the teacher runs on those rows only. Returns the vote, rows served and seconds."""
+    started = time.perf_counter()
+    rows = [i for i, language in enumerate(work.languages) if stage.serves(language)]
+    logits = np.zeros((work.n_samples, model.config.num_labels), dtype=np.float32)
+    served = np.zeros(work.n_samples, dtype=np.uint8)
+    if rows:
+        device = next(model.parameters()).device
+        mask = work.attention_mask[rows]
+        width = int(mask.sum(1).max())  # routed rows may be shorter than the batch's longest
+        input_ids = torch.from_numpy(work.input_ids[rows, :width].astype(np.int64)).to(device)
+        attention_mask = torch.from_numpy(mask[:, :width].astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            output = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits[rows] = output.float().cpu().numpy()
+        served[rows] = 1
+    vote = wire.TeacherVote(teacher=stage.name, logits=logits, served=served)
+    return vote, len(rows), time.perf_counter() - started
+
+
 def _half(tensor: torch.Tensor) -> np.ndarray:
     return tensor.to(torch.float16).cpu().numpy()
 
@@ -100,14 +125,19 @@ def _half(tensor: torch.Tensor) -> np.ndarray:
 class TeacherReplica:
     """Plain class; ``actors.shells.TeacherActor`` runs it under Ray."""
 
-    def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str):
+    def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str,
+                 stage: TeacherStage | None = None):
         self.replica_id = replica_id
         self.config = config
-        torch.set_num_threads(config.teacher.threads)
-        self.device = torch.device("cuda" if config.teacher.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        dtype = _DTYPES[config.teacher.inference_dtype] if self.device.type == "cuda" else torch.float32
+        # Which teacher of the job this replica runs, and where it sits in the line of teachers.
+        self.stage = stage if stage is not None else config.teacher_stage()
+        section = config.teacher_section(self.stage.name)
+        torch.set_num_threads(section.threads)
+        self.device = torch.device("cuda" if section.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        dtype = _DTYPES[section.inference_dtype] if self.device.type == "cuda" else torch.float32
         # The knowledge contract, resolved here exactly as the students resolve it: what to ship per batch.
-        self.request = teacher_contract(config, model_dir)
+        # Features come from the first teacher only; the teachers after it add soft labels.
+        self.request = teacher_contract(config, model_dir) if self.stage.index == 0 else KnowledgeRequest(soft=True)
         # Attention maps need the eager implementation (SDPA never materialises them); otherwise keep the fast one.
         attention = "eager" if self.request.needs_attentions else None
         self.model = model_class(config.task).from_pretrained(
@@ -115,8 +145,9 @@ class TeacherReplica:
         ).to(self.device).eval()
         # On a CPU, bfloat16 inference runs under autocast over float32 weights: the matmuls use
         # the CPU's BF16 instructions while layer norms and softmax stay in float32.
-        self.autocast_bf16 = self.device.type == "cpu" and config.teacher.inference_dtype == "bfloat16"
+        self.autocast_bf16 = self.device.type == "cpu" and section.inference_dtype == "bfloat16"
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
+        self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self.batches_done = 0
         self.samples_done = 0
@@ -128,6 +159,30 @@ class TeacherReplica:
         return compute_knowledge(self.model, work, self.request, teacher_id=self.replica_id,
                                  top_k=self.config.distill.top_k, autocast_bf16=self.autocast_bf16)
 
+    def add_knowledge(self, message: wire.WorkBatch | wire.Knowledge) -> tuple[wire.Knowledge, int, float]:
+        """This teacher's knowledge of a batch: of a work batch (the first teacher), or added to the
+        knowledge of the teachers before it; how many samples it labelled, and its own seconds."""
+        if not self.stage.ensemble:
+            knowledge = self.compute(message)
+            return knowledge, message.n_samples, knowledge.teacher_seconds
+        if self.stage.index == 0:
+            if self.request.needs_hidden_states or self.request.needs_attentions:
+                # Features need a pass over every row anyway (this teacher then serves every language).
+                knowledge = self.compute(message)
+                vote = wire.TeacherVote(self.stage.name, knowledge.soft.logits,
+                                        np.ones(message.n_samples, dtype=np.uint8))
+                knowledge = dataclasses.replace(knowledge, soft=None, ensemble=(vote,))
+                return knowledge, message.n_samples, knowledge.teacher_seconds
+            vote, served, seconds = teacher_vote(self.model, message, self.stage, autocast_bf16=self.autocast_bf16)
+            return wire.Knowledge(work=message, teacher_id=self.replica_id, ensemble=(vote,),
+                                  teacher_seconds=seconds), served, seconds
+        vote, served, seconds = teacher_vote(self.model, message.work, self.stage, autocast_bf16=self.autocast_bf16)
+        # A batch fed again after a recovery starts from the first teacher, so it never holds this vote
+        # already; replacing rather than appending keeps a message valid even so.
+        votes = tuple(v for v in message.ensemble if v.teacher != self.stage.name) + (vote,)
+        knowledge = dataclasses.replace(message, ensemble=votes, teacher_seconds=message.teacher_seconds + seconds)
+        return knowledge, served, seconds
+
     def encode(self, knowledge: wire.Knowledge) -> list[bytes]:
         """The batch's knowledge as one message, or as chunks that each fit the message limit
         (``distill.knowledge_message_bytes``, else the wire's): ``storage/chunking.py``."""
@@ -136,7 +191,7 @@ class TeacherReplica:
     def serve(self, should_stop: Callable[[], bool]) -> dict:
         """Processes work until told to stop; returns this replica's counters."""
         transport = self.config.transport
-        stream, group = self.keys.work_stream, TEACHER_GROUP
+        stream, group = self.source, TEACHER_GROUP
         # Work this consumer read before a restart is still pending under its name: finish it first.
         own_pending = True
         last_reclaim = time.monotonic()
@@ -144,7 +199,7 @@ class TeacherReplica:
             # Wait for room in the knowledge stream *before* taking a batch, not after computing it: a
             # replica held up by a slow student then holds no work, so its batch never looks abandoned
             # to the others' reclaim. The stream may overshoot the limit by (replicas - 1) messages.
-            if not self.streams.wait_for_room(self.keys.knowledge_stream, transport.max_knowledge_backlog,
+            if not self.streams.wait_for_room(self.sink, transport.max_knowledge_backlog,
                                               timeout_s=transport.backpressure_timeout_s, should_stop=should_stop):
                 break
             try:
@@ -178,7 +233,7 @@ class TeacherReplica:
         which go to the dead-letter stream with the reason."""
         if not entries:
             return entries
-        stream, group = self.keys.work_stream, TEACHER_GROUP
+        stream, group = self.source, TEACHER_GROUP
         counts = self.streams.delivery_counts(stream, group, [entry_id for entry_id, _ in entries])
         keep, dead = split_over_delivered(entries, counts, self.config.transport.max_deliveries)
         for (entry_id, payload), reason in dead:
@@ -190,32 +245,33 @@ class TeacherReplica:
         return keep
 
     def _handle(self, entry_id: bytes, payload: bytes, should_stop: Callable[[], bool]) -> None:
+        expected = wire.WorkBatch if self.stage.index == 0 else wire.Knowledge
         try:
-            work = wire.decode(payload)
-            if not isinstance(work, wire.WorkBatch):
-                raise wire.WireError(f"expected a work batch on the work stream, got {type(work).__name__}")
+            message = wire.decode(payload)
+            if not isinstance(message, expected):
+                raise wire.WireError(f"expected a {expected.__name__} message on {self.source}, "
+                                     f"got {type(message).__name__}")
         except wire.WireError as exc:
-            log.error("dead-lettering work entry %s: %s", entry_id, exc)
-            self.streams.dead_letter(entry_id, payload, str(exc), self.keys.work_stream)
-            self.streams.ack_and_delete(self.keys.work_stream, TEACHER_GROUP, [entry_id])
+            log.error("dead-lettering entry %s of %s: %s", entry_id, self.source, exc)
+            self.streams.dead_letter(entry_id, payload, str(exc), self.source)
+            self.streams.ack_and_delete(self.source, TEACHER_GROUP, [entry_id])
             return
-        knowledge = self.compute(work)
+        knowledge, served, seconds = self.add_knowledge(message)
+        work = knowledge.work
         payloads = self.encode(knowledge)
         # The counters travel in the same transaction as the publish+ack, so the pool's throughput
         # measurements (and `polydistill status`) count each batch exactly when it is done. A batch in
         # chunks is published whole in that one transaction too: every chunk, or none.
         transaction = self.streams.client.pipeline(transaction=True)
         for payload in payloads[:-1]:
-            self.streams.add(self.keys.knowledge_stream, payload, pipeline=transaction)
-        self.streams.publish_and_ack(
-            self.keys.knowledge_stream, payloads[-1], self.keys.work_stream, TEACHER_GROUP, entry_id,
-            pipeline=transaction,
-        )
-        self._count(transaction, work.n_samples, knowledge.teacher_seconds)
+            self.streams.add(self.sink, payload, pipeline=transaction)
+        self.streams.publish_and_ack(self.sink, payloads[-1], self.source, TEACHER_GROUP, entry_id,
+                                     pipeline=transaction)
+        self._count(transaction, served, seconds)
         transaction.execute()
         self.batches_done += 1
-        self.samples_done += work.n_samples
-        self.busy_seconds += knowledge.teacher_seconds
+        self.samples_done += served
+        self.busy_seconds += seconds
         self.messages_published += len(payloads)
 
     def _count(self, pipeline, samples: int, busy_seconds: float) -> None:
@@ -227,6 +283,7 @@ class TeacherReplica:
     def stats(self) -> dict:
         return {
             "replica_id": self.replica_id,
+            "teacher": self.stage.name,
             "batches": self.batches_done,
             "samples": self.samples_done,
             "busy_seconds": round(self.busy_seconds, 3),

@@ -7,6 +7,7 @@ Every default lives here and only here. Models use ``extra="forbid"`` so that a 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,17 @@ class TeacherConfig(_Strict):
         "then the initial count. Null: a fixed pool of `replicas` (`polydistill scale` still overrides it).",
     )
 
+    weight: float = Field(
+        default=1.0, gt=0,
+        description="With extra_teachers: this teacher's share of the combined soft labels (per sample, the "
+        "weights of the teachers that served it are renormalised to sum to 1).",
+    )
+    languages: list[str] | None = Field(
+        default=None,
+        description="With extra_teachers: route only these languages (as the data names them) to this teacher; "
+        "null: every language.",
+    )
+
     @model_validator(mode="after")
     def _initial_replicas_within_bounds(self) -> "TeacherConfig":
         scaling = self.autoscaling
@@ -65,6 +77,34 @@ class TeacherConfig(_Strict):
                 f"teacher.autoscaling [min_replicas={scaling.min_replicas}, max_replicas={scaling.max_replicas}]"
             )
         return self
+
+
+class ExtraTeacherConfig(TeacherConfig):
+    """One more teacher pool in the job: its replicas add their class probabilities to every batch of
+    the languages routed to it, and the students learn from the weighted mixture of all teachers."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$",
+                      description="Names the teacher's pool, replicas and report entries.")
+
+
+@dataclass(frozen=True)
+class TeacherStage:
+    """One teacher's place in a job: batches pass the teachers in order, each adding its soft labels,
+    and leave the last one on the knowledge stream (``JobKeys.stage_streams``)."""
+
+    name: str
+    index: int
+    count: int
+    weight: float
+    languages: tuple[str, ...] | None
+
+    @property
+    def ensemble(self) -> bool:
+        """Several teachers: soft labels travel per teacher (``wire.TeacherVote``) instead of in ``soft``."""
+        return self.count > 1
+
+    def serves(self, language: str) -> bool:
+        return self.languages is None or language in self.languages
 
 
 class StudentConfig(_Strict):
@@ -433,6 +473,49 @@ class JobConfig(_Strict):
         "and every student sees every sample once per epoch.",
     )
 
+    extra_teachers: list[ExtraTeacherConfig] = Field(
+        default_factory=list,
+        description="More teacher pools (sequence classification): each serves the languages routed to it "
+        "(languages), and the students learn from the weighted mixture of the teachers' class probabilities.",
+    )
+
+    @field_validator("extra_teachers")
+    @classmethod
+    def _distinct_teacher_names(cls, teachers: list[ExtraTeacherConfig]) -> list[ExtraTeacherConfig]:
+        names = [teacher.name for teacher in teachers]
+        for name in names:
+            if name == "teacher" or names.count(name) > 1:
+                raise ValueError(f"the name {name!r} is taken: each extra teacher needs its own name, and 'teacher' "
+                                 "is the main teacher's")
+        return teachers
+
+    @model_validator(mode="after")
+    def _several_teachers_settings(self) -> "JobConfig":
+        if not self.extra_teachers:
+            if self.teacher.languages is not None:
+                raise ValueError("teacher.languages routes languages between several teachers, but extra_teachers is "
+                                 "empty: drop teacher.languages (the one teacher serves every language)")
+            return self
+        distill = self.distill
+        wrong = {
+            f"task {self.task} (several teachers combine class probabilities)": self.task != "sequence-classification",
+            "distill.top_k (several teachers ship every class's logit)": distill.top_k is not None,
+            "knowledge_cache.enabled": self.knowledge_cache.enabled,
+            "student.tokenizer": self.student.tokenizer is not None,
+        }
+        if any(wrong.values()):
+            raise ValueError("extra_teachers combines the class probabilities of several teachers; drop these "
+                             "settings or the extra teachers: " + ", ".join(k for k, bad in wrong.items() if bad))
+        features = distill.hidden_weight > 0 or distill.attention_weight > 0 or distill.embedding_weight > 0
+        if features and self.teacher.languages is not None:
+            raise ValueError("hidden states, attention and embeddings come from the main teacher, so it must serve "
+                             "every language: drop teacher.languages, or set distill.hidden_weight, "
+                             "attention_weight and embedding_weight to 0")
+        if distill.soft_weight <= 0 and distill.pseudo_label_threshold is None:
+            raise ValueError("extra_teachers only add soft labels: set distill.soft_weight > 0 (or "
+                             "distill.pseudo_label_threshold) or drop extra_teachers")
+        return self
+
     @field_validator("extra_students")
     @classmethod
     def _distinct_student_names(cls, students: list[ExtraStudentConfig]) -> list[ExtraStudentConfig]:
@@ -586,6 +669,32 @@ class JobConfig(_Strict):
     def knowledge_stream_shared(self) -> bool:
         """More than one consumer group reads the knowledge stream (extra students, the cache writer)."""
         return bool(self.extra_students) or self.knowledge_cache.enabled
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return ["teacher", *(teacher.name for teacher in self.extra_teachers)]
+
+    def teacher_section(self, name: str) -> TeacherConfig:
+        """The settings of one teacher pool: ``teacher`` or one of ``extra_teachers``."""
+        if name == "teacher":
+            return self.teacher
+        extra = next((teacher for teacher in self.extra_teachers if teacher.name == name), None)
+        if extra is None:
+            raise KeyError(f"no teacher named {name!r} (extra_teachers: {[t.name for t in self.extra_teachers]})")
+        return extra
+
+    def teacher_stage(self, name: str = "teacher") -> TeacherStage:
+        names = self.teacher_names
+        section = self.teacher_section(name)
+        languages = None if section.languages is None else tuple(section.languages)
+        return TeacherStage(name, names.index(name), len(names), section.weight, languages)
+
+    def for_teacher(self, name: str) -> "JobConfig":
+        """This job as one teacher pool sees it: ``teacher`` is that pool's section."""
+        if name == "teacher":
+            return self
+        section = self.teacher_section(name)
+        return self.model_copy(update={"teacher": TeacherConfig(**section.model_dump(exclude={"name"}))})
 
     @property
     def student_names(self) -> list[str]:

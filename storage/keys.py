@@ -94,6 +94,20 @@ class JobKeys:
         """Teachers -> students: encoded Knowledge messages."""
         return self._key("knowledge")
 
+    def stage_streams(self, index: int, count: int) -> tuple[str, str]:
+        """(input, output) of the index-th of ``count`` teachers in line: the first reads the work stream,
+        the last writes the knowledge stream, and teacher i passes its batches to teacher i+1 on
+        ``stage:<i+1>`` (Knowledge messages, each teacher adding its soft labels)."""
+        if not 0 <= index < count:
+            raise ValueError(f"teacher stage {index} of {count}")
+        source = self.work_stream if index == 0 else self._key(f"stage:{index}")
+        sink = self.knowledge_stream if index == count - 1 else self._key(f"stage:{index + 1}")
+        return source, sink
+
+    def teacher_inputs(self, count: int) -> list[str]:
+        """Every stream a teacher pool reads (TEACHER_GROUP on each), first teacher first."""
+        return [self.stage_streams(index, count)[0] for index in range(count)]
+
     @property
     def dead_letter_stream(self) -> str:
         """Messages that failed to decode or process, kept for inspection."""

@@ -325,8 +325,31 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
+class TeacherVote:
+    """One teacher's class logits in a job with several teachers, for the rows routed to it.
+
+    Rows it did not serve (``served`` 0) hold zeros; the student mixes, per row, the softened
+    distributions of the teachers that served it, with the weights of the job's config.
+    """
+
+    teacher: str
+    logits: np.ndarray  # float32 [n, C]
+    served: np.ndarray  # uint8 [n], 1 = this teacher labelled the row
+
+    def __post_init__(self) -> None:
+        _require_str(self.teacher, "TeacherVote.teacher")
+        logits = _as_float_array(self.logits, "TeacherVote.logits", allowed=(np.float32,), fallback=np.float32)
+        if logits.ndim != 2:
+            raise WireError(f"TeacherVote.logits: expected shape [n, C], got {list(logits.shape)}")
+        served = _as_integer_array(self.served, "TeacherVote.served", np.uint8)
+        _require_shape(served, "TeacherVote.served", (logits.shape[0],), "n")
+        _set(self, "logits", logits)
+        _set(self, "served", served)
+
+
+@dataclass(frozen=True, eq=False)
 class Knowledge:
-    """What one teacher learned about one work batch; carries the batch itself."""
+    """What the teachers learned about one work batch; carries the batch itself."""
 
     work: WorkBatch
     teacher_id: str
@@ -335,6 +358,8 @@ class Knowledge:
     attentions: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> fp16 [n, heads, L, L]
     embeddings: np.ndarray | None = None  # float16/32 [n, H]
     teacher_seconds: float = 0.0
+    # Several teachers (extra_teachers): each one's logits, in the order the batch passed them.
+    ensemble: tuple[TeacherVote, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.work, WorkBatch):
@@ -356,6 +381,16 @@ class Knowledge:
             embeddings = _as_float_array(self.embeddings, "Knowledge.embeddings")
             _require_shape(embeddings, "Knowledge.embeddings", (n, None), "n x hidden")
             _set(self, "embeddings", embeddings)
+
+        votes = tuple(self.ensemble)
+        for position, vote in enumerate(votes):
+            if not isinstance(vote, TeacherVote):
+                raise WireError(f"Knowledge.ensemble[{position}]: expected a TeacherVote, got {type(vote).__name__}")
+            if vote.logits.shape[0] != n:
+                raise WireError(f"Knowledge.ensemble[{position}]: {vote.logits.shape[0]} rows for a batch of {n}")
+        if len({vote.teacher for vote in votes}) != len(votes):
+            raise WireError(f"Knowledge.ensemble: a teacher appears twice in {[vote.teacher for vote in votes]}")
+        _set(self, "ensemble", votes)
 
         seconds = self.teacher_seconds
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
@@ -483,6 +518,8 @@ def _knowledge_body(knowledge: Knowledge) -> dict[str, Any]:
         "attentions": [[layer, _pack_array(a)] for layer, a in knowledge.attentions.items()],
         "embeddings": _pack_optional(knowledge.embeddings),
         "teacher_seconds": knowledge.teacher_seconds,
+        "ensemble": [{"teacher": vote.teacher, "logits": _pack_array(vote.logits), "served": _pack_array(vote.served)}
+                     for vote in knowledge.ensemble],
     }
 
 
@@ -638,7 +675,20 @@ def _read_knowledge(top: dict, kind: str) -> Knowledge:
         attentions=_read_layers(top, "attentions", kind),
         embeddings=_get_array(top, "embeddings", kind, optional=True),
         teacher_seconds=_get(top, "teacher_seconds", (int, float), kind),
+        ensemble=_read_votes(top, kind),
     )
+
+
+def _read_votes(top: dict, kind: str) -> tuple[TeacherVote, ...]:
+    votes = _get(top, "ensemble", list, kind, optional=True) or []
+    read = []
+    for position, vote in enumerate(votes):
+        where = f"{kind}.ensemble[{position}]"
+        if not isinstance(vote, dict):
+            raise WireError(f"{where}: expected a map, got {type(vote).__name__}")
+        read.append(TeacherVote(teacher=_get(vote, "teacher", str, where), logits=_get_array(vote, "logits", where),
+                                served=_get_array(vote, "served", where)))
+    return tuple(read)
 
 
 _READERS: dict[str, Callable[[dict, str], Message]] = {

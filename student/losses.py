@@ -17,7 +17,7 @@ over a large vocabulary loses the small probabilities that carry the "dark knowl
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -113,6 +113,34 @@ def soft_label_kl(
     teacher_log_probs = F.log_softmax(_wide_float(teacher_logits) / temperature, dim=-1)
     kl = _kl_per_position(teacher_log_probs, student_log_probs)
     return masked_mean(kl, mask) * temperature**2
+
+
+def ensemble_log_probs(
+    teacher_logits: Sequence[Tensor],
+    served: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    temperature: float,
+) -> Tensor:
+    """Log of the weighted mixture of several teachers' distributions at temperature T, per row.
+
+    ``teacher_logits[i]`` is [n, C], ``served[i]`` [n] (1 where teacher i labelled the row). Each row
+    mixes only the teachers that served it, their weights renormalised to sum to 1:
+    p = sum_i w_i s_i softmax(z_i / T) / sum_i w_i s_i. Mixing probabilities (not logits) keeps each
+    teacher's uncertainty; passing ``T * log p`` as teacher logits to ``soft_label_kl`` at the same T
+    distils exactly towards p. A row no teacher served is an error: its target would be undefined.
+    """
+    _check_temperature(temperature)
+    if not teacher_logits or not len(teacher_logits) == len(served) == len(weights):
+        raise ValueError(f"ensemble: {len(teacher_logits)} logits, {len(served)} masks, {len(weights)} weights")
+    log_probs = torch.stack([F.log_softmax(_wide_float(z) / temperature, dim=-1) for z in teacher_logits])
+    share = torch.stack([s.to(log_probs.dtype) * float(w) for s, w in zip(served, weights)])  # [t, n]
+    total = share.sum(0)
+    if bool((total <= 0).any()):
+        rows = torch.nonzero(total <= 0).flatten().tolist()
+        raise ValueError(f"ensemble: rows {rows[:10]} were served by no teacher")
+    log_share = torch.log(share / total).unsqueeze(-1)  # -inf where a teacher did not serve the row
+    return torch.logsumexp(log_share + log_probs, dim=0)
 
 
 def soft_label_kl_topk(

@@ -284,6 +284,26 @@ def plot_training_loss(history: Sequence[Mapping], path: Path) -> Path:
 # --------------------------------------------------------------------------- report
 
 
+def format_teachers_table(report: Mapping) -> str:
+    """Several teachers: samples each teacher labelled per language (from the student's side, so each
+    sample counts once per epoch), with each teacher's accuracy per language when it was evaluated."""
+    served = report.get("teacher_samples_per_language")
+    if not served:
+        return ""
+    teachers = list(served)
+    languages = sorted({language for counts in served.values() for language in counts})
+    per_language = report.get("per_language") or {}
+    header = ["language", *(f"{name} samples" for name in teachers), *(f"{name} acc" for name in teachers)]
+    rows = []
+    for language in languages:
+        entry = per_language.get(language, {})
+        accuracy = [_metric(entry, "teacher" if name == "teacher" else f"teacher:{name}", "accuracy")
+                    for name in teachers]
+        rows.append([language, *(_integer(served[name].get(language, 0)) for name in teachers),
+                     *(_percent(value) for value in accuracy)])
+    return _markdown_table(header, rows)
+
+
 def render_markdown(report: Mapping) -> str:
     """The full report.md text; sections missing from `report` are left out."""
     sections = ["# Distillation report"]
@@ -292,6 +312,9 @@ def render_markdown(report: Mapping) -> str:
         sections.append("## Accuracy by language\n\n" + language_table)
         if report.get("per_language"):
             sections.append("![Accuracy by language](per_language_accuracy.png)")
+    teachers_table = format_teachers_table(report)
+    if teachers_table:
+        sections.append("## Teachers\n\n" + teachers_table)
     efficiency_table = format_efficiency_table(report)
     if efficiency_table:
         speedup = _speedup_line(report)

@@ -62,6 +62,7 @@ from student.losses import (
     attention_kl,
     combine_losses,
     embedding_loss,
+    ensemble_log_probs,
     hard_label_ce,
     hidden_state_loss,
     mean_pool,
@@ -97,6 +98,8 @@ class TrainingState:
     wire_bytes: int = 0
     wire_bytes_by_part: dict[str, int] = field(default_factory=dict)
     pseudo_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Several teachers: samples each teacher labelled, per language ({teacher: {language: count}}).
+    teacher_samples: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +116,35 @@ def student_labels(work: wire.WorkBatch, config: JobConfig) -> np.ndarray | None
     if config.data.withhold_labels:
         return None
     return work.labels
+
+
+def served_counts(knowledge: wire.Knowledge) -> dict[str, dict[str, int]]:
+    """Per teacher of a several-teacher job, how many samples of each language it labelled in this batch."""
+    counts: dict[str, dict[str, int]] = {}
+    languages = knowledge.work.languages
+    for vote in knowledge.ensemble:
+        per_language = counts.setdefault(vote.teacher, {})
+        for row in np.flatnonzero(vote.served):
+            per_language[languages[row]] = per_language.get(languages[row], 0) + 1
+    return counts
+
+
+def ensemble_soft_labels(knowledge: wire.Knowledge, weights: dict[str, float], temperature: float) -> wire.SoftLabels:
+    """The teachers' weighted mixture at ``temperature`` as logits ``T * log p``: at the same T,
+    ``soft_label_kl`` (and at T = 1 the pseudo-labels) then see exactly the mixture p."""
+    votes = knowledge.ensemble
+    unknown = [vote.teacher for vote in votes if vote.teacher not in weights]
+    if unknown:
+        raise ContractError(f"knowledge from teacher(s) {unknown} that this job does not list (teachers: "
+                            f"{sorted(weights)}); run the student with the job's own config")
+    log_p = ensemble_log_probs([torch.from_numpy(np.asarray(v.logits)) for v in votes],
+                               [torch.from_numpy(np.asarray(v.served)) for v in votes],
+                               [weights[v.teacher] for v in votes], temperature=temperature)
+    return wire.SoftLabels.full((temperature * log_p).to(torch.float32).numpy())
+
+
+def teacher_weights(config: JobConfig) -> dict[str, float]:
+    return {name: config.teacher_section(name).weight for name in config.teacher_names}
 
 
 def teacher_predictions(soft: wire.SoftLabels) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +203,8 @@ def knowledge_nbytes(knowledge: wire.Knowledge) -> dict[str, int]:
     return {
         "work": sum(a.nbytes for a in (work.sample_ids, work.input_ids, work.attention_mask, work.labels)
                     if a is not None),
-        "soft": sum(a.nbytes for a in soft_arrays if a is not None),
+        "soft": sum(a.nbytes for a in soft_arrays if a is not None)
+        + sum(vote.logits.nbytes + vote.served.nbytes for vote in knowledge.ensemble),
         "hidden_states": sum(a.nbytes for a in knowledge.hidden_states.values()),
         "attentions": sum(a.nbytes for a in knowledge.attentions.values()),
         "embeddings": 0 if knowledge.embeddings is None else knowledge.embeddings.nbytes,
@@ -221,6 +254,8 @@ def distillation_losses(
     logits, device = outputs.logits, outputs.logits.device
     terms: dict[str, Tensor] = {}
     soft = knowledge.soft
+    if knowledge.ensemble:
+        soft = ensemble_soft_labels(knowledge, teacher_weights(config), distill.temperature)
     if soft is not None and distill.soft_weight > 0:
         if soft.kind == wire.SOFT_FULL:
             terms["soft"] = soft_label_kl(logits, _tensor(soft.logits, device), temperature=distill.temperature)
@@ -455,6 +490,7 @@ class StudentTrainer:
                     loss.backward()
                     values = {"loss": float(loss.detach()), **values}
                     add_counts(self.state.pseudo_labels, counts)
+                    add_counts(self.state.teacher_samples, served_counts(knowledge))
                 self.sync.average_gradients(self.parameters(), len(applied))
                 self.update()
                 self.state.compute_seconds += time.perf_counter() - computed
@@ -590,6 +626,7 @@ class StudentTrainer:
         self.state.step += 1
         self.state.last_loss = float(loss.detach())
         add_counts(self.state.pseudo_labels, counts)
+        add_counts(self.state.teacher_samples, served_counts(knowledge))
         return {"loss": self.state.last_loss, **values}
 
     def losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float], dict[str, dict[str, int]]]:
@@ -712,10 +749,12 @@ class StudentTrainer:
         """The hard labels of this batch, with pseudo-labels where configured, and their per-language counts."""
         work, threshold = knowledge.work, self.config.distill.pseudo_label_threshold
         labels = student_labels(work, self.config)
-        if threshold is None or knowledge.soft is None:
+        soft = (ensemble_soft_labels(knowledge, teacher_weights(self.config), 1.0) if knowledge.ensemble
+                else knowledge.soft)
+        if threshold is None or soft is None:
             return labels, {}
         withheld = work.labels if self.config.data.withhold_labels else None
-        return pseudo_label(work, knowledge.soft, threshold, labels, withheld)
+        return pseudo_label(work, soft, threshold, labels, withheld)
 
     def log(self, epoch: int, values: dict[str, float]) -> None:
         if self.state.step % self.config.training.log_every and not self.ledger.complete:
@@ -818,6 +857,9 @@ class StudentTrainer:
             },
             "pseudo_labels": (dict(sorted(self.state.pseudo_labels.items()))
                               if self.config.distill.pseudo_label_threshold is not None else None),
+            "teacher_samples_per_language": ({teacher: dict(sorted(counts.items()))
+                                              for teacher, counts in self.state.teacher_samples.items()}
+                                             if self.config.extra_teachers else None),
         }
 
     def _per_sample(self, total: int) -> float | None:

@@ -94,12 +94,14 @@ class Injector(threading.Thread):
         assert self.injected_at is not None, "the job ended before the fault was injected"
 
 
-def kill_one(class_name: str, rng: random.Random) -> int:
-    """SIGKILLs the worker process of one live actor of ``class_name`` (a pre-empted node, an OOM kill)."""
+def kill_one(class_name: str, rng: random.Random, name_part: str = "") -> int:
+    """SIGKILLs the worker process of one live actor of ``class_name`` (a pre-empted node, an OOM kill)
+    whose actor name contains ``name_part``."""
     from ray._private import state
 
     alive = [info for info in state.actors().values()
-             if info["ActorClassName"] == class_name and info["State"] == "ALIVE"]
+             if info["ActorClassName"] == class_name and info["State"] == "ALIVE"
+             and name_part in (info.get("Name") or "")]
     assert alive, f"no live {class_name} to kill"
     victim = rng.choice(sorted(alive, key=lambda info: info["Pid"]))
     os.kill(victim["Pid"], signal.SIGKILL)
@@ -161,6 +163,41 @@ def test_teacher_replica_killed_mid_batch(tmp_path, redis_server, local_ray):
     assert len(report["teachers"]) == 3
     assert report["recoveries"] == []
     summary("teacher", injector, report, started)
+
+
+def test_second_teacher_replica_killed_mid_batch(tmp_path, redis_server, local_ray):
+    """Two teachers in line: a replica of the second one dies holding a batch it took from the stream
+    between the teachers; another replica of that teacher takes it over, and nothing is lost."""
+    config = fault_config(
+        tmp_path, redis_server.url, "transport.reclaim_idle_ms=1000",
+        "extra_teachers=[{name: second, model: random, replicas: 2, num_cpus: 0.5, languages: [swh_Latn],"
+        " config: {model_type: bert, hidden_size: 384, num_hidden_layers: 6, intermediate_size: 1536,"
+        " num_attention_heads: 6, max_position_embeddings: 128}}]",
+    )
+    client = connect(redis_server.url)
+    between = JobKeys(config.resolved_job_id).stage_streams(1, 2)[0]
+
+    def second_teacher_holds_work() -> bool:
+        try:
+            consumers = client.xpending(between, TEACHER_GROUP)["consumers"] or []
+        except Exception:
+            return False
+        return any(int(consumer["pending"]) > 0 for consumer in consumers)
+
+    injector = Injector("second-teacher", config, redis_server.url,
+                        lambda: kill_one("TeacherActor", injector.rng, name_part=":second-"),
+                        when=second_teacher_holds_work)
+    injector.start()
+    started = time.perf_counter()
+    report = run_job(config, show_progress=False)
+    injector.check()
+    assert_exact(report)
+    assert report["teacher_samples_per_language"] == {"teacher": {"eng_Latn": 200, "swh_Latn": 200},
+                                                      "second": {"swh_Latn": 200}}
+    second = [t for t in report["teachers"] if t["teacher"] == "second"]
+    assert len(second) == 3, second  # two, one killed, one started in its place
+    assert report["recoveries"] == []
+    summary("second teacher", injector, report, started)
 
 
 def test_student_worker_killed_resumes_from_its_checkpoint(tmp_path, redis_server, local_ray):
