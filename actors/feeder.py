@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from cluster.config import JobConfig
 from storage import wire
-from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
+from storage.job_data import TokenizedSplit, load_job_split, pad_labels, pad_rows, pad_token_id, tokenize_split
 from storage.keys import JobKeys
 from storage.masking import IGNORE, mask_tokens
 from storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
@@ -140,6 +140,8 @@ class Feeder:
                 token_labels[row, : len(labels)] = labels
         else:
             input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
+            if self.rows.token_labels is not None:  # word tags on each word's first sub-token
+                token_labels = pad_labels([self.rows.token_labels[i] for i in rows], input_ids.shape[1])
         labels = self.rows.labels[rows]
         pair_ids = pair_mask = student_ids = student_mask = None
         if self.rows.pair_token_ids is not None:

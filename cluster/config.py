@@ -181,6 +181,11 @@ class DataConfig(_Strict):
         default=200, ge=2, description="Parallel data: the last rows of each language held out for retrieval (at "
         "most half of a language's rows)."
     )
+    word_tags: bool = Field(
+        default=False,
+        description="label_column holds one tag per word of the text, space-separated (tag names in labels.txt "
+        "beside the data), for task token-classification.",
+    )
     withhold_labels: bool = Field(
         default=False,
         description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
@@ -447,10 +452,12 @@ class KnowledgeCacheConfig(_Strict):
 
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
-    task: Literal["sequence-classification", "sentence-embedding", "causal-lm", "masked-lm"] = Field(
+    task: Literal["sequence-classification", "token-classification", "sentence-embedding", "causal-lm",
+                  "masked-lm"] = Field(
         default="sequence-classification",
         description="sequence-classification: class probabilities (and features) of a classifier teacher; "
-        "sentence-embedding: a sentence encoder's mean-pooled embeddings, learnt from parallel data (data.parallel) "
+        "token-classification: a tagger's class probabilities at every token, learnt and evaluated per word "
+        "(data.word_tags); sentence-embedding: a sentence encoder's mean-pooled embeddings, learnt from parallel data (data.parallel) "
         "and evaluated by bitext retrieval; causal-lm: a decoder's next-token distributions (top-k per token) on "
         "plain text, evaluated by perplexity per language; masked-lm: an encoder's distributions over the whole "
         "vocabulary at masked positions (top-k), evaluated by masked-token perplexity per language.",
@@ -559,6 +566,29 @@ class JobConfig(_Strict):
             )
         if distill.embedding_weight <= 0:
             raise ValueError("task sentence-embedding learns the teacher's embeddings: set distill.embedding_weight > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _token_task_settings(self) -> "JobConfig":
+        if (self.task == "token-classification") != self.data.word_tags:
+            raise ValueError("task token-classification learns one tag per word: set both task: token-classification "
+                             "and data.word_tags: true (label_column naming the tag column), or neither")
+        if self.task != "token-classification":
+            return self
+        wrong = {
+            "data.label_column": self.data.label_column is None,
+            "data.withhold_labels": self.data.withhold_labels,
+            "distill.pseudo_label_threshold": self.distill.pseudo_label_threshold is not None,
+            "distill.top_k": self.distill.top_k is not None,  # a tag set is small: every tag's logit travels
+            "compress": self.compress is not None,
+            # Cached records keep each sample's knowledge and ids, not its per-token tags.
+            "knowledge_cache.enabled": self.knowledge_cache.enabled,
+        }
+        if any(wrong.values()):
+            raise ValueError("task token-classification learns from the tags of labelled words and the teacher's "
+                             "per-token probabilities; " + ", ".join(
+                                 "give data.label_column" if key == "data.label_column" else f"unset {key}"
+                                 for key, bad in wrong.items() if bad))
         return self
 
     @model_validator(mode="after")

@@ -35,7 +35,7 @@ from datasets.table import InMemoryTable
 
 __all__ = ["DROP_REASONS", "CleaningReport", "LanguageCleaning", "clean_dataset", "clean_text"]
 
-DROP_REASONS = ("empty", "too_short", "too_long", "duplicate")
+DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "words_changed")
 Normalization = Literal["NFC", "NFKC"]
 
 _KEEP_FORMAT = {"\u200c", "\u200d"}  # ZWNJ, ZWJ: see the module docstring
@@ -144,6 +144,8 @@ def clean_dataset(
     plain = ds.with_format(None)
     texts = plain["text"][:]
     langs = plain["language"][:] if "language" in ds.column_names else ["und"] * len(texts)
+    # Tagged text (one tag per word): a row whose cleaning merged or split words would misalign its tags.
+    word_counts = [len(tags) for tags in plain["tags"][:]] if "tags" in ds.column_names else None
 
     report = CleaningReport()
     seen: dict[str, set[str]] = {}
@@ -167,6 +169,8 @@ def clean_dataset(
             reason = "too_long"
         elif drop_duplicates and text in seen.setdefault(lang, set()):
             reason = "duplicate"
+        elif word_counts is not None and len(text.split()) != word_counts[i]:
+            reason = "words_changed"
         else:
             reason = None
         if reason is not None:

@@ -39,6 +39,7 @@ from typing import Any
 import datasets
 import numpy as np
 from datasets import Dataset, Features, Value
+from datasets import Sequence as ListFeature
 
 __all__ = [
     "CANONICAL_FEATURES",
@@ -103,7 +104,10 @@ def load_split(
     language_column: str | None = None,
     label_names: list[str] | None = None,
     limit_per_language: int | None = None,
+    word_tags: bool = False,
 ) -> LoadedSplit:
+    """``word_tags``: the label column holds one tag per word of the text (space-separated), for
+    token classification; the dataset then has a ``tags`` column of tag ids and ``label`` -1."""
     if limit_per_language is not None and limit_per_language < 1:
         raise DataSourceError(f"limit_per_language must be at least 1, got {limit_per_language}")
     if languages is not None and len(languages) == 0:
@@ -127,26 +131,35 @@ def load_split(
     elif label_column is None:
         names = []
     else:
-        names = names_hint() if names_hint is not None else None
+        names = names_hint(word_tags) if names_hint is not None else None
         if names is None:
-            names = _infer_label_names(v for p in parts for v in (p.labels or []))
+            values = (v for p in parts for v in (p.labels or []))
+            names = _infer_label_names(tag for v in values for tag in _split_tags(v)) if word_tags else \
+                _infer_label_names(values)
     if len(set(names)) != len(names):
         raise DataSourceError(f"label names repeat a name: {names} (check labels.txt or the label_names passed in)")
 
     texts: list[str] = []
     labels: list[int] = []
     langs: list[str] = []
+    tags: list[list[int]] = []
     for part in parts:
-        texts.extend("" if t is None else str(t) for t in part.texts)
-        if part.labels is None:
+        part_texts = ["" if t is None else str(t) for t in part.texts]
+        texts.extend(part_texts)
+        if word_tags:
+            tags.extend(_encode_word_tags(part_texts, part.labels, names, part.where))
+            labels.extend([UNLABELLED] * len(part.texts))
+        elif part.labels is None:
             labels.extend([UNLABELLED] * len(part.texts))
         else:
             labels.extend(_encode_labels(part.labels, names, part.where))
         langs.extend(part.languages)
-    dataset = Dataset.from_dict(
-        {"sample_id": list(range(len(texts))), "text": texts, "label": labels, "language": langs},
-        features=CANONICAL_FEATURES,
-    )
+    columns = {"sample_id": list(range(len(texts))), "text": texts, "label": labels, "language": langs}
+    features = CANONICAL_FEATURES
+    if word_tags:
+        columns["tags"] = tags
+        features = Features({**CANONICAL_FEATURES, "tags": ListFeature(Value("int64"))})
+    dataset = Dataset.from_dict(columns, features=features)
     return LoadedSplit(dataset=dataset, label_names=names, source=source, languages=list(dict.fromkeys(langs)))
 
 
@@ -262,7 +275,7 @@ def _load_sib_directory(root, split, languages, columns: _Columns, limit):
     if limit is not None:
         parts = _select_languages(parts, None, limit, str(root))
 
-    def names_hint() -> list[str]:
+    def names_hint(word_tags: bool = False) -> list[str]:
         labels_file = root / LABELS_FILE
         if labels_file.is_file():
             return _read_label_file(labels_file)
@@ -334,14 +347,14 @@ def _load_files(local: Path, split, languages, columns: _Columns, limit):
         )
     parts = _select_languages(parts, languages if columns.language is not None else None, limit, str(local))
 
-    def names_hint() -> list[str] | None:
+    def names_hint(word_tags: bool = False) -> list[str] | None:
         labels_file = label_dir / LABELS_FILE
         if labels_file.is_file():
             return _read_label_file(labels_file)
         train_files = _split_files(local, "train") if local.is_dir() and split != "train" else []
         if train_files:
             values = [v for f in train_files for v in _read_columns(f, columns)[columns.label]]
-            return _infer_label_names(values)
+            return _infer_label_names([t for v in values for t in _split_tags(v)] if word_tags else values)
         return None
 
     source = f"{'directory' if local.is_dir() else 'file'} {local}" + (f" (split {split})" if local.is_dir() else "")
@@ -453,7 +466,7 @@ def _load_hub(name: str, split, languages, columns: _Columns, limit):
         )
     if columns.language is not None:
         parts = _select_languages(parts, languages, limit, f"hub dataset {name}")
-    names_hint = (lambda: class_names) if columns.label is not None else None
+    names_hint = (lambda word_tags=False: class_names) if columns.label is not None else None
     return parts, names_hint, f"hub dataset {name} (split {split})"
 
 
@@ -619,6 +632,29 @@ def _infer_label_names(values) -> list[str]:
             raise DataSourceError(f"integer labels must be >= 0 (or -1 for unlabelled), found {min(ints)}")
         return [str(i) for i in range(max(ints) + 1)]
     return sorted({str(v).strip() for v in present})
+
+
+def _split_tags(value: Any) -> list[str]:
+    return [] if _is_missing(value) else str(value).split()
+
+
+def _encode_word_tags(texts: list[str], values: list[Any] | None, names: list[str], where: str) -> list[list[int]]:
+    """One tag id per whitespace-separated word of each text; a row whose counts differ is an error."""
+    if values is None:
+        raise DataSourceError(f"{where}: token classification needs a tag column (data.label_column)")
+    index = {name: i for i, name in enumerate(names)}
+    encoded = []
+    for row, (text, value) in enumerate(zip(texts, values)):
+        tags, words = _split_tags(value), text.split()
+        if len(tags) != len(words):
+            raise DataSourceError(f"{where}, row {row + 1}: {len(words)} words but {len(tags)} tags; the tag column "
+                                  "needs one space-separated tag per word of the text")
+        unknown = [tag for tag in tags if tag not in index]
+        if unknown:
+            raise DataSourceError(f"{where}, row {row + 1}: tags {sorted(set(unknown))[:5]} are not among the tag "
+                                  f"names {names[:20]} (labels.txt beside the data)")
+        encoded.append([index[tag] for tag in tags])
+    return encoded
 
 
 def _encode_labels(values: list[Any], names: list[str], where: str) -> list[int]:

@@ -10,6 +10,7 @@ from datasets import Dataset
 from cluster.config import DataConfig
 from storage.cleaning import clean_dataset, clean_text
 from storage.datasets import DataSourceError, load_parallel, load_split, parallel_languages
+from storage.token_tags import IGNORE_INDEX, word_tags_to_token_labels
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ def load_job_split(data: DataConfig, split: str, label_names: list[str] | None =
         language_column=data.language_column,
         label_names=label_names,
         limit_per_language=data.limit_per_language,
+        word_tags=data.word_tags,
     )
     cleaned, report = clean_dataset(loaded.dataset, normalization=data.normalization)
     return JobSplit(dataset=cleaned, label_names=list(loaded.label_names), cleaning=report.to_dict())
@@ -76,6 +78,12 @@ class TokenizedSplit:
     labels: np.ndarray  # int64 [n]; -1 where unlabelled
     languages: list[str]
     pair_token_ids: list[np.ndarray] | None = None  # parallel data: the translations, int32 [len_i] each
+    # Word tags (token classification): per row, the tag of each word on its first sub-token and -100
+    # elsewhere (int64 [len_i]); the word each token came from (int32 [len_i], -1 for specials); the
+    # words' own tags (int64 [words_i]), which evaluation scores.
+    token_labels: list[np.ndarray] | None = None
+    word_ids: list[np.ndarray] | None = None
+    word_tags: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -87,6 +95,8 @@ class TokenizedSplit:
 
 def tokenize_split(dataset: Dataset, tokenizer, max_length: int) -> TokenizedSplit:
     columns = dataset.with_format(None).to_dict()
+    if "tags" in columns:
+        return _tokenize_words(columns, tokenizer, max_length)
     encoded = tokenizer(columns["text"], truncation=True, max_length=max_length)
     pairs = None
     if "pair" in columns:
@@ -99,6 +109,37 @@ def tokenize_split(dataset: Dataset, tokenizer, max_length: int) -> TokenizedSpl
         languages=columns["language"],
         pair_token_ids=pairs,
     )
+
+
+def _tokenize_words(columns: dict, tokenizer, max_length: int) -> TokenizedSplit:
+    """Tagged text: each word tokenised on its own (``is_split_into_words``), so every token knows its word."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataSourceError(f"token classification needs a fast tokenizer (it maps tokens to words); "
+                              f"{type(tokenizer).__name__} is not one")
+    words = [text.split() for text in columns["text"]]
+    encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    word_ids = [np.asarray([-1 if w is None else w for w in encoded.word_ids(i)], dtype=np.int32)
+                for i in range(len(words))]
+    tags = [np.asarray(row, dtype=np.int64) for row in columns["tags"]]
+    return TokenizedSplit(
+        sample_ids=np.asarray(columns["sample_id"], dtype=np.int64),
+        token_ids=[np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]],
+        labels=np.asarray(columns["label"], dtype=np.int64),
+        languages=columns["language"],
+        token_labels=[word_tags_to_token_labels([None if w < 0 else int(w) for w in ids], row)
+                      for ids, row in zip(word_ids, tags)],
+        word_ids=word_ids,
+        word_tags=tags,
+    )
+
+
+def pad_labels(rows: list[np.ndarray], width: int | None = None) -> np.ndarray:
+    """Per-token labels right-padded with IGNORE_INDEX (-100) to the longest row (or ``width``)."""
+    width = width or max(len(row) for row in rows)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    for i, row in enumerate(rows):
+        labels[i, : len(row)] = row
+    return labels
 
 
 def pad_token_id(tokenizer) -> int:

@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -46,6 +47,8 @@ def model_class(task: str) -> type:
         return AutoModelForCausalLM
     if task == "masked-lm":
         return AutoModelForMaskedLM
+    if task == "token-classification":
+        return AutoModelForTokenClassification
     return AutoModel if task == "sentence-embedding" else AutoModelForSequenceClassification
 
 

@@ -11,16 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from cluster.config import JobConfig
 from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from storage.masking import mask_tokens
+from storage.token_tags import token_predictions_to_words
 from student.build import model_class
 from student.efficiency import count_parameters, disk_bytes, measure_latency
 from student.lm_eval import lm_quality
 from student.metrics import classification_metrics, per_language_metrics, retention
 from student.retrieval import retrieval_quality
+from student.token_metrics import tagging_metrics
 from student.supervised import train_supervised
 
 EVAL_BATCH = 64
@@ -49,6 +51,32 @@ def quality(model, rows: TokenizedSplit, pad_id: int, num_labels: int) -> dict:
         "overall": classification_metrics(rows.labels, predicted, num_labels),
         "per_language": per_language_metrics(rows.labels, predicted, rows.languages, num_labels),
     }
+
+
+@torch.inference_mode()
+def tagging_quality(model, rows: TokenizedSplit, pad_id: int, label_names: list[str],
+                    batch_size: int = EVAL_BATCH) -> dict:
+    """A tagger scored per word (each word's prediction from its first sub-token), per language."""
+    model.eval()
+    order = np.argsort(rows.lengths, kind="stable")
+    predicted: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
+        logits = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+                       attention_mask=torch.from_numpy(attention_mask.astype(np.int64))).logits
+        best = logits.argmax(-1).numpy()
+        for row, i in enumerate(index):
+            word_ids = [None if w < 0 else int(w) for w in rows.word_ids[i]]
+            predicted[i] = token_predictions_to_words(word_ids, best[row, : len(word_ids)], len(rows.word_tags[i]))
+    scores = tagging_metrics(rows.word_tags, predicted, rows.languages, label_names)
+
+    def in_report_terms(entry: dict) -> dict:  # the keys the side-by-side report reads
+        return {"accuracy": entry["accuracy"], "macro_precision": entry["precision"],
+                "macro_recall": entry["recall"], "macro_f1": entry["f1"], "n": entry["words"]}
+
+    return {"overall": {**in_report_terms(scores["overall"]), "per_tag": scores["per_tag"]},
+            "per_language": {language: in_report_terms(entry) for language, entry in scores["per_language"].items()}}
 
 
 def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
@@ -110,6 +138,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         elif config.task == "masked-lm":
             results[name] = lm_quality(model, rows, pad_id, reference=results.get("teacher"),
                                        masking=eval_masking(config, tokenizer, rows))
+        elif config.task == "token-classification":
+            results[name] = tagging_quality(model, rows, pad_id, label_names)
         else:
             results[name] = quality(model, rows, pad_id, len(label_names))
         if name in ("teacher", "student") and config.evaluation.latency:
@@ -129,6 +159,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         report["metric"] = "next-token accuracy"  # per language beside perplexity and agreement (student/lm_eval.py)
     if config.task == "masked-lm":
         report["metric"] = "masked-token accuracy"
+    if config.task == "token-classification":
+        report["metric"] = "word tagging accuracy"  # macro precision/recall/F1 over the tags beside it
     return report
 
 
@@ -153,7 +185,7 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
     schedule as the distilled student: the report's baseline for what the teacher added."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(student_init_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(student_init_dir)
+    model = model_class(config.task).from_pretrained(student_init_dir)
     if config.student.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     rows = tokenize_split(train.dataset, tokenizer, config.data.max_length)

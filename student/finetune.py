@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from cluster.config import JobConfig
 from storage.job_data import JobSplit, pad_token_id, tokenize_split
-from student.build import label_maps
+from student.build import label_maps, model_class
 from student.supervised import train_supervised
 
 FINETUNED_MARKER = "polydistill_finetune.json"
@@ -60,7 +60,7 @@ def ensure_finetuned_teacher(config: JobConfig, source: str, train: JobSplit, ca
 def finetune_teacher(config: JobConfig, source: str, train: JobSplit, out_dir: Path, show_progress: bool = True) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForSequenceClassification.from_pretrained(source, **label_maps(train.label_names))
+    model = model_class(config.task).from_pretrained(source, **label_maps(train.label_names))
     # Frozen input embeddings: for a 250k-piece vocabulary they are most of the parameters, and
     # a few thousand labelled sentences cannot improve them; it also shrinks the optimiser state.
     model.get_input_embeddings().weight.requires_grad_(False)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from actors.feeder import plan_epoch_batches
-from storage.job_data import TokenizedSplit, pad_rows
+from storage.job_data import TokenizedSplit, pad_labels, pad_rows
 
 
 def train_supervised(
@@ -53,11 +53,14 @@ def train_supervised(
                 if step >= total_steps:
                     break
                 input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
+                # A tagger learns each word's tag on its first sub-token (-100 elsewhere: ignored by the loss).
+                labels = (rows.labels[index] if rows.token_labels is None
+                          else pad_labels([rows.token_labels[i] for i in index], input_ids.shape[1]))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = model(
                         input_ids=torch.from_numpy(input_ids.astype(np.int64)),
                         attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
-                        labels=torch.from_numpy(rows.labels[index]),
+                        labels=torch.from_numpy(labels),
                     ).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

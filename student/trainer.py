@@ -115,6 +115,8 @@ def student_labels(work: wire.WorkBatch, config: JobConfig) -> np.ndarray | None
     """The gold labels the student may learn from: none when withheld; -1 marks an unlabelled sample."""
     if config.data.withhold_labels:
         return None
+    if config.task == "token-classification":  # per token: the word's tag on its first sub-token
+        return None if work.token_labels is None else np.where(work.token_labels < 0, -1, work.token_labels)
     return work.labels
 
 
@@ -256,9 +258,12 @@ def distillation_losses(
     soft = knowledge.soft
     if knowledge.ensemble:
         soft = ensemble_soft_labels(knowledge, teacher_weights(config), distill.temperature)
+    mask = torch.from_numpy(knowledge.work.attention_mask.astype(np.bool_)).to(device)
     if soft is not None and distill.soft_weight > 0:
         if soft.kind == wire.SOFT_FULL:
-            terms["soft"] = soft_label_kl(logits, _tensor(soft.logits, device), temperature=distill.temperature)
+            # Per-token soft labels (a tagger) count every real token of the batch.
+            terms["soft"] = soft_label_kl(logits, _tensor(soft.logits, device), temperature=distill.temperature,
+                                          mask=mask if soft.per_token else None)
         else:
             terms["soft"] = soft_label_kl_topk(
                 logits,
@@ -271,7 +276,6 @@ def distillation_losses(
         hard = torch.tensor(labels, dtype=torch.int64, device=device)
         terms["hard"] = hard_label_ce(logits, hard, ignore_index=-1)
 
-    mask = torch.from_numpy(knowledge.work.attention_mask.astype(np.bool_)).to(device)
     if contract.hidden_pairs:
         terms["hidden"] = _mean([
             hidden_state_loss(

@@ -85,10 +85,10 @@ def test_clean_dataset_counts_per_reason_and_language():
     assert out["label"][:] == [0, 2, 2]
     assert report.to_dict() == {
         "languages": {
-            "en": {"rows_in": 5, "rows_out": 1, "dropped": {"empty": 1, "too_short": 1, "too_long": 1, "duplicate": 1}},
-            "fr": {"rows_in": 4, "rows_out": 2, "dropped": {"empty": 1, "too_short": 0, "too_long": 0, "duplicate": 1}},
+            "en": {"rows_in": 5, "rows_out": 1, "dropped": {"empty": 1, "too_short": 1, "too_long": 1, "duplicate": 1, "words_changed": 0}},
+            "fr": {"rows_in": 4, "rows_out": 2, "dropped": {"empty": 1, "too_short": 0, "too_long": 0, "duplicate": 1, "words_changed": 0}},
         },
-        "total": {"rows_in": 9, "rows_out": 3, "dropped": {"empty": 2, "too_short": 1, "too_long": 1, "duplicate": 2}},
+        "total": {"rows_in": 9, "rows_out": 3, "dropped": {"empty": 2, "too_short": 1, "too_long": 1, "duplicate": 2, "words_changed": 0}},
     }
 
 
