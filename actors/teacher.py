@@ -27,6 +27,7 @@ from storage.delivery import split_over_delivered
 from storage.streams import GroupMissing, JobStreams, connect_job
 from student.build import model_class
 from student.contract import KnowledgeRequest, teacher_contract
+from student.precision import use_bf16
 from student.losses import mean_pool
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class TeacherReplica:
         ).to(self.device).eval()
         # On a CPU, bfloat16 inference runs under autocast over float32 weights: the matmuls use
         # the CPU's BF16 instructions while layer norms and softmax stay in float32.
-        self.autocast_bf16 = self.device.type == "cpu" and section.inference_dtype == "bfloat16"
+        self.autocast_bf16 = self.device.type == "cpu" and use_bf16(
+            section.inference_dtype == "bfloat16", "cpu", "teacher.inference_dtype")
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)

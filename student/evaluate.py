@@ -18,6 +18,7 @@ from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows,
 from storage.masking import mask_tokens
 from storage.token_tags import token_predictions_to_words
 from student.build import model_class
+from student.precision import use_bf16
 from student.efficiency import count_parameters, disk_bytes, measure_latency
 from student.lm_eval import lm_quality
 from student.metrics import classification_metrics, per_language_metrics, retention
@@ -195,7 +196,7 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
         epochs=training.epochs, batch_size=training.batch_size, lr=training.lr,
         weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="ablation: hard labels only", show_progress=show_progress,
-        bf16=config.training.precision == "bfloat16",
+        bf16=use_bf16(config.training.precision == "bfloat16", "cpu", "training.precision"),
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from cluster.config import JobConfig
 from storage.job_data import JobSplit, pad_token_id, tokenize_split
 from student.build import label_maps, model_class
+from student.precision import use_bf16
 from student.supervised import train_supervised
 
 FINETUNED_MARKER = "polydistill_finetune.json"
@@ -76,7 +77,7 @@ def finetune_teacher(config: JobConfig, source: str, train: JobSplit, out_dir: P
         seed=config.training.seed + 1,
         description="fine-tuning teacher",
         show_progress=show_progress,
-        bf16=config.training.precision == "bfloat16",
+        bf16=use_bf16(config.training.precision == "bfloat16", "cpu", "training.precision"),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

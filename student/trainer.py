@@ -55,6 +55,7 @@ from student.contract import (
     wants_features,
 )
 from student.build import model_class
+from student.precision import use_bf16
 from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 from student.lm_losses import lm_distillation_loss, masked_lm_ce, masked_lm_distillation_loss, next_token_ce
 from student.losses import (
@@ -392,7 +393,7 @@ class StudentTrainer:
         # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table.
         map_path = self.init_dir / VOCAB_MAP_FILE
         self.id_map = VocabMap.load(map_path).table if map_path.exists() else None
-        self.bf16 = config.training.precision == "bfloat16"
+        self.bf16 = use_bf16(config.training.precision == "bfloat16", self.device.type, "training.precision")
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.group = self.keys.student_group(name)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
