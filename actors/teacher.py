@@ -28,6 +28,7 @@ from storage.streams import GroupMissing, JobStreams, connect_job
 from student.build import model_class
 from student.contract import KnowledgeRequest, teacher_contract
 from student.precision import use_bf16
+from student.seq2seq import generated_targets, reference_targets
 from student.losses import mean_pool
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,44 @@ def compute_knowledge(
         embeddings=embeddings,
         teacher_seconds=time.perf_counter() - started,
     )
+
+
+@torch.inference_mode()
+def compute_seq2seq_knowledge(
+    model: PreTrainedModel,
+    work: wire.WorkBatch,
+    *,
+    teacher_id: str,
+    top_k: int | None,
+    target: str,
+    num_beams: int,
+    max_new_tokens: int,
+    soft: bool,
+) -> wire.Knowledge:
+    """An encoder-decoder teacher on one batch: the decoder's target (the reference translation, or the
+    teacher's own beam-search output: sequence-level distillation) and, when ``soft``, its top-k at every
+    target position under teacher forcing (word-level distillation)."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(device)
+    attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(device)
+    config = model.config
+    if target == "teacher":
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams,
+                                   max_new_tokens=max_new_tokens, do_sample=False)
+        labels = generated_targets(generated.cpu().numpy(), config.decoder_start_token_id, config.eos_token_id,
+                                   config.pad_token_id)
+    else:
+        if work.pair_input_ids is None:
+            raise wire.WireError("a seq2seq work batch carries the reference translation (pair_input_ids)")
+        labels = reference_targets(work.pair_input_ids, work.pair_attention_mask, config.decoder_start_token_id)
+    soft_labels = None
+    if soft:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       labels=torch.from_numpy(labels).to(device)).logits
+        soft_labels = soft_labels_on_device(logits, top_k)
+    return wire.Knowledge(work=work, teacher_id=teacher_id, soft=soft_labels, target_ids=labels.astype(np.int32),
+                          teacher_seconds=time.perf_counter() - started)
 
 
 def soft_labels_on_device(logits: torch.Tensor, top_k: int | None) -> wire.SoftLabels:
@@ -158,6 +197,11 @@ class TeacherReplica:
         self.messages_published = 0  # more than batches_done when batches travel in chunks
 
     def compute(self, work: wire.WorkBatch) -> wire.Knowledge:
+        if self.config.task == "seq2seq":
+            distill = self.config.distill
+            return compute_seq2seq_knowledge(
+                self.model, work, teacher_id=self.replica_id, top_k=distill.top_k, target=distill.seq2seq_target,
+                num_beams=distill.num_beams, max_new_tokens=self.config.data.max_length, soft=distill.soft_weight > 0)
         return compute_knowledge(self.model, work, self.request, teacher_id=self.replica_id,
                                  top_k=self.config.distill.top_k, autocast_bf16=self.autocast_bf16)
 

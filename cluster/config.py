@@ -186,6 +186,11 @@ class DataConfig(_Strict):
         description="label_column holds one tag per word of the text, space-separated (tag names in labels.txt "
         "beside the data), for task token-classification.",
     )
+    source_prefix: str | None = Field(
+        default=None,
+        description="Parallel data, task seq2seq: text put before each source sentence, '{language}' replaced by the "
+        "row's language, e.g. '<2{language}> ' or 'translate English to {language}: ': one model, many targets.",
+    )
     withhold_labels: bool = Field(
         default=False,
         description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
@@ -265,6 +270,15 @@ class DistillConfig(_Strict):
         description="lm_loss gjs: the mixture weight beta (TRL's convention: towards 0 forward KL, towards 1 "
         "reverse KL).",
     )
+    seq2seq_target: Literal["reference", "teacher"] = Field(
+        default="reference",
+        description="task seq2seq: what the student's decoder learns to produce. reference: the data's translation, "
+        "with the teacher's top-k per target token under teacher forcing (word-level distillation); teacher: the "
+        "teacher's own beam-search output replaces the reference (sequence-level distillation, Kim & Rush 2016), "
+        "with its top-k along that output when soft_weight > 0.",
+    )
+    num_beams: int = Field(default=4, ge=1, le=16,
+                           description="seq2seq_target teacher: beams of the teacher's search.")
     knowledge_message_bytes: int | None = Field(
         default=None, ge=4096, le=64 * 1024 * 1024,
         description="Knowledge of a batch that would take more than this many bytes travels as several messages "
@@ -390,6 +404,8 @@ class EvaluationConfig(_Strict):
         "same initialisation, so the report shows what distillation gained per language.",
     )
     latency: bool = Field(default=True, description="Measure CPU latency of teacher and student.")
+    num_beams: int = Field(default=1, ge=1, le=16,
+                           description="task seq2seq: beams when teacher and student translate the held-out rows.")
 
 
 class CompressStageConfig(_Strict):
@@ -453,14 +469,16 @@ class KnowledgeCacheConfig(_Strict):
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
     task: Literal["sequence-classification", "token-classification", "sentence-embedding", "causal-lm",
-                  "masked-lm"] = Field(
+                  "masked-lm", "seq2seq"] = Field(
         default="sequence-classification",
         description="sequence-classification: class probabilities (and features) of a classifier teacher; "
         "token-classification: a tagger's class probabilities at every token, learnt and evaluated per word "
         "(data.word_tags); sentence-embedding: a sentence encoder's mean-pooled embeddings, learnt from parallel data (data.parallel) "
         "and evaluated by bitext retrieval; causal-lm: a decoder's next-token distributions (top-k per token) on "
         "plain text, evaluated by perplexity per language; masked-lm: an encoder's distributions over the whole "
-        "vocabulary at masked positions (top-k), evaluated by masked-token perplexity per language.",
+        "vocabulary at masked positions (top-k), evaluated by masked-token perplexity per language; seq2seq: an "
+        "encoder-decoder (AutoModelForSeq2SeqLM) translating the English side of parallel data (data.parallel) into "
+        "each language, learning the teacher's top-k per target token and/or its beam output, scored by BLEU/chrF.",
     )
     output_dir: str = "runs/job"
     teacher: TeacherConfig
@@ -542,9 +560,9 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _embedding_task_settings(self) -> "JobConfig":
-        if (self.task == "sentence-embedding") != self.data.parallel:
-            raise ValueError("task sentence-embedding learns from parallel sentences and only from them: set both "
-                             "task: sentence-embedding and data.parallel: true, or neither")
+        if (self.task in ("sentence-embedding", "seq2seq")) != self.data.parallel:
+            raise ValueError(f"tasks sentence-embedding and seq2seq learn from parallel sentences and only they do: "
+                             f"task is {self.task} and data.parallel {self.data.parallel}; set both or neither")
         if self.task != "sentence-embedding":
             return self
         distill = self.distill
@@ -589,6 +607,41 @@ class JobConfig(_Strict):
                              "per-token probabilities; " + ", ".join(
                                  "give data.label_column" if key == "data.label_column" else f"unset {key}"
                                  for key, bad in wrong.items() if bad))
+        return self
+
+    @model_validator(mode="after")
+    def _seq2seq_task_settings(self) -> "JobConfig":
+        if self.data.source_prefix is not None and self.task != "seq2seq":
+            raise ValueError("data.source_prefix marks the target language of a translation: drop it, or set task: "
+                             "seq2seq")
+        if self.task != "seq2seq":
+            return self
+        distill, student = self.distill, self.student
+        wrong = {
+            "distill.pseudo_label_threshold": distill.pseudo_label_threshold is not None,
+            "distill.hidden_weight": distill.hidden_weight > 0,
+            "distill.attention_weight": distill.attention_weight > 0,
+            "distill.embedding_weight": distill.embedding_weight > 0,
+            "evaluation.ablation": self.evaluation.ablation,
+            "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
+            "compress": self.compress is not None,
+            "knowledge_cache.enabled": self.knowledge_cache.enabled,
+            # The student writes the teacher's vocabulary, piece for piece, as the teacher's own target.
+            "student.trim_vocabulary": student.trim_vocabulary or any(s.trim_vocabulary for s in self.extra_students),
+            "student.tokenizer": student.tokenizer is not None,
+            "student.init_from_teacher_layers": student.init_from_teacher_layers is not None,
+        }
+        if any(wrong.values()):
+            raise ValueError("task seq2seq learns the teacher's target-token distributions and/or its translations: "
+                             "set " + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad))
+        if distill.soft_weight > 0 and distill.top_k is None:
+            raise ValueError("task seq2seq needs distill.top_k (e.g. 16 to 64): the teacher ships its top-k per "
+                             "target token, never the whole vocabulary's logits")
+        if distill.seq2seq_target == "reference" and distill.soft_weight == 0:
+            raise ValueError("distill.seq2seq_target 'reference' with soft_weight 0 learns from the data alone, no "
+                             "teacher: give soft_weight a value, or set seq2seq_target: teacher")
+        if any(s.workers > 1 for s in (student, *self.extra_students)):
+            raise ValueError("task seq2seq trains each student on one worker: set student.workers to 1")
         return self
 
     @model_validator(mode="after")

@@ -154,7 +154,8 @@ def _row_fields() -> list[str]:
 def _arrays(knowledge: wire.Knowledge) -> list[np.ndarray]:
     work, soft = knowledge.work, knowledge.soft
     parts = [getattr(work, name) for name in (*_TOKENS, *_row_fields())]
-    parts += [knowledge.embeddings, *knowledge.hidden_states.values(), *knowledge.attentions.values()]
+    parts += [knowledge.embeddings, knowledge.target_ids, *knowledge.hidden_states.values(),
+              *knowledge.attentions.values()]
     if soft is not None:
         parts += [soft.logits, soft.topk_values, soft.topk_indices, soft.topk_logsumexp]
     return [array for array in parts if array is not None]
@@ -174,7 +175,7 @@ def windowable(knowledge: wire.Knowledge) -> bool:
     only, and no per-sample rows of their own length (parallel pairs, the student's own token ids)."""
     soft, work = knowledge.soft, knowledge.work
     rows_1d = all(getattr(work, name) is None or getattr(work, name).ndim == 1 for name in _row_fields())
-    return (rows_1d and not knowledge.attentions and knowledge.embeddings is None
+    return (rows_1d and not knowledge.attentions and knowledge.embeddings is None and knowledge.target_ids is None
             and (soft is None or soft.per_token))
 
 
@@ -203,6 +204,7 @@ def slice_knowledge(knowledge: wire.Knowledge, piece: Piece, teacher_id: str, te
         hidden_states={layer: array[cut] for layer, array in knowledge.hidden_states.items()},
         attentions={layer: array[rows] for layer, array in knowledge.attentions.items()},
         embeddings=optional(knowledge.embeddings), teacher_seconds=teacher_seconds,
+        target_ids=optional(knowledge.target_ids),
     )
 
 
@@ -254,7 +256,7 @@ def merge_chunks(chunks: list[wire.Knowledge]) -> wire.Knowledge:
     whole = _join(joined, axis=0)
     return wire.Knowledge(work=whole.work, teacher_id=tags[0].teacher_id, soft=whole.soft,
                           hidden_states=whole.hidden_states, attentions=whole.attentions,
-                          embeddings=whole.embeddings,
+                          embeddings=whole.embeddings, target_ids=whole.target_ids,
                           teacher_seconds=sum(chunk.teacher_seconds for chunk in chunks))
 
 
@@ -290,6 +292,7 @@ def _join(parts: list[wire.Knowledge], axis: int) -> wire.Knowledge:
         hidden_states={layer: cat([p.hidden_states[layer] for p in parts], axis) for layer in first.hidden_states},
         attentions={layer: cat([p.attentions[layer] for p in parts], 0) for layer in first.attentions},
         embeddings=per_sample([p.embeddings for p in parts]),
+        target_ids=per_sample([p.target_ids for p in parts]),
     )
 
 

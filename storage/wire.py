@@ -360,13 +360,20 @@ class Knowledge:
     teacher_seconds: float = 0.0
     # Several teachers (extra_teachers): each one's logits, in the order the batch passed them.
     ensemble: tuple[TeacherVote, ...] = ()
+    # Sequence-to-sequence: the decoder's target tokens, which the soft labels run along (int32 [n, T],
+    # -100 after the end): the reference translation, or the teacher's own beam-search output.
+    target_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.work, WorkBatch):
             raise WireError(f"Knowledge.work: expected a WorkBatch, got {type(self.work).__name__}")
         _require_str(self.teacher_id, "Knowledge.teacher_id")
         n, seq_len = self.work.n_samples, self.work.seq_len
-        self._check_soft(n, seq_len)
+        if self.target_ids is not None:
+            targets = _as_integer_array(self.target_ids, "Knowledge.target_ids", np.int32)
+            _require_shape(targets, "Knowledge.target_ids", (n, None), "n x target length")
+            _set(self, "target_ids", targets)
+        self._check_soft(n, self._soft_length(seq_len))
 
         hidden = _layer_arrays(
             self.hidden_states, "Knowledge.hidden_states", (n, seq_len, None), "n x L x hidden"
@@ -396,6 +403,10 @@ class Knowledge:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
             raise WireError(f"Knowledge.teacher_seconds: expected a non-negative number, got {seconds!r}")
         _set(self, "teacher_seconds", float(seconds))
+
+    def _soft_length(self, seq_len: int) -> int:
+        """Per-token soft labels run along the input, or for a decoder along its target (target_ids)."""
+        return seq_len if self.target_ids is None else int(self.target_ids.shape[1])
 
     def _check_soft(self, n: int, seq_len: int) -> None:
         if self.soft is None:
@@ -518,6 +529,7 @@ def _knowledge_body(knowledge: Knowledge) -> dict[str, Any]:
         "attentions": [[layer, _pack_array(a)] for layer, a in knowledge.attentions.items()],
         "embeddings": _pack_optional(knowledge.embeddings),
         "teacher_seconds": knowledge.teacher_seconds,
+        "target_ids": _pack_optional(knowledge.target_ids),
         "ensemble": [{"teacher": vote.teacher, "logits": _pack_array(vote.logits), "served": _pack_array(vote.served)}
                      for vote in knowledge.ensemble],
     }
@@ -676,6 +688,7 @@ def _read_knowledge(top: dict, kind: str) -> Knowledge:
         embeddings=_get_array(top, "embeddings", kind, optional=True),
         teacher_seconds=_get(top, "teacher_seconds", (int, float), kind),
         ensemble=_read_votes(top, kind),
+        target_ids=_get_array(top, "target_ids", kind, optional=True),
     )
 
 

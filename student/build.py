@@ -17,6 +17,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -49,6 +50,8 @@ def model_class(task: str) -> type:
         return AutoModelForMaskedLM
     if task == "token-classification":
         return AutoModelForTokenClassification
+    if task == "seq2seq":
+        return AutoModelForSeq2SeqLM
     return AutoModel if task == "sentence-embedding" else AutoModelForSequenceClassification
 
 
@@ -69,6 +72,12 @@ def materialize_random_teacher(
     fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if label_names:
         fields.update(label_maps(label_names))
+    if task == "seq2seq":  # the decoder starts from [CLS] and stops at [SEP], the trained tokenizer's markers
+        start = tokenizer.cls_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+        end = tokenizer.sep_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+        for key, value in (("bos_token_id", start), ("decoder_start_token_id", start), ("eos_token_id", end),
+                           ("forced_eos_token_id", end)):
+            fields.setdefault(key, value)
     if task == "causal-lm":  # a decoder's text starts and ends with the trained tokenizer's own markers
         fields.setdefault("bos_token_id", tokenizer.cls_token_id if tokenizer.bos_token_id is None
                           else tokenizer.bos_token_id)
@@ -119,7 +128,7 @@ def build_student(student: StudentConfig, teacher_dir: Path, seed: int,
     if student.model:
         source = resolve_model_source(student.model)
         model = auto.from_pretrained(source)
-        if task != "sequence-classification":  # no classes to check
+        if task not in ("sequence-classification", "token-classification"):  # no classes to check
             return model
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
         check_classifier_labels(model.config, [teacher_config.id2label[i] for i in range(teacher_config.num_labels)],

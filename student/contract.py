@@ -166,7 +166,7 @@ def _pairs(setting, n_student: int, n_teacher: int, field_name: str, *, first: i
 
 def check_contract(config: JobConfig, teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
     """Refuses, before any actor starts, knowledge the two models cannot exchange (ContractError)."""
-    if config.task in ("causal-lm", "masked-lm"):
+    if config.task in ("causal-lm", "masked-lm", "seq2seq"):
         return _check_lm_vocabularies(config.task, teacher_config, student_config)
     distill = config.distill
     contract = resolve_contract(distill, teacher_config, student_config)

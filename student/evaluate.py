@@ -7,6 +7,7 @@ latency) go into one report section each, with the student's retention of the te
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from student.lm_eval import lm_quality
 from student.metrics import classification_metrics, per_language_metrics, retention
 from student.retrieval import retrieval_quality
 from student.token_metrics import tagging_metrics
+from student.translation_eval import translate, translation_scores
 from student.supervised import train_supervised
 
 EVAL_BATCH = 64
@@ -80,6 +82,29 @@ def tagging_quality(model, rows: TokenizedSplit, pad_id: int, label_names: list[
             "per_language": {language: in_report_terms(entry) for language, entry in scores["per_language"].items()}}
 
 
+def translation_quality(config: JobConfig, model, tokenizer, split: JobSplit, model_dir: Path) -> tuple[dict, dict]:
+    """The model translates the held-out sources; BLEU and chrF per language against the references
+    (sacrebleu, on its 0-100 scale). Also its size and the time to translate one sentence and 32."""
+    columns = split.dataset.with_format(None)
+    sources, references, languages = columns["text"][:], columns["pair"][:], columns["language"][:]
+    settings = {"num_beams": config.evaluation.num_beams, "max_new_tokens": config.data.max_length,
+                "max_length": config.data.max_length}
+    started = time.perf_counter()
+    hypotheses = translate(model, tokenizer, sources, **settings)
+    seconds = time.perf_counter() - started
+    scores = translation_scores(hypotheses, references, languages)
+    quality = {"overall": {**scores["overall"], "sentences_per_s": round(len(sources) / seconds, 2)},
+               "per_language": scores["per_language"],
+               "examples": [{"language": languages[i], "source": sources[i], "reference": references[i],
+                             "translation": hypotheses[i]} for i in range(min(3, len(sources)))]}
+    costs = {**count_parameters(model), "disk_bytes": disk_bytes(model_dir)}
+    for batch in (1, 32):
+        started = time.perf_counter()
+        translate(model, tokenizer, sources[:batch], **settings)
+        costs[f"latency_ms_batch{batch}"] = round(1000 * (time.perf_counter() - started), 3)
+    return quality, costs
+
+
 def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
     sample = [rows.token_ids[i] for i in range(min(32, len(rows)))]
     input_ids, attention_mask = pad_rows(sample, pad_id)
@@ -98,20 +123,21 @@ def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dic
     }
 
 
-def side_by_side(results: dict[str, dict]) -> dict:
-    """{name: quality} for teacher, student (and others) → the report's per_language / overall sections."""
+def side_by_side(results: dict[str, dict], primary: str = "accuracy") -> dict:
+    """{name: quality} for teacher, student (and others) → the report's per_language / overall sections;
+    retention is the student's ``primary`` score over the teacher's."""
     teacher = results["teacher"]
     languages = sorted(teacher["per_language"])
     per_language = {}
     for language in languages:
         row = {name: result["per_language"][language] for name, result in results.items()}
-        row["retention"] = retention(row["student"]["accuracy"], row["teacher"]["accuracy"])
+        row["retention"] = retention(row["student"][primary], row["teacher"][primary])
         per_language[language] = row
     overall = {name: result["overall"] for name, result in results.items()}
-    overall["retention"] = retention(overall["student"]["accuracy"], overall["teacher"]["accuracy"])
-    # The mean of per-language accuracies weighs every language equally, however many test rows it has.
+    overall["retention"] = retention(overall["student"][primary], overall["teacher"][primary])
+    # The mean of per-language scores weighs every language equally, however many test rows it has.
     overall["language_average"] = {
-        name: float(np.mean([per_language[lang][name]["accuracy"] for lang in languages])) for name in results
+        name: float(np.mean([per_language[lang][name][primary] for lang in languages])) for name in results
     }
     overall["retention_min_language"] = min(
         (row["retention"] for row in per_language.values() if row["retention"] is not None), default=None
@@ -132,6 +158,11 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         pad_id = pad_token_id(tokenizer)
         rows = tokenize_split(split.dataset, tokenizer, config.data.max_length)
         model = model_class(config.task).from_pretrained(model_dir)
+        if config.task == "seq2seq":  # translations generated and scored with BLEU and chrF
+            results[name], costs_of = translation_quality(config, model, tokenizer, split, model_dir)
+            if name in ("teacher", "student") and config.evaluation.latency:
+                costs[name] = costs_of
+            continue
         if config.task == "sentence-embedding":
             results[name] = retrieval_quality(model, rows, pad_id)
         elif config.task == "causal-lm":  # the teacher comes first; the others are scored against it too
@@ -145,7 +176,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
             results[name] = quality(model, rows, pad_id, len(label_names))
         if name in ("teacher", "student") and config.evaluation.latency:
             costs[name] = efficiency(model, model_dir, rows, pad_id)
-    report = side_by_side(results)
+    report = side_by_side(results, primary="chrf" if config.task == "seq2seq" else "accuracy")
     if costs:
         costs["speedup_batch1"] = round(costs["teacher"]["latency_ms_batch1"] / costs["student"]["latency_ms_batch1"], 3)
         costs["speedup_batch32"] = round(
@@ -162,6 +193,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         report["metric"] = "masked-token accuracy"
     if config.task == "token-classification":
         report["metric"] = "word tagging accuracy"  # macro precision/recall/F1 over the tags beside it
+    if config.task == "seq2seq":
+        report["metric"] = "chrF"  # BLEU beside it
     return report
 
 

@@ -88,6 +88,15 @@ def _language_rows(report: Mapping) -> list[tuple[str, Mapping]]:
     return rows
 
 
+def _translation_table(rows: list[tuple[str, Mapping]]) -> str:
+    """Translation students: chrF and BLEU (sacrebleu's 0-100 scale) of teacher and student per language."""
+    header = ["language", "teacher chrF", "student chrF", "retention", "teacher BLEU", "student BLEU"]
+    cells = [[language, _decimal(_metric(entry, "teacher", "chrf"), 1), _decimal(_metric(entry, "student", "chrf"), 1),
+              _percent(entry.get("retention")), _decimal(_metric(entry, "teacher", "bleu"), 1),
+              _decimal(_metric(entry, "student", "bleu"), 1)] for language, entry in rows]
+    return _markdown_table(header, cells)
+
+
 def _has_ablation(report: Mapping) -> bool:
     return any("ablation" in entry for _, entry in _language_rows(report))
 
@@ -106,6 +115,8 @@ def format_language_table(report: Mapping) -> str:
     # Sentence-embedding jobs score bitext retrieval (both directions), language models next-token
     # accuracy and perplexity, instead of classes.
     metric = report.get("metric")
+    if metric == "chrF":
+        return _translation_table(rows)
     retrieval = metric == "bitext retrieval accuracy"
     language_model = metric in ("next-token accuracy", "masked-token accuracy")
     if retrieval:
@@ -216,6 +227,7 @@ def _new_figure(width: float, height: float) -> Figure:
 def plot_language_accuracy(report: Mapping, path: Path) -> Path:
     """Grouped bars of accuracy per language: teacher, student, and the ablation if present."""
     rows = _language_rows(report)
+    chrf = report.get("metric") == "chrF"  # translation students are scored by chrF, 0-100
     series = [("teacher", "teacher"), ("student", "student")]
     if _has_ablation(report):
         series.append(("hard-label only", "ablation"))
@@ -225,12 +237,13 @@ def plot_language_accuracy(report: Mapping, path: Path) -> Path:
     for offset, (label, role) in enumerate(series):
         positions = [i + (offset - (len(series) - 1) / 2) * bar_width for i in range(len(rows))]
         # A missing value becomes an absent bar (height 0) rather than breaking the plot.
-        heights = [100 * (_metric(entry, role, "accuracy") or 0.0) for _, entry in rows]
+        heights = [(_metric(entry, role, "chrf") or 0.0) if chrf else 100 * (_metric(entry, role, "accuracy") or 0.0)
+                   for _, entry in rows]
         axes.bar(positions, heights, width=bar_width, label=label)
     axes.set_xticks(range(len(rows)), [language for language, _ in rows])
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel("chrF" if chrf else "accuracy (%)")
     axes.set_ylim(0, 100)
-    axes.set_title("Accuracy by language")
+    axes.set_title("chrF by language" if chrf else "Accuracy by language")
     axes.legend(loc="lower right")
     axes.grid(axis="y", alpha=0.3)
     figure.savefig(path, format="png")

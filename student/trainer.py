@@ -640,6 +640,8 @@ class StudentTrainer:
             return *self.embedding_losses(knowledge), {}
         if self.config.task in ("causal-lm", "masked-lm"):
             return *self.lm_losses(knowledge), {}
+        if self.config.task == "seq2seq":
+            return *self.seq2seq_losses(knowledge), {}
         work = knowledge.work
         # With its own tokenizer (student.tokenizer) the student reads its own ids of the same texts.
         ids, mask = ((work.student_input_ids, work.student_attention_mask) if work.student_input_ids is not None
@@ -708,6 +710,33 @@ class StudentTrainer:
         if distill.hard_weight > 0:
             input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device)
             terms["hard"] = masked_lm_ce(logits, masked) if masked is not None else next_token_ce(logits, input_ids, mask)
+        return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
+
+    def seq2seq_losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
+        """An encoder-decoder under teacher forcing along the target the teacher chose (``target_ids``: the
+        reference, or its beam output): its top-k per target token (distill.lm_loss, soft_weight) and
+        cross-entropy on the target's tokens (hard_weight; sequence-level distillation when the target is
+        the teacher's own translation)."""
+        work, distill = knowledge.work, self.config.distill
+        if knowledge.target_ids is None:
+            raise ContractError(_missing(knowledge, "the decoder's target tokens", "task seq2seq"))
+        targets = torch.from_numpy(knowledge.target_ids.astype(np.int64)).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(input_ids=torch.from_numpy(work.input_ids.astype(np.int64)).to(self.device),
+                                attention_mask=torch.from_numpy(work.attention_mask.astype(np.int64)).to(self.device),
+                                labels=targets).logits
+        terms: dict[str, Tensor] = {}
+        if distill.soft_weight > 0:
+            soft = knowledge.soft
+            if soft is None or not soft.per_token or soft.kind != wire.SOFT_TOPK:
+                raise ContractError(_missing(knowledge, "top-k soft labels per target token", "distill.soft_weight"))
+            terms["soft"] = masked_lm_distillation_loss(
+                logits, _tensor(soft.topk_values, self.device),
+                torch.from_numpy(soft.topk_indices.astype(np.int64)).to(self.device),
+                _tensor(soft.topk_logsumexp, self.device), targets,
+                kind=distill.lm_loss, temperature=distill.temperature, beta=distill.gjs_beta)
+        if distill.hard_weight > 0:
+            terms["hard"] = masked_lm_ce(logits, targets)
         return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
 
     def gather_chunk(self, entry_id: bytes, payload: bytes, knowledge: wire.Knowledge) -> bool:

@@ -1,0 +1,84 @@
+"""Sequence-to-sequence pieces: the decoder targets built from references and from generated output,
+the wire's target_ids (soft labels run along the target, not the source), chunking that keeps them,
+and the config's refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster.config import ConfigError, validate_config
+from storage import wire
+from storage.chunking import knowledge_messages, merge_chunks
+from student.seq2seq import IGNORE, generated_targets, reference_targets
+
+CLS, SEP, PAD = 2, 3, 0
+
+
+def test_reference_targets_drop_the_decoder_start_and_mask_padding():
+    pair = np.array([[CLS, 10, 11, SEP, PAD], [CLS, 12, SEP, PAD, PAD]])
+    mask = (pair != PAD).astype(np.uint8)
+    labels = reference_targets(pair, mask, decoder_start_id=CLS)
+    np.testing.assert_array_equal(labels, [[10, 11, SEP], [12, SEP, IGNORE]])  # the all-padding column goes
+    assert labels.flags.c_contiguous  # torch views it as labels.view(-1)
+    # A tokenizer without a leading start token (T5, Marian) keeps every token.
+    np.testing.assert_array_equal(reference_targets(np.array([[10, SEP]]), np.ones((1, 2)), CLS), [[10, SEP]])
+
+
+def test_generated_targets_stop_after_the_first_end_token():
+    generated = np.array([[CLS, 7, SEP, 9, 9], [CLS, 8, 8, 8, SEP], [CLS, 5, PAD, PAD, PAD]])
+    labels = generated_targets(generated, decoder_start_id=CLS, eos_id=SEP, pad_id=PAD)
+    np.testing.assert_array_equal(labels, [[7, SEP, IGNORE, IGNORE], [8, 8, 8, SEP], [5, IGNORE, IGNORE, IGNORE]])
+
+
+def seq2seq_knowledge(n=6, source=5, target=3, k=4) -> wire.Knowledge:
+    rng = np.random.default_rng(0)
+    work = wire.WorkBatch(job_id="j", epoch=0, batch_id=1, sample_ids=np.arange(n), languages=("fra",) * n,
+                          input_ids=rng.integers(5, 50, (n, source)).astype(np.int32),
+                          attention_mask=np.ones((n, source), np.uint8),
+                          pair_input_ids=rng.integers(5, 50, (n, target + 1)).astype(np.int32),
+                          pair_attention_mask=np.ones((n, target + 1), np.uint8))
+    soft = wire.SoftLabels(topk_values=rng.standard_normal((n, target, k)).astype(np.float32),
+                           topk_indices=rng.integers(0, 50, (n, target, k)).astype(np.int32),
+                           topk_logsumexp=rng.standard_normal((n, target)).astype(np.float32))
+    return wire.Knowledge(work=work, teacher_id="teacher-0", soft=soft,
+                          target_ids=rng.integers(5, 50, (n, target)).astype(np.int32))
+
+
+def test_soft_labels_run_along_the_target():
+    knowledge = seq2seq_knowledge()
+    decoded = wire.decode(wire.encode(knowledge))
+    np.testing.assert_array_equal(decoded.target_ids, knowledge.target_ids)
+    with pytest.raises(wire.WireError, match="does not match the work batch"):
+        wire.Knowledge(work=knowledge.work, teacher_id="t", soft=knowledge.soft)  # no target: source length 5
+
+
+def test_chunks_of_a_translation_batch_keep_their_targets():
+    knowledge = seq2seq_knowledge()
+    messages = knowledge_messages(knowledge, limit=2400)
+    assert len(messages) > 1
+    merged = merge_chunks([wire.decode(message) for message in messages])
+    np.testing.assert_array_equal(merged.target_ids, knowledge.target_ids)
+    np.testing.assert_array_equal(merged.soft.topk_values, knowledge.soft.topk_values)
+
+
+BASE = {"task": "seq2seq", "teacher": {"model": "random", "config": {"model_type": "bart"}},
+        "data": {"path": "/t", "parallel": True, "label_column": None}, "distill": {"top_k": 8}}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"distill": {"top_k": None}}, "needs distill.top_k"),
+    ({"distill": {"top_k": 8, "soft_weight": 0, "hard_weight": 1}}, "learns from the data alone"),
+    ({"student": {"trim_vocabulary": True}}, "student.trim_vocabulary"),
+    ({"data": {"path": "/t", "label_column": None}}, "set both or neither"),
+    ({"task": "sequence-classification", "data": {"path": "/t", "source_prefix": "<2{language}> "}},
+     "data.source_prefix"),
+])
+def test_seq2seq_settings_are_checked(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**BASE, **changes})
+
+
+def test_sequence_level_distillation_needs_no_soft_labels():
+    config = validate_config({**BASE, "distill": {"soft_weight": 0, "hard_weight": 1, "seq2seq_target": "teacher"}})
+    assert config.distill.seq2seq_target == "teacher"
