@@ -136,14 +136,15 @@ class TeacherPool:
         self.replica_prefix = self.stage.name
         self._own_replica = re.compile(rf"^{re.escape(self.replica_prefix)}-\d+$")
         # `polydistill scale` sets the main pool's size; each extra teacher's pool has a field of its own.
-        self.override_field = (CONTROL_DESIRED_TEACHERS if self.stage.index == 0
+        self.main_pool = self.stage.name == "teacher"
+        self.override_field = (CONTROL_DESIRED_TEACHERS if self.main_pool
                                else f"{CONTROL_DESIRED_TEACHERS}:{self.stage.name}")
         self.model_dir = model_dir
         self.redis_url = redis_url
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.client = connect_job(redis_url, config.transport)
         self.streams = JobStreams(self.client, self.keys)
-        self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count)
+        self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count, self.stage.task)
         self.scaling = config.teacher.autoscaling
         self.clock = clock
         self.on_measure = on_measure
@@ -372,7 +373,7 @@ class TeacherPool:
             return decision
 
     def _publish(self, metrics: PoolMetrics, decision: PoolDecision) -> None:
-        if self.stage.index == 0:  # `polydistill status` shows the main pool
+        if self.main_pool:  # `polydistill status` shows the main pool
             self.client.hset(self.keys.metrics, mapping={
                 METRIC_TEACHERS_WANTED: decision.replicas,
                 METRIC_TEACHERS_RUNNING: self.running,
@@ -418,7 +419,7 @@ class TeacherPool:
                 self._forget(replica, self._counters_of(replica.replica_id))
             self.wanted = 0
             self._request_resources([])
-            if self.stage.index == 0:
+            if self.main_pool:
                 self.client.hset(self.keys.metrics, mapping={METRIC_TEACHERS_WANTED: 0, METRIC_TEACHERS_RUNNING: 0})
             return self.stats()
 

@@ -76,11 +76,14 @@ def _tags(config: JobConfig) -> dict[str, str]:
 
 @ray.remote
 class FeederActor:
-    def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
+    def __init__(self, config: JobConfig, tokenizer_dir: str | dict[str, str], redis_url: str):
+        """``tokenizer_dir``: the teacher's folder, or in a multi-task job every task's teacher folder by task."""
         quiet_libraries()
         from actors.feeder import Feeder
+        from actors.multitask_feeder import MultiTaskFeeder
 
-        self.feeder = Feeder(config, tokenizer_dir, redis_url)
+        self.feeder = (MultiTaskFeeder(config, tokenizer_dir, redis_url) if isinstance(tokenizer_dir, dict)
+                       else Feeder(config, tokenizer_dir, redis_url))
         self.stop = StopFlag(redis_url, config)
         self.enqueued = metrics.Counter(
             "polydistill_batches_enqueued", "Work batches put on the work stream", tag_keys=("job",)

@@ -171,7 +171,7 @@ class TeacherReplica:
         self.config = config
         # Which teacher of the job this replica runs, and where it sits in the line of teachers.
         self.stage = stage if stage is not None else config.teacher_stage()
-        section = config.teacher_section(self.stage.name)
+        section = config.teacher  # the pool passes the job as this teacher sees it (for_teacher / for_task)
         torch.set_num_threads(section.threads)
         self.device = torch.device("cuda" if section.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         dtype = _DTYPES[section.inference_dtype] if self.device.type == "cuda" else torch.float32
@@ -188,7 +188,7 @@ class TeacherReplica:
         self.autocast_bf16 = self.device.type == "cpu" and use_bf16(
             section.inference_dtype == "bfloat16", "cpu", "teacher.inference_dtype")
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-        self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count)
+        self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count, self.stage.task)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self.batches_done = 0
         self.samples_done = 0

@@ -97,6 +97,7 @@ class TeacherStage:
     count: int
     weight: float
     languages: tuple[str, ...] | None
+    task: str = "main"  # a multi-task job has a teacher per task, each reading its task's work stream
 
     @property
     def ensemble(self) -> bool:
@@ -466,6 +467,23 @@ class KnowledgeCacheConfig(_Strict):
                             "cluster it must be on the driver's node or on storage every node shares.")
 
 
+class ExtraTaskConfig(_Strict):
+    """One more task for the same student: its own data, teacher and distillation settings, and a head
+    of its own on the student's shared encoder (multi-task distillation)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$",
+                      description="Names the task's work stream, teacher pool, head, report section and folder.")
+    task: Literal["sequence-classification", "token-classification", "sentence-embedding"]
+    teacher: TeacherConfig
+    data: DataConfig
+    distill: DistillConfig = DistillConfig()
+    weight: float = Field(
+        default=1.0, gt=0,
+        description="The task's share: its batches are interleaved with the others' in proportion to the "
+        "weights, and its loss is scaled by the weight (relative to the main task's task_weight).",
+    )
+
+
 class JobConfig(_Strict):
     job_id: str | None = Field(default=None, description="Names the job's Redis keys; default: from the output dir.")
     task: Literal["sequence-classification", "token-classification", "sentence-embedding", "causal-lm",
@@ -498,11 +516,52 @@ class JobConfig(_Strict):
         "and every student sees every sample once per epoch.",
     )
 
+    extra_tasks: list[ExtraTaskConfig] = Field(
+        default_factory=list,
+        description="Multi-task distillation: more tasks (each with its own data and teacher) learnt by the same "
+        "student encoder, a head per task; every task's samples are each used once per epoch.",
+    )
+    task_weight: float = Field(default=1.0, gt=0, description="With extra_tasks: the main task's weight.")
     extra_teachers: list[ExtraTeacherConfig] = Field(
         default_factory=list,
         description="More teacher pools (sequence classification): each serves the languages routed to it "
         "(languages), and the students learn from the weighted mixture of the teachers' class probabilities.",
     )
+
+    @model_validator(mode="after")
+    def _multi_task_settings(self) -> "JobConfig":
+        if not self.extra_tasks:
+            return self
+        names = [task.name for task in self.extra_tasks]
+        for name in names:
+            if name in ("teacher", "student", "main") or names.count(name) > 1:
+                raise ValueError(f"extra_tasks: the name {name!r} is taken or repeated; give each task its own name")
+        wrong = {
+            f"task {self.task} (the main task must be a classifier, a tagger or an embedder)":
+                self.task not in ("sequence-classification", "token-classification", "sentence-embedding"),
+            "extra_teachers": bool(self.extra_teachers),
+            "extra_students": bool(self.extra_students),
+            "knowledge_cache.enabled": self.knowledge_cache.enabled,
+            "compress": self.compress is not None,
+            "student.tokenizer": self.student.tokenizer is not None,
+            # One vocabulary serves every task's text; trimming it to one task's would cut the others'.
+            "student.trim_vocabulary": self.student.trim_vocabulary,
+            "student.workers > 1": self.student.workers > 1,
+            "evaluation.ablation": self.evaluation.ablation,
+        }
+        for section in (self.distill, *(task.distill for task in self.extra_tasks)):
+            wrong["distill.hidden_weight / attention_weight (feature losses of several tasks)"] = (
+                wrong.get("distill.hidden_weight / attention_weight (feature losses of several tasks)")
+                or section.hidden_weight > 0 or section.attention_weight > 0)
+        if any(wrong.values()):
+            raise ValueError("extra_tasks trains one student on several tasks; these settings need a single task: "
+                             + ", ".join(key for key, bad in wrong.items() if bad))
+        for index, task in enumerate(self.extra_tasks):
+            try:
+                self.for_task(task.name).model_validate(self.for_task(task.name).model_dump())
+            except ValidationError as exc:
+                raise ValueError(f"extra_tasks[{index}] ({task.name}): {exc.errors()[0]['msg']}") from None
+        return self
 
     @field_validator("extra_teachers")
     @classmethod
@@ -754,6 +813,30 @@ class JobConfig(_Strict):
         return bool(self.extra_students) or self.knowledge_cache.enabled
 
     @property
+    def task_names(self) -> list[str]:
+        """The main task ('main') and every extra task, in order."""
+        return ["main", *(task.name for task in self.extra_tasks)]
+
+    def task_section(self, name: str) -> ExtraTaskConfig | None:
+        return None if name == "main" else next(task for task in self.extra_tasks if task.name == name)
+
+    def task_weight_of(self, name: str) -> float:
+        return self.task_weight if name == "main" else self.task_section(name).weight
+
+    def for_task(self, name: str) -> "JobConfig":
+        """This job as a single-task job of one of its tasks: that task's type, data, teacher and
+        distillation settings; the student, training, transport and job id are shared."""
+        if name == "main":
+            return self.model_copy(update={"extra_tasks": []})
+        section = self.task_section(name)
+        return self.model_copy(update={"task": section.task, "teacher": section.teacher, "data": section.data,
+                                       "distill": section.distill, "extra_tasks": []})
+
+    def task_stage(self, name: str) -> TeacherStage:
+        """The teacher of one task of a multi-task job: alone in its line, reading that task's work stream."""
+        return TeacherStage("teacher" if name == "main" else name, 0, 1, 1.0, None, task=name)
+
+    @property
     def teacher_names(self) -> list[str]:
         return ["teacher", *(teacher.name for teacher in self.extra_teachers)]
 
@@ -901,13 +984,21 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     such as 'intfloat/multilingual-e5-small' are left alone.
     """
 
-    def fix(section: str, key: str) -> None:
-        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+    def fix(where: dict[str, Any], section: str, key: str) -> None:
+        value = where.get(section, {}).get(key) if isinstance(where.get(section), dict) else None
         if isinstance(value, str) and value.startswith(("./", "../")):
-            raw[section][key] = str((base / value).resolve())
+            where[section][key] = str((base / value).resolve())
 
-    fix("data", "path")
-    fix("teacher", "model")
-    fix("teacher", "tokenizer")
-    fix("student", "model")
+    # The job's own sections, and those of its extra teachers and extra tasks.
+    nested = [entry for key in ("extra_teachers", "extra_tasks") for entry in raw.get(key) or []
+              if isinstance(entry, dict)]
+    for where in (raw, *nested):
+        fix(where, "data", "path")
+        fix(where, "teacher", "model")
+        fix(where, "teacher", "tokenizer")
+    fix(raw, "student", "model")
+    for teacher in (entry for entry in raw.get("extra_teachers") or [] if isinstance(entry, dict)):
+        for key in ("model", "tokenizer"):
+            if isinstance(teacher.get(key), str) and teacher[key].startswith(("./", "../")):
+                teacher[key] = str((base / teacher[key]).resolve())
     return raw

@@ -29,6 +29,7 @@ from cluster.progress import ProgressDisplay
 from cluster.recovery import Supervisor
 from cluster.resume import save_job_config
 from cluster.services import ray_for, redis_for
+from cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
 from storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from storage.knowledge_cache import is_complete
 from storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
@@ -172,8 +173,11 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     teacher_dir = teacher_dirs["teacher"]
     check_teachers(config, teacher_dirs, train)
     stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
+    task_teachers = prepare_task_teachers(config, out_dir, teacher_dir) if config.extra_tasks else {}
     student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
     check_contract(config, AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_init_dir))
+    if task_teachers:
+        prepare_task_heads(config, student_init_dir, task_teachers)
     extra_init: dict[str, Path] = {}
     for name in config.student_names[1:]:
         extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
@@ -190,7 +194,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
                 config, str(student_init_dir), str(out_dir / "ablation")
             )
         init_dirs = {"student": student_init_dir, **extra_init}
-        result = _distill(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume)
+        task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
+        result = _distill(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume, task_dirs)
         stage_seconds["distill"] = _lap(started, stage_seconds)
         ablation_dir = Path(ray.get(ablation_ref)) if ablation_ref is not None else None
         stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
@@ -206,6 +211,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
         if ablation_dir is not None:
             extra["ablation"] = ablation_dir
         report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names, extra))
+        if task_teachers:
+            for name, evaluation in evaluate_tasks(config, task_teachers, Path(report["student_path"])).items():
+                report["tasks"][name].update(evaluation)
         stage_seconds["evaluate"] = _lap(started, stage_seconds)
         if config.compress is not None:  # prune / recover / quantise: a report row per stage
             from student.compress_job import compress_job
@@ -219,6 +227,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     distilled = {"student": report["samples_distilled"],
                  **{name: extra["samples_distilled"] for name, extra in report["extra_students"].items()}}
     short = {name: n for name, n in distilled.items() if n != report["samples_expected"]}
+    short.update({f"task {name}": task["samples_distilled"] for name, task in (report.get("tasks") or {}).items()
+                  if task["samples_distilled"] != task["samples_expected"]})
     if short or report["batches_missing"]:
         raise JobFailed(
             f"accounting mismatch: samples distilled {distilled}, {report['samples_expected']} expected each; "
@@ -248,7 +258,7 @@ def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobSt
     keys = JobKeys(config.resolved_job_id, config.transport.namespace)
     streams = JobStreams(connect_job(redis_url, config.transport), keys)
     streams.delete_job_keys()
-    for stream in keys.teacher_inputs(len(config.teacher_names)):
+    for stream in keys.teacher_inputs(len(config.teacher_names), config.task_names):
         streams.ensure_group(stream, TEACHER_GROUP)
     for name in config.student_names:
         streams.ensure_group(keys.knowledge_stream, keys.student_group(name))
@@ -256,15 +266,20 @@ def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobSt
 
 
 def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
-             out_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+             out_dir: Path, show_progress: bool, resume: bool = False,
+             task_dirs: dict[str, Path] | None = None) -> dict:
+    """``task_dirs``: a multi-task job's extra tasks' teacher folders by task."""
     config = with_redis_password(config)  # transport.password_env, read here where the job runs
     teacher_dir = teacher_dirs["teacher"]
+    task_dirs = task_dirs or {}
     keys, streams = reset_job_streams(config, redis_url)
 
     # The feeder and the cache writer share the driver's node: the cache folder is on its disk.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tokenizer_dirs = ({"main": str(teacher_dir), **{name: str(folder) for name, folder in task_dirs.items()}}
+                      if task_dirs else str(teacher_dir))
     feeder = FeederActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
-        config, str(teacher_dir), redis_url)
+        config, tokenizer_dirs, redis_url)
     plan, _, cleaning = ray.get(feeder.plan.remote())
     cache = ray.get(feeder.cache_state.remote())
     from_cache = cache is not None and cache["complete"]
@@ -280,6 +295,10 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
         name: TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
             config.for_teacher(name), str(teacher_dirs[name]), redis_url, stage=config.teacher_stage(name))
         for name in config.teacher_names}
+    # A multi-task job: a pool more per extra task, reading that task's work stream.
+    pools.update({name: TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+        config.for_task(name), str(folder), redis_url, stage=config.task_stage(name))
+        for name, folder in task_dirs.items()})
 
     def student_maker(name: str):
         seen_as = config.for_student(name)
@@ -343,6 +362,7 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
         "teachers": teacher_stats,
         "teacher_pool": pool_summaries.get("teacher"),
         "teacher_pools": pool_summaries if config.extra_teachers else None,
+        "teacher_pools_all": pool_summaries,
         "batches_fed": batches_fed,
         "dead_letters": dead_letters,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
@@ -383,6 +403,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         # Several teachers (extra_teachers): each pool's history, and who labelled how many samples per language.
         "teacher_pools": result.get("teacher_pools"),
         "teacher_samples_per_language": training.get("teacher_samples_per_language"),
+        "tasks": _task_report(config, plan, training, result.get("teacher_pools_all") or {}) if config.extra_tasks
+        else None,
         "wall_seconds": result["wall_seconds"],
         "student_seconds": {
             "total": training["wall_seconds"],
@@ -408,6 +430,24 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "cleaning": result["cleaning"],
         "config": config.model_dump(mode="json", exclude={"transport": {"password", "redis_url"}}),
     }
+
+
+def _task_report(config: JobConfig, plan: dict, training: dict, pools: dict) -> dict:
+    """A multi-task job, per task: its weight, samples expected and applied (each once per epoch), its
+    teacher pool; the evaluation of each extra task is added after the run."""
+    report = {}
+    for name in config.task_names:
+        prefix = "" if name == "main" else f"{name}/"
+        per_language = {language.removeprefix(prefix): count for language, count in plan["samples_per_language"].items()
+                        if (language.startswith(prefix) if prefix else "/" not in language)}
+        report[name] = {
+            "task": config.for_task(name).task, "weight": config.task_weight_of(name),
+            "samples_expected": sum(per_language.values()) * plan["epochs"],
+            "samples_distilled": (training.get("task_samples") or {}).get(name, 0),
+            "samples_per_language": per_language,
+            "teacher_pool": pools.get("teacher" if name == "main" else name),
+        }
+    return report
 
 
 def _write_report(report: dict, out_dir: Path) -> None:

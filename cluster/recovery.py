@@ -189,7 +189,8 @@ class Supervisor:
                   for name in self.make_students if name not in self.summaries]
         groups += [(self.keys.knowledge_stream, group) for group in self.reader_groups()]
         # Every teacher's input: the work stream, and with several teachers the streams between them.
-        teacher_inputs = [(stream, TEACHER_GROUP) for stream in self.keys.teacher_inputs(len(self.config.teacher_names))]
+        teacher_inputs = [(stream, TEACHER_GROUP) for stream in
+                          self.keys.teacher_inputs(len(self.config.teacher_names), self.config.task_names)]
         self.streams.reset([*teacher_inputs, *groups], pipeline=transaction)
         transaction.hset(self.keys.control, mapping={CONTROL_RUN: self.run_token,
                                                      CONTROL_FEED_GENERATION: self.generation})
@@ -237,7 +238,7 @@ class Supervisor:
         transaction.xlen(self.keys.knowledge_stream)
         transaction.xlen(self.keys.dead_letter_stream)
         transaction.hgetall(self.keys.progress)
-        teacher_inputs = self.keys.teacher_inputs(len(self.config.teacher_names))
+        teacher_inputs = self.keys.teacher_inputs(len(self.config.teacher_names), self.config.task_names)
         for stream in teacher_inputs:  # batches on their way through the teachers
             transaction.xlen(stream)
         marker, knowledge, dead, progress, *work = transaction.execute()

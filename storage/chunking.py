@@ -143,7 +143,7 @@ def plan_pieces(n_samples: int, seq_len: int, bytes_per_sample: int, limit: int,
 # WorkBatch fields: the batch's identity, the tokens (split into windows along the sequence), and
 # everything else, one row per sample (sample ids, labels, parallel pairs, the student's own ids...):
 # new per-sample fields of the wire follow chunks without a change here.
-_IDENTITY = ("job_id", "epoch", "batch_id")
+_IDENTITY = ("job_id", "epoch", "batch_id", "task")
 _TOKENS = ("input_ids", "attention_mask")
 
 

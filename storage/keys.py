@@ -8,6 +8,7 @@ pattern then silently misses keys.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,19 +95,26 @@ class JobKeys:
         """Teachers -> students: encoded Knowledge messages."""
         return self._key("knowledge")
 
-    def stage_streams(self, index: int, count: int) -> tuple[str, str]:
-        """(input, output) of the index-th of ``count`` teachers in line: the first reads the work stream,
-        the last writes the knowledge stream, and teacher i passes its batches to teacher i+1 on
+    def work_stream_of(self, task: str = "main") -> str:
+        """Feeder -> the teachers of one task: the main task's is the work stream, another task's (a
+        multi-task job) ``work:<task>``."""
+        return self.work_stream if task == "main" else self._key(f"work:{_check_name(task, 'task name')}")
+
+    def stage_streams(self, index: int, count: int, task: str = "main") -> tuple[str, str]:
+        """(input, output) of the index-th of ``count`` teachers in line: the first reads its task's work
+        stream, the last writes the knowledge stream, and teacher i passes its batches to teacher i+1 on
         ``stage:<i+1>`` (Knowledge messages, each teacher adding its soft labels)."""
         if not 0 <= index < count:
             raise ValueError(f"teacher stage {index} of {count}")
-        source = self.work_stream if index == 0 else self._key(f"stage:{index}")
+        source = self.work_stream_of(task) if index == 0 else self._key(f"stage:{index}")
         sink = self.knowledge_stream if index == count - 1 else self._key(f"stage:{index + 1}")
         return source, sink
 
-    def teacher_inputs(self, count: int) -> list[str]:
-        """Every stream a teacher pool reads (TEACHER_GROUP on each), first teacher first."""
-        return [self.stage_streams(index, count)[0] for index in range(count)]
+    def teacher_inputs(self, count: int, tasks: Sequence[str] = ("main",)) -> list[str]:
+        """Every stream a teacher pool reads (TEACHER_GROUP on each): each task's work stream, then the
+        streams between ``count`` teachers in line."""
+        return [self.work_stream_of(task) for task in tasks] + [self.stage_streams(index, count)[0]
+                                                                 for index in range(1, count)]
 
     @property
     def dead_letter_stream(self) -> str:

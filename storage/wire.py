@@ -155,9 +155,13 @@ class WorkBatch:
     # The same texts in the student's own tokenizer, when it has one (student.tokenizer); [n, L3].
     student_input_ids: np.ndarray | None = None
     student_attention_mask: np.ndarray | None = None
+    # Multi-task jobs (extra_tasks): which of the job's tasks this batch belongs to; None is the main task.
+    task: str | None = None
 
     def __post_init__(self) -> None:
         _require_str(self.job_id, "WorkBatch.job_id")
+        if self.task is not None:
+            _require_str(self.task, "WorkBatch.task")
         _set(self, "epoch", _require_count(self.epoch, "WorkBatch.epoch"))
         _set(self, "batch_id", _require_count(self.batch_id, "WorkBatch.batch_id"))
 
@@ -502,6 +506,7 @@ def _work_body(work: WorkBatch) -> dict[str, Any]:
         "token_labels": _pack_optional(work.token_labels),
         "student_input_ids": _pack_optional(work.student_input_ids),
         "student_attention_mask": _pack_optional(work.student_attention_mask),
+        "task": work.task,
     }
 
 
@@ -638,6 +643,7 @@ def _read_work_body(body: dict, where: str) -> WorkBatch:
         token_labels=_get_array(body, "token_labels", where, optional=True),
         student_input_ids=_get_array(body, "student_input_ids", where, optional=True),
         student_attention_mask=_get_array(body, "student_attention_mask", where, optional=True),
+        task=_get(body, "task", str, where, optional=True),
     )
 
 

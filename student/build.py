@@ -42,6 +42,14 @@ def label_maps(label_names: Sequence[str]) -> dict:
     }
 
 
+# A multi-task student keeps each extra task's model (its head on the shared encoder) here, under its folder.
+TASKS_FOLDER = "tasks"
+
+
+def task_folder(student_dir: Path, task: str) -> Path:
+    return Path(student_dir) / TASKS_FOLDER / task
+
+
 def model_class(task: str) -> type:
     """The HF auto class of a task's teachers and students."""
     if task == "causal-lm":

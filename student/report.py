@@ -325,6 +325,10 @@ def render_markdown(report: Mapping) -> str:
         sections.append("## Accuracy by language\n\n" + language_table)
         if report.get("per_language"):
             sections.append("![Accuracy by language](per_language_accuracy.png)")
+    for name, task in (report.get("tasks") or {}).items():  # a multi-task student: each extra task's own table
+        table = format_language_table(task) if name != "main" else ""
+        if table:
+            sections.append(f"## Task {name} ({task.get('task')}, weight {task.get('weight')})\n\n" + table)
     teachers_table = format_teachers_table(report)
     if teachers_table:
         sections.append("## Teachers\n\n" + teachers_table)

@@ -54,7 +54,7 @@ from student.contract import (
     resolve_contract,
     wants_features,
 )
-from student.build import model_class
+from student.build import model_class, task_folder
 from student.precision import use_bf16
 from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 from student.lm_losses import lm_distillation_loss, masked_lm_ce, masked_lm_distillation_loss, next_token_ce
@@ -101,6 +101,20 @@ class TrainingState:
     pseudo_labels: dict[str, dict[str, int]] = field(default_factory=dict)
     # Several teachers: samples each teacher labelled, per language ({teacher: {language: count}}).
     teacher_samples: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Multi-task jobs: samples applied per task.
+    task_samples: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TaskHead:
+    """One extra task of a multi-task student: the job as that task sees it, its model (the head on the
+    shared encoder), its knowledge contract and projections, and its loss weight."""
+
+    config: JobConfig
+    model: nn.Module
+    contract: Contract
+    projections: nn.ModuleDict
+    weight: float
 
 
 @dataclass
@@ -390,6 +404,7 @@ class StudentTrainer:
         if config.student.freeze_embeddings:
             self.model.get_input_embeddings().weight.requires_grad_(False)
         self.projections = build_projections(self.contract).to(self.device)
+        self.task_heads = self._tie_task_heads()
         # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table.
         map_path = self.init_dir / VOCAB_MAP_FILE
         self.id_map = VocabMap.load(map_path).table if map_path.exists() else None
@@ -420,19 +435,41 @@ class StudentTrainer:
             self.sync = GradientSync(rank, world_size, rendezvous, self.device)
             self.sync.broadcast_parameters([*self.model.parameters(), *self.projections.parameters()])
 
-    def _resolve_contract(self) -> Contract:
-        teacher_config = load_teacher_config(self.init_dir)
-        distill = self.config.distill
+    def _resolve_contract(self, init_dir: Path | None = None, config: JobConfig | None = None) -> Contract:
+        init_dir, config = init_dir or self.init_dir, config or self.config
+        teacher_config = load_teacher_config(init_dir)
+        distill = config.distill
         if teacher_config is None and wants_features(distill):
             raise ContractError(
-                f"distill asks for hidden states, attention or embeddings, but {self.init_dir} has no "
+                f"distill asks for hidden states, attention or embeddings, but {init_dir} has no "
                 f"{TEACHER_CONFIG_FILE} (the driver's prepare_student writes it): prepare the student again"
             )
-        return resolve_contract(distill, teacher_config, AutoConfig.from_pretrained(self.init_dir))
+        return resolve_contract(distill, teacher_config, AutoConfig.from_pretrained(init_dir))
+
+    def _tie_task_heads(self) -> dict[str, TaskHead]:
+        """A multi-task job's extra heads, each on the main model's encoder (one set of encoder weights).
+        Their parameters live in ``projections`` (under ``task_<name>``), so checkpoints hold them."""
+        heads: dict[str, TaskHead] = {}
+        encoder = self.model.base_model
+        for section in self.config.extra_tasks:
+            folder = task_folder(self.init_dir, section.name)
+            seen_as = self.config.for_task(section.name)
+            if section.task == "sentence-embedding":
+                model = encoder  # the embedding is the encoder's own mean-pooled output
+            else:
+                model = model_class(section.task).from_pretrained(folder).to(self.device)
+                setattr(model, model.base_model_prefix, encoder)
+            contract = self._resolve_contract(folder, seen_as)
+            projections = build_projections(contract).to(self.device)
+            self.projections[f"task_{section.name}"] = nn.ModuleDict({"model": model, "projections": projections})
+            heads[section.name] = TaskHead(seen_as, model, contract, projections, section.weight)
+        return heads
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the optimiser trains: the student and the feature projections."""
-        return [p for p in (*self.model.parameters(), *self.projections.parameters()) if p.requires_grad]
+        """What the optimiser trains: the student and the feature projections (and a multi-task job's heads),
+        each parameter once although the heads share the encoder."""
+        unique = {id(p): p for p in (*self.model.parameters(), *self.projections.parameters()) if p.requires_grad}
+        return list(unique.values())
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, should_stop: Callable[[], bool] = lambda: False) -> dict:
@@ -635,7 +672,31 @@ class StudentTrainer:
         return {"loss": self.state.last_loss, **values}
 
     def losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float], dict[str, dict[str, int]]]:
-        """The task's loss on one knowledge message, its terms, and per-language pseudo-label counts."""
+        """The task's loss on one knowledge message, its terms, and per-language pseudo-label counts.
+        In a multi-task job, the loss of the batch's task, through that task's head, scaled by its weight."""
+        task = knowledge.work.task
+        if self.task_heads or task is not None:
+            return self.task_losses(task or "main", knowledge)
+        return self.single_task_losses(knowledge)
+
+    def task_losses(self, task: str, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float], dict]:
+        if task != "main" and task not in self.task_heads:
+            raise ContractError(f"a batch of task {task!r}, which this student has no head for (extra_tasks: "
+                                f"{sorted(self.task_heads)}); run the student with the job's own config")
+        head = self.task_heads.get(task)
+        saved = (self.config, self.model, self.contract, self.projections)
+        if head is not None:  # the batch's task, seen through its head, for the length of one loss
+            self.config, self.model, self.contract, self.projections = head.config, head.model, head.contract, \
+                head.projections
+        try:
+            loss, values, counts = self.single_task_losses(knowledge)
+        finally:
+            self.config, self.model, self.contract, self.projections = saved
+        weight = head.weight if head is not None else self.config.task_weight
+        self.state.task_samples[task] = self.state.task_samples.get(task, 0) + knowledge.work.n_samples
+        return loss * weight, {f"{task}.{name}": value for name, value in values.items()}, counts
+
+    def single_task_losses(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float], dict]:
         if self.config.task == "sentence-embedding":
             return *self.embedding_losses(knowledge), {}
         if self.config.task in ("causal-lm", "masked-lm"):
@@ -868,6 +929,9 @@ class StudentTrainer:
             setattr(self.model.config, key, value)
         self.model.save_pretrained(self.student_dir)
         AutoTokenizer.from_pretrained(self.init_dir).save_pretrained(self.student_dir)
+        for name, head in self.task_heads.items():  # each task's head with the shared encoder: a model of its own
+            head.model.save_pretrained(task_folder(self.student_dir, name))
+            AutoTokenizer.from_pretrained(self.init_dir).save_pretrained(task_folder(self.student_dir, name))
 
     def summary(self, wall_seconds: float) -> dict:
         return {
@@ -891,6 +955,7 @@ class StudentTrainer:
             },
             "pseudo_labels": (dict(sorted(self.state.pseudo_labels.items()))
                               if self.config.distill.pseudo_label_threshold is not None else None),
+            "task_samples": dict(self.state.task_samples) if self.task_heads else None,
             "teacher_samples_per_language": ({teacher: dict(sorted(counts.items()))
                                               for teacher, counts in self.state.teacher_samples.items()}
                                              if self.config.extra_teachers else None),
