@@ -566,11 +566,7 @@ class JobConfig(_Strict):
     @field_validator("extra_teachers")
     @classmethod
     def _distinct_teacher_names(cls, teachers: list[ExtraTeacherConfig]) -> list[ExtraTeacherConfig]:
-        names = [teacher.name for teacher in teachers]
-        for name in names:
-            if name == "teacher" or names.count(name) > 1:
-                raise ValueError(f"the name {name!r} is taken: each extra teacher needs its own name, and 'teacher' "
-                                 "is the main teacher's")
+        _require_distinct_names([teacher.name for teacher in teachers], "teacher")
         return teachers
 
     @model_validator(mode="after")
@@ -603,11 +599,7 @@ class JobConfig(_Strict):
     @field_validator("extra_students")
     @classmethod
     def _distinct_student_names(cls, students: list[ExtraStudentConfig]) -> list[ExtraStudentConfig]:
-        names = [student.name for student in students]
-        for name in names:
-            if name == "student" or names.count(name) > 1:
-                raise ValueError(f"the name {name!r} is taken: each extra student needs its own name, and 'student' "
-                                 "is the main student's")
+        _require_distinct_names([student.name for student in students], "student")
         return students
 
     @field_validator("job_id")
@@ -872,6 +864,14 @@ class JobConfig(_Strict):
             return self.job_id
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(self.output_dir).resolve().name).strip("-.") or "job"
         return name[:128]
+
+
+def _require_distinct_names(names: list[str], role: str) -> None:
+    """Extra teachers / students need names of their own, and not the main one's (``role``)."""
+    for name in names:
+        if name == role or names.count(name) > 1:
+            raise ValueError(f"the name {name!r} is taken: each extra {role} needs its own name, and {role!r} is the "
+                             f"main {role}'s")
 
 
 class ConfigError(ValueError):

@@ -2,16 +2,16 @@
 random BART and a WordPiece tokenizer built offline."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from sacrebleu.metrics import BLEU, CHRF
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from storage.vocab import SPECIAL_TOKENS, train_wordpiece_tokenizer
 from student.translation_eval import bleu_tokenizer_for, translate, translation_scores
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAINING_SENTENCES = [
     "the cat sat on the mat",
     "a dog runs in the park",
@@ -30,27 +30,9 @@ SOURCES = [
 ]
 
 
-def build_wordpiece_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.train_from_iterator(
-        TRAINING_SENTENCES, trainers.WordPieceTrainer(vocab_size=150, special_tokens=SPECIAL_TOKENS)
-    )
-    cls_id, sep_id = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
-    wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    wordpiece.decoder = decoders.WordPiece()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+def build_wordpiece_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
+    """The project's own small WordPiece (lowercased, [CLS] ... [SEP], a WordPiece decoder)."""
+    return train_wordpiece_tokenizer(TRAINING_SENTENCES, 150, folder)
 
 
 def build_tiny_bart(tokenizer: transformers.PreTrainedTokenizerFast) -> transformers.BartForConditionalGeneration:
@@ -85,8 +67,8 @@ def single_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    return build_wordpiece_tokenizer()
+def tokenizer(tmp_path_factory) -> transformers.PreTrainedTokenizerFast:
+    return build_wordpiece_tokenizer(tmp_path_factory.mktemp("wordpiece"))
 
 
 @pytest.fixture(scope="module")
