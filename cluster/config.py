@@ -613,7 +613,8 @@ class JobConfig(_Strict):
     def _embedding_task_settings(self) -> "JobConfig":
         if (self.task in ("sentence-embedding", "seq2seq")) != self.data.parallel:
             raise ValueError(f"tasks sentence-embedding and seq2seq learn from parallel sentences and only they do: "
-                             f"task is {self.task} and data.parallel {self.data.parallel}; set both or neither")
+                             f"task is {self.task} and data.parallel {self.data.parallel}; set both the task and "
+                             "data.parallel: true, or neither")
         if self.task != "sentence-embedding":
             return self
         distill = self.distill

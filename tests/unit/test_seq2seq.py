@@ -70,7 +70,7 @@ BASE = {"task": "seq2seq", "teacher": {"model": "random", "config": {"model_type
     ({"distill": {"top_k": None}}, "needs distill.top_k"),
     ({"distill": {"top_k": 8, "soft_weight": 0, "hard_weight": 1}}, "learns from the data alone"),
     ({"student": {"trim_vocabulary": True}}, "student.trim_vocabulary"),
-    ({"data": {"path": "/t", "label_column": None}}, "set both or neither"),
+    ({"data": {"path": "/t", "label_column": None}}, "data.parallel: true, or neither"),
     ({"task": "sequence-classification", "data": {"path": "/t", "source_prefix": "<2{language}> "}},
      "data.source_prefix"),
 ])
