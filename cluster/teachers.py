@@ -1,0 +1,73 @@
+"""Several teachers in one job (``extra_teachers``): each one prepared, and all of them checked
+before any actor starts: one set of classes, one tokenizer, every language routed to a teacher.
+
+At run time the teachers stand in line (``JobKeys.stage_streams``): each pool reads the stream the
+one before it writes and adds its soft labels for the rows of its languages (``wire.TeacherVote``);
+the student distils towards their weighted mixture (``student.losses.ensemble_log_probs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+from cluster.config import JobConfig
+from storage.job_data import JobSplit
+from student.build import check_classifier_labels
+from student.contract import ContractError
+
+
+def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
+    """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
+    is fine-tuned (when asked) on those languages only: a specialist."""
+    from cluster.driver import prepare_teacher  # the driver imports this module
+
+    dirs = {"teacher": prepare_teacher(config, out_dir, train)}
+    for index, extra in enumerate(config.extra_teachers):
+        seen_as = config.for_teacher(extra.name)
+        if extra.languages is not None:
+            wanted = set(extra.languages)
+            seen_as = seen_as.model_copy(update={"data": config.data.model_copy(update={"languages": extra.languages})})
+            train_for = dataclasses.replace(train, dataset=train.dataset.filter(lambda row: row["language"] in wanted))
+        else:
+            train_for = train
+        if extra.model == "random" and extra.tokenizer is None:
+            # Every teacher reads the same token ids: a random extra teacher takes the main one's tokenizer.
+            seen_as = seen_as.model_copy(update={
+                "teacher": seen_as.teacher.model_copy(update={"tokenizer": str(dirs["teacher"])}),
+                "training": seen_as.training.model_copy(update={"seed": config.training.seed + index + 1})})
+        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for)
+    return dirs
+
+
+def check_teachers(config: JobConfig, teacher_dirs: dict[str, Path], train: JobSplit) -> None:
+    """Several teachers: the same classes and tokenizer as the main teacher, and every language of the
+    data routed to at least one of them; refused before any actor starts, naming the field."""
+    if not config.extra_teachers:
+        return
+    main = AutoConfig.from_pretrained(teacher_dirs["teacher"])
+    main_vocab = AutoTokenizer.from_pretrained(teacher_dirs["teacher"]).get_vocab()
+    for index, extra in enumerate(config.extra_teachers):
+        where = f"extra_teachers[{index}] ({extra.name})"
+        other = AutoConfig.from_pretrained(teacher_dirs[extra.name])
+        labels = [main.id2label[i] for i in range(main.num_labels)]
+        check_classifier_labels(other, labels, f"{where}.model")
+        if AutoTokenizer.from_pretrained(teacher_dirs[extra.name]).get_vocab() != main_vocab:
+            raise ContractError(
+                f"{where}.tokenizer differs from the main teacher's: every teacher reads the same token ids of a "
+                "batch, so all teachers need one tokenizer (teacher.tokenizer / extra_teachers[].tokenizer)")
+    languages = set(train.dataset.with_format(None)["language"])
+    for name in config.teacher_names:
+        listed = config.teacher_section(name).languages
+        field_name = "teacher.languages" if name == "teacher" else             f"extra_teachers[{config.teacher_names.index(name) - 1}].languages"
+        unknown = sorted(set(listed or ()) - languages)
+        if unknown:
+            raise ContractError(f"{field_name} lists {unknown}, which the training data does not have "
+                                f"(it has {sorted(languages)})")
+    orphans = sorted(language for language in languages
+                     if not any(config.teacher_stage(name).serves(language) for name in config.teacher_names))
+    if orphans:
+        raise ContractError(f"no teacher serves {orphans}: add them to teacher.languages or to an extra teacher's "
+                            "languages (or leave one teacher's languages null: all of them)")
