@@ -51,7 +51,7 @@ from storage.keys import (
 )
 from student.trainer import StudentTrainer
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TEACHER_SLOTS = 2  # per teacher node: 2 nodes hold the pool's maximum of 4 replicas

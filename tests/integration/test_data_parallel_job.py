@@ -32,6 +32,7 @@ def test_two_workers_share_the_stream_and_learn_every_sample_once(tmp_path, redi
     assert model.config.num_hidden_layers == 2
 
 
+@pytest.mark.heavy
 def test_a_lost_worker_brings_the_group_back_from_its_checkpoint(tmp_path, redis_server, local_ray):
     # The worker rank 0 started (not the driver's actor): its peers' collectives fail, rank 0 ends
     # its process, and the driver restarts the group. Losing rank 0 itself is a lost student like

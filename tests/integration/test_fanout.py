@@ -48,6 +48,7 @@ def test_extra_student_names_must_be_distinct(tmp_path):
         load_config(EXAMPLES / "tiny.yaml", ["extra_students=[{name: student}]"], output_dir=str(tmp_path))
 
 
+@pytest.mark.heavy
 def test_a_killed_student_of_two_comes_back_and_neither_loses_a_sample(tmp_path, redis_server, local_ray):
     from tests.integration.test_faults import Injector, assert_exact, fault_config, kill_one
 

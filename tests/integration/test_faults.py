@@ -165,6 +165,7 @@ def test_teacher_replica_killed_mid_batch(tmp_path, redis_server, local_ray):
     summary("teacher", injector, report, started)
 
 
+@pytest.mark.heavy
 def test_second_teacher_replica_killed_mid_batch(tmp_path, redis_server, local_ray):
     """Two teachers in line: a replica of the second one dies holding a batch it took from the stream
     between the teachers; another replica of that teacher takes it over, and nothing is lost."""
@@ -219,6 +220,7 @@ def test_student_worker_killed_resumes_from_its_checkpoint(tmp_path, redis_serve
     summary("student", injector, report, started)
 
 
+@pytest.mark.heavy
 def test_redis_restarted_with_its_data_gone_over_tls_with_a_password(tmp_path, local_ray, tls_files, caplog, capfd):
     """Also the security checks of a whole job: TLS with a CA file, AUTH through transport.password,
     and the password in none of report.json, report.md, job.yaml, the driver's logs or Ray's logs."""
@@ -250,6 +252,7 @@ def test_redis_restarted_with_its_data_gone_over_tls_with_a_password(tmp_path, l
     assert leaked == []
 
 
+@pytest.mark.heavy
 def test_redis_unreachable_for_a_while_and_a_write_lost_with_it_are_ridden_out(tmp_path, local_ray):
     """Redis stops for 3 s and comes back from its snapshot; a write made after the snapshot (here:
     the newest queued batch, which nobody has read yet) is lost with it. Every producer and consumer
@@ -279,6 +282,7 @@ def test_redis_unreachable_for_a_while_and_a_write_lost_with_it_are_ridden_out(t
     summary("redis-down", injector, report, started)
 
 
+@pytest.mark.heavy
 def test_resume_continues_a_stopped_job_from_its_checkpoint(tmp_path, redis_server, local_ray):
     from cluster.cli import main
     from cluster.driver import JobFailed

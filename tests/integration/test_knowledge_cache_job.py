@@ -9,7 +9,7 @@ import pytest
 from cluster.driver import run_job
 from tests.integration.test_pipeline import tiny_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 
 def cached_config(tmp_path, redis_url, name, *overrides):

@@ -15,7 +15,7 @@ from cluster.tune import (
     validate_tune_config,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
