@@ -45,8 +45,12 @@ def redis_for(config: JobConfig) -> Iterator[str]:
 
 
 def logical_cpus_needed(config: JobConfig) -> float:
+    """What the job's actors ask for at their start: every teacher pool (the main one, extra teachers,
+    the teachers of extra tasks) and every student worker. A local Ray offering less would leave an
+    actor waiting for a slot until the student's stall timeout."""
     students = sum(student.num_cpus * student.workers for student in (config.student, *config.extra_students))
-    return config.teacher.replicas * config.teacher.num_cpus + students
+    teachers = (config.teacher, *config.extra_teachers, *(task.teacher for task in config.extra_tasks))
+    return sum(teacher.replicas * teacher.num_cpus for teacher in teachers) + students
 
 
 @contextmanager

@@ -138,3 +138,10 @@ def test_stages_follow_the_config():
 def test_settings_several_teachers_cannot_honour_are_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         _config(**changes)
+
+
+def test_a_local_ray_offers_a_slot_for_every_teacher_pool():
+    from cluster.services import logical_cpus_needed
+
+    config = _config()  # main teacher and one extra, one replica each at 1 CPU, and the student's 1
+    assert logical_cpus_needed(config) == 3.0
