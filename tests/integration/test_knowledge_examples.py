@@ -26,7 +26,10 @@ EXPECTED = {
 
 # Hidden states and attention maps also run end to end in test_knowledge_pipeline.py (both in one
 # job); here their examples are checked as configs and contracts, the other three run as jobs.
-RUN_AS_JOBS = ("attention_relations", "pooled_embeddings", "topk_soft_labels")
+# Two of the three are in the heavy tier: their losses have hand-computed unit tests, their configs
+# and contracts are checked above, and the embedding loss also runs as a job in test_embedding_job.py.
+RUN_AS_JOBS = (pytest.param("attention_relations", marks=pytest.mark.heavy),
+               pytest.param("pooled_embeddings", marks=pytest.mark.heavy), "topk_soft_labels")
 
 
 @pytest.mark.parametrize("example", sorted(EXPECTED))

@@ -323,6 +323,7 @@ def test_trim_model_and_tokenizer_saves_a_loadable_pair(unigram, texts, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_multilingual_e5_small_trimmed_to_the_sib200_languages(tmp_path):
     from storage.datasets import load_split
     from storage.model_sources import resolve_model_source
