@@ -548,11 +548,10 @@ class JobConfig(_Strict):
             "student.trim_vocabulary": self.student.trim_vocabulary,
             "student.workers > 1": self.student.workers > 1,
             "evaluation.ablation": self.evaluation.ablation,
+            "distill.hidden_weight / attention_weight (feature losses of several tasks)": any(
+                section.hidden_weight > 0 or section.attention_weight > 0
+                for section in (self.distill, *(task.distill for task in self.extra_tasks))),
         }
-        for section in (self.distill, *(task.distill for task in self.extra_tasks)):
-            wrong["distill.hidden_weight / attention_weight (feature losses of several tasks)"] = (
-                wrong.get("distill.hidden_weight / attention_weight (feature losses of several tasks)")
-                or section.hidden_weight > 0 or section.attention_weight > 0)
         if any(wrong.values()):
             raise ValueError("extra_tasks trains one student on several tasks; these settings need a single task: "
                              + ", ".join(key for key, bad in wrong.items() if bad))
@@ -985,21 +984,20 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     such as 'intfloat/multilingual-e5-small' are left alone.
     """
 
-    def fix(where: dict[str, Any], section: str, key: str) -> None:
-        value = where.get(section, {}).get(key) if isinstance(where.get(section), dict) else None
-        if isinstance(value, str) and value.startswith(("./", "../")):
-            where[section][key] = str((base / value).resolve())
+    def fix(section: Any, *keys: str) -> None:
+        for key in keys if isinstance(section, dict) else ():
+            value = section.get(key)
+            if isinstance(value, str) and value.startswith(("./", "../")):
+                section[key] = str((base / value).resolve())
 
-    # The job's own sections, and those of its extra teachers and extra tasks.
-    nested = [entry for key in ("extra_teachers", "extra_tasks") for entry in raw.get(key) or []
-              if isinstance(entry, dict)]
-    for where in (raw, *nested):
-        fix(where, "data", "path")
-        fix(where, "teacher", "model")
-        fix(where, "teacher", "tokenizer")
-    fix(raw, "student", "model")
-    for teacher in (entry for entry in raw.get("extra_teachers") or [] if isinstance(entry, dict)):
-        for key in ("model", "tokenizer"):
-            if isinstance(teacher.get(key), str) and teacher[key].startswith(("./", "../")):
-                teacher[key] = str((base / teacher[key]).resolve())
+    def entries(key: str) -> list:
+        return raw.get(key) if isinstance(raw.get(key), list) else []
+
+    # The job's own sections, its extra tasks' (data and teacher) and its extra teachers (a teacher each).
+    for where in (raw, *(entry for entry in entries("extra_tasks") if isinstance(entry, dict))):
+        fix(where.get("data"), "path")
+        fix(where.get("teacher"), "model", "tokenizer")
+    for teacher in entries("extra_teachers"):
+        fix(teacher, "model", "tokenizer")
+    fix(raw.get("student"), "model")
     return raw

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from cluster.config import JobConfig
+from cluster.teachers import reading_main_ids, same_tokenizer
 from storage.job_data import JobSplit, load_job_split
 from student.build import TASKS_FOLDER, label_maps, model_class, task_folder
 from student.contract import ContractError, check_contract, save_teacher_config
@@ -31,13 +32,10 @@ def prepare_task_teachers(config: JobConfig, out_dir: Path, main_teacher_dir: Pa
     for index, section in enumerate(config.extra_tasks):
         seen_as = config.for_task(section.name)
         train = load_job_split(seen_as.data, seen_as.data.train_split)
-        if seen_as.teacher.model == "random" and seen_as.teacher.tokenizer is None:
-            # The student reads every task's token ids: a random task teacher takes the main one's tokenizer.
-            seen_as = seen_as.model_copy(update={
-                "teacher": seen_as.teacher.model_copy(update={"tokenizer": str(main_teacher_dir)}),
-                "training": seen_as.training.model_copy(update={"seed": config.training.seed + index + 1})})
+        # The student reads every task's token ids through one embedding.
+        seen_as = reading_main_ids(seen_as, main_teacher_dir, index + 1)
         teacher_dir = prepare_teacher(seen_as, out_dir / TASKS_FOLDER / section.name, train)
-        if AutoTokenizer.from_pretrained(teacher_dir).get_vocab() != main_vocab:
+        if not same_tokenizer(teacher_dir, main_vocab):
             raise ContractError(
                 f"extra_tasks[{index}].teacher ({section.name}) has another tokenizer than the main teacher: the "
                 "student reads every task's token ids through one embedding, so every task's teacher needs the main "

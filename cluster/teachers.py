@@ -19,6 +19,20 @@ from student.build import check_classifier_labels
 from student.contract import ContractError
 
 
+def reading_main_ids(seen_as: JobConfig, main_teacher_dir: Path, seed_offset: int) -> JobConfig:
+    """A job as one more teacher sees it, adjusted so that teacher reads the main teacher's token ids:
+    a random-weight teacher without a tokenizer of its own takes the main one's (and its own seed)."""
+    if seen_as.teacher.model != "random" or seen_as.teacher.tokenizer is not None:
+        return seen_as
+    return seen_as.model_copy(update={
+        "teacher": seen_as.teacher.model_copy(update={"tokenizer": str(main_teacher_dir)}),
+        "training": seen_as.training.model_copy(update={"seed": seen_as.training.seed + seed_offset})})
+
+
+def same_tokenizer(teacher_dir: Path, main_vocab: dict[str, int]) -> bool:
+    return AutoTokenizer.from_pretrained(teacher_dir).get_vocab() == main_vocab
+
+
 def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
     """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
     is fine-tuned (when asked) on those languages only: a specialist."""
@@ -33,11 +47,7 @@ def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[
             train_for = dataclasses.replace(train, dataset=train.dataset.filter(lambda row: row["language"] in wanted))
         else:
             train_for = train
-        if extra.model == "random" and extra.tokenizer is None:
-            # Every teacher reads the same token ids: a random extra teacher takes the main one's tokenizer.
-            seen_as = seen_as.model_copy(update={
-                "teacher": seen_as.teacher.model_copy(update={"tokenizer": str(dirs["teacher"])}),
-                "training": seen_as.training.model_copy(update={"seed": config.training.seed + index + 1})})
+        seen_as = reading_main_ids(seen_as, dirs["teacher"], index + 1)
         dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for)
     return dirs
 
@@ -54,7 +64,7 @@ def check_teachers(config: JobConfig, teacher_dirs: dict[str, Path], train: JobS
         other = AutoConfig.from_pretrained(teacher_dirs[extra.name])
         labels = [main.id2label[i] for i in range(main.num_labels)]
         check_classifier_labels(other, labels, f"{where}.model")
-        if AutoTokenizer.from_pretrained(teacher_dirs[extra.name]).get_vocab() != main_vocab:
+        if not same_tokenizer(teacher_dirs[extra.name], main_vocab):
             raise ContractError(
                 f"{where}.tokenizer differs from the main teacher's: every teacher reads the same token ids of a "
                 "batch, so all teachers need one tokenizer (teacher.tokenizer / extra_teachers[].tokenizer)")

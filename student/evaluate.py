@@ -155,14 +155,14 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     results, costs = {}, {}
     for name, model_dir in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        pad_id = pad_token_id(tokenizer)
-        rows = tokenize_split(split.dataset, tokenizer, config.data.max_length)
         model = model_class(config.task).from_pretrained(model_dir)
-        if config.task == "seq2seq":  # translations generated and scored with BLEU and chrF
+        if config.task == "seq2seq":  # translations generated from the texts and scored with BLEU and chrF
             results[name], costs_of = translation_quality(config, model, tokenizer, split, model_dir)
             if name in ("teacher", "student") and config.evaluation.latency:
                 costs[name] = costs_of
             continue
+        pad_id = pad_token_id(tokenizer)
+        rows = tokenize_split(split.dataset, tokenizer, config.data.max_length)
         if config.task == "sentence-embedding":
             results[name] = retrieval_quality(model, rows, pad_id)
         elif config.task == "causal-lm":  # the teacher comes first; the others are scored against it too

@@ -844,9 +844,11 @@ class StudentTrainer:
         """The hard labels of this batch, with pseudo-labels where configured, and their per-language counts."""
         work, threshold = knowledge.work, self.config.distill.pseudo_label_threshold
         labels = student_labels(work, self.config)
+        if threshold is None:
+            return labels, {}
         soft = (ensemble_soft_labels(knowledge, teacher_weights(self.config), 1.0) if knowledge.ensemble
                 else knowledge.soft)
-        if threshold is None or soft is None:
+        if soft is None:
             return labels, {}
         withheld = work.labels if self.config.data.withhold_labels else None
         return pseudo_label(work, soft, threshold, labels, withheld)
