@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.config import JobConfig
-from storage import wire
-from storage.keys import CACHE_WRITER_GROUP, JobKeys
-from storage.knowledge_cache import CacheKey, CacheWriter
-from storage.streams import GroupMissing, JobStreams, connect_job
+from polydistill.cluster.config import JobConfig
+from polydistill.storage import wire
+from polydistill.storage.keys import CACHE_WRITER_GROUP, JobKeys
+from polydistill.storage.knowledge_cache import CacheKey, CacheWriter
+from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
 
 log = logging.getLogger(__name__)
 

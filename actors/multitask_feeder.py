@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 
-from actors.feeder import FeedPlan, Feeder
-from cluster.config import JobConfig
-from storage import wire
-from storage.keys import JobKeys
-from storage.streams import JobStreams, connect_job
+from polydistill.actors.feeder import FeedPlan, Feeder
+from polydistill.cluster.config import JobConfig
+from polydistill.storage import wire
+from polydistill.storage.keys import JobKeys
+from polydistill.storage.streams import JobStreams, connect_job
 
 
 def interleave_tasks(batches: dict[str, int], weights: dict[str, float]) -> list[tuple[str, int]]:

@@ -31,10 +31,10 @@ import ray
 import redis
 from ray.util import metrics as ray_metrics
 
-from actors.shells import TeacherActor
-from cluster.autoscaling import PoolDecision, PoolMetrics, PoolState, decide
-from cluster.config import JobConfig, TeacherStage
-from storage.keys import (
+from polydistill.actors.shells import TeacherActor
+from polydistill.cluster.autoscaling import PoolDecision, PoolMetrics, PoolState, decide
+from polydistill.cluster.config import JobConfig, TeacherStage
+from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,
     CONTROL_STOP,
     METRIC_POOL_REASON,
@@ -48,7 +48,7 @@ from storage.keys import (
     replica_stop_field,
     teacher_metric_field,
 )
-from storage.streams import JobStreams, connect_job
+from polydistill.storage.streams import JobStreams, connect_job
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ class TeacherPoolActor:
 
     def __init__(self, config: JobConfig, model_dir: str, redis_url: str,
                  rate_window_s: float = DEFAULT_RATE_WINDOW_S, stage: TeacherStage | None = None):
-        from cluster.quiet import quiet_libraries
+        from polydistill.cluster.quiet import quiet_libraries
 
         quiet_libraries()
         stage = stage if stage is not None else config.teacher_stage()

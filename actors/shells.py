@@ -13,9 +13,9 @@ import time
 import ray
 from ray.util import metrics
 
-from cluster.config import JobConfig
-from cluster.quiet import quiet_libraries
-from storage.keys import (
+from polydistill.cluster.config import JobConfig
+from polydistill.cluster.quiet import quiet_libraries
+from polydistill.storage.keys import (
     CONTROL_FEED_GENERATION,
     CONTROL_STOP,
     TEACHER_STARTED,
@@ -23,7 +23,7 @@ from storage.keys import (
     replica_stop_field,
     teacher_metric_field,
 )
-from storage.streams import connect_job
+from polydistill.storage.streams import connect_job
 
 
 class StopFlag:
@@ -79,8 +79,8 @@ class FeederActor:
     def __init__(self, config: JobConfig, tokenizer_dir: str | dict[str, str], redis_url: str):
         """``tokenizer_dir``: the teacher's folder, or in a multi-task job every task's teacher folder by task."""
         quiet_libraries()
-        from actors.feeder import Feeder
-        from actors.multitask_feeder import MultiTaskFeeder
+        from polydistill.actors.feeder import Feeder
+        from polydistill.actors.multitask_feeder import MultiTaskFeeder
 
         self.feeder = (MultiTaskFeeder(config, tokenizer_dir, redis_url) if isinstance(tokenizer_dir, dict)
                        else Feeder(config, tokenizer_dir, redis_url))
@@ -127,7 +127,7 @@ class FeederActor:
 class CacheWriterActor:
     def __init__(self, config: JobConfig, root: str, key, expected_samples: int, redis_url: str):
         quiet_libraries()
-        from actors.cache_writer import CacheFiller
+        from polydistill.actors.cache_writer import CacheFiller
 
         self.filler = CacheFiller(config, root, key, expected_samples, redis_url)
         self.stop = StopFlag(redis_url, config)
@@ -140,7 +140,7 @@ class CacheWriterActor:
 class TeacherActor:
     def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str, stage=None):
         quiet_libraries()
-        from actors.teacher import TeacherReplica
+        from polydistill.actors.teacher import TeacherReplica
 
         self.replica = TeacherReplica(replica_id, config, model_dir, redis_url, stage)
         # Leaves on the job's stop flag or on its own (the pool scaling down), after the current batch.
@@ -189,8 +189,8 @@ class StudentActor:
                  student_dir: str, name: str = "student", checkpoint_dir: str | None = None,
                  rank: int = 0, rendezvous: str | None = None):
         quiet_libraries()
-        from student.data_parallel import free_rendezvous
-        from student.trainer import StudentTrainer
+        from polydistill.student.data_parallel import free_rendezvous
+        from polydistill.student.trainer import StudentTrainer
 
         # A data-parallel student: rank 0 (the actor the driver knows) starts the other workers as
         # actors it owns, so that they share its fate (student/data_parallel.py).

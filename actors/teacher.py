@@ -19,17 +19,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from cluster.config import JobConfig, TeacherStage
-from storage import wire
-from storage.chunking import knowledge_messages
-from storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
-from storage.delivery import split_over_delivered
-from storage.streams import GroupMissing, JobStreams, connect_job
-from student.build import model_class
-from student.contract import KnowledgeRequest, teacher_contract
-from student.precision import use_bf16
-from student.seq2seq import generated_targets, reference_targets
-from student.losses import mean_pool
+from polydistill.cluster.config import JobConfig, TeacherStage
+from polydistill.storage import wire
+from polydistill.storage.chunking import knowledge_messages
+from polydistill.storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
+from polydistill.storage.delivery import split_over_delivered
+from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
+from polydistill.student.build import model_class
+from polydistill.student.contract import KnowledgeRequest, teacher_contract
+from polydistill.student.precision import use_bf16
+from polydistill.student.seq2seq import generated_targets, reference_targets
+from polydistill.student.losses import mean_pool
 
 log = logging.getLogger(__name__)
 

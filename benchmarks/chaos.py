@@ -276,7 +276,7 @@ class ChaosMonkey(threading.Thread):
 
 # -- the run ------------------------------------------------------------------------------------
 def job_config(args: argparse.Namespace, redis_url: str, work_dir: Path):
-    from cluster.config import load_config
+    from polydistill.cluster.config import load_config
 
     overrides = [
         f"transport.redis_url={redis_url}",
@@ -299,11 +299,11 @@ def job_config(args: argparse.Namespace, redis_url: str, work_dir: Path):
 def run(args: argparse.Namespace) -> dict:
     import ray
 
-    from cluster.driver import run_job
-    from storage.job_data import load_job_split
-    from storage.keys import CONTROL_STOP, JobKeys
-    from storage.redis_server import PrivateRedisServer
-    from storage.streams import connect
+    from polydistill.cluster.driver import run_job
+    from polydistill.storage.job_data import load_job_split
+    from polydistill.storage.keys import CONTROL_STOP, JobKeys
+    from polydistill.storage.redis_server import PrivateRedisServer
+    from polydistill.storage.streams import connect
 
     work_dir = Path(args.work_dir).resolve()
     shutil.rmtree(work_dir, ignore_errors=True)

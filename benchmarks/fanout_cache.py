@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import JobConfig, load_config
-from cluster.driver import run_job
+from polydistill.cluster.config import JobConfig, load_config
+from polydistill.cluster.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"

@@ -32,9 +32,9 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.teacher import compute_knowledge  # noqa: E402
-from storage import wire  # noqa: E402
-from student.contract import KnowledgeRequest  # noqa: E402
+from polydistill.actors.teacher import compute_knowledge  # noqa: E402
+from polydistill.storage import wire  # noqa: E402
+from polydistill.student.contract import KnowledgeRequest  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, SXM parts.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}

@@ -27,17 +27,17 @@ from typing import Any
 
 import ray
 
-from actors.feeder import Feeder
-from actors.pool import TeacherPoolActor
-from actors.shells import FeederActor
-from actors.teacher import TeacherReplica
+from polydistill.actors.feeder import Feeder
+from polydistill.actors.pool import TeacherPoolActor
+from polydistill.actors.shells import FeederActor
+from polydistill.actors.teacher import TeacherReplica
 from benchmarks.summary import Mark, Window, epoch_windows, median, ratio, setup_name, spread, summarize_setups
-from cluster import driver
-from cluster.config import JobConfig, load_config
-from storage import wire
-from storage.job_data import load_job_split
-from storage.keys import CONTROL_STOP
-from student.trainer import StudentTrainer
+from polydistill.cluster import driver
+from polydistill.cluster.config import JobConfig, load_config
+from polydistill.storage import wire
+from polydistill.storage.job_data import load_job_split
+from polydistill.storage.keys import CONTROL_STOP
+from polydistill.student.trainer import StudentTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"

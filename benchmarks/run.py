@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    from cluster.quiet import quiet_libraries
+    from polydistill.cluster.quiet import quiet_libraries
 
     quiet_libraries()
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks import fanout_cache, pace, transport, wire_size
-    from storage.redis_server import PrivateRedisServer
+    from polydistill.storage.redis_server import PrivateRedisServer
 
     machine = machine_info()
     started = time.perf_counter()

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from benchmarks.summary import gbps, median, ratio
-from storage import wire
-from storage.keys import JobKeys
-from storage.streams import JobStreams, connect
+from polydistill.storage import wire
+from polydistill.storage.keys import JobKeys
+from polydistill.storage.streams import JobStreams, connect
 
 SIZES = {"10KB": 10_000, "100KB": 100_000, "1MB": 1_000_000, "4MB": 4_000_000}
 TOP_K = 32

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.summary import median, ratio
-from storage import wire
+from polydistill.storage import wire
 
 VOCAB = 250_002  # XLM-R / multilingual-e5 vocabulary, the "250k vocabulary" of the issue
 TOKENS = 16

@@ -5,6 +5,8 @@
     polydistill finetune CONFIG [--set ...]       fine-tune the teacher only (cached by recipe)
     polydistill resume OUTPUT_DIR [--set ...]     continue a stopped or crashed run from its checkpoint
     polydistill tune CONFIG --space SPACE.yaml [--output DIR]   hyper-parameter search (Ray Tune)
+    polydistill examples DIR                       write the bundled examples and Grafana dashboard
+    polydistill --version
 
 On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:8265):
     polydistill submit CONFIG [--set ...] [--output DIR] [--redis-url URL]   prints the job id
@@ -20,8 +22,8 @@ import argparse
 import logging
 import sys
 
-from cluster.config import ConfigError, load_config
-from cluster.quiet import quiet_libraries
+from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.quiet import quiet_libraries
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -29,7 +31,12 @@ EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polydistill", description="Distil multilingual teachers into small students.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"polydistill {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    examples = commands.add_parser("examples", help="write the bundled example configs, their data and the "
+                                   "Grafana dashboard into a folder")
+    examples.add_argument("folder", help="where to write them (created; existing files are kept)")
 
     run = commands.add_parser("run", help="run a distillation job on the local machine or the Ray cluster")
     _add_config_arguments(run)
@@ -69,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     size = scale.add_mutually_exclusive_group(required=True)
     size.add_argument("--teachers", type=int, help="run this many teacher replicas until told otherwise")
     size.add_argument("--auto", action="store_true", help="hand the pool back to its policy")
-    from cluster.tune import add_tune_command  # `polydistill tune JOB --space SPACE`: cluster/tune.py
+    from polydistill.cluster.tune import add_tune_command  # `polydistill tune JOB --space SPACE`: cluster/tune.py
 
     add_tune_command(commands)
     return parser
@@ -96,15 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "examples":
+        return _write_examples(args.folder)
     if args.command == "tune":
-        from cluster.tune import run_tune_command
+        from polydistill.cluster.tune import run_tune_command
 
         return run_tune_command(args)
     if args.command in _JOB_COMMANDS:
         return _job_command(args)
     try:
         if args.command == "resume":
-            from cluster.resume import load_job_config
+            from polydistill.cluster.resume import load_job_config
 
             config = load_job_config(args.output, args.overrides)
         else:
@@ -125,12 +134,40 @@ def main(argv: list[str] | None = None) -> int:
 _JOB_COMMANDS = ("submit", "status", "logs", "stop", "scale")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("polydistill")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _write_examples(folder: str) -> int:
+    """Copies the examples installed with the package; they run from there as from the repository."""
+    import shutil
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec("polydistill.examples")
+    if spec is None or not spec.submodule_search_locations:
+        print("error: this installation carries no examples; reinstall polydistill from its wheel", file=sys.stderr)
+        return EXIT_FAILED
+    target = Path(folder)
+    shutil.copytree(Path(list(spec.submodule_search_locations)[0]), target, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
+    grafana = Path(__file__).resolve().parent / "grafana"
+    shutil.copytree(grafana, target / "grafana", dirs_exist_ok=True)
+    print(f"examples written to {target}: try `polydistill run {target / 'tiny.yaml'} --output out`")
+    return 0
+
+
 def _job_command(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from cluster import jobs
-    from cluster.services import REDIS_URL_ENV
+    from polydistill.cluster import jobs
+    from polydistill.cluster.services import REDIS_URL_ENV
 
     redis_url = getattr(args, "redis_url", None) or os.environ.get(REDIS_URL_ENV) or None
     try:
@@ -159,10 +196,10 @@ def _job_command(args: argparse.Namespace) -> int:
 def _finetune(config) -> int:
     from pathlib import Path
 
-    from cluster.driver import prepare_teacher
-    from storage.datasets import DataSourceError
-    from storage.job_data import load_job_split
-    from student.build import ModelSetupError
+    from polydistill.cluster.driver import prepare_teacher
+    from polydistill.storage.datasets import DataSourceError
+    from polydistill.storage.job_data import load_job_split
+    from polydistill.student.build import ModelSetupError
 
     try:
         train = load_job_split(config.data, config.data.train_split)
@@ -189,12 +226,12 @@ def _summary_line(report: dict) -> str | None:
 
 
 def _run(config, show_progress: bool, resume: bool = False) -> int:
-    from cluster.driver import JobFailed, run_job
-    from cluster.recovery import RecoveryFailed
-    from storage.streams import RedisUnavailable
-    from student.checkpoint import CheckpointError
-    from student.build import ModelSetupError
-    from storage.datasets import DataSourceError
+    from polydistill.cluster.driver import JobFailed, run_job
+    from polydistill.cluster.recovery import RecoveryFailed
+    from polydistill.storage.streams import RedisUnavailable
+    from polydistill.student.checkpoint import CheckpointError
+    from polydistill.student.build import ModelSetupError
+    from polydistill.storage.datasets import DataSourceError
 
     try:
         report = run_job(config, show_progress=show_progress, resume=resume)
@@ -204,7 +241,7 @@ def _run(config, show_progress: bool, resume: bool = False) -> int:
     except (JobFailed, RecoveryFailed, RedisUnavailable, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from student.report import format_language_table
+    from polydistill.student.report import format_language_table
 
     print(format_language_table(report))
     summary = _summary_line(report)

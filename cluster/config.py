@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.autoscaling import PoolScalingConfig
+from polydistill.cluster.autoscaling import PoolScalingConfig
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -445,7 +445,7 @@ class CompressConfig(_Strict):
     @field_validator("stages")
     @classmethod
     def _valid_chain(cls, stages: list[CompressStageConfig]) -> list[CompressStageConfig]:
-        from student.compress import StageSpec, check_stages  # torch: only when a compress section is given
+        from polydistill.student.compress import StageSpec, check_stages  # torch: only when a compress section is given
 
         names = [stage.name for stage in stages]
         try:

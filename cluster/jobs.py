@@ -5,9 +5,11 @@
     polydistill scale JOB --teachers N | --auto      polydistill stop JOB
 
 **What runs.** ``submit`` validates the config here first (a typo fails before anything is
-uploaded), then uploads the project directory as the job's ``working_dir`` and runs
-``python -m cluster.cli run CONFIG`` on the cluster, where the driver joins the cluster and starts
-the feeder, the teacher pool and the student as Ray actors.
+uploaded), then uploads the config's folder (with the data it names by relative path) as the
+job's ``working_dir`` and the installed ``polydistill`` package as a ``py_modules`` entry, and runs
+``python -m polydistill run CONFIG`` on the cluster, where the driver joins the cluster and starts
+the feeder, the teacher pool and the student as Ray actors. Nothing of a source checkout is
+needed: the package shipped is the one this command was imported from.
 
 **Where the Redis is.** Status, scale and a graceful stop talk to the job's Redis, so a submitted
 job should name one that this machine and every node can reach: ``--redis-url`` (or
@@ -51,9 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from cluster.config import ConfigError, load_config
-from cluster.services import REDIS_URL_ENV
-from storage.keys import (
+from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.services import REDIS_URL_ENV
+from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,
     CONTROL_STOP,
     METRIC_POOL_REASON,
@@ -64,9 +66,8 @@ from storage.keys import (
     JobKeys,
     parse_teacher_metric_field,
 )
-from storage.streams import connect, redact_url
+from polydistill.storage.streams import connect, redact_url
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Not uploaded: environments, VCS data, outputs, caches.
 WORKING_DIR_EXCLUDES = [
     ".venv", "venv", ".git", ".ci", "runs", "out", "__pycache__", "*.pyc", ".pytest_cache",
@@ -121,19 +122,23 @@ def submit(
     redis_url: str | None = None,
     *,
     submission_id: str | None = None,
-    project_root: Path = PROJECT_ROOT,
+    working_dir: Path | None = None,
     python: str = "python",
     stop_wait_s: int = DEFAULT_STOP_WAIT_S,
     headers: dict[str, str] | None = None,
 ) -> str:
-    """Submits a job and returns its id at once (the job runs on the cluster)."""
+    """Submits a job and returns its id at once (the job runs on the cluster).
+
+    ``working_dir``: the folder uploaded beside the package, holding the config and whatever it
+    names by relative path (default: the config's own folder)."""
     config = load_config(config_path, overrides, output_dir)  # fail here, not on the cluster
+    working_dir = Path(working_dir or Path(config_path).resolve().parent)
     try:
-        relative_config = Path(config_path).resolve().relative_to(project_root.resolve())
+        relative_config = Path(config_path).resolve().relative_to(working_dir.resolve())
     except ValueError:
         raise ConfigError(
-            f"{config_path}: the config must lie inside the project directory {project_root}, which is "
-            "uploaded as the job's working_dir; copy it there (e.g. into examples/)"
+            f"{config_path}: the config must lie inside the working directory {working_dir}, which is "
+            "uploaded as the job's working_dir; pass a folder that holds it"
         ) from None
     if redis_url and config.transport.redis_url and redis_url != config.transport.redis_url:
         raise ConfigError("--redis-url differs from transport.redis_url in the config: give the Redis in one place")
@@ -150,7 +155,7 @@ def submit(
         args += ["--set", item]
     if output_dir is not None:
         args += ["--output", output_dir]
-    entrypoint = " ".join([python, "-m", "cluster.cli", *map(shlex.quote, args)])
+    entrypoint = " ".join([python, "-m", "polydistill", *map(shlex.quote, args)])
 
     env_vars = {
         "RAY_ADDRESS": "auto",  # the driver joins this cluster instead of starting a local Ray
@@ -168,9 +173,11 @@ def submit(
         # Upload a copy: Ray hashes the directory to name the package and hashes it again to upload
         # it, so a file saved in between (an editor, a running test) would leave the job pointing at
         # a package that was never uploaded.
-        snapshot = Path(staging) / project_root.name
-        shutil.copytree(project_root, snapshot, symlinks=True, ignore=_excluded)
-        runtime_env = {"working_dir": str(snapshot), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}
+        snapshot = Path(staging) / "working_dir"
+        shutil.copytree(working_dir, snapshot, symlinks=True, ignore=_excluded)
+        package = stage_package(Path(staging) / "modules")
+        runtime_env = {"working_dir": str(snapshot), "py_modules": [str(package)],
+                       "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}
         # Right after a head starts, its dashboard answers before the agent that launches jobs has
         # registered; Ray then refuses the job ("No available agent") without creating it, so retrying
         # with the same submission id is safe.
@@ -184,6 +191,24 @@ def submit(
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
+
+
+def stage_package(into: Path) -> Path:
+    """A copy of the installed ``polydistill`` package, as one folder Ray can ship as a module.
+
+    The subpackages may lie apart on this machine (an editable install maps the repository's
+    top-level folders into the package); on the cluster they must sit inside one ``polydistill``
+    folder. The bundled examples are data the job does not import, so they stay behind."""
+    from importlib.util import find_spec
+
+    target = into / "polydistill"
+    top = Path(find_spec("polydistill").origin).parent
+    shutil.copytree(top, target, ignore=lambda folder, names: _excluded(folder, names)
+                    | ({"examples"} if Path(folder) == top else set()))
+    for name in ("storage", "student", "actors", "cluster"):
+        folder = Path(find_spec(f"polydistill.{name}").origin).parent
+        shutil.copytree(folder, target / name, ignore=_excluded, dirs_exist_ok=True)
+    return target
 
 
 def _excluded(directory: str, names: list[str]) -> set[str]:

@@ -48,9 +48,9 @@ from typing import Any, Literal
 
 import ray
 
-from cluster.config import JobConfig
-from storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
-from storage.streams import JobStreams
+from polydistill.cluster.config import JobConfig
+from polydistill.storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
+from polydistill.storage.streams import JobStreams
 
 log = logging.getLogger(__name__)
 

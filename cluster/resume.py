@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
-from cluster.config import ConfigError, JobConfig, load_config
+from polydistill.cluster.config import ConfigError, JobConfig, load_config
 
 JOB_FILE = "job.yaml"
 

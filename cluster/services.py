@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import ray
 
-from cluster.config import JobConfig
-from storage.redis_server import PrivateRedisServer
+from polydistill.cluster.config import JobConfig
+from polydistill.storage.redis_server import PrivateRedisServer
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ def stop_job_on_sigterm(config: JobConfig) -> None:
     url = configured_redis_url(config)
     if not url or threading.current_thread() is not threading.main_thread():
         return
-    from cluster.config import with_redis_password
-    from storage.keys import CONTROL_STOP, JobKeys
-    from storage.streams import connect
+    from polydistill.cluster.config import with_redis_password
+    from polydistill.storage.keys import CONTROL_STOP, JobKeys
+    from polydistill.storage.streams import connect
 
     def request_stop(signum, frame) -> None:
         resolved = with_redis_password(config)

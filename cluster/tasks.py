@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from cluster.config import JobConfig
-from cluster.teachers import reading_main_ids, same_tokenizer
-from storage.job_data import JobSplit, load_job_split
-from student.build import TASKS_FOLDER, label_maps, model_class, task_folder
-from student.contract import ContractError, check_contract, save_teacher_config
+from polydistill.cluster.config import JobConfig
+from polydistill.cluster.teachers import reading_main_ids, same_tokenizer
+from polydistill.storage.job_data import JobSplit, load_job_split
+from polydistill.student.build import TASKS_FOLDER, label_maps, model_class, task_folder
+from polydistill.student.contract import ContractError, check_contract, save_teacher_config
 
 def prepare_task_teachers(config: JobConfig, out_dir: Path, main_teacher_dir: Path) -> dict[str, tuple[Path, JobSplit]]:
     """Each extra task's teacher folder and training split."""
-    from cluster.driver import prepare_teacher  # the driver imports this module
+    from polydistill.cluster.driver import prepare_teacher  # the driver imports this module
 
     main_vocab = AutoTokenizer.from_pretrained(main_teacher_dir).get_vocab()
     prepared: dict[str, tuple[Path, JobSplit]] = {}
@@ -72,7 +72,7 @@ def prepare_task_heads(config: JobConfig, student_init_dir: Path, task_teachers:
 
 def evaluate_tasks(config: JobConfig, task_teachers: dict[str, tuple[Path, JobSplit]], student_dir: Path) -> dict:
     """Every extra task's student head and teacher side by side on that task's held-out data."""
-    from student.evaluate import evaluate_job
+    from polydistill.student.evaluate import evaluate_job
 
     results = {}
     for section in config.extra_tasks:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from cluster.config import JobConfig
-from storage.job_data import JobSplit
-from student.build import check_classifier_labels
-from student.contract import ContractError
+from polydistill.cluster.config import JobConfig
+from polydistill.storage.job_data import JobSplit
+from polydistill.student.build import check_classifier_labels
+from polydistill.student.contract import ContractError
 
 
 def reading_main_ids(seen_as: JobConfig, main_teacher_dir: Path, seed_offset: int) -> JobConfig:
@@ -36,7 +36,7 @@ def same_tokenizer(teacher_dir: Path, main_vocab: dict[str, int]) -> bool:
 def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
     """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
     is fine-tuned (when asked) on those languages only: a specialist."""
-    from cluster.driver import prepare_teacher  # the driver imports this module
+    from polydistill.cluster.driver import prepare_teacher  # the driver imports this module
 
     dirs = {"teacher": prepare_teacher(config, out_dir, train)}
     for index, extra in enumerate(config.extra_teachers):

@@ -55,7 +55,7 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
+from polydistill.cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
 
 log = logging.getLogger(__name__)
 
@@ -571,8 +571,8 @@ def shared_teacher(config: JobConfig, folder: Path) -> list[str]:
     search reads the first one's cache."""
     if config.teacher.model != "random":
         return []
-    from cluster.driver import prepare_teacher
-    from storage.job_data import load_job_split
+    from polydistill.cluster.driver import prepare_teacher
+    from polydistill.storage.job_data import load_job_split
 
     recipe = json.dumps({"teacher": config.teacher.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
                          "seed": config.training.seed}, sort_keys=True)
@@ -630,8 +630,8 @@ def _tune_trial(sample: dict, *, job_path: str, base: list[str], secret: list[st
     """One trial: the job with the sampled overrides, run to its report; reports the metrics."""
     from ray import tune
 
-    from cluster.driver import run_job
-    from cluster.quiet import quiet_libraries
+    from polydistill.cluster.driver import run_job
+    from polydistill.cluster.quiet import quiet_libraries
 
     quiet_libraries()
     os.chdir(cwd)  # relative paths in the job file mean what they mean where `polydistill tune` ran
@@ -653,7 +653,7 @@ def _tune_trial(sample: dict, *, job_path: str, base: list[str], secret: list[st
 def _student_size(student_path: str) -> dict[str, int]:
     from transformers import AutoModelForSequenceClassification
 
-    from student.efficiency import count_parameters, disk_bytes
+    from polydistill.student.efficiency import count_parameters, disk_bytes
 
     model = AutoModelForSequenceClassification.from_pretrained(student_path)
     return {**count_parameters(model), "disk_bytes": disk_bytes(student_path)}
@@ -726,8 +726,8 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
     tag = f"tune-{secrets.token_hex(3)}"
     started = time.perf_counter()
 
-    from cluster.services import configured_redis_url
-    from storage.redis_server import PrivateRedisServer
+    from polydistill.cluster.services import configured_redis_url
+    from polydistill.storage.redis_server import PrivateRedisServer
 
     bundles = trial_bundles(config)
     started_ray = _ensure_ray(bundles, tune_config.max_concurrent_trials)
@@ -795,7 +795,7 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
 
 def _warmup(job_path: Path, base: list[str], secret: list[str], out_dir: Path, job_id: str) -> dict[str, Any]:
     """The base job, alone, before the search: computes the teacher's knowledge into the cache."""
-    from cluster.driver import run_job
+    from polydistill.cluster.driver import run_job
 
     config = load_config(job_path, [*base, *secret, f"job_id={job_id}"], output_dir=str(out_dir))
     log.info("warm-up job %s fills the knowledge cache", job_id)
@@ -864,7 +864,7 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
 
 def run_tune_command(args: argparse.Namespace) -> int:
     """``polydistill tune``: 0 when at least one trial finished, 2 for bad input, 1 otherwise."""
-    from cluster.cli import EXIT_BAD_INPUT, EXIT_FAILED
+    from polydistill.cluster.cli import EXIT_BAD_INPUT, EXIT_FAILED
 
     updates = {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials,
                "seed": args.seed}
@@ -876,12 +876,12 @@ def run_tune_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:
         # Imported here so that a bad space or job file is reported without loading torch and Ray.
-        from cluster.driver import JobFailed
-        from cluster.recovery import RecoveryFailed
-        from storage.datasets import DataSourceError
-        from storage.streams import RedisUnavailable
-        from student.build import ModelSetupError
-        from student.checkpoint import CheckpointError
+        from polydistill.cluster.driver import JobFailed
+        from polydistill.cluster.recovery import RecoveryFailed
+        from polydistill.storage.datasets import DataSourceError
+        from polydistill.storage.streams import RedisUnavailable
+        from polydistill.student.build import ModelSetupError
+        from polydistill.student.checkpoint import CheckpointError
 
         if isinstance(exc, (ModelSetupError, DataSourceError)):  # the teacher or the data: nothing searched
             print(f"error: {exc}", file=sys.stderr)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from storage import wire
+from polydistill.storage import wire
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset
 
-from cluster.config import DataConfig
-from storage.cleaning import clean_dataset, clean_text
-from storage.datasets import DataSourceError, load_parallel, load_split, parallel_languages
-from storage.token_tags import IGNORE_INDEX, word_tags_to_token_labels
+from polydistill.cluster.config import DataConfig
+from polydistill.storage.cleaning import clean_dataset, clean_text
+from polydistill.storage.datasets import DataSourceError, load_parallel, load_split, parallel_languages
+from polydistill.storage.token_tags import IGNORE_INDEX, word_tags_to_token_labels
 
 
 @dataclass(frozen=True)

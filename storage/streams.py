@@ -33,7 +33,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 
-from storage.keys import JobKeys
+from polydistill.storage.keys import JobKeys
 
 PAYLOAD_FIELD = b"m"
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000

@@ -25,9 +25,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from cluster.config import StudentConfig, TeacherConfig
-from storage.model_sources import resolve_model_source
-from storage.vocab import train_wordpiece_tokenizer
+from polydistill.cluster.config import StudentConfig, TeacherConfig
+from polydistill.storage.model_sources import resolve_model_source
+from polydistill.storage.vocab import train_wordpiece_tokenizer
 
 
 class ModelSetupError(ValueError):

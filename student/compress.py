@@ -33,12 +33,12 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from storage.job_data import TokenizedSplit
-from student.efficiency import count_parameters, disk_bytes
-from student.evaluate import efficiency, quality
-from student.losses import soft_label_kl
-from student.metrics import retention
-from student.prune import (
+from polydistill.storage.job_data import TokenizedSplit
+from polydistill.student.efficiency import count_parameters, disk_bytes
+from polydistill.student.evaluate import efficiency, quality
+from polydistill.student.losses import soft_label_kl
+from polydistill.student.metrics import retention
+from polydistill.student.prune import (
     LossFn,
     apply_masks,
     apply_plan,
@@ -50,7 +50,7 @@ from student.prune import (
     make_batch,
     plan_structured_pruning,
 )
-from student.quantize import load_quantized, read_marker, save_quantized, serialized_size_bytes
+from polydistill.student.quantize import load_quantized, read_marker, save_quantized, serialized_size_bytes
 
 StageKind = Literal["measure", "prune", "magnitude", "recover", "quantize"]
 KINDS = ("measure", "prune", "magnitude", "recover", "quantize")

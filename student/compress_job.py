@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from cluster.config import JobConfig
-from storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
-from student.compress import StageSpec, distillation_loss, finetune_with_loss, run_stages
-from student.evaluate import EVAL_BATCH, quality
-from student.prune import cross_entropy_loss
-from student.supervised import train_supervised
+from polydistill.cluster.config import JobConfig
+from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
+from polydistill.student.compress import StageSpec, distillation_loss, finetune_with_loss, run_stages
+from polydistill.student.evaluate import EVAL_BATCH, quality
+from polydistill.student.prune import cross_entropy_loss
+from polydistill.student.supervised import train_supervised
 
 
 @torch.inference_mode()

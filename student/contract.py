@@ -24,10 +24,10 @@ from typing import Literal
 
 from transformers import AutoConfig, PretrainedConfig
 
-from cluster.config import DistillConfig, JobConfig
-from storage.model_sources import resolve_model_source
-from student.build import ModelSetupError, student_config
-from student.losses import uniform_layer_map, validate_layer_map
+from polydistill.cluster.config import DistillConfig, JobConfig
+from polydistill.storage.model_sources import resolve_model_source
+from polydistill.student.build import ModelSetupError, student_config
+from polydistill.student.losses import uniform_layer_map, validate_layer_map
 
 # Beside the student's initial weights: the teacher's architecture, which the student needs to size
 # its projections and resolve 'uniform' layer maps (it never sees the teacher's directory).

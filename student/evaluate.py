@@ -14,19 +14,19 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from cluster.config import JobConfig
-from storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
-from storage.masking import mask_tokens
-from storage.token_tags import token_predictions_to_words
-from student.build import model_class
-from student.precision import use_bf16
-from student.efficiency import count_parameters, disk_bytes, measure_latency
-from student.lm_eval import lm_quality
-from student.metrics import classification_metrics, per_language_metrics, retention
-from student.retrieval import retrieval_quality
-from student.token_metrics import tagging_metrics
-from student.translation_eval import translate, translation_scores
-from student.supervised import train_supervised
+from polydistill.cluster.config import JobConfig
+from polydistill.storage.job_data import JobSplit, TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
+from polydistill.storage.masking import mask_tokens
+from polydistill.storage.token_tags import token_predictions_to_words
+from polydistill.student.build import model_class
+from polydistill.student.precision import use_bf16
+from polydistill.student.efficiency import count_parameters, disk_bytes, measure_latency
+from polydistill.student.lm_eval import lm_quality
+from polydistill.student.metrics import classification_metrics, per_language_metrics, retention
+from polydistill.student.retrieval import retrieval_quality
+from polydistill.student.token_metrics import tagging_metrics
+from polydistill.student.translation_eval import translate, translation_scores
+from polydistill.student.supervised import train_supervised
 
 EVAL_BATCH = 64
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from cluster.config import JobConfig
-from storage.job_data import JobSplit, pad_token_id, tokenize_split
-from student.build import label_maps, model_class
-from student.precision import use_bf16
-from student.supervised import train_supervised
+from polydistill.cluster.config import JobConfig
+from polydistill.storage.job_data import JobSplit, pad_token_id, tokenize_split
+from polydistill.student.build import label_maps, model_class
+from polydistill.student.precision import use_bf16
+from polydistill.student.supervised import train_supervised
 
 FINETUNED_MARKER = "polydistill_finetune.json"
 

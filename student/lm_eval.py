@@ -30,8 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from storage.job_data import TokenizedSplit, pad_rows
-from student.lm_losses import next_token_nll
+from polydistill.storage.job_data import TokenizedSplit, pad_rows
+from polydistill.student.lm_losses import next_token_nll
 
 # Rows per forward pass are chosen so that one batch's logits stay near this many floats
 # (a 250k-piece vocabulary makes [rows, L, V] large quickly).

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from student.losses import _log1mexp, _wide_float, masked_mean
+from polydistill.student.losses import _log1mexp, _wide_float, masked_mean
 
 LMLossKind = Literal["forward_kl", "reverse_kl", "gjs"]
 LM_LOSS_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "gjs")

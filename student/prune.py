@@ -39,7 +39,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from storage.job_data import TokenizedSplit, pad_rows
+from polydistill.storage.job_data import TokenizedSplit, pad_rows
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]

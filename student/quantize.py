@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-import student.prune  # noqa: F401  (registers the head-pruned model classes with the Auto classes)
+import polydistill.student.prune  # noqa: F401  (registers the head-pruned model classes with the Auto classes)
 
 QUANTIZATION_FILE = "quantization.json"
 METHOD = "dynamic int8 of nn.Linear"  # Linear only: also what every marker written before embeddings was

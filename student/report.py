@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from student.metrics import retention as retention_ratio
+from polydistill.student.metrics import retention as retention_ratio
 
 MISSING = "—"
 BYTES_PER_MB = 1_000_000

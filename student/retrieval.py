@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from storage.job_data import TokenizedSplit, pad_rows
-from student.losses import mean_pool
+from polydistill.storage.job_data import TokenizedSplit, pad_rows
+from polydistill.student.losses import mean_pool
 
 EMBED_BATCH = 64
 

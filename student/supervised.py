@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from actors.feeder import plan_epoch_batches
-from storage.job_data import TokenizedSplit, pad_labels, pad_rows
+from polydistill.actors.feeder import plan_epoch_batches
+from polydistill.storage.job_data import TokenizedSplit, pad_labels, pad_rows
 
 
 def train_supervised(

@@ -30,13 +30,13 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
-from cluster.config import DistillConfig, JobConfig
-from storage import wire
-from storage.keys import JobKeys
-from storage.ledger import EpochLedger
-from storage.streams import GroupMissing, JobStreams, connect_job
-from storage.chunking import ChunkGather, is_chunk
-from student.checkpoint import (
+from polydistill.cluster.config import DistillConfig, JobConfig
+from polydistill.storage import wire
+from polydistill.storage.keys import JobKeys
+from polydistill.storage.ledger import EpochLedger
+from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
+from polydistill.storage.chunking import ChunkGather, is_chunk
+from polydistill.student.checkpoint import (
     CheckpointError,
     StudentCheckpoint,
     capture_rng,
@@ -44,7 +44,7 @@ from student.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from student.contract import (
+from polydistill.student.contract import (
     EMBEDDING_PROJECTION,
     TEACHER_CONFIG_FILE,
     Contract,
@@ -54,11 +54,11 @@ from student.contract import (
     resolve_contract,
     wants_features,
 )
-from student.build import model_class, task_folder
-from student.precision import use_bf16
-from student.vocab_trim import VOCAB_MAP_FILE, VocabMap
-from student.lm_losses import lm_distillation_loss, masked_lm_ce, masked_lm_distillation_loss, next_token_ce
-from student.losses import (
+from polydistill.student.build import model_class, task_folder
+from polydistill.student.precision import use_bf16
+from polydistill.student.vocab_trim import VOCAB_MAP_FILE, VocabMap
+from polydistill.student.lm_losses import lm_distillation_loss, masked_lm_ce, masked_lm_distillation_loss, next_token_ce
+from polydistill.student.losses import (
     HiddenProjection,
     attention_kl,
     combine_losses,
@@ -430,7 +430,7 @@ class StudentTrainer:
         self.sync = None
         self._own_samples = 0
         if world_size > 1:
-            from student.data_parallel import GradientSync
+            from polydistill.student.data_parallel import GradientSync
 
             self.sync = GradientSync(rank, world_size, rendezvous, self.device)
             self.sync.broadcast_parameters([*self.model.parameters(), *self.projections.parameters()])
@@ -508,7 +508,7 @@ class StudentTrainer:
 
     def train_data_parallel(self, should_stop: Callable[[], bool]) -> dict:
         """The lock-step rounds of ``student/data_parallel.py``: every worker runs this same loop."""
-        from student.data_parallel import RoundRow, decide_round
+        from polydistill.student.data_parallel import RoundRow, decide_round
 
         self.model.train()
         started = time.perf_counter()

@@ -7,8 +7,8 @@ from typing import Iterator
 import pytest
 import redis
 
-from storage.redis_server import PrivateRedisServer
-from storage.streams import connect
+from polydistill.storage.redis_server import PrivateRedisServer
+from polydistill.storage.streams import connect
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import jobs
+from polydistill.cluster import jobs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
@@ -159,7 +159,7 @@ def test_submit_status_scale_logs(ray_head, redis_server, redis_client, tmp_path
     assert job.startswith("out-")  # the job id: the output folder's name (the config's rule) + a random suffix
     # The Redis URL is in the job's environment, not in the entrypoint that `ray job list` shows.
     info = jobs._client(ray_head.address, ray_head.headers).get_job_info(job)
-    assert redis_server.url not in info.entrypoint and info.entrypoint.startswith("python -m cluster.cli run ")
+    assert redis_server.url not in info.entrypoint and info.entrypoint.startswith("python -m polydistill run ")
     assert info.runtime_env["env_vars"]["POLYDISTILL_REDIS_URL"] == redis_server.url
 
     # -- status and scale while it runs ------------------------------------------------------------

@@ -36,20 +36,20 @@ import ray
 # tests/ is on sys.path (pytest puts its conftest's folder there): the helpers of the one-node pool test
 from integration.test_pool import consumers, wait_for
 
-from actors.feeder import Feeder
-from actors.pool import TeacherPool, replica_bundle
-from cluster import jobs
-from cluster.config import load_config
-from cluster.driver import prepare_student, prepare_teacher, run_job
-from storage.job_data import load_job_split
-from storage.keys import (
+from polydistill.actors.feeder import Feeder
+from polydistill.actors.pool import TeacherPool, replica_bundle
+from polydistill.cluster import jobs
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import prepare_student, prepare_teacher, run_job
+from polydistill.storage.job_data import load_job_split
+from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,
     CONTROL_STOP,
     METRIC_TEACHERS_RUNNING,
     TEACHER_GROUP,
     JobKeys,
 )
-from student.trainer import StudentTrainer
+from polydistill.student.trainer import StudentTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 

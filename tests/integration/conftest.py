@@ -38,7 +38,7 @@ def tls_files(tmp_path_factory) -> TlsFiles:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from storage.redis_server import PrivateRedisServer, RedisServerError
+    from polydistill.storage.redis_server import PrivateRedisServer, RedisServerError
 
     folder = tmp_path_factory.mktemp("tls")
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from actors.feeder import Feeder
-from actors.teacher import TeacherReplica
-from cluster.config import load_config
-from cluster.driver import prepare_student, prepare_teacher
-from storage import wire
-from storage.job_data import load_job_split
-from storage.keys import TEACHER_GROUP, JobKeys
-from storage.redis_server import PrivateRedisServer
-from storage.streams import JobStreams, connect
-from student.trainer import StudentTrainer
+from polydistill.actors.feeder import Feeder
+from polydistill.actors.teacher import TeacherReplica
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import prepare_student, prepare_teacher
+from polydistill.storage import wire
+from polydistill.storage.job_data import load_job_split
+from polydistill.storage.keys import TEACHER_GROUP, JobKeys
+from polydistill.storage.redis_server import PrivateRedisServer
+from polydistill.storage.streams import JobStreams, connect
+from polydistill.student.trainer import StudentTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

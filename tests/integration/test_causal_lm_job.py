@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from actors.teacher import TeacherReplica
-from cluster.config import ConfigError, load_config
-from cluster.driver import prepare_student, prepare_teacher, reset_job_streams, run_job
-from storage import wire
-from storage.chunking import chunk_tag
-from storage.job_data import load_job_split, pad_rows, pad_token_id, tokenize_split
-from student.contract import ContractError
-from student.trainer import StudentTrainer
+from polydistill.actors.teacher import TeacherReplica
+from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.driver import prepare_student, prepare_teacher, reset_job_streams, run_job
+from polydistill.storage import wire
+from polydistill.storage.chunking import chunk_tag
+from polydistill.storage.job_data import load_job_split, pad_rows, pad_token_id, tokenize_split
+from polydistill.student.contract import ContractError
+from polydistill.student.trainer import StudentTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

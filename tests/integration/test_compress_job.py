@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from cluster.config import load_config
-from cluster.driver import run_job
-from student.quantize import METHOD_WITH_EMBEDDINGS
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
+from polydistill.student.quantize import METHOD_WITH_EMBEDDINGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from cluster.config import ConfigError, load_config
-from cluster.driver import run_job
+from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.driver import run_job
 from tests.integration.test_pipeline import EXAMPLES, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

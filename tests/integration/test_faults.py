@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.config import load_config
-from cluster.driver import run_job
-from storage.keys import TEACHER_GROUP, JobKeys
-from storage.redis_server import PrivateRedisServer
-from storage.streams import connect
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
+from polydistill.storage.keys import TEACHER_GROUP, JobKeys
+from polydistill.storage.redis_server import PrivateRedisServer
+from polydistill.storage.streams import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -284,8 +284,8 @@ def test_redis_unreachable_for_a_while_and_a_write_lost_with_it_are_ridden_out(t
 
 @pytest.mark.heavy
 def test_resume_continues_a_stopped_job_from_its_checkpoint(tmp_path, redis_server, local_ray):
-    from cluster.cli import main
-    from cluster.driver import JobFailed
+    from polydistill.cluster.cli import main
+    from polydistill.cluster.driver import JobFailed
 
     # Three times the usual epochs, with the stop still placed within the first 50 batches: the
     # student polls the stop flag every 0.5 s, and a short job could finish before it looks.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.driver import run_job
+from polydistill.cluster.driver import run_job
 from tests.integration.test_pipeline import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig
 
-from cluster.config import load_config
-from cluster.driver import run_job
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ RUN_AS_JOBS = (pytest.param("attention_relations", marks=pytest.mark.heavy),
 
 @pytest.mark.parametrize("example", sorted(EXPECTED))
 def test_every_knowledge_example_asks_for_its_knowledge(example, tmp_path):
-    from student.contract import resolve_contract
+    from polydistill.student.contract import resolve_contract
 
     config = load_config(KNOWLEDGE / f"{example}.yaml", output_dir=str(tmp_path))
     teacher = BertConfig(num_hidden_layers=4, hidden_size=128, num_attention_heads=4)

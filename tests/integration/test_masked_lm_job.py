@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForMaskedLM
 
-from cluster.config import ConfigError, load_config
-from cluster.driver import run_job
+from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.driver import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from cluster.config import load_config
-from cluster.driver import run_job
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from cluster.config import ConfigError
-from cluster.driver import run_job
-from storage.datasets import load_split
-from storage.vocab import train_wordpiece_tokenizer
+from polydistill.cluster.config import ConfigError
+from polydistill.cluster.driver import run_job
+from polydistill.storage.datasets import load_split
+from polydistill.storage.vocab import train_wordpiece_tokenizer
 from tests.integration.test_pipeline import EXAMPLES, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from actors.feeder import Feeder
-from actors.pool import TeacherPool, WindowedRate, replica_bundle
-from cluster.config import load_config
-from cluster.driver import prepare_student, prepare_teacher
-from storage.job_data import load_job_split
-from storage.keys import (
+from polydistill.actors.feeder import Feeder
+from polydistill.actors.pool import TeacherPool, WindowedRate, replica_bundle
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import prepare_student, prepare_teacher
+from polydistill.storage.job_data import load_job_split
+from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,
     CONTROL_STOP,
     METRIC_TEACHERS_RUNNING,
@@ -26,7 +26,7 @@ from storage.keys import (
     JobKeys,
     replica_stop_field,
 )
-from student.trainer import StudentTrainer
+from polydistill.student.trainer import StudentTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

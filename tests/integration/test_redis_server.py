@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from storage.redis_server import PrivateRedisServer, RedisServerError, find_redis_server
-from storage.streams import connect
+from polydistill.storage.redis_server import PrivateRedisServer, RedisServerError, find_redis_server
+from polydistill.storage.streams import connect
 
 pytestmark = pytest.mark.integration
 

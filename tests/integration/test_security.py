@@ -11,12 +11,12 @@ import pytest
 import redis
 from transformers import BertConfig, BertForSequenceClassification
 
-from actors.teacher import TeacherReplica
-from cluster.config import validate_config
-from storage import wire
-from storage.keys import TEACHER_GROUP, JobKeys
-from storage.redis_server import PrivateRedisServer
-from storage.streams import JobStreams, RedisUnavailable, connect
+from polydistill.actors.teacher import TeacherReplica
+from polydistill.cluster.config import validate_config
+from polydistill.storage import wire
+from polydistill.storage.keys import TEACHER_GROUP, JobKeys
+from polydistill.storage.redis_server import PrivateRedisServer
+from polydistill.storage.streams import JobStreams, RedisUnavailable, connect
 
 import numpy as np
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from cluster.config import load_config
-from cluster.driver import run_job
-from student.translation_eval import translate
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
+from polydistill.student.translation_eval import translate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
-from cluster.driver import run_job
-from student.contract import ContractError
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
+from polydistill.student.contract import ContractError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

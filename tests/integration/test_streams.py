@@ -6,9 +6,9 @@ import time
 import pytest
 import redis
 
-from storage.keys import TEACHER_GROUP, JobKeys, student_group
-from storage.redis_server import PrivateRedisServer
-from storage.streams import BackpressureTimeout, JobStreams, connect, redact_url
+from polydistill.storage.keys import TEACHER_GROUP, JobKeys, student_group
+from polydistill.storage.redis_server import PrivateRedisServer
+from polydistill.storage.streams import BackpressureTimeout, JobStreams, connect, redact_url
 
 pytestmark = pytest.mark.integration
 

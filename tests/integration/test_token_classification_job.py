@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from cluster.config import load_config
-from cluster.driver import run_job
+from polydistill.cluster.config import load_config
+from polydistill.cluster.driver import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

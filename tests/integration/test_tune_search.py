@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tune import (
+from polydistill.cluster.tune import (
     REPORT_JSON,
     REPORT_MD,
     cache_supported,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import cluster.autoscaling as autoscaling
-from cluster.autoscaling import PoolDecision, PoolMetrics, PoolScalingConfig, PoolState, decide
+import polydistill.cluster.autoscaling as autoscaling
+from polydistill.cluster.autoscaling import PoolDecision, PoolMetrics, PoolScalingConfig, PoolState, decide
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from cluster.config import ConfigError, load_config
-from storage import wire
-from storage.datasets import DataSourceError, load_split
-from storage.model_sources import resolve_model_source
+from polydistill.cluster.config import ConfigError, load_config
+from polydistill.storage import wire
+from polydistill.storage.datasets import DataSourceError, load_split
+from polydistill.storage.model_sources import resolve_model_source
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
 

@@ -7,13 +7,13 @@ from collections import Counter
 import pytest
 from datasets import Dataset
 
-from storage.balancing import (
+from polydistill.storage.balancing import (
     balance_languages,
     balanced_sample_counts,
     language_sampling_probabilities,
     stratified_split,
 )
-from storage.datasets import CANONICAL_FEATURES
+from polydistill.storage.datasets import CANONICAL_FEATURES
 
 
 def make(counts: dict[str, int], labels: int = 1) -> Dataset:

@@ -163,7 +163,7 @@ def test_topk_rebuild_kl_matches_a_brute_force_rebuild():
 
 def test_lm_knowledge_hits_its_target_size():
     from benchmarks.transport import lm_knowledge
-    from storage import wire
+    from polydistill.storage import wire
 
     for target in (10_000, 1_000_000):
         size = len(wire.encode(lm_knowledge(target)))

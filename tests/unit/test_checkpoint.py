@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage.ledger import EpochLedger
-from student.checkpoint import (
+from polydistill.storage.ledger import EpochLedger
+from polydistill.student.checkpoint import (
     CheckpointError,
     StudentCheckpoint,
     capture_rng,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from storage import wire
-from storage.chunking import (
+from polydistill.storage import wire
+from polydistill.storage.chunking import (
     ChunkError,
     ChunkGather,
     Piece,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from storage.cleaning import CleaningReport, clean_dataset, clean_text
-from storage.datasets import CANONICAL_FEATURES
+from polydistill.storage.cleaning import CleaningReport, clean_dataset, clean_text
+from polydistill.storage.datasets import CANONICAL_FEATURES
 
 ZWNJ, ZWJ = "\u200c", "\u200d"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.code_switch import (
+from polydistill.storage.code_switch import (
     CODE_SWITCH_LANGUAGES,
     OTHER_TAG,
     build_code_switch,

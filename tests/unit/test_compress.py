@@ -5,12 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from storage.job_data import TokenizedSplit
-from student.compress import StageSpec, check_stages, distillation_loss, finetune_with_loss, run_stages
-from student.evaluate import quality
-from student.losses import soft_label_kl
-from student.prune import make_batch
-from student.quantize import METHOD, METHOD_WITH_EMBEDDINGS, load_quantized
+from polydistill.storage.job_data import TokenizedSplit
+from polydistill.student.compress import StageSpec, check_stages, distillation_loss, finetune_with_loss, run_stages
+from polydistill.student.evaluate import quality
+from polydistill.student.losses import soft_label_kl
+from polydistill.student.prune import make_batch
+from polydistill.student.quantize import METHOD, METHOD_WITH_EMBEDDINGS, load_quantized
 
 VOCAB, LABELS = 50, 3
 ROW_KEYS = {"name", "params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32", "accuracy", "retention", "per_language"}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.config import ConfigError, validate_config
-from student.report import format_stages_table, render_markdown
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.student.report import format_stages_table, render_markdown
 
 MINIMAL = {"teacher": {"model": "random", "config": {"model_type": "bert"}}, "data": {"path": "/data"}}
 CHAIN = [
@@ -37,7 +37,7 @@ def test_a_full_chain_is_accepted_with_defaults():
 
 
 def test_quantize_embeddings_default_on_and_can_be_turned_off():
-    from student.compress import StageSpec
+    from polydistill.student.compress import StageSpec
 
     on = validate_config(_with({"stages": CHAIN})).compress.stages[3]
     off = validate_config(_with({"stages": [*CHAIN[:3], {**CHAIN[3], "embeddings": False}]})).compress.stages[3]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, apply_overrides, load_config, validate_config
+from polydistill.cluster.config import ConfigError, apply_overrides, load_config, validate_config
 
 MINIMAL = {"teacher": {"model": "random", "config": {"model_type": "bert"}}, "data": {"path": "/data"}}
 
@@ -128,7 +128,7 @@ def test_initial_replicas_must_lie_within_the_autoscaling_bounds():
 
 
 def test_password_env_names_a_variable_and_excludes_a_literal_password():
-    from cluster.config import with_redis_password
+    from polydistill.cluster.config import with_redis_password
 
     config = validate_config({**MINIMAL, "transport": {"redis_url": "redis://h:1", "password_env": "PD_REDIS_PW"}})
     assert config.transport.password is None

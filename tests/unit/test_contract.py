@@ -3,9 +3,9 @@
 import pytest
 from transformers import BertConfig
 
-from cluster.config import ConfigError, validate_config
-from student.build import ModelSetupError
-from student.contract import (
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.student.build import ModelSetupError
+from polydistill.student.contract import (
     ContractError,
     KnowledgeRequest,
     check_contract,

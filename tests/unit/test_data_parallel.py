@@ -7,7 +7,7 @@ import multiprocessing
 import pytest
 import torch
 
-from student.data_parallel import GradientSync, RoundRow, decide_round, free_rendezvous
+from polydistill.student.data_parallel import GradientSync, RoundRow, decide_round, free_rendezvous
 
 
 def test_a_round_applies_each_new_batch_once_and_the_same_on_every_worker():

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, Value
 
-import storage.datasets as sd
-from storage.datasets import CANONICAL_FEATURES, DataSourceError, load_parallel, load_split
+import polydistill.storage.datasets as sd
+from polydistill.storage.datasets import CANONICAL_FEATURES, DataSourceError, load_parallel, load_split
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from student.efficiency import count_parameters, disk_bytes, measure_latency
+from polydistill.student.efficiency import count_parameters, disk_bytes, measure_latency
 
 VOCAB, WIDTH, LAYERS, FFN, POSITIONS, TOKEN_TYPES, LABELS = 99, 16, 2, 32, 64, 2, 3
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from actors.feeder import plan_epoch_batches
-from storage.job_data import pad_rows
+from polydistill.actors.feeder import plan_epoch_batches
+from polydistill.storage.job_data import pad_rows
 
 
 def flat(batches):

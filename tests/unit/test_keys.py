@@ -4,7 +4,7 @@ import fnmatch
 
 import pytest
 
-from storage.keys import TEACHER_GROUP, JobKeys, student_group
+from polydistill.storage.keys import TEACHER_GROUP, JobKeys, student_group
 
 
 def test_key_names_are_fixed():
@@ -81,7 +81,7 @@ def test_job_keys_are_immutable_and_hashable():
 
 
 def test_control_and_metric_field_names():
-    from storage.keys import (
+    from polydistill.storage.keys import (
         CONTROL_DESIRED_TEACHERS,
         CONTROL_STOP,
         parse_teacher_metric_field,

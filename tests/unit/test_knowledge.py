@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from actors.teacher import TeacherReplica, compute_knowledge, soft_labels_on_device
-from cluster.config import validate_config
-from cluster.driver import prepare_student, prepare_teacher
-from storage import wire
-from storage.job_data import JobSplit
-from storage.vocab import train_wordpiece_tokenizer
-from student.checkpoint import load_checkpoint
-from student.contract import KnowledgeRequest, resolve_contract
-from student.losses import HiddenProjection, mean_pool
-from student.trainer import (
+from polydistill.actors.teacher import TeacherReplica, compute_knowledge, soft_labels_on_device
+from polydistill.cluster.config import validate_config
+from polydistill.cluster.driver import prepare_student, prepare_teacher
+from polydistill.storage import wire
+from polydistill.storage.job_data import JobSplit
+from polydistill.storage.vocab import train_wordpiece_tokenizer
+from polydistill.student.checkpoint import load_checkpoint
+from polydistill.student.contract import KnowledgeRequest, resolve_contract
+from polydistill.student.losses import HiddenProjection, mean_pool
+from polydistill.student.trainer import (
     PROJECTIONS_PREFIX,
     StudentOutputs,
     StudentTrainer,

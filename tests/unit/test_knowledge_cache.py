@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage import wire
-from storage.knowledge_cache import (
+from polydistill.storage import wire
+from polydistill.storage.knowledge_cache import (
     CacheError,
     CacheKey,
     CacheReader,

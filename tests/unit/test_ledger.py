@@ -1,6 +1,6 @@
 import pytest
 
-from storage.ledger import EpochLedger, LedgerError
+from polydistill.storage.ledger import EpochLedger, LedgerError
 
 
 def test_records_each_batch_once_and_counts_duplicates():

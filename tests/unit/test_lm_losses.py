@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from student.lm_losses import (
+from polydistill.student.lm_losses import (
     MIN_REST_LOG_PROB,
     divergence,
     generalized_jsd,
@@ -254,7 +254,7 @@ def test_kl_divergence_ignores_buckets_the_first_distribution_lacks():
 
 
 def test_masked_lm_losses_count_the_masked_positions_only():
-    from student.lm_losses import masked_lm_ce, masked_lm_distillation_loss
+    from polydistill.student.lm_losses import masked_lm_ce, masked_lm_distillation_loss
 
     torch.manual_seed(0)
     vocab, k = 6, 2

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from student.losses import (
+from polydistill.student.losses import (
     HiddenProjection,
     attention_kl,
     combine_losses,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from storage.masking import IGNORE, mask_tokens
+from polydistill.storage.masking import IGNORE, mask_tokens
 
 SPECIAL = frozenset({0, 1, 2})  # pad, cls, sep
 

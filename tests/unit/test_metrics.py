@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from student.metrics import (
+from polydistill.student.metrics import (
     classification_metrics,
     confusion_matrix,
     per_language_metrics,

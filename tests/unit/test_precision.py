@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from student import precision
-from student.precision import cpu_flags, use_bf16
+from polydistill.student import precision
+from polydistill.student.precision import cpu_flags, use_bf16
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f\nbugs\t\t: none\n"
 
@@ -23,7 +23,7 @@ def test_flags_of_the_first_processor():
 def test_bf16_only_where_it_runs_natively(monkeypatch, caplog, has_bf16, requested, device, expected):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
     precision._warn_once.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="student.precision"):
+    with caplog.at_level(logging.WARNING, logger="polydistill.student.precision"):
         assert use_bf16(requested, device, "training.precision") is expected
     fell_back = requested and not expected
     assert ("training.precision asks for bfloat16" in caplog.text) is fell_back

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from storage.job_data import TokenizedSplit
-from student.prune import (
+from polydistill.storage.job_data import TokenizedSplit
+from polydistill.student.prune import (
     ImportanceScores,
     apply_plan,
     heads_per_layer,

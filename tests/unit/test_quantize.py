@@ -14,8 +14,8 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from student.prune import prune_heads
-from student.quantize import (
+from polydistill.student.prune import prune_heads
+from polydistill.student.quantize import (
     METHOD,
     METHOD_WITH_EMBEDDINGS,
     QUANTIZATION_FILE,

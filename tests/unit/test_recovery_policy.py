@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.recovery import QUIET_S, Observation, WatchState, judge_probe, watch
-from cluster.resume import without_password
-from storage.delivery import over_delivered_reason, split_over_delivered
+from polydistill.cluster.recovery import QUIET_S, Observation, WatchState, judge_probe, watch
+from polydistill.cluster.resume import without_password
+from polydistill.storage.delivery import over_delivered_reason, split_over_delivered
 
 
 def observe(marker=True, feeding=False, work=0, knowledge=0) -> Observation:

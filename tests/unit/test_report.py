@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from student.report import format_efficiency_table, format_language_table, write_report
+from polydistill.student.report import format_efficiency_table, format_language_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -85,7 +85,7 @@ def test_report_with_only_overall_and_loss_still_renders(tmp_path):
 
 
 def test_loss_series_draws_total_once_when_logged_as_both_loss_and_total():
-    from student.report import _loss_series
+    from polydistill.student.report import _loss_series
 
     series = _loss_series([{"step": 0, "epoch": 0, "loss": 1.0, "total": 1.0, "soft": 0.5}])
     assert sorted(series) == ["loss", "soft"]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.config import ConfigError, validate_config
-from storage import wire
-from storage.chunking import knowledge_messages, merge_chunks
-from student.seq2seq import IGNORE, generated_targets, reference_targets
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.storage import wire
+from polydistill.storage.chunking import knowledge_messages, merge_chunks
+from polydistill.student.seq2seq import IGNORE, generated_targets, reference_targets
 
 CLS, SEP, PAD = 2, 3, 0
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import ConfigError, validate_config
-from storage.keys import JobKeys
-from storage.wire import Knowledge, TeacherVote, WireError, WorkBatch, decode, encode
-from student.losses import ensemble_log_probs, soft_label_kl
-from student.trainer import ensemble_soft_labels, served_counts
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.storage.keys import JobKeys
+from polydistill.storage.wire import Knowledge, TeacherVote, WireError, WorkBatch, decode, encode
+from polydistill.student.losses import ensemble_log_probs, soft_label_kl
+from polydistill.student.trainer import ensemble_soft_labels, served_counts
 
 LN3 = math.log(3.0)
 A = torch.tensor([[LN3, 0.0], [LN3, 0.0]])
@@ -141,7 +141,7 @@ def test_settings_several_teachers_cannot_honour_are_refused(changes, message):
 
 
 def test_a_local_ray_offers_a_slot_for_every_teacher_pool():
-    from cluster.services import logical_cpus_needed
+    from polydistill.cluster.services import logical_cpus_needed
 
     config = _config()  # main teacher and one extra, one replica each at 1 CPU, and the student's 1
     assert logical_cpus_needed(config) == 3.0

@@ -11,13 +11,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from cluster.config import ConfigError, validate_config
-from storage.cleaning import clean_dataset
-from storage.datasets import DataSourceError, load_split
-from storage.job_data import pad_labels, tokenize_split
-from storage.vocab import train_wordpiece_tokenizer
-from storage.wire import Knowledge, SoftLabels, WorkBatch
-from student.trainer import distillation_losses, student_labels
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.storage.cleaning import clean_dataset
+from polydistill.storage.datasets import DataSourceError, load_split
+from polydistill.storage.job_data import pad_labels, tokenize_split
+from polydistill.storage.vocab import train_wordpiece_tokenizer
+from polydistill.storage.wire import Knowledge, SoftLabels, WorkBatch
+from polydistill.student.trainer import distillation_losses, student_labels
 
 ROWS = [
     {"text": "Le chat dort here now", "tags": "fra fra fra eng eng", "language": "fra"},

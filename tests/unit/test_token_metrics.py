@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from student.token_metrics import tagging_metrics
+from polydistill.student.token_metrics import tagging_metrics
 
 LABELS = ["deu", "eng", "fra", "other"]  # ids 0, 1, 2, 3
 DEU, ENG, FRA, OTHER = range(4)

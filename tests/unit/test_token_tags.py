@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from storage.token_tags import token_predictions_to_words, word_tags_to_token_labels
+from polydistill.storage.token_tags import token_predictions_to_words, word_tags_to_token_labels
 
 TRAINING_TEXT = [
     "the cat sat on the mat",

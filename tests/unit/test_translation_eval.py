@@ -9,8 +9,8 @@ import torch
 import transformers
 from sacrebleu.metrics import BLEU, CHRF
 
-from storage.vocab import SPECIAL_TOKENS, train_wordpiece_tokenizer
-from student.translation_eval import bleu_tokenizer_for, translate, translation_scores
+from polydistill.storage.vocab import SPECIAL_TOKENS, train_wordpiece_tokenizer
+from polydistill.student.translation_eval import bleu_tokenizer_for, translate, translation_scores
 
 TRAINING_SENTENCES = [
     "the cat sat on the mat",

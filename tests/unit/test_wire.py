@@ -4,7 +4,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from storage.wire import (
+from polydistill.storage.wire import (
     SCHEMA_VERSION,
     Knowledge,
     SoftLabels,

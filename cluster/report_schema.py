@@ -1,0 +1,86 @@
+"""The job's report, declared once: what ``report.json`` holds and ``polydistill.run`` returns.
+
+The driver assembles the sections as the job runs and validates the whole against this model
+before writing it, so a key that is not declared here cannot reach ``report.json`` unnoticed.
+Sections whose shape depends on the task kind (metrics per language, efficiency, compression
+stages) stay mappings: their keys are the metrics each task kind reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+Section = dict[str, Any]
+
+
+class StudentSeconds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    total: float
+    waiting_for_knowledge: float
+    training: float
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    # Accounting: every sample distilled exactly once per epoch.
+    samples_expected: int
+    samples_distilled: int
+    samples_per_epoch: dict[int, int]
+    batches_expected: int
+    batches_applied: int
+    batches_missing: int
+    batches_fed: int
+    duplicates_dropped: int
+    student_steps: int
+    dead_letters: int
+    epochs: int
+    data_parallel: Section | None = None
+    resumed_from_step: int | None = None
+    recoveries: list[Section] = []
+    # Teachers: the starting pool size, how the pool changed, what each replica served.
+    teacher_replicas: int
+    teacher_pool: Section | None = None
+    teachers: list[Section] = []
+    teacher_pools: dict[str, Section] | None = None
+    teacher_samples_per_language: dict[str, dict[str, int]] | None = None
+    teacher_path: str | None = None
+    tasks: dict[str, Section] | None = None
+    # Time.
+    wall_seconds: float
+    total_seconds: float | None = None
+    stage_seconds: dict[str, float] = {}
+    student_seconds: StudentSeconds
+    # The student and how it learnt.
+    student_path: str
+    student_init: Section = {}
+    final_loss: float | None = None
+    loss_history: list[dict[str, int | float | None]] = []
+    wire_bytes_per_sample: float | None = None
+    wire_bytes_per_sample_by_part: dict[str, float] | None = None
+    pseudo_labels: Section | None = None
+    knowledge_cache: Section | None = None
+    extra_students: dict[str, Section] = {}
+    # Data.
+    labels: list[str] = []
+    samples_per_language: dict[str, int] = {}
+    cleaning: Section | None = None
+    # Evaluation on the held-out split (absent when data.eval_split is null).
+    per_language: dict[str, Section] | None = None
+    overall: Section | None = None
+    efficiency: Section | None = None
+    eval_samples: int | None = None
+    metric: str | None = None
+    # Compression stages (absent without a compress section).
+    stages: list[Section] | None = None
+    compression: Section | None = None
+    # The validated config without secrets.
+    config: Section
+
+    def as_json_dict(self) -> dict[str, Any]:
+        """What ``report.json`` holds: every declared section, those the job did not produce left out."""
+        return self.model_dump(mode="json", exclude_unset=True)

@@ -1,0 +1,1 @@
+"""The bundled example configs and their data, installed as package data (`polydistill examples DIR`)."""
