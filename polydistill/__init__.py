@@ -21,6 +21,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from polydistill.api import Report, load_config, run  # noqa: E402  (after __version__: api reads nothing of it)
+from polydistill.api import ConfigError, Report, load_config, run  # noqa: E402
 
-__all__ = ["Report", "__version__", "load_config", "run"]
+__all__ = ["ConfigError", "Report", "__version__", "load_config", "run"]

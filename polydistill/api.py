@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from polydistill.cluster.config import JobConfig, apply_overrides, load_config, validate_config
+from polydistill.cluster.config import ConfigError, JobConfig, apply_overrides, load_config, validate_config
 from polydistill.cluster.report_schema import Report
 
-__all__ = ["Report", "load_config", "run"]
+__all__ = ["ConfigError", "Report", "load_config", "run"]
 
 
 def run(config_or_path: JobConfig | str | Path, output: str | Path | None = None, *, resume: bool = False,
