@@ -23,9 +23,8 @@ import logging
 import sys
 
 from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 from polydistill.cluster.quiet import quiet_libraries
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:

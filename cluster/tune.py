@@ -56,6 +56,7 @@ from pydantic import (
 )
 
 from polydistill.cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
+from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -864,8 +865,6 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
 
 def run_tune_command(args: argparse.Namespace) -> int:
     """``polydistill tune``: 0 when at least one trial finished, 2 for bad input, 1 otherwise."""
-    from polydistill.cluster.cli import EXIT_BAD_INPUT, EXIT_FAILED
-
     updates = {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials,
                "seed": args.seed}
     try:
