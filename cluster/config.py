@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -410,7 +410,7 @@ class EvaluationConfig(_Strict):
 
 
 class CompressStageConfig(_Strict):
-    """One stage of the chain after distillation; mirrors ``student.compress.StageSpec``."""
+    """One stage of the chain after distillation, as ``student.compress.run_stages`` applies it."""
 
     name: str = Field(min_length=1, description="Names the stage's row in the report and its output folder.")
     kind: Literal["measure", "prune", "magnitude", "recover", "quantize"]
@@ -424,6 +424,24 @@ class CompressStageConfig(_Strict):
         description="quantize: also store the embedding tables (word, position, token-type) as 8-bit per row "
         "(float scale and zero point per row); false: dynamic int8 of the Linear layers only, embeddings float32.",
     )
+
+
+def check_stages(stages: Sequence[CompressStageConfig], *, have_recover: bool) -> None:
+    """Rejects a chain before any work is done, saying what to change."""
+    names = [stage.name for stage in stages]
+    if not stages:
+        raise ValueError("compression needs at least one stage (e.g. a 'measure' stage named 'distil')")
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique (they name output folders): {names}")
+    for position, stage in enumerate(stages):
+        if stage.kind == "quantize" and position != len(stages) - 1:
+            raise ValueError(f"stage {stage.name!r} quantises, so it must be the last stage (an int8 model cannot be pruned or trained)")
+        if stage.kind == "recover" and not have_recover:
+            raise ValueError(f"stage {stage.name!r} is 'recover' but run_stages got no recover function")
+        if stage.kind == "prune" and stage.head_sparsity == 0 and stage.ffn_sparsity == 0:
+            raise ValueError(f"stage {stage.name!r} prunes nothing: set head_sparsity and/or ffn_sparsity")
+        if stage.kind == "magnitude" and stage.sparsity == 0:
+            raise ValueError(f"stage {stage.name!r} is 'magnitude' with sparsity 0: set sparsity")
 
 
 class CompressConfig(_Strict):
@@ -445,11 +463,9 @@ class CompressConfig(_Strict):
     @field_validator("stages")
     @classmethod
     def _valid_chain(cls, stages: list[CompressStageConfig]) -> list[CompressStageConfig]:
-        from polydistill.student.compress import StageSpec, check_stages  # torch: only when a compress section is given
-
         names = [stage.name for stage in stages]
         try:
-            check_stages([StageSpec(**stage.model_dump()) for stage in stages], have_recover=True)
+            check_stages(stages, have_recover=True)
         except ValueError as exc:
             where = next((f"stages[{i}] ({name!r}): " for i, name in enumerate(names) if repr(name) in str(exc)), "")
             raise ValueError(f"{where}{exc}") from None

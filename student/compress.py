@@ -6,7 +6,8 @@ under ``out_dir/<stage name>`` and measures it on the same held-out rows as the 
 the report's rows: ``{name, params, disk_bytes, latency_ms_batch1, latency_ms_batch32, accuracy,
 retention, per_language}``.
 
-Stage kinds:
+The stages are the job config's ``compress.stages`` (``cluster.config.CompressStageConfig``, with
+the chain rules in ``cluster.config.check_stages``). Stage kinds:
 - ``measure``: the model as it is (the first stage, usually named "distil").
 - ``prune``: structured head / FFN-neuron pruning by first-order Taylor importance over the
   calibration rows (student/prune.py); shapes shrink.
@@ -26,13 +27,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from polydistill.cluster.config import CompressStageConfig, check_stages
 from polydistill.storage.job_data import TokenizedSplit
 from polydistill.student.efficiency import count_parameters, disk_bytes
 from polydistill.student.evaluate import efficiency, quality
@@ -52,21 +53,7 @@ from polydistill.student.prune import (
 )
 from polydistill.student.quantize import load_quantized, read_marker, save_quantized, serialized_size_bytes
 
-StageKind = Literal["measure", "prune", "magnitude", "recover", "quantize"]
-KINDS = ("measure", "prune", "magnitude", "recover", "quantize")
 RecoverFn = Callable[[PreTrainedModel], object]
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    kind: StageKind
-    head_sparsity: float = 0.0  # prune: fraction of all heads removed
-    ffn_sparsity: float = 0.0  # prune: fraction of each layer's FFN neurons removed
-    sparsity: float = 0.0  # magnitude: fraction of encoder Linear weights zeroed
-    calibration_batches: int | None = 8  # prune: None = every calibration row
-    calibration_batch_size: int = 16
-    embeddings: bool = True  # quantize: also store the embedding tables as per-row 8-bit
 
 
 @dataclass(frozen=True)
@@ -87,29 +74,9 @@ class StageRow:
         return asdict(self)
 
 
-def check_stages(stages: Sequence[StageSpec], *, have_recover: bool) -> None:
-    """Rejects a chain before any work is done, saying what to change."""
-    names = [stage.name for stage in stages]
-    if not stages:
-        raise ValueError("compression needs at least one stage (e.g. a 'measure' stage named 'distil')")
-    if len(set(names)) != len(names) or not all(names):
-        raise ValueError(f"stage names must be unique and non-empty (they name output folders): {names}")
-    for position, stage in enumerate(stages):
-        if stage.kind not in KINDS:
-            raise ValueError(f"stage {stage.name!r}: kind {stage.kind!r} is not one of {KINDS}")
-        if stage.kind == "quantize" and position != len(stages) - 1:
-            raise ValueError(f"stage {stage.name!r} quantises, so it must be the last stage (an int8 model cannot be pruned or trained)")
-        if stage.kind == "recover" and not have_recover:
-            raise ValueError(f"stage {stage.name!r} is 'recover' but run_stages got no recover function")
-        if stage.kind == "prune" and stage.head_sparsity == 0 and stage.ffn_sparsity == 0:
-            raise ValueError(f"stage {stage.name!r} prunes nothing: set head_sparsity and/or ffn_sparsity")
-        if stage.kind == "magnitude" and stage.sparsity == 0:
-            raise ValueError(f"stage {stage.name!r} is 'magnitude' with sparsity 0: set sparsity")
-
-
 def run_stages(
     student_dir: str | Path,
-    stages: Sequence[StageSpec],
+    stages: Sequence[CompressStageConfig],
     *,
     out_dir: str | Path,
     calibration: TokenizedSplit,
@@ -176,7 +143,7 @@ def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantiz
         AutoTokenizer.from_pretrained(student_dir).save_pretrained(stage_dir)
 
 
-def _measure(stage: StageSpec, model: nn.Module, model_dir: Path, size: int, params: dict, eval_rows: TokenizedSplit,
+def _measure(stage: CompressStageConfig, model: nn.Module, model_dir: Path, size: int, params: dict, eval_rows: TokenizedSplit,
              pad_id: int, num_labels: int, teacher: Mapping, details: dict) -> StageRow:
     scores = quality(model, eval_rows, pad_id, num_labels)
     cost = efficiency(model, model_dir, eval_rows, pad_id)

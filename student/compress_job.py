@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
-from polydistill.student.compress import StageSpec, distillation_loss, finetune_with_loss, run_stages
+from polydistill.student.compress import distillation_loss, finetune_with_loss, run_stages
 from polydistill.student.evaluate import EVAL_BATCH, quality
 from polydistill.student.prune import cross_entropy_loss
 from polydistill.student.supervised import train_supervised
@@ -93,9 +93,8 @@ def compress_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
                              description="compress: recover", show_progress=False)
             model.eval()
 
-    stages = [StageSpec(**stage.model_dump()) for stage in settings.stages]
     result = run_stages(
-        student_dir, stages, out_dir=out_dir, calibration=rows, eval_rows=eval_rows, pad_id=pad_id,
+        student_dir, settings.stages, out_dir=out_dir, calibration=rows, eval_rows=eval_rows, pad_id=pad_id,
         num_labels=len(label_names), teacher_quality=teacher_quality, recover=recover,
         importance_loss=loss if distilling else cross_entropy_loss,
     )

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
+from polydistill.cluster.config import CompressStageConfig, check_stages
 from polydistill.storage.job_data import TokenizedSplit
-from polydistill.student.compress import StageSpec, check_stages, distillation_loss, finetune_with_loss, run_stages
+from polydistill.student.compress import distillation_loss, finetune_with_loss, run_stages
 from polydistill.student.evaluate import quality
 from polydistill.student.losses import soft_label_kl
 from polydistill.student.prune import make_batch
@@ -14,6 +15,10 @@ from polydistill.student.quantize import METHOD, METHOD_WITH_EMBEDDINGS, load_qu
 
 VOCAB, LABELS = 50, 3
 ROW_KEYS = {"name", "params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32", "accuracy", "retention", "per_language"}
+
+
+def stage(name: str, kind: str, **settings) -> CompressStageConfig:
+    return CompressStageConfig(name=name, kind=kind, **settings)
 
 
 def tiny_rows(n: int, seed: int) -> TokenizedSplit:
@@ -49,10 +54,10 @@ def test_run_stages_reports_every_stage(student_dir, tmp_path):
         ))
 
     stages = [
-        StageSpec("distil", "measure"),
-        StageSpec("prune", "prune", head_sparsity=0.25, ffn_sparsity=0.5, calibration_batches=2),
-        StageSpec("recover", "recover"),
-        StageSpec("int8", "quantize"),
+        stage("distil", "measure"),
+        stage("prune", "prune", head_sparsity=0.25, ffn_sparsity=0.5, calibration_batches=2),
+        stage("recover", "recover"),
+        stage("int8", "quantize"),
     ]
     rows = run_stages(student_dir, stages, out_dir=tmp_path, calibration=train, eval_rows=evaluation, pad_id=0,
                       num_labels=LABELS, teacher_quality=teacher_quality, recover=recover)
@@ -85,7 +90,7 @@ def test_magnitude_zeros_survive_recovery(student_dir, tmp_path):
                                                           labels=b["labels"]).loss,
                            epochs=1, batch_size=8, lr=1e-2, seed=0)
 
-    stages = [StageSpec("sparse", "magnitude", sparsity=0.5), StageSpec("recover", "recover")]
+    stages = [stage("sparse", "magnitude", sparsity=0.5), stage("recover", "recover")]
     run_stages(student_dir, stages, out_dir=tmp_path, calibration=rows, eval_rows=rows, pad_id=0,
                num_labels=LABELS, teacher_quality=teacher_quality, recover=recover)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "recover")
@@ -99,7 +104,7 @@ def test_quantize_stage_embeddings_option(student_dir, tmp_path):
     teacher_quality = quality(AutoModelForSequenceClassification.from_pretrained(student_dir), rows, 0, LABELS)
     measured = {}
     for embeddings in (True, False):
-        (row,) = run_stages(student_dir, [StageSpec("int8", "quantize", embeddings=embeddings)],
+        (row,) = run_stages(student_dir, [stage("int8", "quantize", embeddings=embeddings)],
                             out_dir=tmp_path / str(embeddings), calibration=rows, eval_rows=rows, pad_id=0,
                             num_labels=LABELS, teacher_quality=teacher_quality)
         measured[embeddings] = row
@@ -115,11 +120,11 @@ def test_quantize_stage_embeddings_option(student_dir, tmp_path):
 
 def test_check_stages_says_what_to_change():
     with pytest.raises(ValueError, match="must be the last stage"):
-        check_stages([StageSpec("q", "quantize"), StageSpec("m", "measure")], have_recover=False)
+        check_stages([stage("q", "quantize"), stage("m", "measure")], have_recover=False)
     with pytest.raises(ValueError, match="no recover function"):
-        check_stages([StageSpec("r", "recover")], have_recover=False)
+        check_stages([stage("r", "recover")], have_recover=False)
     with pytest.raises(ValueError, match="unique"):
-        check_stages([StageSpec("a", "measure"), StageSpec("a", "measure")], have_recover=False)
+        check_stages([stage("a", "measure"), stage("a", "measure")], have_recover=False)
 
 
 def test_distillation_loss_reads_the_rows_teacher_logits():
