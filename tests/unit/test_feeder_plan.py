@@ -1,6 +1,6 @@
 import numpy as np
 
-from polydistill.actors.feeder import plan_epoch_batches
+from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import pad_rows
 
 
