@@ -198,7 +198,7 @@ def _finetune(config) -> int:
     from polydistill.cluster.driver import prepare_teacher
     from polydistill.storage.datasets import DataSourceError
     from polydistill.storage.job_data import load_job_split
-    from polydistill.student.build import ModelSetupError
+    from polydistill.student.architecture import ModelSetupError
 
     try:
         train = load_job_split(config.data, config.data.train_split)
@@ -229,7 +229,7 @@ def _run(config, show_progress: bool, resume: bool = False) -> int:
     from polydistill.cluster.recovery import RecoveryFailed
     from polydistill.storage.streams import RedisUnavailable
     from polydistill.student.checkpoint import CheckpointError
-    from polydistill.student.build import ModelSetupError
+    from polydistill.student.architecture import ModelSetupError
     from polydistill.storage.datasets import DataSourceError
 
     try:

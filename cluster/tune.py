@@ -879,7 +879,7 @@ def run_tune_command(args: argparse.Namespace) -> int:
         from polydistill.cluster.recovery import RecoveryFailed
         from polydistill.storage.datasets import DataSourceError
         from polydistill.storage.streams import RedisUnavailable
-        from polydistill.student.build import ModelSetupError
+        from polydistill.student.architecture import ModelSetupError
         from polydistill.student.checkpoint import CheckpointError
 
         if isinstance(exc, (ModelSetupError, DataSourceError)):  # the teacher or the data: nothing searched

@@ -2,12 +2,12 @@
 
 A teacher built from a bare config is saved once by the driver so that every replica loads
 identical weights; the student starts from the teacher's architecture with overrides, or from a
-checkpoint, or from a subset of the teacher's layers (DistilBERT's initialisation).
+checkpoint, or from a subset of the teacher's layers (DistilBERT's initialisation). The student's
+architecture itself (a model config, no weights) comes from student/architecture.py.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,10 +28,7 @@ from transformers import (
 from polydistill.cluster.config import StudentConfig, TeacherConfig
 from polydistill.storage.model_sources import resolve_model_source
 from polydistill.storage.vocab import train_wordpiece_tokenizer
-
-
-class ModelSetupError(ValueError):
-    """A model cannot be built as configured; the message names the config key to change."""
+from polydistill.student.architecture import ModelSetupError, student_config
 
 
 def label_maps(label_names: Sequence[str]) -> dict:
@@ -110,24 +107,6 @@ def check_classifier_labels(config: PretrainedConfig, label_names: Sequence[str]
             f"labels {list(label_names)[:8]}: fine-tune the teacher on this data first (teacher.finetune_epochs) "
             "or point teacher.model at a checkpoint trained on these labels"
         )
-
-
-def student_config(student: StudentConfig, teacher_dir: Path) -> PretrainedConfig:
-    """The teacher's config with the student's overrides applied (layers, width, heads, FFN)."""
-    config = copy.deepcopy(AutoConfig.from_pretrained(teacher_dir))
-    for key, value in student.config.items():
-        if not hasattr(config, key):
-            raise ModelSetupError(
-                f"student.config.{key}: the {config.model_type} config has no such field "
-                f"(fields include num_hidden_layers, hidden_size, num_attention_heads, intermediate_size)"
-            )
-        setattr(config, key, value)
-    if config.hidden_size % config.num_attention_heads:
-        raise ModelSetupError(
-            f"student.config: hidden_size {config.hidden_size} is not divisible by "
-            f"num_attention_heads {config.num_attention_heads}"
-        )
-    return config
 
 
 def build_student(student: StudentConfig, teacher_dir: Path, seed: int,

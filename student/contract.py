@@ -25,8 +25,7 @@ from typing import Literal
 from transformers import AutoConfig, PretrainedConfig
 
 from polydistill.cluster.config import DistillConfig, JobConfig
-from polydistill.storage.model_sources import resolve_model_source
-from polydistill.student.build import ModelSetupError, student_config
+from polydistill.student.architecture import ModelSetupError, student_model_config
 from polydistill.student.losses import uniform_layer_map, validate_layer_map
 
 # Beside the student's initial weights: the teacher's architecture, which the student needs to size
@@ -221,13 +220,6 @@ def teacher_contract(config: JobConfig, teacher_dir: str | Path) -> KnowledgeReq
         attention_layers=tuple(sorted({layer for request in requests for layer in request.attention_layers})),
         embeddings=any(request.embeddings for request in requests),
     )
-
-
-def student_model_config(config: JobConfig, teacher_dir: str | Path) -> PretrainedConfig:
-    """The student's architecture as ``student.build.build_student`` makes it, without building it."""
-    if config.student.model:
-        return AutoConfig.from_pretrained(resolve_model_source(config.student.model))
-    return student_config(config.student, Path(teacher_dir))
 
 
 def save_teacher_config(student_init_dir: str | Path, teacher_dir: str | Path) -> None:

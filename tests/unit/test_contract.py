@@ -4,7 +4,7 @@ import pytest
 from transformers import BertConfig
 
 from polydistill.cluster.config import ConfigError, validate_config
-from polydistill.student.build import ModelSetupError
+from polydistill.student.architecture import ModelSetupError
 from polydistill.student.contract import (
     ContractError,
     KnowledgeRequest,
