@@ -10,7 +10,7 @@ Three ways to train the same student on the same batches, all measured in one ru
   ``cluster.driver`` starts them), and ``StudentTrainer.train`` consuming the knowledge stream in
   this process, instrumented by a subclass that notes the clock after every applied batch.
 
-Models come from the driver's ``prepare_teacher`` / ``prepare_student``; batches from
+Models come from ``cluster.prepare``'s ``prepare_teacher`` / ``prepare_student``; batches from
 ``Feeder.work_batch`` / ``Feeder.epoch_batches``, so every mode sees the same padded batches.
 The library classes are used as they are; their Redis clients connect lazily, so the two
 in-process baselines never talk to Redis.
@@ -32,7 +32,7 @@ from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import FeederActor
 from polydistill.actors.teacher import TeacherReplica
 from benchmarks.summary import Mark, Window, epoch_windows, median, ratio, setup_name, spread, summarize_setups
-from polydistill.cluster import driver
+from polydistill.cluster import driver, prepare
 from polydistill.cluster.config import JobConfig, load_config
 from polydistill.storage import wire
 from polydistill.storage.job_data import load_job_split
@@ -86,8 +86,8 @@ def prepare_models(config: JobConfig, work_dir: Path) -> tuple[Path, Path]:
     """The teacher and the student's initial weights, built once by the driver's own functions,
     so every mode starts from the same checkpoints a real job would."""
     train = load_job_split(config.data, config.data.train_split)
-    teacher_dir = driver.prepare_teacher(config, work_dir, train)
-    student_init_dir, _ = driver.prepare_student(config, teacher_dir, work_dir, train)
+    teacher_dir = prepare.prepare_teacher(config, work_dir, train)
+    student_init_dir, _ = prepare.prepare_student(config, teacher_dir, work_dir, train)
     return teacher_dir, student_init_dir
 
 

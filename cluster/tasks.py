@@ -18,15 +18,15 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
+from polydistill.cluster.prepare import prepare_teacher
 from polydistill.cluster.teachers import reading_main_ids, same_tokenizer
 from polydistill.storage.job_data import JobSplit, load_job_split
 from polydistill.student.build import TASKS_FOLDER, label_maps, model_class, task_folder
 from polydistill.student.contract import ContractError, check_contract, save_teacher_config
 
+
 def prepare_task_teachers(config: JobConfig, out_dir: Path, main_teacher_dir: Path) -> dict[str, tuple[Path, JobSplit]]:
     """Each extra task's teacher folder and training split."""
-    from polydistill.cluster.driver import prepare_teacher  # the driver imports this module
-
     main_vocab = AutoTokenizer.from_pretrained(main_teacher_dir).get_vocab()
     prepared: dict[str, tuple[Path, JobSplit]] = {}
     for index, section in enumerate(config.extra_tasks):

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
+from polydistill.cluster.prepare import prepare_teacher
 from polydistill.storage.job_data import JobSplit
 from polydistill.student.build import check_classifier_labels
 from polydistill.student.contract import ContractError
@@ -36,8 +37,6 @@ def same_tokenizer(teacher_dir: Path, main_vocab: dict[str, int]) -> bool:
 def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
     """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
     is fine-tuned (when asked) on those languages only: a specialist."""
-    from polydistill.cluster.driver import prepare_teacher  # the driver imports this module
-
     dirs = {"teacher": prepare_teacher(config, out_dir, train)}
     for index, extra in enumerate(config.extra_teachers):
         seen_as = config.for_teacher(extra.name)

@@ -572,7 +572,7 @@ def shared_teacher(config: JobConfig, folder: Path) -> list[str]:
     search reads the first one's cache."""
     if config.teacher.model != "random":
         return []
-    from polydistill.cluster.driver import prepare_teacher
+    from polydistill.cluster.prepare import prepare_teacher
     from polydistill.storage.job_data import load_job_split
 
     recipe = json.dumps({"teacher": config.teacher.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),

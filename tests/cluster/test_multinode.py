@@ -40,7 +40,8 @@ from polydistill.actors.feeder import Feeder
 from polydistill.actors.pool import TeacherPool, replica_bundle
 from polydistill.cluster import jobs
 from polydistill.cluster.config import load_config
-from polydistill.cluster.driver import prepare_student, prepare_teacher, run_job
+from polydistill.cluster.driver import run_job
+from polydistill.cluster.prepare import prepare_student, prepare_teacher
 from polydistill.storage.job_data import load_job_split
 from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,

@@ -17,7 +17,7 @@ import pytest
 from polydistill.actors.feeder import Feeder
 from polydistill.actors.teacher import TeacherReplica
 from polydistill.cluster.config import load_config
-from polydistill.cluster.driver import prepare_student, prepare_teacher
+from polydistill.cluster.prepare import prepare_student, prepare_teacher
 from polydistill.storage import wire
 from polydistill.storage.job_data import load_job_split
 from polydistill.storage.keys import TEACHER_GROUP, JobKeys

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from polydistill.actors.teacher import TeacherReplica
 from polydistill.cluster.config import ConfigError, load_config
-from polydistill.cluster.driver import prepare_student, prepare_teacher, reset_job_streams, run_job
+from polydistill.cluster.driver import reset_job_streams, run_job
+from polydistill.cluster.prepare import prepare_student, prepare_teacher
 from polydistill.storage import wire
 from polydistill.storage.chunking import chunk_tag
 from polydistill.storage.job_data import load_job_split, pad_rows, pad_token_id, tokenize_split

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from polydistill.actors.teacher import TeacherReplica, compute_knowledge, soft_labels_on_device
 from polydistill.cluster.config import validate_config
-from polydistill.cluster.driver import prepare_student, prepare_teacher
+from polydistill.cluster.prepare import prepare_student, prepare_teacher
 from polydistill.storage import wire
 from polydistill.storage.job_data import JobSplit
 from polydistill.storage.vocab import train_wordpiece_tokenizer
