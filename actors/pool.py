@@ -8,6 +8,8 @@ The pool size comes from ``cluster.autoscaling.decide`` when ``teacher.autoscali
 
 Growing asks Ray's autoscaler for the replicas' resources first (``request_resources``), so a
 cluster launches the GPU nodes the new replicas need; on a local Ray that request is a no-op.
+The autoscaler keeps one standing request for the whole cluster, so the request sent is the sum
+over every live pool of every job (``actors/demand.py``), never this pool's alone.
 Shrinking is graceful: the pool sets the leaving replica's own stop field, the replica finishes
 and acknowledges the batch it holds (its publish and ack are one transaction) and returns its
 counters; only then is its actor killed. A batch is never taken from a replica mid-way, so
@@ -31,6 +33,7 @@ import ray
 import redis
 from ray.util import metrics as ray_metrics
 
+from polydistill.actors.demand import ClusterDemand
 from polydistill.actors.shells import TeacherActor
 from polydistill.cluster.autoscaling import PoolDecision, PoolMetrics, PoolState, decide
 from polydistill.cluster.config import JobConfig, TeacherStage
@@ -148,7 +151,9 @@ class TeacherPool:
         self.scaling = config.teacher.autoscaling
         self.clock = clock
         self.on_measure = on_measure
-        self._request_resources = request_resources or _request_from_autoscaler
+        # Every pool on the cluster shares one standing request; ``request_resources`` (tests) records it.
+        self.demand = ClusterDemand(f"{self.keys.namespace}/{self.keys.job_id}/{self.stage.name}",
+                                    send=request_resources)
         self._options = {
             "num_cpus": config.teacher.num_cpus,
             "num_gpus": config.teacher.num_gpus,
@@ -233,7 +238,7 @@ class TeacherPool:
             log.info("teacher pool %s: %d -> %d replicas (%s)", self.keys.job_id, current, replicas, reason)
             # A standing request for the whole pool, so that the cluster autoscaler launches nodes for
             # the new replicas now, and releases the request for the ones leaving.
-            self._request_resources([replica_bundle(self.config)] * replicas)
+            self.demand.set([replica_bundle(self.config)] * replicas)
             for _ in range(replicas - current):
                 self._start_replica()
             for replica_id in list(self._active)[replicas:][::-1]:
@@ -368,6 +373,7 @@ class TeacherPool:
                 self.scale_to(decision.replicas, decision.reason)
             self.wanted = decision.replicas
             self.last_decision = decision
+            self.demand.renew()
             self.readiness()
             self._publish(metrics, decision)
             return decision
@@ -418,7 +424,7 @@ class TeacherPool:
                 log.warning("teacher replica %s did not stop within %.0f s; killing it", replica.replica_id, timeout_s)
                 self._forget(replica, self._counters_of(replica.replica_id))
             self.wanted = 0
-            self._request_resources([])
+            self.demand.clear()
             if self.main_pool:
                 self.client.hset(self.keys.metrics, mapping={METRIC_TEACHERS_WANTED: 0, METRIC_TEACHERS_RUNNING: 0})
             return self.stats()
@@ -441,12 +447,6 @@ def _teacher_totals(counters: dict[bytes, bytes], own_replica: re.Pattern | None
         elif counter == "busy_seconds":
             totals.busy_seconds += value
     return totals
-
-
-def _request_from_autoscaler(bundles: list[dict[str, float]]) -> None:
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=[bundle for bundle in bundles if bundle])
 
 
 @ray.remote(max_concurrency=4)

@@ -209,3 +209,33 @@ def decide(
         PoolDecision(current, f"hold at {current}, {direction} to {target} pending {waited:g}/{delay:g}s: {why}"),
         pending,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# One standing request for every job on the cluster
+# --------------------------------------------------------------------------------------------------
+
+Bundle = dict[str, float]
+
+
+@dataclass(frozen=True)
+class PoolDemand:
+    """What one teacher pool asks the cluster for, valid until ``expires_at`` (wall-clock seconds):
+    a pool that dies stops renewing it, and it drops out of the sum once expired."""
+
+    bundles: tuple[tuple[tuple[str, float], ...], ...]
+    expires_at: float
+
+    @classmethod
+    def of(cls, bundles: list[Bundle], expires_at: float) -> "PoolDemand":
+        return cls(tuple(tuple(sorted(bundle.items())) for bundle in bundles), expires_at)
+
+
+def standing_request(demands: dict[str, PoolDemand], now: float) -> list[Bundle]:
+    """The request that covers every live pool on the cluster.
+
+    Ray's autoscaler keeps only the latest ``request_resources`` call, cluster-wide: a pool that
+    sent only its own bundles would cancel every other job's. So whoever changes its demand sends
+    the sum of all demands that have not expired, in a fixed order (by pool key)."""
+    return [dict(bundle) for key in sorted(demands) if demands[key].expires_at > now
+            for bundle in demands[key].bundles if bundle]

@@ -320,3 +320,16 @@ def test_values_are_frozen():
         PoolState().since = 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         PoolDecision(1, "x").replicas = 2
+
+
+def test_standing_request_sums_live_pools_in_key_order():
+    from polydistill.cluster.autoscaling import PoolDemand, standing_request
+
+    demands = {
+        "ns/b/teacher": PoolDemand.of([{"CPU": 1.0}], expires_at=50.0),
+        "ns/a/teacher": PoolDemand.of([{"GPU": 1.0}, {"GPU": 1.0}], expires_at=50.0),
+        "ns/c/teacher": PoolDemand.of([{"GPU": 1.0}], expires_at=10.0),  # expired: its pool is gone
+        "ns/d/teacher": PoolDemand.of([{}], expires_at=50.0),  # a replica that asks for nothing
+    }
+    assert standing_request(demands, now=20.0) == [{"GPU": 1.0}, {"GPU": 1.0}, {"CPU": 1.0}]
+    assert standing_request(demands, now=60.0) == []
