@@ -1,18 +1,23 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgpack
 import numpy as np
 import pytest
 
+from polydistill.storage.schema import declared_fields, integers, text
 from polydistill.storage.wire import (
     SCHEMA_VERSION,
     Knowledge,
     SoftLabels,
+    TeacherVote,
     WireError,
     WireVersionError,
     WorkBatch,
     decode,
     encode,
+    knowledge_nbytes,
     topk_soft_labels,
 )
 
@@ -340,3 +345,37 @@ def test_second_texts_and_the_students_own_ids_round_trip_and_are_checked():
         WorkBatch(**base, student_input_ids=np.ones((2, 3), np.int32))
     with pytest.raises(WireError, match="pair_input_ids"):
         WorkBatch(**base, pair_input_ids=np.ones((3, 3), np.int32), pair_attention_mask=np.ones((3, 3), np.uint8))
+
+
+# -- the declaration ----------------------------------------------------------- #
+
+
+def test_a_field_without_a_wire_declaration_is_refused():
+    @dataclass(frozen=True)
+    class Reading:
+        sample_ids: np.ndarray = integers(np.int64)
+        note: str = text()
+        forgotten: int = 0
+
+    with pytest.raises(TypeError, match="Reading.forgotten has no wire declaration"):
+        declared_fields(Reading)
+
+
+def test_knowledge_bytes_by_part_count_every_array():
+    base = make_work()
+    work = WorkBatch(**{**vars(base), "token_labels": np.zeros((N, L), np.int64),
+                        "pair_input_ids": np.ones((N, 2), np.int32), "pair_attention_mask": np.ones((N, 2), np.uint8)})
+    votes = (TeacherVote("teacher", np.zeros((N, C), np.float32), np.ones(N, np.uint8)),
+             TeacherVote("africa", np.zeros((N, C), np.float32), np.ones(N, np.uint8)))
+    soft = topk_soft_labels(np.zeros((N, 2, C), np.float32), k=4)
+    knowledge = Knowledge(work=work, teacher_id="t", soft=soft, hidden_states={2: np.zeros((N, L, H), np.float16)},
+                          attentions={1: np.zeros((N, HEADS, L, L), np.float16)}, ensemble=votes,
+                          target_ids=np.zeros((N, 2), np.int32))
+    work_bytes = N * 8 + N * L * 4 + N * L + N * 8 + N * L * 8 + N * 2 * 4 + N * 2
+    topk_bytes = N * 2 * 4 * 4 + N * 2 * 4 * 4 + N * 2 * 4
+    assert knowledge_nbytes(knowledge) == {
+        "work": work_bytes, "soft": topk_bytes + 2 * (N * C * 4 + N), "hidden_states": N * L * H * 2,
+        "attentions": N * HEADS * L * L * 2, "embeddings": 0, "target_ids": N * 2 * 4,
+    }
+    assert len(encode(knowledge)) > sum(knowledge_nbytes(knowledge).values())
+    assert knowledge_nbytes(Knowledge(work=base, teacher_id="t"))["soft"] == 0
