@@ -7,8 +7,12 @@ each a valid ``wire.Knowledge`` of its own:
 
 - split by samples: consecutive runs of the batch's rows, as evenly sized as the limit allows;
 - a single sample still too large is split along the sequence into token windows, which needs
-  knowledge that is per token only (no attention maps, pooled embeddings, per-sample soft labels,
-  parallel pairs or the student's own token ids); otherwise ``ChunkError`` says what to reduce.
+  knowledge that is per token only (no attention maps, pooled embeddings, per-sample soft labels or
+  votes, decoder targets, parallel pairs or the student's own token ids); otherwise ``ChunkError``
+  says what to reduce.
+
+What splits how, and how chunks join again, follows from the wire declaration (``storage/schema.py``),
+so every field of a message, present or future, travels in its chunks and comes back whole.
 
 Which chunk of how many a message is travels in its teacher id (``"teacher-0 chunk 2/3"``, see
 ``chunk_teacher_id``), so the wire schema is unchanged and log lines name the chunk. (An optional
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from polydistill.storage import wire
+from polydistill.storage import schema, wire
 
 log = logging.getLogger(__name__)
 
@@ -130,82 +134,75 @@ def plan_pieces(n_samples: int, seq_len: int, bytes_per_sample: int, limit: int,
     if not windowable:
         raise ChunkError(
             f"the knowledge of a single sample takes about {bytes_per_sample:,} bytes, more than the message limit of "
-            f"{limit:,}, and this knowledge (attention maps, pooled embeddings, per-sample soft labels, parallel pairs "
-            "or the student's own token ids) cannot be split along the sequence: lower data.max_length, "
-            "raise distill.knowledge_message_bytes, or ask for fewer features"
+            f"{limit:,}, and this knowledge (attention maps, pooled embeddings, per-sample soft labels or votes, "
+            "decoder targets, parallel pairs or the student's own token ids) cannot be split along the sequence: lower "
+            "data.max_length, raise distill.knowledge_message_bytes, or ask for fewer features"
         )
     windows = plan_token_windows(seq_len, math.ceil(bytes_per_sample / seq_len), limit)
     return [Piece(slice(row, row + 1), window) for row in range(n_samples) for window in windows]
 
 
 # -- splitting (teacher side) ---------------------------------------------------------------------
-
-# WorkBatch fields: the batch's identity, the tokens (split into windows along the sequence), and
-# everything else, one row per sample (sample ids, labels, parallel pairs, the student's own ids...):
-# new per-sample fields of the wire follow chunks without a change here.
-_IDENTITY = ("job_id", "epoch", "batch_id", "task")
-_TOKENS = ("input_ids", "attention_mask")
-
-
-def _row_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(wire.WorkBatch) if f.name not in (*_IDENTITY, *_TOKENS, "languages")]
-
-
-def _arrays(knowledge: wire.Knowledge) -> list[np.ndarray]:
-    work, soft = knowledge.work, knowledge.soft
-    parts = [getattr(work, name) for name in (*_TOKENS, *_row_fields())]
-    parts += [knowledge.embeddings, knowledge.target_ids, *knowledge.hidden_states.values(),
-              *knowledge.attentions.values()]
-    if soft is not None:
-        parts += [soft.logits, soft.topk_values, soft.topk_indices, soft.topk_logsumexp]
-    return [array for array in parts if array is not None]
+#
+# How each part splits comes from the wire declaration (storage/schema.py): every array, tuple of
+# language codes and layer map holds the batch's rows on its first axis; arrays that run along the
+# input's tokens also split into windows on their second axis, while a row's other entries (its id,
+# its label) travel in each of its windows; text and numbers are the same in every chunk. A new wire
+# field follows chunks without a change here.
 
 
 def bytes_per_sample(knowledge: wire.Knowledge) -> int:
     """Encoded payload bytes one sample adds to a message: its share of every array (they all have
-    the batch's rows as their first axis) and its language code."""
-    work = knowledge.work
-    arrays = sum(array.nbytes for array in _arrays(knowledge))
-    language = max(len(code.encode()) for code in work.languages) + 5  # msgpack str header
-    return math.ceil(arrays / work.n_samples) + language
+    the batch's rows as their first axis) and its strings (language codes)."""
+    array_bytes, string_bytes = 0, 0
+    for spec, value in schema.leaves(knowledge):
+        if spec.kind is schema.Kind.TEXTS:
+            string_bytes += max(len(string.encode()) for string in value) + 5  # msgpack str header
+        else:
+            array_bytes += value.nbytes
+    return math.ceil(array_bytes / knowledge.work.n_samples) + string_bytes
 
 
 def windowable(knowledge: wire.Knowledge) -> bool:
-    """Whether every per-sample part of this knowledge splits along the sequence: per-token knowledge
-    only, and no per-sample rows of their own length (parallel pairs, the student's own token ids)."""
-    soft, work = knowledge.soft, knowledge.work
-    rows_1d = all(getattr(work, name) is None or getattr(work, name).ndim == 1 for name in _row_fields())
-    return (rows_1d and not knowledge.attentions and knowledge.embeddings is None and knowledge.target_ids is None
-            and (soft is None or soft.per_token))
+    """Whether every per-sample part of this knowledge splits along the input's tokens: arrays that run
+    along them, and one value per row (ids, labels) that each window repeats. Attention maps, pooled
+    embeddings, per-sample soft labels, votes, decoder targets and rows of their own length (parallel
+    pairs, the student's own token ids) do not."""
+    return all(spec.kind is schema.Kind.TEXTS or spec.runs_along_tokens(value) or value.ndim == 1
+               for spec, value in schema.leaves(knowledge))
 
 
 def slice_knowledge(knowledge: wire.Knowledge, piece: Piece, teacher_id: str, teacher_seconds: float) -> wire.Knowledge:
     """The part of ``knowledge`` that ``piece`` covers, as a valid message of its own."""
-    work, rows, tokens = knowledge.work, piece.samples, piece.tokens
-    cut = (rows, tokens)
+    # Whole rows are cut on the sample axis alone: a decoder's per-token soft labels run along its
+    # target, not along the input.
+    tokens = None if piece.tokens == slice(0, knowledge.work.seq_len) else piece.tokens
+    part = _taken_fields(knowledge, piece.samples, tokens)
+    return wire.Knowledge(**{**part, "teacher_id": teacher_id, "teacher_seconds": teacher_seconds})
 
-    def optional(array: np.ndarray | None) -> np.ndarray | None:
-        return None if array is None else array[rows]
 
-    part = wire.WorkBatch(
-        **{name: getattr(work, name) for name in _IDENTITY},
-        **{name: getattr(work, name)[cut] for name in _TOKENS},
-        **{name: optional(getattr(work, name)) for name in _row_fields()},
-        languages=work.languages[rows],
-    )
-    soft = knowledge.soft
-    if soft is not None:
-        where = cut if soft.per_token else (rows,)
-        soft = (wire.SoftLabels(logits=soft.logits[where]) if soft.logits is not None else
-                wire.SoftLabels(topk_values=soft.topk_values[where], topk_indices=soft.topk_indices[where],
-                                topk_logsumexp=soft.topk_logsumexp[where]))
-    return wire.Knowledge(
-        work=part, teacher_id=teacher_id, soft=soft,
-        hidden_states={layer: array[cut] for layer, array in knowledge.hidden_states.items()},
-        attentions={layer: array[rows] for layer, array in knowledge.attentions.items()},
-        embeddings=optional(knowledge.embeddings), teacher_seconds=teacher_seconds,
-        target_ids=optional(knowledge.target_ids),
-    )
+def _taken_fields(message, rows: slice, tokens: slice | None) -> dict:
+    return {name: _take(getattr(message, name), spec, rows, tokens)
+            for name, spec in schema.declared_fields(type(message))}
+
+
+def _take(value, spec: schema.Spec, rows: slice, tokens: slice | None):
+    kind = spec.kind
+    if value is None or kind in schema.SHARED_KINDS:
+        return value
+    if kind is schema.Kind.MESSAGE:
+        return type(value)(**_taken_fields(value, rows, tokens))
+    if kind is schema.Kind.MESSAGES:
+        return tuple(type(item)(**_taken_fields(item, rows, tokens)) for item in value)
+    if kind is schema.Kind.LAYERS:
+        return {layer: _take_array(array, spec, rows, tokens) for layer, array in value.items()}
+    if kind is schema.Kind.TEXTS:
+        return value[rows]
+    return _take_array(value, spec, rows, tokens)
+
+
+def _take_array(array: np.ndarray, spec: schema.Spec, rows: slice, tokens: slice | None) -> np.ndarray:
+    return array[rows, tokens] if tokens is not None and spec.runs_along_tokens(array) else array[rows]
 
 
 def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_BYTES) -> list[bytes]:
@@ -213,7 +210,8 @@ def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_
     when it fits, else chunks tagged ``chunk i/K`` in order (see the module docstring)."""
     if limit > wire.MAX_MESSAGE_BYTES:
         raise ValueError(f"a message limit of {limit:,} bytes exceeds the wire's {wire.MAX_MESSAGE_BYTES:,}")
-    framing = MESSAGE_FRAMING_BYTES + ARRAY_FRAMING_BYTES * len(_arrays(knowledge)) + len(knowledge.teacher_id)
+    n_arrays = sum(1 for _ in schema.arrays(knowledge))
+    framing = MESSAGE_FRAMING_BYTES + ARRAY_FRAMING_BYTES * n_arrays + len(knowledge.teacher_id)
     budget = limit - framing
     if budget < 1:
         raise ChunkError(f"a message limit of {limit:,} bytes leaves no room for the {framing:,} bytes of framing: "
@@ -246,54 +244,61 @@ def merge_chunks(chunks: list[wire.Knowledge]) -> wire.Knowledge:
             tag.count != len(chunks) for tag in tags):
         raise wire.WireError(f"merge_chunks needs chunks 1..K of one batch in order, got "
                              f"{[chunk.teacher_id for chunk in chunks]}")
+    # The chunks differ in their teacher ids (the tags) and seconds (each its share); all else must agree.
+    alike = [dataclasses.replace(chunk, teacher_id=tags[0].teacher_id, teacher_seconds=0.0) for chunk in chunks]
     rows: list[list[wire.Knowledge]] = []
-    for chunk in chunks:
+    for chunk in alike:
         if rows and np.array_equal(rows[-1][0].work.sample_ids, chunk.work.sample_ids):
             rows[-1].append(chunk)  # the next token window of the same row
         else:
             rows.append([chunk])
-    joined = [_join(group, axis=1) for group in rows]
-    whole = _join(joined, axis=0)
-    return wire.Knowledge(work=whole.work, teacher_id=tags[0].teacher_id, soft=whole.soft,
-                          hidden_states=whole.hidden_states, attentions=whole.attentions,
-                          embeddings=whole.embeddings, target_ids=whole.target_ids,
-                          teacher_seconds=sum(chunk.teacher_seconds for chunk in chunks))
+    whole = _join([_join(windows, along_tokens=True) for windows in rows], along_tokens=False)
+    return dataclasses.replace(whole, teacher_seconds=sum(chunk.teacher_seconds for chunk in chunks))
 
 
-def _join(parts: list[wire.Knowledge], axis: int) -> wire.Knowledge:
-    """Concatenates knowledge along rows (axis 0) or tokens (axis 1, one row's windows)."""
+def _join(parts: list, along_tokens: bool, where: str = "knowledge"):
+    """One message from its parts: one row's token windows (``along_tokens``), or consecutive rows."""
     if len(parts) == 1:
         return parts[0]
-    first, works = parts[0], [part.work for part in parts]
+    return type(parts[0])(**{
+        name: _join_field([getattr(part, name) for part in parts], spec, along_tokens, f"{where}.{name}")
+        for name, spec in schema.declared_fields(type(parts[0]))
+    })
 
-    def cat(arrays: list[np.ndarray | None], along: int) -> np.ndarray | None:
-        return None if arrays[0] is None else np.concatenate(arrays, axis=along)
 
-    # Per-sample fields are shared by a row's windows (take the first) and stacked across rows.
-    per_sample = (lambda arrays: arrays[0]) if axis == 1 else (lambda arrays: cat(arrays, 0))
-    work = wire.WorkBatch(
-        **{name: getattr(first.work, name) for name in _IDENTITY},
-        **{name: cat([getattr(w, name) for w in works], axis) for name in _TOKENS},
-        **{name: per_sample([getattr(w, name) for w in works]) for name in _row_fields()},
-        languages=first.work.languages if axis == 1 else tuple(code for w in works for code in w.languages),
-    )
-    soft = first.soft
-    if soft is not None:
-        along = axis if soft.per_token else 0
-        softs = [part.soft for part in parts]
-        if soft.logits is not None:
-            soft = wire.SoftLabels(logits=cat([s.logits for s in softs], along))
-        else:
-            soft = wire.SoftLabels(topk_values=cat([s.topk_values for s in softs], along),
-                                   topk_indices=cat([s.topk_indices for s in softs], along),
-                                   topk_logsumexp=cat([s.topk_logsumexp for s in softs], along))
-    return wire.Knowledge(
-        work=work, teacher_id=first.teacher_id, soft=soft,
-        hidden_states={layer: cat([p.hidden_states[layer] for p in parts], axis) for layer in first.hidden_states},
-        attentions={layer: cat([p.attentions[layer] for p in parts], 0) for layer in first.attentions},
-        embeddings=per_sample([p.embeddings for p in parts]),
-        target_ids=per_sample([p.target_ids for p in parts]),
-    )
+def _join_field(values: list, spec: schema.Spec, along_tokens: bool, where: str):
+    kind, first = spec.kind, values[0]
+    if kind in schema.SHARED_KINDS:
+        _require_agreement(values, where)
+        return first
+    if any(value is None for value in values):
+        _require_agreement([value is None for value in values], f"{where} (present or not)")
+        return None
+    if kind is schema.Kind.MESSAGE:
+        return _join(values, along_tokens, where)
+    if kind is schema.Kind.MESSAGES:
+        _require_agreement([len(value) for value in values], f"{where} (how many)")
+        return tuple(_join(list(items), along_tokens, f"{where}[{position}]")
+                     for position, items in enumerate(zip(*values)))
+    if kind is schema.Kind.LAYERS:
+        _require_agreement([list(value) for value in values], f"{where} (which layers)")
+        return {layer: _join_arrays([value[layer] for value in values], spec, along_tokens) for layer in first}
+    if kind is schema.Kind.TEXTS:
+        return first if along_tokens else tuple(string for value in values for string in value)
+    return _join_arrays(values, spec, along_tokens)
+
+
+def _join_arrays(arrays: list[np.ndarray], spec: schema.Spec, along_tokens: bool) -> np.ndarray:
+    if not along_tokens:
+        return np.concatenate(arrays, axis=0)
+    # One row's windows: what runs along the tokens joins up, the row's other entries are in each window.
+    return np.concatenate(arrays, axis=1) if spec.runs_along_tokens(arrays[0]) else arrays[0]
+
+
+def _require_agreement(values: list, where: str) -> None:
+    for value in values[1:]:
+        if value != values[0]:
+            raise wire.WireError(f"the chunks of one batch disagree on {where}: {values[0]!r} and {value!r}")
 
 
 @dataclass

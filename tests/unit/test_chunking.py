@@ -1,9 +1,12 @@
 """A batch's knowledge in chunks under a message limit: the plan, the split, the reassembly, the gathering."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from polydistill.storage import wire
+from polydistill.storage.schema import declared_fields
 from polydistill.storage.chunking import (
     ChunkError,
     ChunkGather,
@@ -84,6 +87,68 @@ def classifier_knowledge(n=5, length=32, hidden=64, attentions=False) -> wire.Kn
     )
 
 
+def several_teacher_knowledge(n=6, length=16, hidden=32) -> wire.Knowledge:
+    """As the last teacher of a several-teacher job publishes it: the votes instead of soft labels, and
+    hidden states from the first teacher; "africa" served only some rows."""
+    rng = np.random.default_rng(2)
+    work = wire.WorkBatch(job_id="job", epoch=0, batch_id=5, sample_ids=np.arange(n),
+                          languages=tuple("swh_Latn" if i % 3 else "eng_Latn" for i in range(n)),
+                          input_ids=rng.integers(0, 30, size=(n, length)),
+                          attention_mask=np.ones((n, length), np.uint8), labels=np.arange(n) % 4)
+    served = np.array([i % 3 != 0 for i in range(n)], np.uint8)
+    votes = (wire.TeacherVote("teacher", rng.normal(size=(n, 4)).astype(np.float32), np.ones(n, np.uint8)),
+             wire.TeacherVote("africa", rng.normal(size=(n, 4)).astype(np.float32) * served[:, None], served))
+    return wire.Knowledge(work=work, teacher_id="teacher-0", ensemble=votes,
+                          hidden_states={1: rng.normal(size=(n, length, hidden)).astype(np.float16)},
+                          teacher_seconds=0.9)
+
+
+def every_field_knowledge(n=24, length=8, target_length=12) -> wire.Knowledge:
+    """Knowledge with every wire field filled in, per-token top-k soft labels along a decoder target
+    longer than the input among them."""
+    rng = np.random.default_rng(3)
+    ones = np.ones((n, length), np.uint8)
+    work = wire.WorkBatch(job_id="job", epoch=2, batch_id=7, sample_ids=np.arange(n), languages=("fra_Latn",) * n,
+                          input_ids=rng.integers(0, 30, size=(n, length)), attention_mask=ones,
+                          labels=np.arange(n) % 3, pair_input_ids=rng.integers(0, 30, size=(n, length + 1)),
+                          pair_attention_mask=np.ones((n, length + 1), np.uint8),
+                          token_labels=rng.integers(-1, 30, size=(n, length)),
+                          student_input_ids=rng.integers(0, 30, size=(n, length + 2)),
+                          student_attention_mask=np.ones((n, length + 2), np.uint8), task="translation")
+    votes = (wire.TeacherVote("teacher", rng.normal(size=(n, 3)).astype(np.float32), np.ones(n, np.uint8)),)
+    return wire.Knowledge(
+        work=work, teacher_id="teacher-3",
+        soft=wire.topk_soft_labels(rng.normal(size=(n, target_length, 20)).astype(np.float32), 4),
+        hidden_states={0: rng.normal(size=(n, length, 16)).astype(np.float16)},
+        attentions={1: rng.random((n, 2, length, length)).astype(np.float16)},
+        embeddings=rng.normal(size=(n, 16)).astype(np.float32), teacher_seconds=1.5, ensemble=votes,
+        target_ids=rng.integers(0, 20, size=(n, target_length)).astype(np.int32),
+    )
+
+
+def assert_fields_equal(got, want, where: str = "knowledge") -> None:
+    """Every field of two messages equal, nested messages and arrays (with their dtypes) included."""
+    assert type(got) is type(want), where
+    if isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape, where
+        np.testing.assert_array_equal(got, want, err_msg=where)
+    elif dataclasses.is_dataclass(want):
+        for field in dataclasses.fields(want):
+            assert_fields_equal(getattr(got, field.name), getattr(want, field.name), f"{where}.{field.name}")
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            assert_fields_equal(got[key], want[key], f"{where}[{key}]")
+    elif isinstance(want, tuple) and want and dataclasses.is_dataclass(want[0]):
+        assert len(got) == len(want), where
+        for position, (got_item, want_item) in enumerate(zip(got, want)):
+            assert_fields_equal(got_item, want_item, f"{where}[{position}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want), where  # teacher seconds: the chunks' shares summed
+    else:
+        assert got == want, where
+
+
 def assert_same(a: wire.Knowledge, b: wire.Knowledge) -> None:
     assert wire.encode(wire.Knowledge(**{**vars(a), "teacher_seconds": 0.0})) == wire.encode(
         wire.Knowledge(**{**vars(b), "teacher_seconds": 0.0}))
@@ -131,6 +196,59 @@ def test_classifier_knowledge_with_features_splits_by_rows():
     assert len(chunks) >= 2
     assert all(chunk.work.student_input_ids.shape == (chunk.work.n_samples, 35) for chunk in chunks)
     assert_same(merge_chunks(chunks), knowledge)
+
+
+def test_several_teachers_votes_survive_chunking_and_mix_to_the_same_soft_labels():
+    from polydistill.student.trainer import ensemble_soft_labels
+
+    knowledge = several_teacher_knowledge()
+    chunks = decode_all(knowledge_messages(knowledge, len(wire.encode(knowledge)) // 2))
+    assert len(chunks) >= 2
+    for chunk in chunks:  # each chunk carries its own rows' votes
+        assert [vote.teacher for vote in chunk.ensemble] == ["teacher", "africa"]
+        assert all(vote.logits.shape[0] == chunk.work.n_samples for vote in chunk.ensemble)
+    merged = merge_chunks(chunks)
+    assert_fields_equal(merged, knowledge)
+    weights = {"teacher": 1.0, "africa": 3.0}
+    whole = ensemble_soft_labels(knowledge, weights, temperature=2.0)
+    assert_fields_equal(ensemble_soft_labels(merged, weights, temperature=2.0), whole)
+
+
+def test_the_every_field_knowledge_leaves_no_field_empty():
+    knowledge = every_field_knowledge()  # (soft labels: one of their two forms; the tests above cover both)
+    for message in (knowledge, knowledge.work, knowledge.ensemble[0]):
+        values = {name: getattr(message, name) for name, _ in declared_fields(type(message))}
+        empty = [name for name, value in values.items()
+                 if value is None or (isinstance(value, (tuple, dict)) and not value)]
+        assert empty == [], f"fill in {type(message).__name__}.{empty} so that the chunking tests cover it"
+
+
+def test_every_field_survives_chunking_by_rows():
+    knowledge = every_field_knowledge()
+    assert not windowable(knowledge)
+    chunks = decode_all(knowledge_messages(knowledge, len(wire.encode(knowledge)) // 2))
+    assert len(chunks) >= 2
+    assert all(chunk.soft.topk_values.shape[1] == 12 for chunk in chunks)  # along the target, not the input
+    assert_fields_equal(merge_chunks(chunks), knowledge)
+
+
+def test_per_token_labels_travel_in_token_windows():
+    lm = lm_knowledge(n=2, length=64, k=32)
+    masked = np.where(np.arange(64) % 5 == 0, lm.work.input_ids, -100)  # masked LM: labels at masked positions
+    knowledge = wire.Knowledge(work=wire.WorkBatch(**{**vars(lm.work), "token_labels": masked}),
+                               teacher_id="teacher-0", soft=lm.soft, teacher_seconds=0.5)
+    assert windowable(knowledge)
+    chunks = decode_all(knowledge_messages(knowledge, 1500 + bytes_per_sample(knowledge) // 3))
+    assert all(chunk.work.n_samples == 1 for chunk in chunks) and len(chunks) >= 2 * 3
+    assert_fields_equal(merge_chunks(chunks), knowledge)
+
+
+def test_chunks_that_disagree_are_refused():
+    knowledge = several_teacher_knowledge()
+    *chunks, last = decode_all(knowledge_messages(knowledge, len(wire.encode(knowledge)) // 2))
+    swapped = wire.Knowledge(**{**vars(last), "ensemble": last.ensemble[::-1]})  # the votes in another order
+    with pytest.raises(wire.WireError, match=r"disagree on knowledge\.ensemble\[0\]\.teacher"):
+        merge_chunks([*chunks, swapped])
 
 
 def test_rows_of_their_own_length_cannot_travel_in_token_windows():
