@@ -11,7 +11,7 @@ divergence between them is a lower bound of the divergence over the full vocabul
 processing inequality): the student is held to exactly what the teacher sent, no more.
 
 Temperature is applied on the student's side only (``log_softmax(z_S / T)``): the teacher's bucket
-distribution is exact only at T = 1 (its tail at another T would be a guess, see
+distribution is exact only at T = 1 (the wire does not carry its tail at another T, see
 ``student.losses.soft_label_kl_topk``). With the default T = 1 this is plain matching; with T > 1
 the student is trained so that its *softened* distribution matches the teacher's, i.e. its own
 logits end up sharper than the teacher's. Like TRL's GKD losses, no T² factor is applied.
@@ -32,7 +32,9 @@ student. Every loss here therefore uses positions 0..L−2 of both the student's
 teacher's top-k (``[:, :-1]``), and counts position t only when token t + 1 is a real token
 (``next_token_mask``): the last real token predicts nothing in the text and padding predicts
 nothing at all. The divergence is averaged over those counted positions of the whole batch
-(token-weighted, as TRL's GKD does), and so is the hard next-token cross-entropy.
+(token-weighted, as TRL's GKD does), and so is the hard next-token cross-entropy. Positions that
+do not count are never read (``student.losses.select_valid``), and a batch in which none counts
+gives 0.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polydistill.student.losses import _log1mexp, _wide_float, masked_mean
+from polydistill.student.losses import (
+    _log1mexp,
+    _select_valid_topk,
+    _wide_float,
+    hard_label_ce,
+    masked_mean,
+    select_valid,
+)
 
 LMLossKind = Literal["forward_kl", "reverse_kl", "gjs"]
 LM_LOSS_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "gjs")
@@ -152,16 +161,24 @@ def lm_distillation_loss(
     logsumexp and mask ``[n, L]``."""
     if student_logits.ndim != 3:
         raise ValueError(f"expected student logits [n, L, V], got {tuple(student_logits.shape)}")
-    teacher, student = topk_buckets(student_logits[:, :-1], topk_values[:, :-1], topk_indices[:, :-1],
-                                    topk_logsumexp[:, :-1], temperature=temperature)
-    return masked_mean(divergence(teacher, student, kind, beta), next_token_mask(attention_mask))
+    counted = next_token_mask(attention_mask)
+    student = select_valid(student_logits[:, :-1], counted)
+    message = _select_valid_topk(topk_values[:, :-1], topk_indices[:, :-1], topk_logsumexp[:, :-1], counted,
+                                 num_classes=student_logits.shape[-1])
+    teacher_log_probs, student_log_probs = topk_buckets(student, *message, temperature=temperature)
+    return masked_mean(divergence(teacher_log_probs, student_log_probs, kind, beta), counted)
 
 
 def next_token_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(−log q(token t+1 | ≤ t) ``[n, L-1]``, the mask of positions that count ``[n, L-1]``)."""
-    log_probs = F.log_softmax(_wide_float(logits[:, :-1]), dim=-1)
-    nll = -log_probs.gather(-1, input_ids[:, 1:].long().unsqueeze(-1)).squeeze(-1)
-    return nll, next_token_mask(attention_mask)
+    """(−log q(token t+1 | ≤ t) ``[n, L-1]``, the mask of positions that count ``[n, L-1]``).
+
+    Neither the logits nor the ids of a position that does not count are read: its nll is that of
+    a uniform prediction of token 0, finite and meaningless, for the caller to mask out."""
+    counted = next_token_mask(attention_mask)
+    log_probs = F.log_softmax(_wide_float(select_valid(logits[:, :-1], counted)), dim=-1)
+    next_ids = select_valid(input_ids[:, 1:], counted, fill=0).long()
+    nll = -log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+    return nll, counted
 
 
 def next_token_ce(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -173,6 +190,10 @@ def next_token_ce(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> 
 # -- masked LM (task: masked-lm) -----------------------------------------------------------------
 # No shift: the logits at a masked position predict the token that was there. Only masked
 # positions count (``token_labels`` != -100); the teacher saw the same corrupted input.
+# These losses select the counted positions by boolean indexing rather than `select_valid`: a
+# masked-LM batch hides about one position in seven, and computing over the vocabulary at the
+# others only to discard them would cost several times the memory. Indexing is a selection all
+# the same: nothing outside it is read, and its gradient there is exactly 0.
 
 def masked_positions(token_labels: Tensor) -> Tensor:
     """``[n, L]`` bool: the positions a masked-LM batch hid (labels other than -100)."""
@@ -191,14 +212,15 @@ def masked_lm_distillation_loss(
     beta: float = 0.5,
 ) -> Tensor:
     """The chosen divergence at the masked positions, averaged over them (shapes as
-    ``lm_distillation_loss``, ``token_labels`` ``[n, L]``)."""
-    where = masked_positions(token_labels)
-    teacher, student = topk_buckets(student_logits[where], topk_values[where], topk_indices[where],
-                                    topk_logsumexp[where], temperature=temperature)
-    return divergence(teacher, student, kind, beta).mean()
+    ``lm_distillation_loss``, ``token_labels`` ``[n, L]``); 0 when no position is masked."""
+    counted = masked_positions(token_labels)
+    teacher_log_probs, student_log_probs = topk_buckets(
+        student_logits[counted], topk_values[counted], topk_indices[counted], topk_logsumexp[counted],
+        temperature=temperature)
+    return masked_mean(divergence(teacher_log_probs, student_log_probs, kind, beta))
 
 
 def masked_lm_ce(student_logits: Tensor, token_labels: Tensor) -> Tensor:
-    """The hard term: cross-entropy on the original tokens of the masked positions."""
-    return F.cross_entropy(_wide_float(student_logits).reshape(-1, student_logits.shape[-1]),
-                           token_labels.reshape(-1).long(), ignore_index=-100)
+    """The hard term: cross-entropy on the original tokens of the masked positions; 0 when none is masked."""
+    counted = masked_positions(token_labels)
+    return hard_label_ce(student_logits[counted], token_labels[counted])

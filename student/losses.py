@@ -2,8 +2,10 @@
 
 Every function takes tensors and keyword options and returns a scalar tensor; nothing here
 reads config, holds state (except the learned `HiddenProjection`) or moves data between
-devices. Token-level losses compute one value per position and reduce through the single
-helper `masked_mean`, so padding is handled in exactly one place.
+devices. Padding is handled in one place: every input first goes through `select_valid`,
+which replaces the positions a mask leaves out before any arithmetic (so NaN or inf there
+reaches neither the loss nor a gradient), and per-position values reduce through
+`masked_mean`, which gives 0 rather than NaN when nothing counts.
 
 Shape conventions: ``n`` samples, ``L`` tokens, ``C`` classes (or vocabulary), ``d`` width,
 ``H`` heads. Logit losses accept ``[n, C]`` (sequence classification) or ``[n, L, C]``
@@ -30,29 +32,61 @@ DistanceKind = Literal["mse", "cosine"]
 # --------------------------------------------------------------------------- helpers
 
 
-def masked_mean(values: Tensor, mask: Tensor | None = None, *, dim: int | None = None) -> Tensor:
-    """Mean of `values` over the positions where `mask` is non-zero.
+def _positions_kept(mask: Tensor, values: Tensor) -> Tensor:
+    """`mask` as booleans expanded to the shape of `values`.
 
-    `mask` must broadcast to `values` (e.g. ``[n, L, 1]`` against ``[n, L, d]``). With
-    ``dim=None`` the result is a scalar; otherwise the mean is taken along `dim` only.
-    A reduction with no unmasked position returns 0 rather than NaN, so a batch made only of
-    padding contributes nothing instead of poisoning the optimiser.
+    A mask with as many dimensions as `values` broadcasts as usual (``[n, L, 1]`` against
+    ``[n, L, d]``); one with fewer names the leading dimensions (``[n, L]`` against
+    ``[n, L, C]``), the shape every loss here receives.
     """
-    if mask is None:
-        return values.mean() if dim is None else values.mean(dim=dim)
+    keep = mask.to(torch.bool)
+    if keep.dim() < values.dim() and keep.shape == values.shape[: keep.dim()]:
+        keep = keep.reshape(keep.shape + (1,) * (values.dim() - keep.dim()))
     try:
-        keep = mask.to(torch.bool).expand_as(values)
+        return keep.expand_as(values)
     except RuntimeError as error:
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to values of shape "
             f"{tuple(values.shape)}"
         ) from error
-    # where() rather than multiply: padded positions may hold inf/NaN (garbage logits), and
-    # inf * 0 would still be NaN.
-    kept = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def select_valid(values: Tensor, mask: Tensor | None, *, fill: float = 0.0) -> Tensor:
+    """`values` with every position that `mask` leaves out replaced by `fill`.
+
+    Every loss passes its inputs through here before any arithmetic. Padding may hold
+    anything (fp16 overflow, uninitialised memory on the wire, a student's inf at a position
+    that does not count), and multiplying by the mask does not contain it: the backward pass
+    still multiplies a zero gradient by derivatives taken at the garbage, and 0 · NaN or
+    0 · inf is NaN. Selecting first means no later operation ever reads the garbage, and the
+    gradient flowing back into a left-out position is exactly 0. `fill` is a stand-in chosen
+    by each loss so that its value and derivatives there are finite; the reduction
+    (`masked_mean`) then drops those positions.
+    """
+    if mask is None:
+        return values
+    stand_in = torch.full((), fill, dtype=values.dtype, device=values.device)
+    return torch.where(_positions_kept(mask, values), values, stand_in)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None, *, dim: int | None = None) -> Tensor:
+    """Mean of `values` over the positions where `mask` is non-zero.
+
+    `mask` follows `select_valid`'s shape rule (e.g. ``[n, L, 1]`` against ``[n, L, d]``).
+    With ``dim=None`` the result is a scalar; otherwise the mean is taken along `dim` only.
+    A reduction with no unmasked position (or over an empty tensor) returns 0 with a zero
+    gradient rather than NaN, so a batch made only of padding contributes nothing instead of
+    poisoning the optimiser.
+    """
+    if mask is None:
+        if values.numel() == 0:
+            return values.sum() if dim is None else values.sum(dim=dim)
+        return values.mean() if dim is None else values.mean(dim=dim)
+    kept = select_valid(values, mask)
+    count = _positions_kept(mask, values)
     if dim is None:
-        return kept.sum() / keep.sum().clamp_min(1)
-    return kept.sum(dim=dim) / keep.sum(dim=dim).clamp_min(1)
+        return kept.sum() / count.sum().clamp_min(1)
+    return kept.sum(dim=dim) / count.sum(dim=dim).clamp_min(1)
 
 
 def _wide_float(x: Tensor) -> Tensor:
@@ -109,8 +143,11 @@ def soft_label_kl(
     """
     _check_temperature(temperature)
     _check_same_shape(student_logits, teacher_logits, "soft_label_kl logits")
-    student_log_probs = F.log_softmax(_wide_float(student_logits) / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(_wide_float(teacher_logits) / temperature, dim=-1)
+    # Left-out positions become all-zero logits on both sides: a uniform pair, KL 0.
+    student = _wide_float(select_valid(student_logits, mask))
+    teacher = _wide_float(select_valid(teacher_logits, mask))
+    student_log_probs = F.log_softmax(student / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher / temperature, dim=-1)
     kl = _kl_per_position(teacher_log_probs, student_log_probs)
     return masked_mean(kl, mask) * temperature**2
 
@@ -133,7 +170,11 @@ def ensemble_log_probs(
     _check_temperature(temperature)
     if not teacher_logits or not len(teacher_logits) == len(served) == len(weights):
         raise ValueError(f"ensemble: {len(teacher_logits)} logits, {len(served)} masks, {len(weights)} weights")
-    log_probs = torch.stack([F.log_softmax(_wide_float(z) / temperature, dim=-1) for z in teacher_logits])
+    # A teacher's logits for rows it did not serve are padding: never read them.
+    log_probs = torch.stack([
+        F.log_softmax(_wide_float(select_valid(z, s)) / temperature, dim=-1)
+        for z, s in zip(teacher_logits, served)
+    ])
     share = torch.stack([s.to(log_probs.dtype) * float(w) for s, w in zip(served, weights)])  # [t, n]
     total = share.sum(0)
     if bool((total <= 0).any()):
@@ -141,6 +182,27 @@ def ensemble_log_probs(
         raise ValueError(f"ensemble: rows {rows[:10]} were served by no teacher")
     log_share = torch.log(share / total).unsqueeze(-1)  # -inf where a teacher did not serve the row
     return torch.logsumexp(log_share + log_probs, dim=0)
+
+
+def _select_valid_topk(
+    topk_values: Tensor,
+    topk_indices: Tensor,
+    topk_logsumexp: Tensor,
+    mask: Tensor | None,
+    *,
+    num_classes: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A teacher's top-k message through `select_valid`.
+
+    Left-out positions become a uniform teacher over `num_classes` (logits 0, log-sum-exp
+    log C) whose k ids all name class 0: valid ids for a gather however garbled the padding
+    was, and a tail mass 1 - k/C that keeps every log finite.
+    """
+    return (
+        select_valid(topk_values, mask),
+        select_valid(topk_indices, mask, fill=0),
+        select_valid(topk_logsumexp, mask, fill=math.log(num_classes)),
+    )
 
 
 def soft_label_kl_topk(
@@ -199,19 +261,22 @@ def soft_label_kl_topk(
     if not 0 < k <= num_classes:
         raise ValueError(f"top-k size k={k} must be in 1..{num_classes} (the student's classes)")
 
-    student_scaled = _wide_float(student_logits) / temperature
+    values, indices, full_lse = _select_valid_topk(
+        topk_values, topk_indices, topk_logsumexp, mask, num_classes=num_classes
+    )
+    student_scaled = _wide_float(select_valid(student_logits, mask)) / temperature
     student_log_probs = F.log_softmax(student_scaled, dim=-1)
-    indices = topk_indices.long()
+    indices = indices.long()
     student_topk = student_log_probs.gather(-1, indices)
-    teacher_topk_scaled = _wide_float(topk_values) / temperature
+    teacher_topk_scaled = _wide_float(values) / temperature
 
     tail_size = num_classes - k
     if tail_size == 0:
         kl = _kl_per_position(F.log_softmax(teacher_topk_scaled, dim=-1), student_topk)
         return masked_mean(kl, mask) * temperature**2
 
-    full_lse = _wide_float(topk_logsumexp)
-    teacher_tail_log_mass = _log1mexp(torch.logsumexp(_wide_float(topk_values), dim=-1) - full_lse)
+    full_lse = _wide_float(full_lse)
+    teacher_tail_log_mass = _log1mexp(torch.logsumexp(_wide_float(values), dim=-1) - full_lse)
     uniform_tail_logit = full_lse + teacher_tail_log_mass - math.log(tail_size)
     # log Σ_tail exp(z/T) under the uniform assumption; -inf when the tail mass is 0.
     teacher_tail_scaled = math.log(tail_size) + uniform_tail_logit / temperature
@@ -238,14 +303,15 @@ def hard_label_ce(student_logits: Tensor, labels: Tensor, *, ignore_index: int =
             f"labels shape {tuple(labels.shape)} must equal logits shape without the class "
             f"dimension {tuple(student_logits.shape[:-1])}"
         )
-    logits = _wide_float(student_logits)
+    counted = labels != ignore_index
+    logits = _wide_float(select_valid(student_logits, counted))
     per_position = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         labels.reshape(-1).long(),
         ignore_index=ignore_index,
         reduction="none",
     ).reshape(labels.shape)
-    return masked_mean(per_position, labels != ignore_index)
+    return masked_mean(per_position, counted)
 
 
 # --------------------------------------------------------------------------- feature losses
@@ -346,8 +412,12 @@ def hidden_state_loss(
     The distance is taken per token (MSE averaged over the width, or 1 - cosine) and then
     averaged over unmasked tokens. Different widths need a `projection`.
     """
-    student = _project_to_teacher(student_h, teacher_h, projection, "hidden_state_loss")
-    per_token = _vector_distance(student, teacher_h, kind)
+    # Select before projecting: garbage in a padded student state would reach the projection's
+    # weight gradient through the matrix product even with a zero gradient flowing back.
+    student = _project_to_teacher(
+        select_valid(student_h, mask), teacher_h, projection, "hidden_state_loss"
+    )
+    per_token = _vector_distance(student, select_valid(teacher_h, mask), kind)
     return masked_mean(per_token, mask)
 
 
@@ -360,7 +430,7 @@ def embedding_loss(
 ) -> Tensor:
     """Distance between pooled sentence embeddings ``[n, d]``, averaged over samples."""
     student = _project_to_teacher(student_emb, teacher_emb, projection, "embedding_loss")
-    return _vector_distance(student, teacher_emb, kind).mean()
+    return masked_mean(_vector_distance(student, teacher_emb, kind))
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -375,8 +445,9 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, *, mask: Tensor | N
     """KL(teacher || student) between attention distributions over keys.
 
     Inputs are post-softmax probabilities ``[n, H, L, L]`` (HF ``output_attentions``).
-    The KL is averaged over heads and unmasked query positions (`mask` is ``[n, L]``);
-    padded keys already carry zero probability in both models.
+    The KL is averaged over heads and unmasked query positions (`mask` is ``[n, L]``); the
+    rows of padded queries are never read. Keys are taken as given: padded keys carry zero
+    probability in a model's own maps.
     """
     if student_attn.dim() != 4 or teacher_attn.dim() != 4:
         raise ValueError(
@@ -390,8 +461,9 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, *, mask: Tensor | N
             "transfer attention across different head counts"
         )
     _check_same_shape(student_attn, teacher_attn, "attention_kl")
-    teacher = _wide_float(teacher_attn)
-    student = _wide_float(student_attn)
+    query_rows = None if mask is None else mask[:, None, :, None]  # [n, 1, queries, 1]
+    teacher = _wide_float(select_valid(teacher_attn, query_rows))
+    student = _wide_float(select_valid(student_attn, query_rows))
     # Clamp the student only: a student probability that underflows to 0 where the teacher
     # attends would make the loss inf; the teacher's zeros are handled by the 0·log 0 rule.
     student_log = student.clamp_min(torch.finfo(student.dtype).tiny).log()
@@ -410,7 +482,9 @@ def _relation_log_probs(
             f"{who} width {width} is not divisible by num_relation_heads={num_relation_heads}"
         )
     head_width = width // num_relation_heads
-    heads = _wide_float(x).view(n, length, num_relation_heads, head_width).transpose(1, 2)
+    # Padded vectors become 0 before the products: a garbage key would otherwise reach every
+    # real query's gradient through the matrix product, masked score or not.
+    heads = _wide_float(select_valid(x, key_mask)).view(n, length, num_relation_heads, head_width).transpose(1, 2)
     scores = heads @ heads.transpose(-1, -2) / (math.sqrt(head_width) * temperature)
     if key_mask is not None:
         # finfo.min, not -inf: a fully padded row then stays finite (uniform) instead of NaN,

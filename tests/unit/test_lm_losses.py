@@ -276,3 +276,28 @@ def test_masked_lm_losses_count_the_masked_positions_only():
     assert student.grad[0, 1].abs().sum() > 0
     ce = masked_lm_ce(student, labels)
     assert ce.item() == pytest.approx(float(-student[0, 1].detach().log_softmax(-1)[4]), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "gjs"])
+def test_masked_lm_losses_of_a_batch_with_no_masked_position_are_zero_with_zero_gradient(kind):
+    from polydistill.student.lm_losses import masked_lm_ce, masked_lm_distillation_loss
+
+    student = torch.randn(2, 3, 6, requires_grad=True)
+    values, indices, lse = topk_message(torch.randn(2, 3, 6), 2)
+    labels = torch.full((2, 3), -100)
+    distillation = masked_lm_distillation_loss(student, values, indices, lse, labels, kind=kind)
+    ce = masked_lm_ce(student, labels)
+    assert distillation.item() == 0.0 and ce.item() == 0.0
+    (distillation + ce).backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_causal_losses_of_a_batch_with_no_next_token_are_zero_with_zero_gradient():
+    # One-token rows and an all-padding row: no position predicts a real token.
+    student = torch.randn(2, 1, 6, requires_grad=True)
+    mask = torch.tensor([[1], [0]])
+    distillation = lm_distillation_loss(student, *topk_message(torch.randn(2, 1, 6), 2), mask)
+    ce = next_token_ce(student, torch.zeros(2, 1, dtype=torch.long), mask)
+    assert distillation.item() == 0.0 and ce.item() == 0.0
+    (distillation + ce).backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
