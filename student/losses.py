@@ -205,6 +205,19 @@ def _select_valid_topk(
     )
 
 
+def _bucket_logits(
+    topk_logits: Tensor, tail_log_sum: Tensor, tail_size: int, temperature: float
+) -> Tensor:
+    """Log-weights at temperature T of k classes and one tail bucket, ``[..., k + 1]``.
+
+    The tail is taken as `tail_size` equal logits whose exp sums to ``exp(tail_log_sum)`` at
+    T = 1, so its weight at T is ``tail_size · exp(mean_logit / T)``.
+    """
+    mean_tail_logit = tail_log_sum - math.log(tail_size)
+    tail = math.log(tail_size) + mean_tail_logit / temperature
+    return torch.cat([topk_logits / temperature, tail.unsqueeze(-1)], dim=-1)
+
+
 def soft_label_kl_topk(
     student_logits: Tensor,
     topk_values: Tensor,
@@ -220,29 +233,33 @@ def soft_label_kl_topk(
     logits (T = 1) and their class ids; ``topk_logsumexp`` ``[...]`` is logsumexp of the
     teacher's *full* logits at T = 1. Leading shapes match ``student_logits[..., 0]``.
 
-    What is exact: the teacher's mass outside the top-k at T = 1,
-    ``m = 1 - exp(logsumexp(topk_values) - topk_logsumexp)``, and the shape of the teacher
-    distribution inside the top-k at any T (ratios of exp(z/T) need only the top-k logits).
+    The KL is taken over k + 1 buckets, on both sides: the teacher's k top classes plus one
+    "tail" bucket for the other C - k. At T = 1 the teacher's buckets are exact (its top-k
+    log-probabilities are ``topk_values - topk_logsumexp``, its tail holds the rest,
+    ``m = 1 - exp(logsumexp(topk_values) - topk_logsumexp)``), the student's are read from
+    its own logits, and by the data-processing inequality the bucketed KL is <= the full KL.
 
-    What is approximated, and how: the tail's mass at T != 1 depends on how m is spread
-    over the C - k missing classes, which the teacher did not send. We assume it is spread
-    uniformly (each missing logit = topk_logsumexp + log(m / (C - k))). This is the
-    maximum-entropy choice, exact at T = 1 and whenever C - k == 1, and for T > 1 it is an
-    upper bound on the true tail mass (power-mean inequality), so the student is never told
-    the tail is lighter than it may be. The teacher at T is then the top-k softmax at T,
-    renormalised to share probability with that tail mass.
+    At T != 1 the teacher's tail bucket would need ``Σ_tail exp(z / T)``, which its T = 1
+    sum does not determine (tail logits {0, 0} and {ln 1.5, ln 0.5} share it at T = 1 but
+    not at T = 2), and the wire carries nothing else about the tail. So both sides are
+    softened by the same rule: each side's tail counts as C - k equal logits carrying that
+    side's exact T = 1 tail mass, and the k + 1 buckets are then softmaxed at T. This equals
+    `soft_label_kl` at T between student and teacher after each has had its tail logits
+    replaced by their log-mean-exp. The rule being the same on both sides, the loss is 0,
+    with a zero gradient, exactly when the student's T = 1 buckets match the teacher's (in
+    particular when the student equals the teacher), and the student's tail is held to its
+    total mass only: as far as the data goes, no further.
 
-    The KL is taken over k + 1 buckets: the k top classes plus one "tail" bucket. The
-    student's tail bucket is its exact mass outside the top-k at T. Comparing only total
-    tail mass (not a made-up per-class tail) constrains the student exactly as far as the
-    data allows; by the data-processing inequality this bucketed KL is <= the full KL.
-    Alternatives rejected: dropping the tail (renormalised top-k vs student) pushes the
-    student to put all its mass on k classes; spreading the tail per class materialises a
-    ``[..., C]`` teacher and trains the student towards a flat tail the teacher never had.
+    Alternatives rejected: comparing the teacher's tail softened this way with the student's
+    *true* tail mass at T is biased (a student equal to the teacher is pushed towards a flatter
+    tail); dropping the tail (renormalised top-k vs student) pushes the student to put all its
+    mass on k classes; spreading the tail per class materialises a ``[..., C]`` teacher and
+    trains the student towards a flat tail the teacher never had.
 
-    With k == C there is no tail and the result equals `soft_label_kl` on full logits.
-    The estimate of m is only as good as ``topk_logsumexp``: compute it in float32 from the
-    same logits the top-k came from, before any quantisation for the wire.
+    Exact, i.e. equal to `soft_label_kl` on full logits, when k == C (no tail) and whenever
+    C - k == 1 (a one-class tail is its own mean). The tail mass is only as good as
+    ``topk_logsumexp``: compute it in float32 from the same logits the top-k came from,
+    before any quantisation for the wire.
     """
     _check_temperature(temperature)
     num_classes = student_logits.shape[-1]
@@ -261,35 +278,25 @@ def soft_label_kl_topk(
     if not 0 < k <= num_classes:
         raise ValueError(f"top-k size k={k} must be in 1..{num_classes} (the student's classes)")
 
+    student = _wide_float(select_valid(student_logits, mask))
     values, indices, full_lse = _select_valid_topk(
         topk_values, topk_indices, topk_logsumexp, mask, num_classes=num_classes
     )
-    student_scaled = _wide_float(select_valid(student_logits, mask)) / temperature
-    student_log_probs = F.log_softmax(student_scaled, dim=-1)
-    indices = indices.long()
-    student_topk = student_log_probs.gather(-1, indices)
-    teacher_topk_scaled = _wide_float(values) / temperature
+    values, full_lse, indices = _wide_float(values), _wide_float(full_lse), indices.long()
+    student_topk = student.gather(-1, indices)
 
     tail_size = num_classes - k
     if tail_size == 0:
-        kl = _kl_per_position(F.log_softmax(teacher_topk_scaled, dim=-1), student_topk)
-        return masked_mean(kl, mask) * temperature**2
-
-    full_lse = _wide_float(full_lse)
-    teacher_tail_log_mass = _log1mexp(torch.logsumexp(_wide_float(values), dim=-1) - full_lse)
-    uniform_tail_logit = full_lse + teacher_tail_log_mass - math.log(tail_size)
-    # log Σ_tail exp(z/T) under the uniform assumption; -inf when the tail mass is 0.
-    teacher_tail_scaled = math.log(tail_size) + uniform_tail_logit / temperature
-    teacher_buckets = torch.cat([teacher_topk_scaled, teacher_tail_scaled.unsqueeze(-1)], dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_buckets, dim=-1)
-
-    student_outside_topk = student_scaled.scatter(-1, indices, float("-inf"))
-    student_tail_log_mass = torch.logsumexp(student_outside_topk, dim=-1) - torch.logsumexp(
-        student_scaled, dim=-1
+        teacher_buckets, student_buckets = values / temperature, student_topk / temperature
+    else:
+        # log Σ_tail exp(z) at T = 1 on each side; -inf for a teacher whose tail mass is 0.
+        teacher_tail = full_lse + _log1mexp(torch.logsumexp(values, dim=-1) - full_lse)
+        student_tail = torch.logsumexp(student.scatter(-1, indices, float("-inf")), dim=-1)
+        teacher_buckets = _bucket_logits(values, teacher_tail, tail_size, temperature)
+        student_buckets = _bucket_logits(student_topk, student_tail, tail_size, temperature)
+    kl = _kl_per_position(
+        F.log_softmax(teacher_buckets, dim=-1), F.log_softmax(student_buckets, dim=-1)
     )
-    student_buckets = torch.cat([student_topk, student_tail_log_mass.unsqueeze(-1)], dim=-1)
-
-    kl = _kl_per_position(teacher_log_probs, student_buckets)
     return masked_mean(kl, mask) * temperature**2
 
 

@@ -195,6 +195,65 @@ def test_topk_is_zero_when_student_equals_teacher_with_full_support():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize(("k", "num_classes"), [(1, 10), (3, 10), (5, 50), (8, 9), (10, 10)])
+def test_topk_is_zero_with_zero_gradient_when_student_equals_teacher(k, num_classes, temperature):
+    generator = torch.Generator().manual_seed(k * 100 + num_classes)
+    teacher = torch.randn(4, 3, num_classes, generator=generator, dtype=torch.float64) * 3
+    student = teacher.clone().requires_grad_()
+    loss = soft_label_kl_topk(student, *topk_message(teacher, k), temperature=temperature)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert student.grad.abs().max().item() < 1e-12
+
+
+def flatten_tail(logits: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
+    """`logits` with every class outside `topk_indices` set to the tail's log-mean-exp."""
+    in_topk = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, topk_indices, True)
+    tail = logits.masked_fill(in_topk, float("-inf"))
+    tail_size = logits.shape[-1] - topk_indices.shape[-1]
+    mean_logit = torch.logsumexp(tail, dim=-1, keepdim=True) - math.log(tail_size)
+    return torch.where(in_topk, logits, mean_logit)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+def test_topk_equals_full_kl_between_tail_flattened_logits(temperature):
+    # At T != 1 both sides' tails are softened as C - k equal logits with the side's own T = 1
+    # tail mass: the bucketed loss is the full soft-label KL after that flattening.
+    torch.manual_seed(5)
+    student = torch.randn(3, 5, 12, dtype=torch.float64)
+    teacher = torch.randn(3, 5, 12, dtype=torch.float64) * 3
+    mask = torch.ones(3, 5)
+    mask[2, 1:] = 0
+    values, indices, logsumexp = topk_message(teacher, 4)
+    full = soft_label_kl(
+        flatten_tail(student, indices), flatten_tail(teacher, indices), temperature=temperature, mask=mask
+    )
+    topk = soft_label_kl_topk(student, values, indices, logsumexp, temperature=temperature, mask=mask)
+    torch.testing.assert_close(topk, full, rtol=1e-10, atol=1e-12)
+
+
+def test_topk_trains_a_student_towards_the_teacher_at_t2():
+    torch.manual_seed(6)
+    teacher = torch.randn(8, 20) * 3
+    student = torch.randn(8, 20).requires_grad_()
+    message = topk_message(teacher, 4)
+    optimiser = torch.optim.Adam([student], lr=0.1)
+    start = soft_label_kl_topk(student, *message, temperature=2.0).item()
+    for _ in range(300):
+        optimiser.zero_grad()
+        soft_label_kl_topk(student, *message, temperature=2.0).backward()
+        optimiser.step()
+    assert soft_label_kl_topk(student, *message, temperature=2.0).item() < 1e-5 * start
+    # What the loss pins down: the student's T = 1 probabilities of the teacher's top-k classes.
+    torch.testing.assert_close(
+        student.detach().softmax(-1).gather(-1, message[1]),
+        teacher.softmax(-1).gather(-1, message[1]),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
 def test_topk_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="leading shape"):
         soft_label_kl_topk(
