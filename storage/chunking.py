@@ -221,6 +221,11 @@ def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_
                          windowable=windowable(knowledge))
     if len(pieces) == 1:
         payloads = [wire.encode(knowledge)]
+    elif is_chunk(knowledge):
+        # Tags do not nest: a chunk of a chunk would be gathered as a chunk of its batch, and rows lost.
+        raise ChunkError(f"the knowledge of {knowledge.teacher_id!r} is one chunk of a batch already and would "
+                         f"need {len(pieces)} messages of its own (a later teacher of a several-teacher job added "
+                         "to it): raise distill.knowledge_message_bytes")
     else:
         seconds = knowledge.teacher_seconds / len(pieces)
         payloads = [

@@ -243,6 +243,15 @@ def test_per_token_labels_travel_in_token_windows():
     assert_fields_equal(merge_chunks(chunks), knowledge)
 
 
+def test_a_chunk_is_not_split_again():
+    knowledge = several_teacher_knowledge(n=16)
+    limit = len(wire.encode(knowledge)) // 2
+    chunk = decode_all(knowledge_messages(knowledge, limit))[0]
+    assert knowledge_messages(chunk, limit) == [wire.encode(chunk)]  # a chunk that fits travels as it is
+    with pytest.raises(ChunkError, match="one chunk of a batch already"):
+        knowledge_messages(chunk, len(wire.encode(chunk)) - 1)
+
+
 def test_chunks_that_disagree_are_refused():
     knowledge = several_teacher_knowledge()
     *chunks, last = decode_all(knowledge_messages(knowledge, len(wire.encode(knowledge)) // 2))
