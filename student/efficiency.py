@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -125,3 +128,68 @@ def measure_latency(
         model.train(was_training)
     median_s = statistics.median(timings_s)
     return {"latency_ms": median_s * 1e3, "samples_per_s": batch_size / median_s}
+
+
+def measure_latency_per_row(
+    model: nn.Module,
+    rows: Sequence[ModelInputs],
+    *,
+    repeats: int = 3,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Batch-1 latency over several single rows: the mean of each row's median.
+
+    One row's latency depends on its length, so a single row says little about a mix of
+    languages whose texts segment into very different numbers of tokens; the mean over a sample
+    spread across the languages estimates the latency of a request drawn from that mix.
+    `warmup` calls on the first row happen off the clock.
+    """
+    if not rows:
+        raise ValueError("measure_latency_per_row needs at least one row")
+    per_row_ms = [
+        measure_latency(model, row, batch_size=1, repeats=repeats, warmup=warmup if index == 0 else 0)["latency_ms"]
+        for index, row in enumerate(rows)
+    ]
+    mean_ms = statistics.fmean(per_row_ms)
+    return {"latency_ms": mean_ms, "samples_per_s": 1e3 / mean_ms}
+
+
+def spread_over_languages(languages: Sequence[str], size: int, seed: int = 0) -> list[int]:
+    """Indices of `size` rows drawn evenly from every language, the same ones on every call.
+
+    A round-robin over the languages in sorted order, each language's rows taken in a shuffled
+    order seeded by `seed` and the language's name: every language gives ``size // n`` or one
+    more row (fewer only when it runs out). Held-out files are often sorted by language, so the
+    first rows would all be one language's. Returns every row when there are fewer than `size`.
+    """
+    if size < 1:
+        raise ValueError(f"need a sample size >= 1, got {size}")
+    by_language: dict[str, list[int]] = {}
+    for index, language in enumerate(languages):
+        by_language.setdefault(language, []).append(index)
+    queues = []
+    for language in sorted(by_language):
+        # crc32, not hash(): Python salts string hashes per process, and the sample must not change.
+        rng = np.random.default_rng([seed, zlib.crc32(language.encode("utf-8"))])
+        queues.append([by_language[language][i] for i in rng.permutation(len(by_language[language]))])
+    sample: list[int] = []
+    depth = 0
+    while len(sample) < size and any(depth < len(queue) for queue in queues):
+        sample.extend(queue[depth] for queue in queues if depth < len(queue))
+        depth += 1
+    return sample[:size]
+
+
+def mean_tokens_per_language(lengths: Sequence[int], languages: Sequence[str]) -> dict[str, float]:
+    """Mean tokens per row of each language, sorted by language.
+
+    The same text costs a model as many positions as its tokenizer cuts it into: a trimmed or
+    smaller vocabulary segments some scripts into many more tokens, which latency then pays.
+    """
+    if len(lengths) != len(languages):
+        raise ValueError(f"{len(lengths)} lengths for {len(languages)} languages")
+    totals: Counter[str] = Counter()
+    counts: Counter[str] = Counter(languages)
+    for length, language in zip(lengths, languages):
+        totals[language] += int(length)
+    return {language: round(totals[language] / counts[language], 2) for language in sorted(counts)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,14 @@ from polydistill.storage.masking import mask_tokens
 from polydistill.storage.token_tags import token_predictions_to_words
 from polydistill.student.build import model_class
 from polydistill.student.precision import use_bf16
-from polydistill.student.efficiency import count_parameters, disk_bytes, measure_latency
+from polydistill.student.efficiency import (
+    count_parameters,
+    disk_bytes,
+    mean_tokens_per_language,
+    measure_latency,
+    measure_latency_per_row,
+    spread_over_languages,
+)
 from polydistill.student.lm_eval import lm_quality
 from polydistill.student.metrics import classification_metrics, per_language_metrics, retention
 from polydistill.student.retrieval import retrieval_quality
@@ -29,6 +37,11 @@ from polydistill.student.translation_eval import translate, translation_scores
 from polydistill.student.supervised import train_supervised
 
 EVAL_BATCH = 64
+# Latency is measured on this many held-out rows spread evenly over the languages, drawn with this
+# seed (the same rows on every run): batch-32 latency on all of them at once, batch-1 latency on
+# each of them alone.
+LATENCY_ROWS = 32
+LATENCY_SEED = 0
 
 
 @torch.inference_mode()
@@ -97,29 +110,67 @@ def translation_quality(config: JobConfig, model, tokenizer, split: JobSplit, mo
                "per_language": scores["per_language"],
                "examples": [{"language": languages[i], "source": sources[i], "reference": references[i],
                              "translation": hypotheses[i]} for i in range(min(3, len(sources)))]}
-    costs = {**count_parameters(model), "disk_bytes": disk_bytes(model_dir)}
-    for batch in (1, 32):
+    sample = latency_sample(languages)
+
+    def milliseconds_to_translate(texts: list[str]) -> float:
         started = time.perf_counter()
-        translate(model, tokenizer, sources[:batch], **settings)
-        costs[f"latency_ms_batch{batch}"] = round(1000 * (time.perf_counter() - started), 3)
+        translate(model, tokenizer, texts, **settings)
+        return 1000 * (time.perf_counter() - started)
+
+    encoded = tokenizer(sources, truncation=True, max_length=config.data.max_length)["input_ids"]
+    source_lengths = [len(ids) for ids in encoded]
+    costs = {
+        **count_parameters(model),
+        "disk_bytes": disk_bytes(model_dir),
+        "latency_ms_batch1": round(float(np.mean([milliseconds_to_translate([sources[i]]) for i in sample])), 3),
+        "latency_ms_batch32": round(milliseconds_to_translate([sources[i] for i in sample]), 3),
+        "latency_sample_mean_tokens": round(float(np.mean([source_lengths[i] for i in sample])), 2),
+        "mean_tokens_per_row": mean_tokens_per_language(source_lengths, languages),
+    }
     return quality, costs
 
 
-def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
-    sample = [rows.token_ids[i] for i in range(min(32, len(rows)))]
-    input_ids, attention_mask = pad_rows(sample, pad_id)
-    inputs = {
+def latency_sample(languages: list[str]) -> list[int]:
+    """The held-out rows latency is measured on: LATENCY_ROWS of them, spread evenly over the languages."""
+    return spread_over_languages(languages, LATENCY_ROWS, seed=LATENCY_SEED)
+
+
+def describe_latency_sample(split: JobSplit) -> dict:
+    """Which rows the latencies were measured on, for the report's efficiency section."""
+    columns = split.dataset.with_format(None)
+    languages, sample_ids = columns["language"][:], columns["sample_id"][:]
+    sample = latency_sample(languages)
+    return {
+        "rows": len(sample),
+        "seed": LATENCY_SEED,
+        "rows_per_language": dict(sorted(Counter(languages[i] for i in sample).items())),
+        "sample_ids": [int(sample_ids[i]) for i in sample],
+    }
+
+
+def _model_inputs(token_ids: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = pad_rows(token_ids, pad_id)
+    return {
         "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
         "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
     }
-    batch1 = measure_latency(model, inputs, batch_size=1, repeats=20, warmup=3)
-    batch32 = measure_latency(model, inputs, batch_size=32, repeats=5, warmup=1)
+
+
+def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
+    """Size, latency on the rows of `latency_sample`, and the model's tokens per row in each language."""
+    sample = latency_sample(rows.languages)
+    batch1 = measure_latency_per_row(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample],
+                                     repeats=3, warmup=3)
+    batch32 = measure_latency(model, _model_inputs([rows.token_ids[i] for i in sample], pad_id),
+                              batch_size=32, repeats=5, warmup=1)
     return {
         **count_parameters(model),
         "disk_bytes": disk_bytes(model_dir),
         "latency_ms_batch1": round(batch1["latency_ms"], 3),
         "latency_ms_batch32": round(batch32["latency_ms"], 3),
         "samples_per_s_batch32": round(batch32["samples_per_s"], 1),
+        "latency_sample_mean_tokens": round(float(np.mean([len(rows.token_ids[i]) for i in sample])), 2),
+        "mean_tokens_per_row": mean_tokens_per_language(rows.lengths, rows.languages),
     }
 
 
@@ -178,6 +229,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
             costs[name] = efficiency(model, model_dir, rows, pad_id)
     report = side_by_side(results, primary="chrf" if config.task == "seq2seq" else "accuracy")
     if costs:
+        costs["latency_sample"] = describe_latency_sample(split)
         costs["speedup_batch1"] = round(costs["teacher"]["latency_ms_batch1"] / costs["student"]["latency_ms_batch1"], 3)
         costs["speedup_batch32"] = round(
             costs["teacher"]["latency_ms_batch32"] / costs["student"]["latency_ms_batch32"], 3

@@ -203,6 +203,40 @@ def format_efficiency_table(report: Mapping) -> str:
     return _markdown_table(["", "teacher", "student", "teacher ÷ student"], rows)
 
 
+def format_sequence_length_table(report: Mapping) -> str:
+    """Mean tokens per held-out row in each language, teacher and student, and their ratio.
+
+    Each model reads the text through its own tokenizer: a trimmed or smaller vocabulary cuts some
+    scripts into more pieces, which costs the student positions and so latency. Empty when the
+    efficiency section has no sequence lengths."""
+    efficiency = report.get("efficiency", {})
+    teacher = efficiency.get("teacher", {}).get("mean_tokens_per_row") or {}
+    student = efficiency.get("student", {}).get("mean_tokens_per_row") or {}
+    if not teacher and not student:
+        return ""
+    rows = []
+    for language in sorted({*teacher, *student}):
+        teacher_tokens, student_tokens = teacher.get(language), student.get(language)
+        rows.append([language, _decimal(teacher_tokens, 1), _decimal(student_tokens, 1),
+                     _times(_ratio(student_tokens, teacher_tokens))])
+    return _markdown_table(["language", "teacher tokens", "student tokens", "student ÷ teacher"], rows)
+
+
+def _latency_sample_line(report: Mapping) -> str:
+    """Which rows the latencies were measured on, and how long they were for each model."""
+    efficiency = report.get("efficiency", {})
+    sample = efficiency.get("latency_sample") or {}
+    if not sample:
+        return ""
+    languages = sample.get("rows_per_language") or {}
+    lengths = [f"{role} {_decimal(efficiency.get(role, {}).get('latency_sample_mean_tokens'), 1)}"
+               for role in ("teacher", "student") if efficiency.get(role, {}).get("latency_sample_mean_tokens")]
+    line = (f"Latency measured on {sample.get('rows')} held-out rows drawn evenly from {len(languages)} languages "
+            f"(seed {sample.get('seed')}, the same rows every run): batch 32 on all of them at once, batch 1 on "
+            "each alone (the mean of the rows).")
+    return line + (f" Mean tokens per row of that sample: {', '.join(lengths)}." if lengths else "")
+
+
 def _speedup_line(report: Mapping) -> str:
     efficiency = report.get("efficiency", {})
     teacher, student = efficiency.get("teacher", {}), efficiency.get("student", {})
@@ -338,6 +372,12 @@ def render_markdown(report: Mapping) -> str:
         sections.append("## Efficiency\n\n" + efficiency_table)
         if speedup:
             sections.append(speedup)
+        latency_sample = _latency_sample_line(report)
+        if latency_sample:
+            sections.append(latency_sample)
+    sequence_table = format_sequence_length_table(report)
+    if sequence_table:
+        sections.append("### Sequence length by language (mean tokens per row)\n\n" + sequence_table)
     stages_table = format_stages_table(report)
     if stages_table:
         sections.append("## Compression stages\n\n" + stages_table)

@@ -1,12 +1,22 @@
-"""Parameter counts against hand sums of a tiny BERT's shapes; latency sanity."""
+"""Parameter counts against hand sums of a tiny BERT's shapes; latency sanity; the rows latency is
+measured on, spread over every language."""
 
 import math
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from polydistill.student.efficiency import count_parameters, disk_bytes, measure_latency
+from polydistill.storage.job_data import TokenizedSplit
+from polydistill.student.efficiency import (
+    count_parameters,
+    disk_bytes,
+    mean_tokens_per_language,
+    measure_latency,
+    spread_over_languages,
+)
 
 VOCAB, WIDTH, LAYERS, FFN, POSITIONS, TOKEN_TYPES, LABELS = 99, 16, 2, 32, 64, 2, 3
 
@@ -94,3 +104,71 @@ def test_measure_latency_rejects_bad_arguments(tiny_bert):
             {"input_ids": torch.zeros(2, 4).long(), "attention_mask": torch.ones(3, 4).long()},
             batch_size=1,
         )
+
+
+# --------------------------------------------------------------------------- the latency sample
+
+# A held-out split sorted by language, as SIB-200's is: the first 32 rows are all Amharic.
+LANGUAGES = ["amh_Ethi"] * 40 + ["eng_Latn"] * 40 + ["fra_Latn"] * 40 + ["zho_Hans"] * 40 + ["yor_Latn"] * 3
+
+
+def test_latency_sample_draws_evenly_from_every_language_and_the_same_rows_each_time():
+    sample = spread_over_languages(LANGUAGES, 32, seed=0)
+    assert len(sample) == len(set(sample)) == 32
+    counts = Counter(LANGUAGES[i] for i in sample)
+    # Yoruba has 3 rows and gives them all; the other four share the rest, 7 each.
+    assert counts == {"yor_Latn": 3, "amh_Ethi": 8, "eng_Latn": 7, "fra_Latn": 7, "zho_Hans": 7}
+    assert spread_over_languages(LANGUAGES, 32, seed=0) == sample
+    assert spread_over_languages(LANGUAGES, 32, seed=1) != sample
+    assert sorted(spread_over_languages(LANGUAGES[:5], 32)) == [0, 1, 2, 3, 4]  # fewer rows than asked: all
+
+
+def test_mean_tokens_per_language_by_hand():
+    assert mean_tokens_per_language([4, 6, 10, 3], ["b", "b", "a", "b"]) == {"a": 10.0, "b": 4.33}
+    with pytest.raises(ValueError, match="3 lengths for 2 languages"):
+        mean_tokens_per_language([1, 2, 3], ["a", "b"])
+
+
+def _rows_marked_by_language() -> TokenizedSplit:
+    """Each row's first token names its language (its place among the sorted languages, plus 1) and its
+    length grows with that place, so a forward pass's input says whose rows it holds."""
+    names = sorted(set(LANGUAGES))
+    token_ids = [np.asarray([names.index(language) + 1] + [7] * (2 + names.index(language)), dtype=np.int32)
+                 for language in LANGUAGES]
+    return TokenizedSplit(sample_ids=np.arange(len(LANGUAGES), dtype=np.int64), token_ids=token_ids,
+                          labels=np.zeros(len(LANGUAGES), dtype=np.int64), languages=list(LANGUAGES))
+
+
+def test_efficiency_times_rows_from_every_language_the_same_rows_every_run(tiny_bert, tmp_path):
+    from polydistill.student.evaluate import efficiency
+
+    names = sorted(set(LANGUAGES))
+    rows = _rows_marked_by_language()
+    tiny_bert.save_pretrained(tmp_path / "model")
+    batches: list[torch.Tensor] = []
+    hook = tiny_bert.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    try:
+        first = efficiency(tiny_bert, tmp_path / "model", rows, pad_id=0)
+        first_batches, batches[:] = list(batches), []
+        second = efficiency(tiny_bert, tmp_path / "model", rows, pad_id=0)
+    finally:
+        hook.remove()
+    assert [b.tolist() for b in batches] == [b.tolist() for b in first_batches]  # the same rows, in the same order
+
+    singles = [b for b in first_batches if b.shape[0] == 1]
+    batch32 = [b for b in first_batches if b.shape[0] == 32]
+    assert singles and batch32 and len(singles) + len(batch32) == len(first_batches)
+    single_languages = Counter(names[int(b[0, 0]) - 1] for b in singles[3:])  # after the 3 warm-up calls
+    assert single_languages == {"yor_Latn": 3 * 3, "amh_Ethi": 8 * 3, "eng_Latn": 7 * 3, "fra_Latn": 7 * 3,
+                                "zho_Hans": 7 * 3}  # 3 timed calls a row
+    batch_languages = Counter(names[int(token) - 1] for token in batch32[0][:, 0])
+    assert batch_languages == {"yor_Latn": 3, "amh_Ethi": 8, "eng_Latn": 7, "fra_Latn": 7, "zho_Hans": 7}
+
+    # Sequence lengths: each language's own mean, and the sample's.
+    assert first["mean_tokens_per_row"] == {language: float(3 + names.index(language)) for language in names}
+    # amh 8 rows of 3 tokens, eng 7 of 4, fra 7 of 5, yor 3 of 6, zho 7 of 7
+    assert first["latency_sample_mean_tokens"] == pytest.approx((8 * 3 + 7 * 4 + 7 * 5 + 3 * 6 + 7 * 7) / 32, abs=0.01)
+    assert {key for key in first if key.startswith("latency")} == {
+        "latency_ms_batch1", "latency_ms_batch32", "latency_sample_mean_tokens"}
+    assert first["mean_tokens_per_row"] == second["mean_tokens_per_row"]

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from polydistill.student.report import format_efficiency_table, format_language_table, write_report
+from polydistill.student.report import (
+    format_efficiency_table,
+    format_language_table,
+    format_sequence_length_table,
+    render_markdown,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -121,3 +127,26 @@ def test_language_plot_with_and_without_ablation(tmp_path, with_ablation):
     written = write_report(report, tmp_path)
     assert [path.name for path in written] == ["report.md", "per_language_accuracy.png"]
     _assert_png(written[1])
+
+
+def test_sequence_lengths_per_language_and_the_latency_sample_in_the_efficiency_section():
+    efficiency = {
+        "teacher": {**FULL_REPORT["efficiency"]["teacher"], "latency_sample_mean_tokens": 30.0,
+                    "mean_tokens_per_row": {"amh_Ethi": 40.0, "eng_Latn": 25.0}},
+        "student": {**FULL_REPORT["efficiency"]["student"], "latency_sample_mean_tokens": 45.5,
+                    "mean_tokens_per_row": {"amh_Ethi": 70.0, "eng_Latn": 25.0}},
+        "latency_sample": {"rows": 32, "seed": 0, "rows_per_language": {"amh_Ethi": 16, "eng_Latn": 16},
+                           "sample_ids": list(range(32))},
+    }
+    markdown = render_markdown({"efficiency": efficiency})
+    table = format_sequence_length_table({"efficiency": efficiency}).splitlines()
+    assert table[0].split("|")[1:-1] == [" language ", " teacher tokens ", " student tokens ", " student ÷ teacher "]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in table[2:]}
+    assert rows == {"amh_Ethi": ["40.0", "70.0", "1.75×"], "eng_Latn": ["25.0", "25.0", "1.00×"]}
+    assert "\n".join(table) in markdown
+    assert markdown.index("## Efficiency") < markdown.index("Sequence length by language")
+    assert "32 held-out rows drawn evenly from 2 languages (seed 0" in markdown
+    assert "Mean tokens per row of that sample: teacher 30.0, student 45.5." in markdown
+    # A report from before sequence lengths were measured has neither.
+    older = render_markdown(FULL_REPORT)
+    assert "Sequence length" not in older and "held-out rows drawn evenly" not in older
