@@ -231,7 +231,13 @@ class TeacherReplica:
 
     def encode(self, knowledge: wire.Knowledge) -> list[bytes]:
         """The batch's knowledge as one message, or as chunks that each fit the message limit
-        (``distill.knowledge_message_bytes``, else the wire's): ``storage/chunking.py``."""
+        (``distill.knowledge_message_bytes``, else the wire's): ``storage/chunking.py``.
+
+        With several teachers in line only the last one splits: the streams between them carry
+        whole batches, since a later teacher adds its vote to the batch and a chunk of a chunk
+        could not be gathered again."""
+        if self.stage.index + 1 < self.stage.count:
+            return [wire.encode(knowledge)]
         return knowledge_messages(knowledge, self.config.distill.knowledge_message_bytes or wire.MAX_MESSAGE_BYTES)
 
     def serve(self, should_stop: Callable[[], bool]) -> dict:

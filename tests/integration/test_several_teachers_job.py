@@ -68,3 +68,14 @@ def test_a_routed_language_the_data_lacks_is_named(tmp_path, redis_server):
     config = two_teacher_config(tmp_path, redis_server.url, second_teacher("[swh_Latn, hau_Latn]"))
     with pytest.raises(ContractError, match=r"extra_teachers\[0\].languages lists \['hau_Latn'\]"):
         run_job(config, show_progress=False)
+
+
+def test_two_teachers_with_chunked_knowledge_keep_exact_accounting(tmp_path, redis_server, redis_client, local_ray):
+    """Only the last teacher in line splits a batch: a chunk carries every teacher's vote and is
+    gathered once by the student."""
+    config = two_teacher_config(tmp_path, redis_server.url, "distill.knowledge_message_bytes=4096",
+                                "training.epochs=1")
+    report = run_job(config, show_progress=False)
+    assert report["samples_distilled"] == report["samples_expected"] == 4 * 60
+    assert report["duplicates_dropped"] == 0 and report["batches_missing"] == 0 and report["dead_letters"] == 0
+    assert report["teacher_samples_per_language"]["africa"] == {"swh_Latn": 60, "yor_Latn": 60}
