@@ -169,6 +169,24 @@ class DataConfig(_Strict):
     languages: list[str] | None = Field(default=None, description="Languages to use; default: all found.")
     train_split: str = "train"
     eval_split: str | None = "test"
+    dev_split: str = Field(
+        default="dev",
+        description="The split settings are chosen on: polydistill tune scores every trial on it and reads eval_split "
+        "once, for the chosen trial. The data's own split of this name; when the data has none (or with "
+        "dev_from_train), rows carved from train_split.",
+    )
+    dev_from_train: bool = Field(
+        default=False,
+        description="Carve dev_split out of train_split instead of loading it: dev_fraction of each language's rows "
+        "of each label, drawn with dev_seed; train_split then loads without them. polydistill tune turns it on "
+        "when the data has no dev_split.",
+    )
+    dev_fraction: float = Field(
+        default=0.1, gt=0, le=0.5,
+        description="dev_from_train: the share of each (language, label) group of the training rows carved off "
+        "(at least one row of every group of two or more, never all of one).",
+    )
+    dev_seed: int = Field(default=0, description="dev_from_train: the same seed carves the same rows.")
     max_length: int = Field(default=128, ge=8, le=8192)
     limit_per_language: int | None = Field(default=None, ge=1)
     normalization: Literal["NFC", "NFKC"] | None = "NFKC"
@@ -207,6 +225,13 @@ class DataConfig(_Strict):
         if value is not None and len(set(value)) != len(value):
             raise ValueError(f"lists a language twice: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _dev_split_apart_from_train(self) -> "DataConfig":
+        if self.dev_from_train and self.dev_split == self.train_split:
+            raise ValueError(f"dev_from_train carves dev_split out of train_split, but both are {self.train_split!r}: "
+                             "give dev_split another name (e.g. dev)")
+        return self
 
 
 LayerPairs = list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]]

@@ -45,6 +45,7 @@ __all__ = [
     "CANONICAL_FEATURES",
     "DataSourceError",
     "LoadedSplit",
+    "has_split",
     "load_parallel",
     "load_split",
 ]
@@ -161,6 +162,32 @@ def load_split(
         features = Features({**CANONICAL_FEATURES, "tags": ListFeature(Value("int64"))})
     dataset = Dataset.from_dict(columns, features=features)
     return LoadedSplit(dataset=dataset, label_names=names, source=source, languages=list(dict.fromkeys(langs)))
+
+
+def has_split(path: str, split: str, *, languages: list[str] | None = None,
+              language_column: str | None = None) -> bool:
+    """Whether ``load_split`` with these arguments finds rows of its own for ``split``.
+
+    A directory of files has it when ``<split>.<ext>`` (or its shards) is there; a SIB-200 style
+    directory when every asked-for language folder (every folder, without ``languages``) holds
+    ``<split>.tsv``. A single file has no named splits. A hub dataset is asked for its split names
+    (those of the first language's config when, without a language column, each language is one)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if _split_files(local, split):
+            return True
+        if not _is_sib_directory(local):
+            return False
+        folders = [sub for sub in local.iterdir() if sub.is_dir() and any(sub.glob("*.tsv"))]
+        wanted = folders if languages is None else [local / language for language in languages]
+        return all((folder / f"{split}.tsv").is_file() for folder in wanted)
+    if local.exists() or _looks_like_local_path(path):
+        return False
+    config = languages[0] if languages and language_column is None else None
+    try:
+        return split in datasets.get_dataset_split_names(path, config)
+    except Exception as exc:  # offline, unknown name or config: all mean "fix data.path"
+        raise DataSourceError(f"could not list the splits of hub dataset {path!r}: {exc} (data.path)") from exc
 
 
 def parallel_languages(path: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,7 @@ from datasets import Dataset
 
 from polydistill.cluster.config import DataConfig
 from polydistill.storage.cleaning import clean_dataset, clean_text
-from polydistill.storage.datasets import DataSourceError, load_parallel, load_split, parallel_languages
+from polydistill.storage.datasets import DataSourceError, has_split, load_parallel, load_split, parallel_languages
 from polydistill.storage.token_tags import IGNORE_INDEX, word_tags_to_token_labels
 
 
@@ -21,6 +22,49 @@ class JobSplit:
 
 
 def load_job_split(data: DataConfig, split: str, label_names: list[str] | None = None) -> JobSplit:
+    """The rows of ``split`` as the job config describes them, cleaned. With ``data.dev_from_train``,
+    ``data.dev_split`` is the rows carved out of the training split and the training split is the rest."""
+    if data.dev_from_train and split in (data.dev_split, data.train_split):
+        train = _load_configured_split(data, data.train_split, label_names)
+        dev_rows = carve_dev_rows(train.dataset, fraction=data.dev_fraction, seed=data.dev_seed)
+        rows = dev_rows if split == data.dev_split else np.setdiff1d(np.arange(len(train.dataset)), dev_rows)
+        return JobSplit(dataset=train.dataset.select(rows), label_names=train.label_names, cleaning=train.cleaning)
+    return _load_configured_split(data, split, label_names)
+
+
+def has_own_split(data: DataConfig, split: str) -> bool:
+    """Whether the data itself holds ``split`` (parallel data holds only what job_data carves from it)."""
+    if data.parallel:
+        return False
+    return has_split(data.path, split, languages=data.languages, language_column=data.language_column)
+
+
+def carve_dev_rows(dataset: Dataset, *, fraction: float, seed: int) -> np.ndarray:
+    """Positions of the rows set aside as a dev split, stratified by language and label, sorted.
+
+    Each (language, label) group gives ``round(fraction * size)`` rows, at least one and never all of
+    them (a group of one row stays in training), drawn by a generator seeded with ``seed`` and the
+    group, so the same data and seed carve the same rows in any process. Unlabelled rows (label -1,
+    word tags too) are stratified by language alone.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the dev fraction must lie between 0 and 1, got {fraction} (data.dev_fraction)")
+    columns = dataset.with_format(None)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for position, (language, label) in enumerate(zip(columns["language"][:], columns["label"][:])):
+        groups.setdefault((language, int(label)), []).append(position)
+    carved: list[int] = []
+    for (language, label), positions in groups.items():
+        if len(positions) < 2:
+            continue
+        size = min(len(positions) - 1, max(1, round(fraction * len(positions))))
+        # crc32, not hash(): Python salts string hashes per process, and every trial must carve alike.
+        rng = np.random.default_rng([seed, zlib.crc32(language.encode("utf-8")), label + 1])
+        carved.extend(positions[i] for i in rng.choice(len(positions), size=size, replace=False))
+    return np.asarray(sorted(carved), dtype=np.int64)
+
+
+def _load_configured_split(data: DataConfig, split: str, label_names: list[str] | None) -> JobSplit:
     if data.parallel:
         return _parallel_split(data, split)
     loaded = load_split(
