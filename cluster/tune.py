@@ -19,12 +19,18 @@ whose hidden-layer mapping differs from the warm-up's computes the teacher once 
 stores it, and later trials with the same contract read it. Each trial's row says whether it read
 the cache (its teacher replicas computed no sample).
 
+Selection never reads the test split. Every trial is scored on a dev split (``data.dev_split``): the
+data's own when it has one (SIB-200 ships ``dev.tsv``), else rows carved from the training split with a
+fixed seed, stratified by language and label (``data.dev_from_train``, which also takes them out of every
+trial's training rows). The best trial and the Pareto front are chosen on those scores; the test split
+(``data.eval_split``) is read once, at the end, to score the chosen trial's teacher and student.
+
 On a multi-node Ray cluster (``RAY_ADDRESS``), give a Redis every node reaches and put DIR on
 storage every node shares: the trials' output folders, the shared teacher and the cache live there.
 
-Outputs: ``DIR/tune_report.json`` (every trial's hyper-parameters and metrics, the best trial and the
-Pareto front of accuracy against size/latency), ``DIR/tune_report.md`` (the same as a table) and
-``DIR/pareto.png``.
+Outputs: ``DIR/tune_report.json`` (every trial's hyper-parameters and dev metrics, the split selected on,
+the best trial with its test score, and the Pareto front of accuracy against size/latency),
+``DIR/tune_report.md`` (the same as a table) and ``DIR/pareto.png``.
 
 The pure parts (``trial_overrides``, ``pareto_front``, ``best_trial``, the table) need neither Ray nor
 torch; Ray Tune is imported only when a search runs.
@@ -41,7 +47,9 @@ import secrets
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +84,9 @@ NAMED_KEYS = {
 }
 # Keys a search must not touch: the search sets them per trial itself.
 _RESERVED_PREFIXES = ("job_id", "output_dir", "transport", "knowledge_cache")
+# Data keys that choose which rows a trial is scored on: trials are comparable only on the same dev rows.
+_SPLIT_KEYS = ("data.path", "data.languages", "data.limit_per_language", "data.train_split", "data.eval_split",
+               "data.dev_split", "data.dev_from_train", "data.dev_fraction", "data.dev_seed")
 
 
 class TuneConfigError(ConfigError):
@@ -190,6 +201,9 @@ class SearchSpace(_Strict):
                 raise ValueError(f"{key!r} has its own dimension: use space.{name} instead")
             if parts[0] in _RESERVED_PREFIXES:
                 raise ValueError(f"{key!r}: the search sets {parts[0]} for every trial itself")
+            if key in _SPLIT_KEYS:
+                raise ValueError(f"{key!r} changes the rows trials are scored on, and trials compare only on the "
+                                 "same dev rows: set it for every trial (set: or --set) instead of searching it")
         return value
 
     @model_validator(mode="after")
@@ -448,7 +462,10 @@ def format_tune_table(result: Mapping[str, Any]) -> str:
     names = _short_names(keys)
     best = result.get("best_trial")
     front = set(result.get("pareto_front") or [])
-    header = ["trial", *names.values(), "accuracy", "retention", "params", "latency b32 (ms)", "knowledge", "front"]
+    split = (result.get("selected_on") or {}).get("split")
+    scored_on = f" ({split})" if split else ""  # every trial's scores are on the dev split it was chosen on
+    header = ["trial", *names.values(), f"accuracy{scored_on}", f"retention{scored_on}", "params", "latency b32 (ms)",
+              "knowledge", "front"]
     lines = []
     for row in rows:
         marks = ("★" if row["trial"] == best else "") + ("◆" if row["trial"] in front else "")
@@ -472,12 +489,19 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
     rows = {row["trial"]: row for row in result.get("trials") or []}
     metric = result.get("metric", "accuracy")
     lines = []
+    selected_on = result.get("selected_on") or {}
+    if selected_on:
+        lines.append(selected_on_line(selected_on))
+    split = selected_on.get("split", "held-out")
     best = rows.get(result.get("best_trial"))
     if best is not None:
         settings = " ".join(best.get("overrides") or [])
-        lines.append(f"best trial: {best['trial']} ({metric} {_percent(best.get(metric))}): {settings}")
+        lines.append(f"best trial: {best['trial']} ({split} {metric} {_percent(best.get(metric))}): {settings}")
     else:
         lines.append("best trial: none (no trial finished with a score)")
+    test = result.get("test")
+    if test:
+        lines.append(chosen_trial_test_line(test, metric))
     costs = ", ".join(result.get("pareto_costs") or []) or "nothing"
     lines.append(f"Pareto front ({metric} against {costs}): {', '.join(result.get('pareto_front') or []) or 'empty'}")
     finished = [row for row in rows.values() if row.get("status") == "ok"]
@@ -493,9 +517,33 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def selected_on_line(selected_on: Mapping[str, Any]) -> str:
+    """Which split the trials were scored and chosen on, and where its rows came from."""
+    split, rows = selected_on.get("split"), _count(selected_on.get("rows"))
+    languages = len(selected_on.get("rows_per_language") or {})
+    if selected_on.get("source") == "train":
+        origin = (f"carved from {selected_on.get('train_split')!r} ({_percent(selected_on.get('fraction'))} of each "
+                  f"language's rows of each label, seed {selected_on.get('seed')}; no trial trained on them)")
+    else:
+        origin = "the data's own split"
+    return (f"selected on: {split!r}, {origin}, {rows} rows in {languages} languages; test split "
+            f"{selected_on.get('test_split')!r} read only for the best trial")
+
+
+def chosen_trial_test_line(test: Mapping[str, Any], metric: str) -> str:
+    """The chosen trial's score on the test split, read once after the search."""
+    where = f"{test.get('split')!r}, read once for {test.get('trial')}"
+    if test.get("error"):
+        return f"test ({where}): failed: {test['error']}"
+    return (f"test ({where}, {_count(test.get('rows'))} rows): {metric} {_percent(test.get(metric))}, "
+            f"teacher {_percent(test.get('teacher_accuracy'))}, retention {_percent(test.get('retention'))}")
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     costs = ", ".join(f"`{cost}`" for cost in result.get("pareto_costs") or []) or "none"
-    intro = (f"{len(result.get('trials') or [])} trials, metric `{result.get('metric')}` (maximised), "
+    split = (result.get("selected_on") or {}).get("split")
+    scored = f" on the `{split}` split" if split else ""
+    intro = (f"{len(result.get('trials') or [])} trials, metric `{result.get('metric')}` (maximised{scored}), "
              f"Pareto costs {costs} (minimised). ★ best trial, ◆ on the Pareto front.")
     parts = [f"# Hyper-parameter search: {result.get('job')}", "", intro, "", format_tune_table(result), "",
              *(f"- {line}" for line in summary_lines(result))]
@@ -710,51 +758,28 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
              overrides: Sequence[str] = (), show_table: bool = True) -> dict[str, Any]:
     """Runs the search and writes its report; returns the report dict.
 
-    ``overrides`` apply to every trial (after ``tune_config.set``). Raises :class:`ConfigError`
-    (nothing started) for an invalid job or space."""
+    ``overrides`` apply to every trial (after ``tune_config.set``). Trials are scored and chosen on the dev
+    split (:func:`dev_selection`); the test split is read once, for the chosen trial (:func:`score_on_test`).
+    Raises :class:`ConfigError` (nothing started) for an invalid job or space."""
     job_path = Path(job_path).resolve()
     out = Path(output_dir).resolve()
     base = [*tune_config.set, *overrides]
     config = load_config(job_path, base)
     if not config.data.eval_split:
-        raise ConfigError("data.eval_split is null: a search scores each trial on held-out rows; give data.eval_split")
+        raise ConfigError("data.eval_split is null: a search reports the chosen trial's score on held-out test rows; "
+                          "give data.eval_split")
+    test_split = config.data.eval_split
+    selection = dev_selection(config)
+    base = [*base, *selection.overrides]
+    config = load_config(job_path, base)
     check_space(job_path, base, tune_config)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("trials", "warmup"):  # a rerun into the same folder replaces its trials (the cache stays)
         shutil.rmtree(out / stale, ignore_errors=True)
     cache_sets, cache_dir = cache_overrides(config, out / "knowledge_cache")
     base = [*base, *shared_teacher(config, out / "teacher"), *cache_sets]
-    tag = f"tune-{secrets.token_hex(3)}"
     started = time.perf_counter()
-
-    from polydistill.cluster.services import configured_redis_url
-    from polydistill.storage.redis_server import PrivateRedisServer
-
-    bundles = trial_bundles(config)
-    started_ray = _ensure_ray(bundles, tune_config.max_concurrent_trials)
-    server = None
-    try:
-        redis_url = configured_redis_url(config)
-        if redis_url is None:  # one private server for the whole search; each trial has its own keys
-            import ray
-
-            if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
-                log.warning("a private Redis listens on this machine only: trials placed on other nodes of the "
-                            "cluster cannot reach it; give transport.redis_url (or $POLYDISTILL_REDIS_URL)")
-            server = PrivateRedisServer().start()
-            redis_url = server.url
-        secret = [f"transport.redis_url={yaml_value(redis_url)}"]  # kept out of the report and Tune's files
-        warmup = None
-        if cache_dir is not None and tune_config.warmup:
-            warmup = _warmup(job_path, base, secret, out / "warmup", f"{tag}-warmup")
-        rows = _search(job_path, base, secret, tune_config, out, tag, bundles)
-    finally:
-        if server is not None:
-            server.stop()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    rows, warmup = _run_trials(job_path, base, tune_config, out, config, fill_cache=cache_dir is not None)
 
     metric = tune_config.metric
     costs = [key for key in tune_config.minimize if any(_number(row.get(key)) is not None for row in rows)]
@@ -768,10 +793,12 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
         "tune_config": {**tune_config.model_dump(mode="json"),  # no Redis URL or password in a report
                         "set": [item for item in tune_config.set if not item.startswith("transport.")]},
         "metric": metric,
+        "selected_on": selection.summary,
         "pareto_costs": costs,
         "trials": rows,
         "best_trial": best["trial"] if best else None,
         "best": best,
+        "test": score_on_test(job_path, base, best, test_split) if best else None,
         "pareto_front": [row["trial"] for row in front],
         "warmup": warmup,
         "knowledge_cache": {
@@ -792,6 +819,107 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
             print(line)
         print(f"report: {out / REPORT_JSON}, {out / REPORT_MD}" + (f", {plot}" if plot else ""))
     return result
+
+
+@dataclass(frozen=True)
+class DevSelection:
+    """The split the search selects on: the overrides every trial (and the warm-up) runs with, and
+    what the report says about it."""
+
+    overrides: list[str]
+    summary: dict[str, Any]
+
+
+def dev_selection(config: JobConfig) -> DevSelection:
+    """Every trial scored on ``data.dev_split``: the data's own, or (when the data has none, or with
+    ``data.dev_from_train``) rows carved from the training split, which the trials then train without.
+
+    Reads the dev and training splits once to check that the dev rows cover every language trained on."""
+    from polydistill.storage.job_data import has_own_split, load_job_split
+
+    data = config.data
+    for key, other in (("eval_split", data.eval_split), ("train_split", data.train_split)):
+        if data.dev_split == other:
+            raise TuneConfigError(
+                f"data.dev_split and data.{key} are both {other!r}: the search scores trials on data.dev_split, which "
+                "must be rows no trial trains on and apart from the test rows (data.eval_split) it reads only for "
+                "the chosen trial; give data.dev_split another split"
+            )
+    carve = data.dev_from_train or not has_own_split(data, data.dev_split)
+    overrides = [*(["data.dev_from_train=true"] if carve and not data.dev_from_train else []),
+                 f"data.eval_split={yaml_value(data.dev_split)}"]
+    trial_data = data.model_copy(update={"dev_from_train": carve, "eval_split": data.dev_split})
+    dev = load_job_split(trial_data, data.dev_split).dataset.with_format(None)
+    trained = set(load_job_split(trial_data, data.train_split).dataset.with_format(None)["language"][:])
+    per_language = dict(sorted(Counter(dev["language"][:]).items()))
+    missing = sorted(trained - set(per_language))
+    if missing:
+        remedy = (f"raise data.dev_fraction (now {data.dev_fraction})" if carve else
+                  f"add them to the data's {data.dev_split!r} split, or set data.dev_from_train: true to carve a dev "
+                  f"split from {data.train_split!r}")
+        raise TuneConfigError(f"the dev split {data.dev_split!r} has no rows of {', '.join(missing)}, which the "
+                              f"trials train on: {remedy}")
+    summary: dict[str, Any] = {"split": data.dev_split, "source": "train" if carve else "data", "rows": len(dev),
+                               "rows_per_language": per_language, "test_split": data.eval_split}
+    if carve:
+        summary.update(train_split=data.train_split, fraction=data.dev_fraction, seed=data.dev_seed)
+    return DevSelection(overrides=overrides, summary=summary)
+
+
+def score_on_test(job_path: Path, base: Sequence[str], best: Mapping[str, Any], test_split: str) -> dict[str, Any]:
+    """The chosen trial's teacher and student scored on the test split: the search's only read of it.
+
+    A failure is recorded rather than raised, so that the search's report is still written."""
+    from polydistill.student.evaluate import evaluate_job
+
+    scored: dict[str, Any] = {"trial": best["trial"], "split": test_split}
+    try:
+        trial_report = json.loads((Path(best["output_dir"]) / "report.json").read_text(encoding="utf-8"))
+        config = load_config(job_path, [*base, *best.get("overrides", []), f"data.eval_split={yaml_value(test_split)}",
+                                        "evaluation.latency=false"])
+        evaluation = evaluate_job(config, Path(trial_report["teacher_path"]), Path(trial_report["student_path"]),
+                                  list(trial_report.get("labels") or []))
+    except Exception as exc:
+        log.exception("scoring the best trial %s on %s failed", best["trial"], test_split)
+        return {**scored, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+    metrics = trial_metrics(evaluation)
+    return {**scored, "rows": evaluation.get("eval_samples"),
+            **{key: metrics[key] for key in (*METRIC_KEYS, "teacher_accuracy")}}
+
+
+def _run_trials(job_path: Path, base: list[str], tune_config: TuneConfig, out: Path, config: JobConfig,
+                fill_cache: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The trials on Ray, all on one Redis, after the warm-up job that fills the knowledge cache when
+    ``fill_cache`` (and the search asks for it); returns their rows (sorted by name) and the warm-up's metrics."""
+    from polydistill.cluster.services import configured_redis_url
+    from polydistill.storage.redis_server import PrivateRedisServer
+
+    tag = f"tune-{secrets.token_hex(3)}"
+    bundles = trial_bundles(config)
+    started_ray = _ensure_ray(bundles, tune_config.max_concurrent_trials)
+    server = None
+    try:
+        redis_url = configured_redis_url(config)
+        if redis_url is None:  # one private server for the whole search; each trial has its own keys
+            import ray
+
+            if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+                log.warning("a private Redis listens on this machine only: trials placed on other nodes of the "
+                            "cluster cannot reach it; give transport.redis_url (or $POLYDISTILL_REDIS_URL)")
+            server = PrivateRedisServer().start()
+            redis_url = server.url
+        secret = [f"transport.redis_url={yaml_value(redis_url)}"]  # kept out of the report and Tune's files
+        warmup_metrics = None
+        if fill_cache and tune_config.warmup:
+            warmup_metrics = _warmup(job_path, base, secret, out / "warmup", f"{tag}-warmup")
+        return _search(job_path, base, secret, tune_config, out, tag, bundles), warmup_metrics
+    finally:
+        if server is not None:
+            server.stop()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _warmup(job_path: Path, base: list[str], secret: list[str], out_dir: Path, job_id: str) -> dict[str, Any]:

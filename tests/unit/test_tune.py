@@ -1,8 +1,10 @@
 """``polydistill tune``'s pure parts: overrides from a sample, the Pareto front, the best trial and the
-search description's validation. No Ray, no torch."""
+search description's validation; and, with the trials faked, that trials are chosen on the dev split and
+the test split is read once, for the chosen trial. No Ray."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,14 @@ from polydistill.cluster.tune import (
     load_tune_config,
     pareto_front,
     plot_pareto,
+    run_tune,
     trial_bundles,
     trial_metrics,
     trial_overrides,
     validate_tune_config,
     yaml_value,
 )
+from polydistill.storage.job_data import load_job_split
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = EXAMPLES / "tiny.yaml"
@@ -283,3 +287,131 @@ def test_cache_overrides_only_where_the_job_config_has_a_cache(tmp_path, monkeyp
         assert cache_overrides(own, tmp_path / "cache")[1] == str((tmp_path / "mine").resolve())
     monkeypatch.setattr("polydistill.cluster.tune.cache_supported", lambda: False)
     assert cache_overrides(config, tmp_path / "cache") == ([], None)
+
+
+# --------------------------------------------------------------------------- selection on dev, test read once
+
+POISON = "POISON"
+TUNE_LABELS = ["science", "sports", "travel"]
+
+
+def _write_rows(root: Path, language: str, split: str, per_label: int, text: str) -> None:
+    (root / language).mkdir(parents=True, exist_ok=True)
+    lines = [f"{i}\t{label}\t{text} {language} {label} word{i % 5} item {i}"
+             for label in TUNE_LABELS for i in range(per_label)]
+    (root / language / f"{split}.tsv").write_text("index_id\tcategory\ttext\n" + "\n".join(lines) + "\n",
+                                                  encoding="utf-8")
+
+
+def _job_with_poisoned_test(tmp_path: Path, with_dev: bool) -> Path:
+    """A tiny job whose data's test rows all say POISON: any of them reaching a trial's score is a leak."""
+    data = tmp_path / "data"
+    for language in ("aaa_Latn", "bbb_Latn"):
+        _write_rows(data, language, "train", 10, "train")
+        _write_rows(data, language, "test", 4, POISON)
+        if with_dev:
+            _write_rows(data, language, "dev", 2, "dev")
+    (data / "labels.txt").write_text("\n".join(TUNE_LABELS) + "\n", encoding="utf-8")
+    job = yaml.safe_load(TINY.read_text())
+    job["data"] = {"path": str(data), "max_length": 32}
+    job["teacher"].update(vocab_size=100, replicas=1)
+    job["teacher"]["config"].update(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    job["student"]["config"].update(num_hidden_layers=1, hidden_size=8, intermediate_size=16)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.mark.parametrize("with_dev", [True, False], ids=["data-has-dev", "dev-carved-from-train"])
+def test_trials_are_chosen_on_dev_and_test_is_read_once_for_the_chosen_trial(tmp_path, monkeypatch, capsys,
+                                                                            with_dev):
+    import polydistill.storage.job_data as job_data
+    import polydistill.student.evaluate as evaluate
+    from polydistill.cluster import tune
+
+    job_path = _job_with_poisoned_test(tmp_path, with_dev)
+    reads: list[tuple[str, str]] = []  # (who, split) of every split loaded, in order
+    phase = ["before the trials"]
+    real_load_split = job_data.load_split
+
+    def recording_load_split(path, split, **kwargs):
+        reads.append((phase[0], split))
+        return real_load_split(path, split, **kwargs)
+
+    monkeypatch.setattr(job_data, "load_split", recording_load_split)
+    dev_accuracy = {"trial_0": 0.4, "trial_1": 0.7, "trial_2": 0.5}
+    trained_on, scored_on = {}, {}
+
+    def fake_trials(job_path, base, tune_config, out, config, fill_cache):
+        """Each trial as a job sees it: its config from the same overrides, its training rows and the rows
+        its evaluation scores (data.eval_split), with a made-up score."""
+        phase[0] = "trials"
+        rows = []
+        for name, temperature in zip(dev_accuracy, (1.0, 2.0, 4.0)):
+            overrides = trial_overrides({"distill.temperature": temperature})
+            trial = load_config(job_path, [*base, *overrides])
+            trained_on[name] = load_job_split(trial.data, trial.data.train_split)
+            scored_on[name] = load_job_split(trial.data, trial.data.eval_split)
+            folder = out / "trials" / name
+            folder.mkdir(parents=True)
+            (folder / "report.json").write_text(json.dumps(
+                {"teacher_path": str(out / "teacher"), "student_path": str(folder), "labels": TUNE_LABELS}))
+            rows.append({"trial": name, "status": "ok", "config": {"distill.temperature": temperature},
+                         "overrides": overrides, "accuracy": dev_accuracy[name], "params": 100,
+                         "output_dir": str(folder)})
+        phase[0] = "after the trials"
+        return rows, None
+
+    test_scorings = []
+
+    def fake_evaluate_job(config, teacher_dir, student_dir, label_names, extra_models=None):
+        phase[0] = "test scoring"
+        split = load_job_split(config.data, config.data.eval_split, label_names=label_names)
+        test_scorings.append((config.data.eval_split, Path(student_dir).name, split))
+        return {"overall": {"language_average": {"student": 0.55, "teacher": 0.6}, "retention": 0.9,
+                            "student": {"accuracy": 0.56, "macro_f1": 0.5}}, "eval_samples": len(split.dataset)}
+
+    monkeypatch.setattr(tune, "_run_trials", fake_trials)
+    monkeypatch.setattr(evaluate, "evaluate_job", fake_evaluate_job)
+    space = validate_tune_config({"space": {"temperature": {"choice": [1.0, 2.0, 4.0]}}, "num_samples": 3})
+    result = run_tune(job_path, space, tmp_path / "out")
+
+    # Every trial was scored on dev rows, none of them poisoned, and trained on none of them.
+    for name in dev_accuracy:
+        texts = scored_on[name].dataset.with_format(None)["text"][:]
+        assert texts and not any(POISON in text for text in texts)
+        assert all(text.startswith("dev" if with_dev else "train") for text in texts)
+        dev_ids = set(scored_on[name].dataset.with_format(None)["sample_id"][:])
+        if not with_dev:  # carved from train: the trial's training rows are the rest
+            assert not dev_ids & set(trained_on[name].dataset.with_format(None)["sample_id"][:])
+    assert "test" not in {split for who, split in reads if who != "test scoring"}
+
+    # The best trial is chosen on dev, and test is read once, for it alone, after the search.
+    assert result["best_trial"] == "trial_1"
+    assert [(split, student) for split, student, _ in test_scorings] == [("test", "trial_1")]
+    assert all(POISON in text for text in test_scorings[0][2].dataset.with_format(None)["text"][:])
+    assert [split for who, split in reads if who == "test scoring"] == ["test"]
+    selected = result["selected_on"]
+    assert selected["split"] == "dev" and selected["source"] == ("data" if with_dev else "train")
+    assert selected["rows_per_language"] == ({"aaa_Latn": 6, "bbb_Latn": 6} if with_dev else
+                                             {"aaa_Latn": 3, "bbb_Latn": 3})
+    assert result["test"] == {"trial": "trial_1", "split": "test", "rows": 24, "accuracy": 0.55,
+                              "overall_accuracy": 0.56, "macro_f1": 0.5, "retention": 0.9, "teacher_accuracy": 0.6}
+
+    printed = capsys.readouterr().out
+    assert "accuracy (dev)" in printed
+    assert "selected on: 'dev', " + ("the data's own split" if with_dev else "carved from 'train'") in printed
+    assert "best trial: trial_1 (dev accuracy 70.0%)" in printed
+    assert "test ('test', read once for trial_1, 24 rows): accuracy 55.0%" in printed
+    assert json.loads((tmp_path / "out" / "tune_report.json").read_text())["test"]["trial"] == "trial_1"
+
+
+def test_dev_and_test_must_be_different_splits_and_the_search_cannot_move_them(tmp_path):
+    space = validate_tune_config(SPACE)
+    with pytest.raises(TuneConfigError, match="data.dev_split and data.eval_split are both 'dev'"):
+        run_tune(TINY, space, tmp_path / "out", ["data.eval_split=dev"])
+    with pytest.raises(TuneConfigError, match="data.dev_split and data.train_split are both 'train'"):
+        run_tune(TINY, space, tmp_path / "out", ["data.dev_split=train"])
+    assert not (tmp_path / "out").exists()  # nothing started
+    assert "space.more" in problem({"space": {"more": {"data.dev_seed": {"choice": [0, 1]}}}})
+    assert "same dev rows" in problem({"space": {"more": {"data.limit_per_language": {"choice": [10, 20]}}}})
