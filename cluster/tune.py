@@ -526,7 +526,8 @@ def selected_on_line(selected_on: Mapping[str, Any]) -> str:
                   f"language's rows of each label, seed {selected_on.get('seed')}; no trial trained on them)")
     else:
         origin = "the data's own split"
-    return (f"selected on: {split!r}, {origin}, {rows} rows in {languages} languages; test split "
+    in_languages = f"{languages} language" + ("" if languages == 1 else "s")
+    return (f"selected on: {split!r}, {origin}, {rows} rows in {in_languages}; test split "
             f"{selected_on.get('test_split')!r} read only for the best trial")
 
 
