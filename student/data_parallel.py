@@ -13,6 +13,7 @@ to one consumer), so W workers take W batches per round. A round is lock-step:
     6. every worker records every applied batch in its ledger, so all ledgers stay equal and
        rank 0's answers the driver (missing batches, checkpoints)
 
+``DataParallel`` is this as a step strategy of the one training loop (``student/strategy.py``).
 Gradients travel over ``torch.distributed`` (gloo on CPUs, nccl on GPUs). Rank 0 is the Ray
 actor the driver knows; it starts the other workers as actors it owns, so a worker that dies
 takes the group down with it, and the driver restarts the student from its last checkpoint
@@ -23,14 +24,22 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from polydistill.storage.ledger import EpochLedger
+from polydistill.storage.streams import GroupMissing
+from polydistill.student.consumer import KnowledgeConsumer, LearntBatch, Round, StallError, knowledge_nbytes
+
 COLLECTIVE_TIMEOUT_S = 120
+# After Redis lost its data, how long a worker waits before its next round: the driver recreates the
+# group and re-feeds meanwhile.
+GROUP_MISSING_PAUSE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -109,3 +118,74 @@ class GradientSync:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class DataParallel:
+    """The step strategy of a data-parallel worker: lock-step rounds of at most one message per worker,
+    the round's table deciding whose batches count, gradients averaged over them (module docstring)."""
+
+    def __init__(self, consumer: KnowledgeConsumer, rank: int, world_size: int, rendezvous: str,
+                 device: torch.device, parameters: list[nn.Parameter], stall_timeout_s: float):
+        self.consumer = consumer
+        self.rank, self.world_size = rank, world_size
+        self.stall_timeout_s = stall_timeout_s
+        self.sync = GradientSync(rank, world_size, rendezvous, device)
+        self.sync.broadcast_parameters(parameters)
+        self.leads = rank == 0
+        self.stopped = False
+        self.samples_read = 0  # of the messages this worker read itself
+        self._stop_wanted = False
+        self._round_batches = 0
+        self._last_batch: float | None = None  # the stall clock starts with the first round
+
+    def fetch(self, should_stop: Callable[[], bool]) -> list[tuple[str | None, bytes | None]]:
+        try:
+            entries = self.consumer.read_new()
+        except GroupMissing:
+            time.sleep(GROUP_MISSING_PAUSE_S)
+            entries = []
+        self._stop_wanted = should_stop()
+        # Every worker takes part in every round, with a message or without one.
+        return entries[:1] or [(None, None)]
+
+    def agree(self, entry_id: str | None, payload: bytes | None) -> Round:
+        """The round's table of every worker's message, and which of their batches count."""
+        knowledge = None if entry_id is None else self.consumer.accept(entry_id, payload)
+        if knowledge is None:
+            mine, read = RoundRow(False, stop=self._stop_wanted), Round()
+        else:
+            work = knowledge.work
+            mine = RoundRow(True, work.epoch, work.batch_id, work.n_samples, stop=self._stop_wanted)
+            # A worker counts the bytes and samples of what it read itself, whether the round applies it or not.
+            read = Round(entry_ids=(entry_id,), wire_bytes=len(payload), wire_parts=knowledge_nbytes(knowledge))
+            self.samples_read += work.n_samples
+        table = self.sync.exchange(mine)
+        if any(row.stop for row in table):
+            self.stopped = True
+            return replace(read, entry_ids=())  # this worker's message stays pending: a resumed run reads it again
+        self._check_stall(table)
+        decisions = decide_round(table, self.consumer.ledger.is_applied)
+        learnt = tuple(LearntBatch(row.epoch, row.batch_id, row.samples)
+                       for row, applies in zip(table, decisions) if applies)
+        self._round_batches = len(learnt)
+        duplicates = sum(row.has_batch and not applies for row, applies in zip(table, decisions))
+        return replace(read, knowledge=knowledge if decisions[self.rank] else None, learnt=learnt,
+                       duplicates=duplicates)
+
+    def _check_stall(self, table: list[RoundRow]) -> None:
+        if any(row.has_batch for row in table) or self._last_batch is None:
+            self._last_batch = time.monotonic()
+        elif time.monotonic() - self._last_batch > self.stall_timeout_s:
+            raise StallError(f"no knowledge for any of the {self.world_size} workers for "
+                             f"{self.stall_timeout_s:.0f} s: are the teacher replicas running?")
+
+    def combine_gradients(self, parameters: list[nn.Parameter]) -> int:
+        self.sync.average_gradients(parameters, self._round_batches)
+        return self._round_batches
+
+    def wire_samples(self, ledger: EpochLedger) -> int:
+        return self.samples_read
+
+    def summary(self, optimizer_steps: int) -> dict:
+        return {"data_parallel": {"workers": self.world_size, "rank": self.rank, "samples_read": self.samples_read,
+                                  "optimizer_steps": optimizer_steps}}

@@ -22,16 +22,15 @@ from polydistill.storage.vocab import train_wordpiece_tokenizer
 from polydistill.student.checkpoint import load_checkpoint
 from polydistill.student.contract import KnowledgeRequest, resolve_contract
 from polydistill.student.losses import HiddenProjection, mean_pool
-from polydistill.student.trainer import (
-    PROJECTIONS_PREFIX,
+from polydistill.student.consumer import knowledge_nbytes
+from polydistill.student.objectives import (
     StudentOutputs,
-    StudentTrainer,
     build_projections,
     distillation_losses,
-    knowledge_nbytes,
     pseudo_label,
     student_labels,
 )
+from polydistill.student.trainer import PROJECTIONS_PREFIX, StudentTrainer
 
 NOWHERE = "redis://127.0.0.1:1/0"  # never contacted: nothing here reads or writes Redis
 TEXTS = ["the cat sat on the mat", "le chat est sur le tapis", "a dog runs in the park", "un chien court"] * 5

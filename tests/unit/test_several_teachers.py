@@ -15,7 +15,7 @@ from polydistill.cluster.config import ConfigError, validate_config
 from polydistill.storage.keys import JobKeys
 from polydistill.storage.wire import Knowledge, TeacherVote, WireError, WorkBatch, decode, encode
 from polydistill.student.losses import ensemble_log_probs, soft_label_kl
-from polydistill.student.trainer import ensemble_soft_labels, served_counts
+from polydistill.student.objectives import ensemble_soft_labels, served_counts
 
 LN3 = math.log(3.0)
 A = torch.tensor([[LN3, 0.0], [LN3, 0.0]])
