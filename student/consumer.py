@@ -153,21 +153,6 @@ def _check_held(key: BatchKey, batch: HeldBatch) -> None:
                               f"{batch.count}: a complete or impossible set is never held")
 
 
-def knowledge_nbytes(knowledge: wire.Knowledge) -> dict[str, int]:
-    """Payload bytes of a knowledge message by part (the rest of its encoded size is msgpack framing)."""
-    work, soft = knowledge.work, knowledge.soft
-    soft_arrays = () if soft is None else (soft.logits, soft.topk_values, soft.topk_indices, soft.topk_logsumexp)
-    return {
-        "work": sum(a.nbytes for a in (work.sample_ids, work.input_ids, work.attention_mask, work.labels)
-                    if a is not None),
-        "soft": sum(a.nbytes for a in soft_arrays if a is not None)
-        + sum(vote.logits.nbytes + vote.served.nbytes for vote in knowledge.ensemble),
-        "hidden_states": sum(a.nbytes for a in knowledge.hidden_states.values()),
-        "attentions": sum(a.nbytes for a in knowledge.attentions.values()),
-        "embeddings": 0 if knowledge.embeddings is None else knowledge.embeddings.nbytes,
-    }
-
-
 class LearntBatch(NamedTuple):
     epoch: int
     batch_id: int
@@ -192,7 +177,7 @@ class Round:
         work = learn.knowledge.work
         return cls(learn.knowledge, (LearntBatch(work.epoch, work.batch_id, work.n_samples),),
                    entry_ids=learn.entry_ids, wire_bytes=learn.payload_bytes,
-                   wire_parts=knowledge_nbytes(learn.knowledge))
+                   wire_parts=wire.knowledge_nbytes(learn.knowledge))
 
 
 def decode(payload: bytes) -> wire.Message | wire.WireError:

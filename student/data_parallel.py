@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from polydistill.storage import wire
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import GroupMissing
-from polydistill.student.consumer import KnowledgeConsumer, LearntBatch, Round, StallError, knowledge_nbytes
+from polydistill.student.consumer import KnowledgeConsumer, LearntBatch, Round, StallError
 
 COLLECTIVE_TIMEOUT_S = 120
 # After Redis lost its data, how long a worker waits before its next round: the driver recreates the
@@ -157,7 +158,7 @@ class DataParallel:
             work = knowledge.work
             mine = RoundRow(True, work.epoch, work.batch_id, work.n_samples, stop=self._stop_wanted)
             # A worker counts the bytes and samples of what it read itself, whether the round applies it or not.
-            read = Round(entry_ids=(entry_id,), wire_bytes=len(payload), wire_parts=knowledge_nbytes(knowledge))
+            read = Round(entry_ids=(entry_id,), wire_bytes=len(payload), wire_parts=wire.knowledge_nbytes(knowledge))
             self.samples_read += work.n_samples
         table = self.sync.exchange(mine)
         if any(row.stop for row in table):

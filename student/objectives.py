@@ -100,7 +100,8 @@ def task_head(knowledge: wire.Knowledge, main: TaskHead, heads: Mapping[str, Tas
     return task, head or main
 
 
-def task_loss(task: str | None, head: TaskHead, loss: Tensor, terms: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+def task_loss(task: str | None, head: TaskHead, loss: Tensor,
+              terms: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
     """A multi-task job's loss of one batch: scaled by its task's weight, its terms named after the task."""
     if task is None:
         return loss, terms

@@ -21,7 +21,6 @@ from polydistill.student.consumer import (
     Redelivered,
     Round,
     decide,
-    knowledge_nbytes,
 )
 
 JOB = "unit"
@@ -123,4 +122,4 @@ def test_an_impossible_held_state_is_a_bug_not_garbage(impossible):
 def test_a_round_of_one_learnt_batch():
     learn = Learn(knowledge(), ("c1", "c2"), 20)
     assert Round.of(learn) == Round(learn.knowledge, (LearntBatch(EPOCH, BATCH, 4),), 0, ("c1", "c2"), 20,
-                                    knowledge_nbytes(learn.knowledge))
+                                    wire.knowledge_nbytes(learn.knowledge))

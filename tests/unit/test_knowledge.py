@@ -22,7 +22,6 @@ from polydistill.storage.vocab import train_wordpiece_tokenizer
 from polydistill.student.checkpoint import load_checkpoint
 from polydistill.student.contract import KnowledgeRequest, resolve_contract
 from polydistill.student.losses import HiddenProjection, mean_pool
-from polydistill.student.consumer import knowledge_nbytes
 from polydistill.student.objectives import (
     StudentOutputs,
     build_projections,
@@ -350,9 +349,9 @@ def test_knowledge_bytes_by_part():
     knowledge = wire.Knowledge(work=work, teacher_id="t0", soft=wire.SoftLabels.full(np.zeros((3, 3), np.float32)),
                                hidden_states={2: np.zeros((3, 7, 8), np.float16)},
                                attentions={1: np.zeros((3, 2, 7, 7), np.float16)})
-    parts = knowledge_nbytes(knowledge)
+    parts = wire.knowledge_nbytes(knowledge)
     assert parts == {"work": 3 * 8 + 3 * 7 * 4 + 3 * 7 + 3 * 8, "soft": 36, "hidden_states": 3 * 7 * 8 * 2,
-                     "attentions": 3 * 2 * 49 * 2, "embeddings": 0}
+                     "attentions": 3 * 2 * 49 * 2, "embeddings": 0, "target_ids": 0}
     assert len(wire.encode(knowledge)) > sum(parts.values())
 
 
