@@ -26,11 +26,13 @@ Ray's view of it and ``scale`` is impossible.
 **Ids.** The id returned (Ray's submission id) is also the job's polydistill ``job_id`` (the name
 of its Redis keys) unless the config sets one, so two submissions of one config never share keys.
 
-**Stopping.** ``stop`` sets the job's stop flag in Redis (students save a checkpoint, teachers
-finish their batch, every actor exits) and asks Ray to stop the job; Ray sends the driver SIGTERM,
-which the CLI turns into the same stop flag, and kills it only after ``RAY_JOB_STOP_WAIT_TIME_S``
-(set by ``submit``, default 60 s) — time for the driver to collect its actors, remove the job's
-Redis keys and write the report. Ray then reports the job STOPPED.
+**Stopping.** ``stop`` sets the job's stop flag in Redis, recording that ``polydistill stop`` set it
+(cluster/stopping.py; students save a checkpoint, teachers finish their batch, every actor exits)
+and asks Ray to stop the job; Ray sends the driver SIGTERM, which the CLI turns into the same stop
+flag, and kills it only after ``RAY_JOB_STOP_WAIT_TIME_S`` (set by ``submit``, default 60 s) — time
+for the driver to collect its actors, remove the job's Redis keys and write the report, whose
+status is "stopped" unless every sample was already distilled; ``polydistill resume OUTPUT_DIR``
+continues it. Ray then reports the job STOPPED.
 
 **Authentication.** A cluster with Ray token authentication (the default for local clusters since
 Ray 2.59 when a token exists) needs ``RAY_AUTH_MODE=token`` and the token (``~/.ray/auth_token`` or
@@ -55,9 +57,9 @@ from typing import TextIO
 
 from polydistill.cluster.config import ConfigError, load_config
 from polydistill.cluster.services import REDIS_URL_ENV
+from polydistill.cluster.stopping import STOPPED_BY_STOP_COMMAND, request_stop
 from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,
-    CONTROL_STOP,
     METRIC_POOL_REASON,
     METRIC_TEACHERS_RUNNING,
     METRIC_TEACHERS_WANTED,
@@ -425,7 +427,7 @@ def stop(address: str | None, submission_id: str, redis_url: str | None = None, 
     if ref.redis_url:
         redis_client = _redis(ref, "stop")
         try:
-            redis_client.hset(ref.keys.control, CONTROL_STOP, "1")
+            request_stop(redis_client, ref.keys, STOPPED_BY_STOP_COMMAND)
         finally:
             redis_client.close()
     # Ray sends SIGTERM (turned into the same stop flag by the driver) and marks the job STOPPED once

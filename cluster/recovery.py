@@ -12,6 +12,10 @@ What can go wrong, and what notices it::
                                   stream and another replica reclaims it (actors/teacher.py);
                                   the pool replaces the replica (actors/pool.py)
 
+A job that is stopping (its stop flag set, by the driver or from outside: cluster/stopping.py) is
+neither probed nor recovered: its students are leaving with what they have. They get
+``STOP_GRACE_S`` to finish their batch and checkpoint; after that the driver ends them itself.
+
 One procedure answers the first three (``Supervisor.recover``), and the first start of a job is
 the same procedure with nothing applied yet::
 
@@ -49,6 +53,7 @@ from typing import Any, Literal
 import ray
 
 from polydistill.cluster.config import JobConfig
+from polydistill.cluster.stopping import STOPPED_BY_DRIVER, request_stop
 from polydistill.storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from polydistill.storage.streams import JobStreams
 
@@ -57,10 +62,16 @@ log = logging.getLogger(__name__)
 QUIET_S = 2.0  # nothing queued or in flight for this long before asking the student what it misses
 FEED_STOP_TIMEOUT_S = 60.0  # a superseded feed call checks its generation before every chunk
 POLL_S = 0.5
+# From the stop request to the last student's return: a batch to finish and a checkpoint to save.
+STOP_GRACE_S = 20.0
 
 
 class RecoveryFailed(RuntimeError):
     """The job could not be brought back: too many recoveries, or batches lost to dead letters."""
+
+
+class StopOverdue(RuntimeError):
+    """Students still training ``STOP_GRACE_S`` after the job was told to stop."""
 
 
 # -- deciding (pure) ----------------------------------------------------------------------------
@@ -72,21 +83,32 @@ class Observation:
     feeding: bool  # the current feed call is still enqueuing
     work_backlog: int
     knowledge_backlog: int
+    stop_requested: bool = False  # the job's stop flag is set
 
 
 @dataclass(frozen=True)
 class WatchState:
     quiet_since: float | None = None
+    stop_seen_at: float | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    action: Literal["wait", "recover", "probe", "stop"]
+    action: Literal["wait", "recover", "probe", "stop", "abandon"]
     reason: str = ""
 
 
-def watch(observation: Observation, state: WatchState, now: float, quiet_s: float = QUIET_S) -> tuple[Verdict, WatchState]:
-    """What the driver should do after one observation: wait, recover, or probe the student."""
+def watch(observation: Observation, state: WatchState, now: float, quiet_s: float = QUIET_S,
+          stop_grace_s: float = STOP_GRACE_S) -> tuple[Verdict, WatchState]:
+    """What the driver should do after one observation: wait, recover, probe the student, or abandon
+    students that do not stop."""
+    if observation.stop_requested:
+        # The students are leaving: what they miss is for `polydistill resume`, not for a recovery.
+        seen_at = now if state.stop_seen_at is None else state.stop_seen_at
+        if now - seen_at > stop_grace_s:
+            return Verdict("abandon", f"the students did not stop within {stop_grace_s:g} s of the stop request"), \
+                WatchState(stop_seen_at=seen_at)
+        return Verdict("wait"), WatchState(stop_seen_at=seen_at)
     if not observation.run_marker_present:
         return Verdict("recover", "Redis lost the job's data (its run marker is gone)"), WatchState()
     if observation.feeding or observation.work_backlog or observation.knowledge_backlog:
@@ -224,7 +246,9 @@ class Supervisor:
                 verdict = judge_probe(missing, self.dead_letters_lost + dead_letters)
                 if verdict.action == "stop":
                     log.error("stopping the job: %s (see %s)", verdict.reason, self.keys.dead_letter_stream)
-                    self.streams.client.hset(self.keys.control, CONTROL_STOP, "1")
+                    request_stop(self.streams.client, self.keys, STOPPED_BY_DRIVER)
+            if verdict.action == "abandon":
+                raise StopOverdue(f"{verdict.reason}: {', '.join(sorted(running.values()))} still training")
             if verdict.action == "recover":
                 self.recover(verdict.reason)
             on_progress(progress)
@@ -234,16 +258,17 @@ class Supervisor:
         if not feeding:
             ray.get(self.feed_ref)  # raises the feeder's error, if it failed
         transaction = self.streams.client.pipeline(transaction=True)
-        transaction.hget(self.keys.control, CONTROL_RUN)
+        transaction.hmget(self.keys.control, [CONTROL_RUN, CONTROL_STOP])
         transaction.xlen(self.keys.knowledge_stream)
         transaction.xlen(self.keys.dead_letter_stream)
         transaction.hgetall(self.keys.progress)
         teacher_inputs = self.keys.teacher_inputs(len(self.config.teacher_names), self.config.task_names)
         for stream in teacher_inputs:  # batches on their way through the teachers
             transaction.xlen(stream)
-        marker, knowledge, dead, progress, *work = transaction.execute()
+        (marker, stop), knowledge, dead, progress, *work = transaction.execute()
         observation = Observation(
             run_marker_present=marker == self.run_token.encode(),
+            stop_requested=stop == b"1",
             feeding=feeding,
             work_backlog=sum(int(length) for length in work),
             knowledge_backlog=int(knowledge),

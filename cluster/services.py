@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import ray
 
 from polydistill.cluster.config import JobConfig
+from polydistill.cluster.stopping import STOPPED_BY_SIGTERM, stop_from_signal
 from polydistill.storage.redis_server import PrivateRedisServer
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,24 @@ def redis_for(config: JobConfig) -> Iterator[str]:
     if url:
         yield url
         return
-    with PrivateRedisServer() as server:
+    # Ctrl-C in a terminal signals the whole foreground process group: the job's own Redis must not
+    # shut down with it, since the driver stops the job through it (cluster/stopping.py). The server
+    # inherits the blocked SIGINT; Ray starts its own processes the same way.
+    with _sigint_blocked():
+        server = PrivateRedisServer().start()
+    with server:
         log.info("started a private redis-server for this job on %s", server.url)
         yield server.url
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread, and so in every process started from it meanwhile."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def logical_cpus_needed(config: JobConfig) -> float:
@@ -77,21 +93,15 @@ def ray_for(config: JobConfig) -> Iterator[None]:
 def stop_job_on_sigterm(config: JobConfig) -> None:
     """Makes SIGTERM (``polydistill stop``, ``ray job stop``) set the job's stop flag instead of
     killing the driver: the students checkpoint, the actors exit and the driver winds down as after
-    a normal end (Ray waits RAY_JOB_STOP_WAIT_TIME_S before SIGKILL). Only with a configured Redis
-    (a private one dies with the driver anyway), and only from the main thread (Python's rule)."""
+    a normal end, reporting the job stopped (Ray waits RAY_JOB_STOP_WAIT_TIME_S before SIGKILL).
+    Only with a configured Redis (a private one dies with the driver anyway), and only from the main
+    thread (Python's rule)."""
     url = configured_redis_url(config)
     if not url or threading.current_thread() is not threading.main_thread():
         return
-    from polydistill.cluster.config import with_redis_password
-    from polydistill.storage.keys import CONTROL_STOP, JobKeys
-    from polydistill.storage.streams import connect
 
     def request_stop(signum, frame) -> None:
-        resolved = with_redis_password(config)
-        transport = resolved.transport
-        client = connect(url, password=transport.password, username=transport.username,
-                         tls_ca_file=transport.tls_ca_file, socket_timeout=5, reconnect_timeout_s=5)
-        client.hset(JobKeys(resolved.resolved_job_id, transport.namespace).control, CONTROL_STOP, "1")
+        stop_from_signal(config, url, STOPPED_BY_SIGTERM)
         print("SIGTERM: asked every worker to stop after its current batch", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, request_stop)

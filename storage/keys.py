@@ -23,6 +23,9 @@ CACHE_WRITER_GROUP = "cache-writer"
 
 # Fields of the control hash (``JobKeys.control``), written by the driver and the CLI.
 CONTROL_STOP = "stop"  # "1": every worker of the job finishes its current batch and exits
+# Who set the stop flag first (cluster/stopping.py): the driver at its own end, or a stop from
+# outside (`polydistill stop`, SIGTERM, Ctrl-C). Absent beside a set flag: someone who did not say.
+CONTROL_STOPPED_BY = "stopped_by"
 CONTROL_DESIRED_TEACHERS = "desired_teachers"  # manual pool size (`polydistill scale`); absent: the policy decides
 # Set by the driver at start and at each recovery: a vanished run marker means Redis lost its data.
 CONTROL_RUN = "run"
