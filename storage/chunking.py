@@ -20,7 +20,7 @@ field of ``wire.Knowledge`` would be the more formal carrier; the tag keeps the 
 
 Accounting. The teacher publishes all K chunks and acknowledges the work batch in ONE Redis
 transaction, so a batch is in the knowledge stream whole or not at all. The student gathers a
-batch's chunks (``ChunkGather``) and acknowledges none of them until the last one is in; then it
+batch's chunks (``student/consumer.py`` holds them) and acknowledges none of them until the last one is in; then it
 reassembles the batch (``merge_chunks``: bit-identical to the unchunked knowledge), takes one
 step on it and records the batch in its ledger once, exactly as for an unchunked message. So
 steps, ledger batches and samples keep their meaning (a resumed checkpoint still has steps ==
@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -304,62 +304,3 @@ def _require_agreement(values: list, where: str) -> None:
     for value in values[1:]:
         if value != values[0]:
             raise wire.WireError(f"the chunks of one batch disagree on {where}: {values[0]!r} and {value!r}")
-
-
-@dataclass
-class _Partial:
-    count: int
-    chunks: dict[int, wire.Knowledge] = field(default_factory=dict)
-    entry_ids: list = field(default_factory=list)
-    payload_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Gathered:
-    """What one chunk completed: the batch's knowledge (None while chunks are missing), the stream
-    entries to acknowledge once it is applied, and their payload bytes; ``duplicate`` when this
-    message was a second copy of a chunk already held (acknowledge it at once)."""
-
-    knowledge: wire.Knowledge | None
-    entry_ids: list
-    payload_bytes: int = 0
-    duplicate: bool = False
-
-
-class ChunkGather:
-    """The chunks of batches not yet complete, by (epoch, batch id); plain data, no I/O."""
-
-    def __init__(self) -> None:
-        self.partial: dict[tuple[int, int], _Partial] = {}
-
-    def add(self, entry_id, payload_bytes: int, knowledge: wire.Knowledge) -> Gathered:
-        tag = chunk_tag(knowledge)
-        if tag is None:
-            raise ValueError("ChunkGather.add takes chunks; apply a whole batch directly")
-        key = (knowledge.work.epoch, knowledge.work.batch_id)
-        partial = self.partial.get(key)
-        if partial is not None and partial.count != tag.count:
-            # Chunked differently (another limit): start over, still acknowledging the old entries at the end.
-            log.warning("batch %d of epoch %d arrives in %d chunks after %d: gathering it afresh",
-                        key[1], key[0], tag.count, partial.count)
-            partial = _Partial(tag.count, entry_ids=partial.entry_ids)
-            self.partial[key] = partial
-        if partial is None:
-            partial = self.partial[key] = _Partial(tag.count)
-        if entry_id in partial.entry_ids:
-            return Gathered(None, [])  # the same entry delivered again (this consumer's pending list)
-        if tag.index in partial.chunks:
-            return Gathered(None, [entry_id], duplicate=True)
-        partial.chunks[tag.index] = knowledge
-        partial.entry_ids.append(entry_id)
-        partial.payload_bytes += payload_bytes
-        if len(partial.chunks) < partial.count:
-            return Gathered(None, [])
-        del self.partial[key]
-        merged = merge_chunks([partial.chunks[i] for i in range(1, partial.count + 1)])
-        return Gathered(merged, partial.entry_ids, partial.payload_bytes)
-
-    def discard(self, epoch: int, batch_id: int) -> list:
-        """Drops the chunks held for a batch applied meanwhile; returns their entries to acknowledge."""
-        partial = self.partial.pop((epoch, batch_id), None)
-        return [] if partial is None else partial.entry_ids

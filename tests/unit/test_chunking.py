@@ -9,7 +9,6 @@ from polydistill.storage import wire
 from polydistill.storage.schema import declared_fields
 from polydistill.storage.chunking import (
     ChunkError,
-    ChunkGather,
     Piece,
     bytes_per_sample,
     chunk_tag,
@@ -297,54 +296,3 @@ def test_chunk_tags():
     impossible = wire.Knowledge(work=knowledge.work, teacher_id="teacher-2 chunk 6/5", soft=knowledge.soft)
     with pytest.raises(wire.WireError, match="impossible"):
         chunk_tag(impossible)
-
-
-# --------------------------------------------------------------------------- gathering (student side)
-
-
-def test_gather_completes_a_batch_once_whatever_the_order_and_the_copies():
-    knowledge = lm_knowledge(n=8)
-    payloads = knowledge_messages(knowledge, len(wire.encode(knowledge)) // 3)
-    chunks = decode_all(payloads)
-    count = len(chunks)
-    assert count >= 3
-    gather = ChunkGather()
-    order = list(range(count))[::-1]  # last chunk first
-    results = []
-    for position, i in enumerate(order):
-        entry = f"1-{i}".encode()
-        results.append(gather.add(entry, len(payloads[i]), chunks[i]))
-        if position == 0:
-            # The same entry read again (this consumer's pending list): ignored, nothing to acknowledge yet.
-            again = gather.add(entry, len(payloads[i]), chunks[i])
-            assert again.knowledge is None and again.entry_ids == [] and not again.duplicate
-            # A second copy of that chunk under another entry: a duplicate, to acknowledge at once.
-            copy = gather.add(b"9-9", len(payloads[i]), chunks[i])
-            assert copy.knowledge is None and copy.duplicate and copy.entry_ids == [b"9-9"]
-    assert all(result.knowledge is None and result.entry_ids == [] for result in results[:-1])
-    done = results[-1]
-    assert_same(done.knowledge, knowledge)
-    assert sorted(done.entry_ids) == sorted(f"1-{i}".encode() for i in range(count))  # every chunk, acked together
-    assert done.payload_bytes == sum(len(payload) for payload in payloads)
-    assert gather.partial == {}
-
-
-def test_gather_keeps_batches_apart_and_discards_a_batch_applied_meanwhile():
-    first, second = lm_knowledge(seed=1), lm_knowledge(seed=2)
-    second = wire.Knowledge(work=wire.WorkBatch(**{**vars(second.work), "batch_id": 4}), teacher_id="teacher-0",
-                            soft=second.soft)
-    limit = len(wire.encode(first)) // 2
-    gather = ChunkGather()
-    a, b = decode_all(knowledge_messages(first, limit)), decode_all(knowledge_messages(second, limit))
-    gather.add(b"1-0", 1, a[0])
-    gather.add(b"2-0", 1, b[0])
-    assert set(gather.partial) == {(1, 3), (1, 4)}
-    assert gather.discard(1, 3) == [b"1-0"] and gather.discard(1, 3) == []
-    for i, chunk in enumerate(b[1:], start=1):
-        result = gather.add(f"2-{i}".encode(), 1, chunk)
-    assert_same(result.knowledge, second)
-
-
-def test_gather_takes_chunks_only():
-    with pytest.raises(ValueError, match="takes chunks"):
-        ChunkGather().add(b"1-0", 1, lm_knowledge())
