@@ -39,7 +39,6 @@ chunks: keep their batches under the limit.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -48,7 +47,6 @@ import numpy as np
 
 from polydistill.storage import schema, wire
 
-log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^(?P<teacher>.+) chunk (?P<index>[0-9]+)/(?P<count>[0-9]+)$")
 

@@ -53,8 +53,6 @@ from polydistill.student.consumer import KnowledgeConsumer
 from polydistill.student.data_parallel import DataParallel
 from polydistill.student.heads import main_head, tie_task_heads
 from polydistill.student.objectives import OBJECTIVES, Counts, StudentRunner, served_counts, task_head, task_loss
-# Re-exported for the tests that import them from here (test_token_classification, test_chunking).
-from polydistill.student.objectives import distillation_losses, ensemble_soft_labels, student_labels  # noqa: F401
 from polydistill.student.precision import use_bf16
 from polydistill.student.strategy import SingleWorker, StepStrategy
 from polydistill.student.vocab_trim import VOCAB_MAP_FILE, VocabMap

@@ -198,7 +198,7 @@ def test_classifier_knowledge_with_features_splits_by_rows():
 
 
 def test_several_teachers_votes_survive_chunking_and_mix_to_the_same_soft_labels():
-    from polydistill.student.trainer import ensemble_soft_labels
+    from polydistill.student.objectives import ensemble_soft_labels
 
     knowledge = several_teacher_knowledge()
     chunks = decode_all(knowledge_messages(knowledge, len(wire.encode(knowledge)) // 2))

@@ -17,7 +17,7 @@ from polydistill.storage.datasets import DataSourceError, load_split
 from polydistill.storage.job_data import pad_labels, tokenize_split
 from polydistill.storage.vocab import train_wordpiece_tokenizer
 from polydistill.storage.wire import Knowledge, SoftLabels, WorkBatch
-from polydistill.student.trainer import distillation_losses, student_labels
+from polydistill.student.objectives import distillation_losses, student_labels
 
 ROWS = [
     {"text": "Le chat dort here now", "tags": "fra fra fra eng eng", "language": "fra"},
