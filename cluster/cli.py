@@ -13,7 +13,10 @@ On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:82
     polydistill status JOB | logs JOB [--follow] | stop JOB | scale JOB --teachers N | --auto
 
 Exit status: 0 when the job completed with exact accounting, 2 for an invalid config or
-input (nothing was started), 1 when the job ran and failed.
+input (nothing was started), 1 when the job ran and failed, 3 when it was stopped from outside
+(`polydistill stop`, SIGTERM) before it completed, 130 when Ctrl-C stopped it. A stopped job
+prints one line (samples distilled, where its checkpoint is) and `polydistill resume OUTPUT_DIR`
+continues it. The first Ctrl-C lets the students save a checkpoint; a second one quits at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import sys
 
 from polydistill.cluster.config import ConfigError, load_config
-from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
+from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
 from polydistill.cluster.quiet import quiet_libraries
 
 
@@ -99,6 +102,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a job (a job's own is `run_job`'s): nothing to keep
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -225,7 +236,7 @@ def _summary_line(report: dict) -> str | None:
 
 
 def _run(config, show_progress: bool, resume: bool = False) -> int:
-    from polydistill.cluster.driver import JobFailed, run_job
+    from polydistill.cluster.driver import JobFailed, JobStopped, run_job
     from polydistill.cluster.recovery import RecoveryFailed
     from polydistill.storage.streams import RedisUnavailable
     from polydistill.student.checkpoint import CheckpointError
@@ -237,6 +248,9 @@ def _run(config, show_progress: bool, resume: bool = False) -> int:
     except (ModelSetupError, DataSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except JobStopped as stopped:
+        print(stopped, file=sys.stderr)
+        return EXIT_INTERRUPTED if stopped.interrupted else EXIT_STOPPED
     except (JobFailed, RecoveryFailed, RedisUnavailable, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -27,23 +27,55 @@ from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActo
 from polydistill.cluster.config import JobConfig, with_redis_password
 from polydistill.cluster.prepare import check_student_contract, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
-from polydistill.cluster.recovery import Supervisor
+from polydistill.cluster.recovery import StopOverdue, Supervisor
 from polydistill.cluster.report_schema import Report
 from polydistill.cluster.resume import save_job_config
 from polydistill.cluster.services import ray_for, redis_for
+from polydistill.cluster.stopping import (
+    STOPPED_BY_DRIVER,
+    STOPPED_BY_INTERRUPT,
+    InterruptStops,
+    accounting_shortfall,
+    job_outcome,
+    request_stop,
+    stop_from_signal,
+    stop_requested_by,
+    stop_summary,
+    stopped_from_outside,
+)
 from polydistill.cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
 from polydistill.cluster.teachers import check_teachers, prepare_teachers
-from polydistill.storage.keys import CACHE_WRITER_GROUP, CONTROL_STOP, TEACHER_GROUP, JobKeys
+from polydistill.storage.keys import CACHE_WRITER_GROUP, TEACHER_GROUP, JobKeys
 from polydistill.storage.knowledge_cache import is_complete
+from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
 from polydistill.storage.job_data import load_job_split
-from polydistill.student.checkpoint import discard_checkpoint
+from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
 
 log = logging.getLogger(__name__)
 
+ACTORS_GONE_TIMEOUT_S = 10.0  # ending at once: how long to wait for killed actors before removing the keys
+
 
 class JobFailed(RuntimeError):
-    """The job ran but did not complete with exact accounting."""
+    """The job ran to its end without exact accounting: samples lost or doubled (the message names them)."""
+
+
+class JobStopped(RuntimeError):
+    """The job was stopped before it completed (``polydistill stop``, SIGTERM, Ctrl-C). The message is
+    one line: the samples distilled, where the checkpoint is, and the ``polydistill resume`` command
+    that continues the job from it."""
+
+    def __init__(self, stopped_by: str, output_dir: Path, samples_kept: int | None, samples_expected: int | None,
+                 checkpoint: Path | None, interrupted: bool, report: dict | None = None):
+        super().__init__(stop_summary(stopped_by, output_dir, samples_kept, samples_expected, checkpoint))
+        self.stopped_by = stopped_by
+        self.output_dir = output_dir
+        self.samples_kept = samples_kept  # in the checkpoint; None when distilling had not begun
+        self.samples_expected = samples_expected
+        self.checkpoint = checkpoint
+        self.interrupted = interrupted  # Ctrl-C in this process asked for the stop
+        self.report = report  # what report.json holds; None when the job ended before reporting
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
@@ -51,79 +83,125 @@ def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]
 
 
 def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False) -> dict:
-    """Runs the job; ``resume=True`` continues from the student's checkpoint in the output directory."""
+    """Runs the job; ``resume=True`` continues from the student's checkpoint in the output directory.
+
+    Raises ``JobStopped`` when the job was stopped before it completed (its report says "stopped"),
+    ``JobFailed`` when it ran to its end without distilling every sample exactly once. Ctrl-C asks
+    the job to stop as ``polydistill stop`` does; a second Ctrl-C ends it at once."""
     out_dir = Path(config.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_job_config(config, out_dir)  # for `polydistill resume`; no secrets
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
-    train = load_job_split(config.data, config.data.train_split)
-    teacher_dirs = prepare_teachers(config, out_dir, train)
-    teacher_dir = teacher_dirs["teacher"]
-    check_teachers(config, teacher_dirs, train)
-    stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
-    task_teachers = prepare_task_teachers(config, out_dir, teacher_dir) if config.extra_tasks else {}
-    student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
-    check_student_contract(config, teacher_dir, student_init_dir)
-    if task_teachers:
-        prepare_task_heads(config, student_init_dir, task_teachers)
-    extra_init: dict[str, Path] = {}
-    for name in config.student_names[1:]:
-        extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
-        check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
-    stage_seconds["prepare_student"] = _lap(started, stage_seconds)
-    with redis_for(config) as redis_url, ray_for(config):
-        log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))
-        # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
-        # instead of after it: on a small machine the teacher replicas leave a core partly idle.
-        ablation_ref = None
-        if config.evaluation.ablation and config.data.eval_split:
-            ablation_ref = _ablation_task.options(num_cpus=0).remote(
-                config, str(student_init_dir), str(out_dir / "ablation")
-            )
-        init_dirs = {"student": student_init_dir, **extra_init}
-        task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
-        result = _distill(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume, task_dirs)
-        stage_seconds["distill"] = _lap(started, stage_seconds)
-        ablation_dir = Path(ray.get(ablation_ref)) if ablation_ref is not None else None
-        stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
-    result["wall_seconds"] = round(time.perf_counter() - started, 2)
-    report = _report(config, result, train.label_names)
-    report["student_init"] = student_info
-    report["teacher_path"] = str(teacher_dir)
-    if config.data.eval_split:
-        from polydistill.student.evaluate import evaluate_job  # the metrics stack, only when needed
+    # A fresh run discards an older checkpoint when distilling begins: until then, none is this run's.
+    distilling_began = resume
+    samples_expected = None  # known once distilling has ended
+    with InterruptStops() as interrupt:
+        try:
+            train = load_job_split(config.data, config.data.train_split)
+            teacher_dirs = prepare_teachers(config, out_dir, train)
+            teacher_dir = teacher_dirs["teacher"]
+            check_teachers(config, teacher_dirs, train)
+            stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
+            task_teachers = prepare_task_teachers(config, out_dir, teacher_dir) if config.extra_tasks else {}
+            student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
+            check_student_contract(config, teacher_dir, student_init_dir)
+            if task_teachers:
+                prepare_task_heads(config, student_init_dir, task_teachers)
+            extra_init: dict[str, Path] = {}
+            for name in config.student_names[1:]:
+                extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
+                check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
+            stage_seconds["prepare_student"] = _lap(started, stage_seconds)
+            with redis_for(config) as redis_url, ray_for(config):
+                log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))
+                # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
+                # instead of after it: on a small machine the teacher replicas leave a core partly idle.
+                ablation_ref = None
+                if config.evaluation.ablation and config.data.eval_split:
+                    ablation_ref = _ablation_task.options(num_cpus=0).remote(
+                        config, str(student_init_dir), str(out_dir / "ablation")
+                    )
+                init_dirs = {"student": student_init_dir, **extra_init}
+                task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
+                distilling_began = True
+                result = _distill(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, interrupt,
+                                  resume, task_dirs)
+                stage_seconds["distill"] = _lap(started, stage_seconds)
+                report = _report(config, result, train.label_names)
+                samples_expected = report["samples_expected"]
+                shortfall = accounting_shortfall(report, result["missing_batches"])
+                outcome = job_outcome(shortfall, result["stopped_by"])
+                ablation_dir = None
+                if outcome == "stopped":
+                    if ablation_ref is not None:  # the evaluation it is for will not run
+                        ray.cancel(ablation_ref, force=True)
+                elif ablation_ref is not None:
+                    ablation_dir = Path(ray.get(ablation_ref))
+                    stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
+            report["status"] = outcome
+            report["wall_seconds"] = round(time.perf_counter() - started, 2)
+            report["student_init"] = student_info
+            report["teacher_path"] = str(teacher_dir)
+            if outcome == "stopped":
+                report["stopped_by"] = result["stopped_by"]
+                report["stage_seconds"] = stage_seconds
+                report["total_seconds"] = report["wall_seconds"]
+                _write_report(report, out_dir)
+                raise _stopped(config, out_dir, result["stopped_by"], interrupt.stop_requested,
+                               samples_expected=report["samples_expected"], report=report)
+            if config.data.eval_split:
+                from polydistill.student.evaluate import evaluate_job  # the metrics stack, only when needed
 
-        extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
-        extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
-        if ablation_dir is not None:
-            extra["ablation"] = ablation_dir
-        report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names, extra))
-        if task_teachers:
-            for name, evaluation in evaluate_tasks(config, task_teachers, Path(report["student_path"])).items():
-                report["tasks"][name].update(evaluation)
-        stage_seconds["evaluate"] = _lap(started, stage_seconds)
-        if config.compress is not None:  # prune / recover / quantise: a report row per stage
-            from polydistill.student.compress_job import compress_job
+                extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
+                extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
+                if ablation_dir is not None:
+                    extra["ablation"] = ablation_dir
+                report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
+                                           extra))
+                if task_teachers:
+                    for name, evaluation in evaluate_tasks(config, task_teachers, Path(report["student_path"])).items():
+                        report["tasks"][name].update(evaluation)
+                stage_seconds["evaluate"] = _lap(started, stage_seconds)
+                if config.compress is not None:  # prune / recover / quantise: a report row per stage
+                    from polydistill.student.compress_job import compress_job
 
-            report.update(compress_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
-                                       out_dir / "compress"))
-            stage_seconds["compress"] = _lap(started, stage_seconds)
-    report["stage_seconds"] = stage_seconds
-    report["total_seconds"] = round(time.perf_counter() - started, 2)
-    _write_report(report, out_dir)
-    distilled = {"student": report["samples_distilled"],
-                 **{name: extra["samples_distilled"] for name, extra in report["extra_students"].items()}}
-    short = {name: n for name, n in distilled.items() if n != report["samples_expected"]}
-    short.update({f"task {name}": task["samples_distilled"] for name, task in (report.get("tasks") or {}).items()
-                  if task["samples_distilled"] != task["samples_expected"]})
-    if short or report["batches_missing"]:
-        raise JobFailed(
-            f"accounting mismatch: samples distilled {distilled}, {report['samples_expected']} expected each; "
-            f"see {out_dir / 'report.json'}"
-        )
+                    report.update(compress_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
+                                               out_dir / "compress"))
+                    stage_seconds["compress"] = _lap(started, stage_seconds)
+            report["stage_seconds"] = stage_seconds
+            report["total_seconds"] = round(time.perf_counter() - started, 2)
+            _write_report(report, out_dir)
+        except KeyboardInterrupt:
+            # Ctrl-C before distilling began or after it ended (a second one while it stopped is _distill's).
+            raise _stopped(config, out_dir, STOPPED_BY_INTERRUPT, interrupted=True, samples_expected=samples_expected,
+                           distilling_began=distilling_began) from None
+    if outcome == "failed":
+        raise JobFailed(f"accounting mismatch: {'; '.join(shortfall)}; see {out_dir / 'report.json'}")
     return report
+
+
+def _stopped(config: JobConfig, out_dir: Path, stopped_by: str, interrupted: bool, *,
+             samples_expected: int | None = None, distilling_began: bool = True,
+             report: dict | None = None) -> JobStopped:
+    """The outcome of a stopped job, with what its main student's checkpoint holds (read from disk:
+    it is what `polydistill resume` continues from)."""
+    checkpoints = out_dir / "checkpoints"
+    found = find_checkpoint(checkpoints / "student") if distilling_began else None
+    samples_kept = None
+    if distilling_began:
+        samples_kept = _samples_in_checkpoint(found) if found is not None else 0
+    # Several students checkpoint side by side: name the folder that holds them all.
+    named = None if found is None else checkpoints if len(config.student_names) > 1 else checkpoints / "student"
+    return JobStopped(stopped_by, out_dir, samples_kept, samples_expected, named, interrupted, report)
+
+
+def _samples_in_checkpoint(checkpoint: Path) -> int:
+    """Samples in a checkpoint's ledger (student/checkpoint.py documents ledger.json), without loading
+    its tensors: a Ctrl-C should not wait for the weights to be read."""
+    ledger = json.loads((checkpoint / "ledger.json").read_text(encoding="utf-8"))
+    return EpochLedger.from_dict(ledger).samples_applied
 
 
 def _lap(started: float, laps: dict[str, float]) -> float:
@@ -154,40 +232,86 @@ def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobSt
     return keys, streams
 
 
-def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
-             out_dir: Path, show_progress: bool, resume: bool = False,
-             task_dirs: dict[str, Path] | None = None) -> dict:
-    """``task_dirs``: a multi-task job's extra tasks' teacher folders by task."""
-    config = with_redis_password(config)  # transport.password_env, read here where the job runs
-    teacher_dir = teacher_dirs["teacher"]
-    task_dirs = task_dirs or {}
-    keys, streams = reset_job_streams(config, redis_url)
+@dataclass
+class _JobActors:
+    """The actors of a running job as they start, and the calls running on them: what ending the job
+    at once must kill and wait for."""
 
+    feeder: ray.actor.ActorHandle | None = None
+    writer: ray.actor.ActorHandle | None = None
+    pools: dict[str, ray.actor.ActorHandle] = field(default_factory=dict)
+    helpers: list[ray.ObjectRef] = field(default_factory=list)  # the pools' and the cache writer's run()
+    supervisor: Supervisor | None = None
+    samples_expected: int | None = None  # known once the feeder has planned the batches
+
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        students = list(self.supervisor.students.values()) if self.supervisor is not None else []
+        return [actor for actor in [self.feeder, *students, *self.pools.values(), self.writer] if actor is not None]
+
+    def calls(self) -> list[ray.ObjectRef]:
+        supervisor = self.supervisor
+        own = [*supervisor.train_refs.values(), supervisor.feed_ref] if supervisor is not None else []
+        return [ref for ref in [*self.helpers, *own] if ref is not None]
+
+
+def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
+             out_dir: Path, show_progress: bool, interrupt: InterruptStops, resume: bool = False,
+             task_dirs: dict[str, Path] | None = None) -> dict:
+    """``task_dirs``: a multi-task job's extra tasks' teacher folders by task.
+
+    From the moment the job's keys are fresh, Ctrl-C asks the job to stop (``interrupt``). A second
+    Ctrl-C, or students that do not stop within the grace period, end every actor at once."""
+    config = with_redis_password(config)  # transport.password_env, read here where the job runs
+    keys, streams = reset_job_streams(config, redis_url)
+    job = _JobActors()
+    interrupt.arm(lambda: stop_from_signal(config, redis_url, STOPPED_BY_INTERRUPT))
+    try:
+        return _run_actors(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume,
+                           task_dirs or {}, keys, streams, job, interrupt)
+    except (KeyboardInterrupt, StopOverdue) as reason:
+        interrupt.disarm()  # a press now would write into the keys about to be removed
+        log.log(logging.WARNING if isinstance(reason, StopOverdue) else logging.INFO,
+                "job %s: ending every actor at once (%s)", keys.job_id, str(reason) or "a second Ctrl-C")
+        stopped_by = _end_at_once(job, streams, keys)
+        interrupted = interrupt.stop_requested or isinstance(reason, KeyboardInterrupt)
+        raise _stopped(config, out_dir, stopped_by or STOPPED_BY_INTERRUPT, interrupted,
+                       samples_expected=job.samples_expected) from None
+    finally:
+        interrupt.disarm()
+
+
+def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
+                out_dir: Path, show_progress: bool, resume: bool, task_dirs: dict[str, Path], keys: JobKeys,
+                streams: JobStreams, job: _JobActors, interrupt: InterruptStops) -> dict:
+    """Starts the job's actors (each recorded in ``job`` as it starts), watches them to the end, collects
+    their counters and removes the job's keys."""
+    teacher_dir = teacher_dirs["teacher"]
     # The feeder and the cache writer share the driver's node: the cache folder is on its disk.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tokenizer_dirs = ({"main": str(teacher_dir), **{name: str(folder) for name, folder in task_dirs.items()}}
                       if task_dirs else str(teacher_dir))
-    feeder = FeederActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+    feeder = job.feeder = FeederActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
         config, tokenizer_dirs, redis_url)
     plan, _, cleaning = ray.get(feeder.plan.remote())
     cache = ray.get(feeder.cache_state.remote())
     from_cache = cache is not None and cache["complete"]
     writer = writer_ref = None
     if cache is not None and not from_cache:
-        writer = CacheWriterActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+        writer = job.writer = CacheWriterActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
             config, cache["root"], cache["key"], plan.samples_per_epoch, redis_url)
     # The pool owns the teacher replicas: it starts teacher.replicas of them, then sizes the pool
     # (teacher.autoscaling, `polydistill scale`) until the stop flag, and returns every replica's counters.
     # Served from a complete knowledge cache, the job needs no teacher at all. Several teachers: a pool
     # each, in line (each adds its soft labels to the batch and passes it on).
-    pools = {} if from_cache else {
-        name: TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
-            config.for_teacher(name), str(teacher_dirs[name]), redis_url, stage=config.teacher_stage(name))
-        for name in config.teacher_names}
+    pools = job.pools
+    if not from_cache:
+        for name in config.teacher_names:
+            pools[name] = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+                config.for_teacher(name), str(teacher_dirs[name]), redis_url, stage=config.teacher_stage(name))
     # A multi-task job: a pool more per extra task, reading that task's work stream.
-    pools.update({name: TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
-        config.for_task(name), str(folder), redis_url, stage=config.task_stage(name))
-        for name, folder in task_dirs.items()})
+    for name, folder in task_dirs.items():
+        pools[name] = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+            config.for_task(name), str(folder), redis_url, stage=config.task_stage(name))
 
     def student_maker(name: str):
         seen_as = config.for_student(name)
@@ -204,14 +328,17 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
     def cache_readers() -> list[str]:
         return [CACHE_WRITER_GROUP] if writer is not None and not is_complete(cache["path"]) else []
 
-    supervisor = Supervisor(config, streams, feeder, makers, plan.batches_per_epoch * plan.epochs, cache_readers)
+    expected = plan.samples_per_epoch * plan.epochs
+    job.samples_expected = expected
+    supervisor = job.supervisor = Supervisor(config, streams, feeder, makers, plan.batches_per_epoch * plan.epochs,
+                                             cache_readers)
     supervisor.start(resume)
-    helpers = [pool.run.remote() for pool in pools.values()]
+    helpers = job.helpers
+    helpers.extend(pool.run.remote() for pool in pools.values())
     if writer is not None:
         writer_ref = writer.run.remote()
         helpers.append(writer_ref)
 
-    expected = plan.samples_per_epoch * plan.epochs
     with ProgressDisplay(expected, enabled=show_progress) as display:
         try:
             summaries = supervisor.wait(helpers, display.update)
@@ -219,16 +346,23 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
             display.update({"samples": str(training["samples_distilled"]), "loss": str(training["final_loss"])})
         except RedisUnavailable:
             # Nothing can be told to stop through Redis: end the actors directly, then report the outage.
-            for actor in [feeder, *supervisor.students.values(), *pools.values(), writer]:
-                if actor is not None:
-                    ray.kill(actor)
+            for actor in job.actors():
+                ray.kill(actor)
             raise
+        except (KeyboardInterrupt, StopOverdue):
+            raise  # the job ends at once (_distill)
         except BaseException:
-            streams.client.hset(keys.control, CONTROL_STOP, "1")
+            request_stop(streams.client, keys, STOPPED_BY_DRIVER)
             raise
-    if writer is not None:
+    # Whether someone else stopped the job, read before the driver sets the flag for its own end.
+    stopped_by = stop_requested_by(streams.client, keys)
+    if writer is not None and stopped_by is None:
         _drain_knowledge_stream(streams, keys)
-    streams.client.hset(keys.control, CONTROL_STOP, "1")
+    request_stop(streams.client, keys, STOPPED_BY_DRIVER)
+    # What a student that did not finish never applied, for an accounting mismatch to name.
+    missing_batches = {} if stopped_from_outside(stopped_by) else {
+        name: ray.get(supervisor.students[name].missing.remote(), timeout=30)
+        for name, summary in summaries.items() if not summary["complete"]}
     teacher_stats = [stats for ref in helpers[:len(pools)] for stats in ray.get(ref, timeout=180)]
     pool_summaries = {name: ray.get(pool.summary.remote(), timeout=30) for name, pool in pools.items()}
     cache_report = None
@@ -238,10 +372,10 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
                         "writer": ray.get(writer_ref, timeout=180) if writer_ref is not None else None}
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
+    interrupt.disarm()  # the keys go now; a Ctrl-C from here on ends the driver at once
     streams.delete_job_keys()
-    for actor in [feeder, *supervisor.students.values(), *pools.values(), writer]:
-        if actor is not None:
-            ray.kill(actor)
+    for actor in job.actors():
+        ray.kill(actor)
     return {
         "knowledge_cache": cache_report,
         "plan": asdict(plan),
@@ -255,7 +389,30 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
         "batches_fed": batches_fed,
         "dead_letters": dead_letters,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
+        "stopped_by": stopped_by,
+        "missing_batches": missing_batches,
     }
+
+
+def _end_at_once(job: _JobActors, streams: JobStreams, keys: JobKeys) -> str | None:
+    """Kills every actor of the job, waits (briefly) until they are gone so that none writes again,
+    then removes the job's keys. Returns who had asked the job to stop."""
+    stopped_by = stop_requested_by(streams.client, keys)
+    for actor in job.actors():
+        ray.kill(actor)
+    deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
+    calls = job.calls()
+    if calls:  # a killed actor's calls fail once it is gone
+        ray.wait(calls, num_returns=len(calls), timeout=ACTORS_GONE_TIMEOUT_S)
+    # The teacher replicas belong to their pool, which names each "<job id>:<replica id>"
+    # (actors/pool.py): Ray ends them once the pool is gone, a moment after it, and until then one
+    # may still publish the batch it holds.
+    replica_prefix = f"{keys.job_id}:"
+    while (any(name.startswith(replica_prefix) for name in ray.util.list_named_actors())
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    streams.delete_job_keys()
+    return stopped_by
 
 
 def _drain_knowledge_stream(streams: JobStreams, keys: JobKeys, timeout_s: float = 120.0) -> None:
@@ -294,7 +451,6 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "teacher_samples_per_language": training.get("teacher_samples_per_language"),
         "tasks": _task_report(config, plan, training, result.get("teacher_pools_all") or {}) if config.extra_tasks
         else None,
-        "wall_seconds": result["wall_seconds"],
         "student_seconds": {
             "total": training["wall_seconds"],
             "waiting_for_knowledge": training["wait_seconds"],

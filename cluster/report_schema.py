@@ -8,7 +8,7 @@ stages) stay mappings: their keys are the metrics each task kind reports.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,6 +27,11 @@ class Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str
+    # How the job ended: every sample distilled once (completed), stopped from outside before that
+    # (`polydistill stop`, SIGTERM, Ctrl-C: `polydistill resume` continues it from its checkpoint), or
+    # ended without exact accounting (failed).
+    status: Literal["completed", "stopped", "failed"]
+    stopped_by: str | None = None  # who stopped it (cluster/stopping.py), when stopped
     # Accounting: every sample distilled exactly once per epoch.
     samples_expected: int
     samples_distilled: int

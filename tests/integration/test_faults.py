@@ -282,34 +282,52 @@ def test_redis_unreachable_for_a_while_and_a_write_lost_with_it_are_ridden_out(t
     summary("redis-down", injector, report, started)
 
 
-@pytest.mark.heavy
-def test_resume_continues_a_stopped_job_from_its_checkpoint(tmp_path, redis_server, local_ray):
+def test_a_stop_from_outside_ends_the_job_stopped_and_resume_completes_it(tmp_path, redis_server, local_ray):
     from polydistill.cluster.cli import main
-    from polydistill.cluster.driver import JobFailed
+    from polydistill.cluster.driver import JobStopped
+    from polydistill.cluster.stopping import STOPPED_BY_STOP_COMMAND, request_stop
+    from polydistill.student.checkpoint import find_checkpoint
 
-    # Three times the usual epochs, with the stop still placed within the first 50 batches: the
-    # student polls the stop flag every 0.5 s, and a short job could finish before it looks.
-    config = fault_config(tmp_path, redis_server.url, "training.epochs=6")
+    # Twice the usual epochs, with the stop still placed within the first 33 batches: the student
+    # polls the stop flag every 0.5 s, and a short job could finish before it looks.
+    config = fault_config(tmp_path, redis_server.url, "training.epochs=4")
     control = connect(redis_server.url)
     keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-    injector = Injector("stop+resume", config, redis_server.url, lambda: control.hset(keys.control, "stop", "1"))
+    # What `polydistill stop` writes (cluster/jobs.py) before Ray sends the driver SIGTERM.
+    injector = Injector("stop+resume", config, redis_server.url,
+                        lambda: request_stop(control, keys, STOPPED_BY_STOP_COMMAND))
     injector.start()
     started = time.perf_counter()
-    with pytest.raises(JobFailed, match="accounting mismatch"):
+    with pytest.raises(JobStopped) as raised:
         run_job(config, show_progress=False)
+    stop_seconds = time.time() - injector.injected_at
     injector.check()
-    out = Path(config.output_dir)
+    out = Path(config.output_dir).resolve()
     stopped = json.loads((out / "report.json").read_text())
-    assert 0 < stopped["student_steps"] < 3 * BATCHES
+    assert stopped["status"] == "stopped" and stopped["stopped_by"] == STOPPED_BY_STOP_COMMAND
+    assert 0 < stopped["samples_distilled"] < stopped["samples_expected"] == 2 * 400
+    assert 0 < stopped["student_steps"] < 2 * BATCHES
+    assert stopped["recoveries"] == [], "a stopping job was taken for one that lost batches"
+    # The line the CLI prints: what was distilled, where the checkpoint is, how to continue.
+    assert not raised.value.interrupted and raised.value.checkpoint == out / "checkpoints" / "student"
+    assert find_checkpoint(raised.value.checkpoint) is not None
+    assert raised.value.samples_kept == stopped["samples_distilled"]
+    assert str(raised.value) == (f"stopped by polydistill stop: {stopped['samples_distilled']} of 800 samples "
+                                 f"distilled, checkpoint in {out / 'checkpoints' / 'student'}; "
+                                 f"continue with: polydistill resume {out}")
+    assert control.keys(keys.pattern) == [], "the stopped job left keys behind"
+
     previous_handler = signal.getsignal(signal.SIGTERM)
     try:
         assert main(["resume", str(out), "--no-progress"]) == 0
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     report = json.loads((out / "report.json").read_text())
-    assert report["samples_distilled"] == report["samples_expected"] == 3 * 400
+    assert report["status"] == "completed" and "stopped_by" not in report
+    assert report["samples_distilled"] == report["samples_expected"] == 2 * 400
     assert report["batches_missing"] == 0 and report["dead_letters"] == 0
-    assert report["student_steps"] == report["batches_expected"] == 3 * BATCHES, "a batch was applied twice"
+    assert report["student_steps"] == report["batches_expected"] == 2 * BATCHES, "a batch was applied twice"
     # The stopped run checkpointed on its way out, so nothing it applied is learnt twice or lost.
     assert report["resumed_from_step"] == stopped["student_steps"]
+    print(f"[stop] the stopped job ended {stop_seconds:.1f} s after the stop request")
     summary("stop+resume", injector, report, started)
