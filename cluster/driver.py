@@ -71,7 +71,7 @@ class JobStopped(RuntimeError):
         super().__init__(stop_summary(stopped_by, output_dir, samples_kept, samples_expected, checkpoint))
         self.stopped_by = stopped_by
         self.output_dir = output_dir
-        self.samples_kept = samples_kept  # in the checkpoint; None when distilling had not begun
+        self.samples_kept = samples_kept  # in the checkpoint; None when a fresh run had not begun distilling
         self.samples_expected = samples_expected
         self.checkpoint = checkpoint
         self.interrupted = interrupted  # Ctrl-C in this process asked for the stop

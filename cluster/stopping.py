@@ -96,10 +96,11 @@ def stop_summary(stopped_by: str, output_dir: Path, samples_kept: int | None, sa
                  checkpoint: Path | None) -> str:
     """The one line a stopped job leaves: what it distilled, what was kept, and how to continue it.
 
-    ``samples_kept`` None: distilling had not begun."""
+    ``samples_kept`` None: a fresh run that had not begun distilling, so there is nothing to resume
+    (a checkpoint left in its folder by an earlier run is not its own)."""
     resume = f"polydistill resume {shlex.quote(str(output_dir))}"
     if samples_kept is None:
-        return f"stopped by {stopped_by} before distilling began; start it with: {resume}"
+        return f"stopped by {stopped_by} before distilling began: nothing to resume"
     of = f" of {samples_expected}" if samples_expected is not None else ""
     if checkpoint is None:
         return (f"stopped by {stopped_by} before the student saved a checkpoint (nothing kept); "

@@ -88,7 +88,7 @@ def test_the_line_without_a_checkpoint_or_before_distilling_began():
     no_checkpoint = stop_summary(STOPPED_BY_INTERRUPT, Path("/out"), 0, 400, None)
     assert "before the student saved a checkpoint" in no_checkpoint and "polydistill resume /out" in no_checkpoint
     before = stop_summary(STOPPED_BY_INTERRUPT, Path("/out"), None, None, None)
-    assert before == "stopped by Ctrl-C before distilling began; start it with: polydistill resume /out"
+    assert before == "stopped by Ctrl-C before distilling began: nothing to resume"
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------------
