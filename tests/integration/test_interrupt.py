@@ -9,6 +9,7 @@ can look for the keys left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,9 @@ def test_ctrl_c_stops_the_job_with_a_checkpoint_and_one_line(tmp_path, redis_ser
     assert lines[0].startswith("stopped by Ctrl-C: ") and " of 800 samples distilled, checkpoint in " in lines[0]
     assert lines[0].endswith(f"continue with: polydistill resume {out}")
     assert find_checkpoint(out / "checkpoints" / "student") is not None
+    stopped = json.loads((out / "report.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["stopped_by"] == "Ctrl-C"
+    assert f": {stopped['samples_distilled']} of 800 samples distilled" in lines[0]
     assert left == [], f"the interrupted job left keys behind: {left}"
 
 
