@@ -112,7 +112,8 @@ class FeederActor:
         self._publish_languages()
         should_stop = self.stop if generation is None else FeedSuperseded(self.stop, generation)
         sent = self.feeder.feed(only=only, should_stop=should_stop)
-        self.enqueued.inc(sent)
+        if sent:  # Ray's counters refuse 0: a feed with nothing left to send (a resume, a stop) adds nothing
+            self.enqueued.inc(sent)
         self._publish_languages()
         return sent
 

@@ -236,7 +236,8 @@ def _summary_line(report: dict) -> str | None:
 
 
 def _run(config, show_progress: bool, resume: bool = False) -> int:
-    from polydistill.cluster.driver import JobFailed, JobStopped, run_job
+    from polydistill.cluster.driver import run_job
+    from polydistill.cluster.stopping import JobFailed, JobStopped
     from polydistill.cluster.recovery import RecoveryFailed
     from polydistill.storage.streams import RedisUnavailable
     from polydistill.student.checkpoint import CheckpointError

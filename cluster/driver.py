@@ -35,12 +35,13 @@ from polydistill.cluster.stopping import (
     STOPPED_BY_DRIVER,
     STOPPED_BY_INTERRUPT,
     InterruptStops,
+    JobFailed,
+    JobStopped,
     accounting_shortfall,
     job_outcome,
     request_stop,
     stop_from_signal,
     stop_requested_by,
-    stop_summary,
     stopped_from_outside,
 )
 from polydistill.cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
@@ -55,27 +56,6 @@ from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
 log = logging.getLogger(__name__)
 
 ACTORS_GONE_TIMEOUT_S = 10.0  # ending at once: how long to wait for killed actors before removing the keys
-
-
-class JobFailed(RuntimeError):
-    """The job ran to its end without exact accounting: samples lost or doubled (the message names them)."""
-
-
-class JobStopped(RuntimeError):
-    """The job was stopped before it completed (``polydistill stop``, SIGTERM, Ctrl-C). The message is
-    one line: the samples distilled, where the checkpoint is, and the ``polydistill resume`` command
-    that continues the job from it."""
-
-    def __init__(self, stopped_by: str, output_dir: Path, samples_kept: int | None, samples_expected: int | None,
-                 checkpoint: Path | None, interrupted: bool, report: dict | None = None):
-        super().__init__(stop_summary(stopped_by, output_dir, samples_kept, samples_expected, checkpoint))
-        self.stopped_by = stopped_by
-        self.output_dir = output_dir
-        self.samples_kept = samples_kept  # in the checkpoint; None when a fresh run had not begun distilling
-        self.samples_expected = samples_expected
-        self.checkpoint = checkpoint
-        self.interrupted = interrupted  # Ctrl-C in this process asked for the stop
-        self.report = report  # what report.json holds; None when the job ended before reporting
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:

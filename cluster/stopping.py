@@ -196,3 +196,24 @@ class InterruptStops:
                 return
         self._ending = True
         raise KeyboardInterrupt
+
+
+class JobFailed(RuntimeError):
+    """The job ran to its end without exact accounting: samples lost or doubled (the message names them)."""
+
+
+class JobStopped(RuntimeError):
+    """The job was stopped before it completed (``polydistill stop``, SIGTERM, Ctrl-C). The message is
+    one line: the samples distilled, where the checkpoint is, and the ``polydistill resume`` command
+    that continues the job from it."""
+
+    def __init__(self, stopped_by: str, output_dir: Path, samples_kept: int | None, samples_expected: int | None,
+                 checkpoint: Path | None, interrupted: bool, report: dict | None = None):
+        super().__init__(stop_summary(stopped_by, output_dir, samples_kept, samples_expected, checkpoint))
+        self.stopped_by = stopped_by
+        self.output_dir = output_dir
+        self.samples_kept = samples_kept  # in the checkpoint; None when a fresh run had not begun distilling
+        self.samples_expected = samples_expected
+        self.checkpoint = checkpoint
+        self.interrupted = interrupted  # Ctrl-C in this process asked for the stop
+        self.report = report  # what report.json holds; None when the job ended before reporting

@@ -1004,7 +1004,7 @@ def run_tune_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:
         # Imported here so that a bad space or job file is reported without loading torch and Ray.
-        from polydistill.cluster.driver import JobFailed
+        from polydistill.cluster.stopping import JobFailed
         from polydistill.cluster.recovery import RecoveryFailed
         from polydistill.storage.datasets import DataSourceError
         from polydistill.storage.streams import RedisUnavailable

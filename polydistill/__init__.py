@@ -21,6 +21,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from polydistill.api import ConfigError, Report, load_config, run  # noqa: E402
+from polydistill.api import ConfigError, JobFailed, JobStopped, Report, load_config, run  # noqa: E402
 
-__all__ = ["ConfigError", "Report", "__version__", "load_config", "run"]
+__all__ = ["ConfigError", "JobFailed", "JobStopped", "Report", "__version__", "load_config", "run"]

@@ -12,13 +12,18 @@ from typing import Any
 
 from polydistill.cluster.config import ConfigError, JobConfig, apply_overrides, load_config, validate_config
 from polydistill.cluster.report_schema import Report
+from polydistill.cluster.stopping import JobFailed, JobStopped
 
-__all__ = ["ConfigError", "Report", "load_config", "run"]
+__all__ = ["ConfigError", "JobFailed", "JobStopped", "Report", "load_config", "run"]
 
 
 def run(config_or_path: JobConfig | str | Path, output: str | Path | None = None, *, resume: bool = False,
         show_progress: bool = False, **overrides: Any) -> Report:
     """Runs one distillation job and returns its report.
+
+    Raises ``ConfigError`` for an invalid config (nothing started), ``JobStopped`` when the job was
+    stopped from outside (``polydistill stop``, a signal; resumable with ``resume=True``), and
+    ``JobFailed`` when it ran but did not distil every sample exactly once.
 
     ``overrides`` set config keys by dotted name, with Python values: ``**{"training.epochs": 2}``
     or, as keywords, with ``__`` for the dots: ``training__epochs=2``. A ``JobConfig`` is run as

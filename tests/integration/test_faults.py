@@ -284,7 +284,7 @@ def test_redis_unreachable_for_a_while_and_a_write_lost_with_it_are_ridden_out(t
 
 def test_a_stop_from_outside_ends_the_job_stopped_and_resume_completes_it(tmp_path, redis_server, local_ray):
     from polydistill.cluster.cli import main
-    from polydistill.cluster.driver import JobStopped
+    from polydistill.cluster.stopping import JobStopped
     from polydistill.cluster.stopping import STOPPED_BY_STOP_COMMAND, request_stop
     from polydistill.student.checkpoint import find_checkpoint
 
