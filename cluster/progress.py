@@ -1,4 +1,5 @@
-"""A progress bar over samples distilled, fed from the progress hash the student writes to Redis."""
+"""Progress bars: samples distilled (fed from the progress hash the student writes to Redis), and
+the steps of the supervised stages that run in the driver's process (teacher fine-tuning, baselines)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,23 @@ import sys
 from tqdm import tqdm
 
 
+def progress_bar(total: int, description: str, unit: str, enabled: bool = True) -> tqdm:
+    """On a terminal the bar redraws in place; in a log (CI, `polydistill logs`) it prints a line
+    every 10 s instead of thousands of carriage returns. Its remaining time is for ``total``."""
+    return tqdm(
+        total=total,
+        desc=description,
+        unit=unit,
+        disable=not enabled,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
 class ProgressDisplay:
     def __init__(self, total: int, enabled: bool = True, description: str = "distilling"):
-        # On a terminal the bar redraws in place; in a log (CI, `polydistill logs`) it prints a
-        # line every 10 s instead of thousands of carriage returns.
-        interactive = sys.stderr.isatty()
-        self.bar = tqdm(
-            total=total,
-            desc=description,
-            unit="sample",
-            disable=not enabled,
-            mininterval=0.5 if interactive else 10.0,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        self.bar = progress_bar(total, description, "sample", enabled)
 
     def update(self, progress: dict[str, str]) -> None:
         samples = int(float(progress.get("samples", 0)))

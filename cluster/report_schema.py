@@ -23,6 +23,86 @@ class StudentSeconds(BaseModel):
     training: float
 
 
+class _Declared(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DevPoint(_Declared):
+    """One dev score of teacher fine-tuning."""
+
+    step: int
+    epoch: float
+    accuracy: float
+    per_language: dict[str, float]
+
+
+class TeacherFineTuning(_Declared):
+    """How the teacher was fine-tuned (student/finetune.py): its budget, its dev curve and the step chosen."""
+
+    max_epochs: float
+    max_steps: int
+    steps_per_epoch: int
+    eval_every_steps: int
+    patience: int
+    schedule: str
+    lr: float
+    steps_trained: int
+    stopped_early: bool
+    chosen_step: int
+    chosen_epoch: float
+    dev_accuracy: float
+    curve: list[DevPoint]
+    seconds: float  # the fine-tuning's wall time, when it ran (a reused teacher ran in an earlier job)
+    reused: bool  # taken from the fine-tuning cache instead of trained by this job
+
+
+class DevSplitSummary(_Declared):
+    split: str
+    source: Literal["data", "train"]  # the data's own split, or rows carved from the training split
+    rows: int
+    rows_per_language: dict[str, int]
+
+
+class LanguageScores(_Declared):
+    overall: float
+    per_language: dict[str, float]
+
+
+class WeakLanguage(_Declared):
+    language: str
+    teacher: float
+    baseline: str
+    baseline_score: float
+
+
+class TeacherGate(_Declared):
+    """The teacher against the baselines on the dev split (student/teacher_gate.py); only a status and a
+    note when the task has no classes to score."""
+
+    status: Literal["passed", "weak_allowed", "refused", "skipped"]
+    note: str | None = None
+    min_margin: float | None = None
+    allow_weak: bool | None = None
+    teacher: LanguageScores | None = None
+    baselines: dict[str, LanguageScores] = {}
+    majority_label: str | None = None
+    strongest_baseline: str | None = None
+    lead_points: float | None = None  # teacher minus the strongest baseline, accuracy points
+    weak_languages: list[WeakLanguage] = []  # below a baseline there, worst first
+    seconds: float | None = None
+
+
+class TeacherFinetune(_Declared):
+    """The teacher as prepared before distilling: fine-tuning (absent when used as given) and the gate."""
+
+    teacher_path: str
+    teacher_model: str
+    fine_tuning: TeacherFineTuning | None = None
+    dev: DevSplitSummary | None = None
+    gate: TeacherGate
+    seconds: float  # the teacher's preparation in this job: fine-tuning (or reusing it) and the gate
+
+
 class Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +134,7 @@ class Report(BaseModel):
     teacher_pools: dict[str, Section] | None = None
     teacher_samples_per_language: dict[str, dict[str, int]] | None = None
     teacher_path: str | None = None
+    teacher_finetune: TeacherFinetune | None = None
     tasks: dict[str, Section] | None = None
     # Time.
     wall_seconds: float

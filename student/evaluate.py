@@ -35,6 +35,7 @@ from polydistill.student.retrieval import retrieval_quality
 from polydistill.student.token_metrics import tagging_metrics
 from polydistill.student.translation_eval import translate, translation_scores
 from polydistill.student.supervised import train_supervised
+from polydistill.student.teacher_gate import read_teacher_record
 
 EVAL_BATCH = 64
 # Latency is measured on this many held-out rows spread evenly over the languages, drawn with this
@@ -247,6 +248,10 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         report["metric"] = "word tagging accuracy"  # macro precision/recall/F1 over the tags beside it
     if config.task == "seq2seq":
         report["metric"] = "chrF"  # BLEU beside it
+    # How the teacher was fine-tuned and how it fared against the baselines on dev, when this job prepared it.
+    teacher_record = read_teacher_record(Path(config.output_dir).resolve(), teacher_dir)
+    if teacher_record is not None:
+        report["teacher_finetune"] = teacher_record
     return report
 
 
