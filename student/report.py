@@ -328,6 +328,139 @@ def plot_training_loss(history: Sequence[Mapping], path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- the teacher first
+
+
+# How report.md names the gate's baselines (student/teacher_gate.py names them in report.json).
+BASELINE_COLUMNS = {"majority_class": "majority class", "hard_label_student": "short hard-label"}
+
+
+def _gate(report: Mapping) -> Mapping:
+    return (report.get("teacher_finetune") or {}).get("gate") or {}
+
+
+def _test_accuracy(report: Mapping, language: str, role: str) -> float | None:
+    entry = report.get("overall") if language == "overall" else (report.get("per_language") or {}).get(language)
+    return None if entry is None else _metric(entry, role, "accuracy")
+
+
+def language_flags(report: Mapping) -> dict[str, list[str]]:
+    """Per language (and "overall"), what went wrong: the teacher below a baseline on dev, the
+    student below the hard-label ablation on test."""
+    flags: dict[str, list[str]] = {}
+    gate = _gate(report)
+    for entry in gate.get("weak_languages") or []:
+        title = BASELINE_COLUMNS.get(entry["baseline"], entry["baseline"])
+        flags.setdefault(entry["language"], []).append(
+            f"teacher below the {title} on dev ({_percent(entry['teacher'])} vs {_percent(entry['baseline_score'])})")
+    if gate.get("status") == "weak_allowed":
+        title = BASELINE_COLUMNS.get(gate.get("strongest_baseline"), gate.get("strongest_baseline"))
+        flags.setdefault("overall", []).append(
+            f"teacher not {gate.get('min_margin'):g} points above the {title} on dev "
+            f"({gate.get('lead_points'):+.1f} points), distilled because teacher.allow_weak")
+    for language, _ in _language_rows(report):
+        student, ablation = _test_accuracy(report, language, "student"), _test_accuracy(report, language, "ablation")
+        if student is not None and ablation is not None and student < ablation:
+            flags.setdefault(language, []).append(
+                f"student below the hard-label ablation on test ({_percent(student)} vs {_percent(ablation)})")
+    return flags
+
+
+def _finetune_line(section: Mapping) -> str:
+    tuning = section.get("fine_tuning")
+    if not tuning:
+        return f"Teacher `{section.get('teacher_model')}` used as given (no fine-tuning)."
+    ending = (f"stopped early: no new best dev score in {tuning['patience']} evaluations" if tuning["stopped_early"]
+              else "ran its whole budget")
+    reused = " (reused from the fine-tuning cache)" if tuning.get("reused") else ""
+    return (f"Teacher `{section.get('teacher_model')}` fine-tuned for {tuning['steps_trained']:,} of at most "
+            f"{tuning['max_steps']:,} steps ({tuning['max_epochs']:g} epochs, {tuning['schedule']} schedule, "
+            f"dev scored every {tuning['eval_every_steps']:,} steps), {ending}; kept the checkpoint of step "
+            f"{tuning['chosen_step']:,} (epoch {tuning['chosen_epoch']:.2f}), dev accuracy "
+            f"{_percent(tuning['dev_accuracy'])}; {tuning['seconds']:.0f} s{reused}.")
+
+
+def _gate_line(section: Mapping) -> str:
+    gate = section.get("gate") or {}
+    if gate.get("status") == "skipped":
+        return f"Teacher gate skipped: {gate.get('note')}."
+    dev = section.get("dev") or {}
+    where = "the data's own" if dev.get("source") == "data" else "carved from the training split"
+    verdict = {"passed": "passed", "weak_allowed": "NOT passed (distilled anyway: teacher.allow_weak)",
+               "refused": "refused"}[gate["status"]]
+    title = BASELINE_COLUMNS.get(gate.get("strongest_baseline"), gate.get("strongest_baseline"))
+    return (f"Teacher gate {verdict}: on the dev split '{dev.get('split')}' ({where}, {_integer(dev.get('rows'))} "
+            f"rows) the teacher scores {_percent(gate['teacher']['overall'])}, {gate['lead_points']:+.1f} points from the "
+            f"strongest baseline ({title}, {_percent(gate['baselines'][gate['strongest_baseline']]['overall'])}); "
+            f"teacher.min_margin asks for {gate['min_margin']:g} points. The majority class is "
+            f"'{gate.get('majority_label')}'.")
+
+
+def _dev_score(scores: Mapping, language: str) -> float | None:
+    return scores["overall"] if language == "overall" else scores["per_language"].get(language)
+
+
+def format_teacher_table(report: Mapping) -> str:
+    """The teacher's dev and test accuracy beside the baselines' (dev) and the student's and the
+    ablation's (test), per language, with what went wrong in each. Empty without a gate's scores."""
+    gate = _gate(report)
+    if not gate.get("teacher"):
+        return ""
+    baselines = list(gate.get("baselines") or {})
+    has_ablation = _has_ablation(report)
+    flags = language_flags(report)
+    header = ["language", "teacher dev", *(f"{BASELINE_COLUMNS.get(name, name)} dev" for name in baselines),
+              "teacher test", "student test", *(["ablation test"] if has_ablation else []), "flags"]
+    languages = sorted({*gate["teacher"]["per_language"], *(report.get("per_language") or {})})
+    rows = []
+    for language in [*languages, "overall"]:
+        rows.append([language, _percent(_dev_score(gate["teacher"], language)),
+                     *(_percent(_dev_score(gate["baselines"][name], language)) for name in baselines),
+                     _percent(_test_accuracy(report, language, "teacher")),
+                     _percent(_test_accuracy(report, language, "student")),
+                     *([_percent(_test_accuracy(report, language, "ablation"))] if has_ablation else []),
+                     "; ".join(flags.get(language, []))])
+    return _markdown_table(header, rows)
+
+
+def format_dev_curve_table(report: Mapping) -> str:
+    """The teacher's dev accuracy at each evaluation of fine-tuning, the kept one marked."""
+    tuning = (report.get("teacher_finetune") or {}).get("fine_tuning") or {}
+    if not tuning.get("curve"):
+        return ""
+    rows = []
+    for point in tuning["curve"]:
+        weakest = min(point["per_language"].items(), key=lambda item: item[1], default=None)
+        rows.append([_integer(point["step"]), _decimal(point["epoch"], 2), _percent(point["accuracy"]),
+                     MISSING if weakest is None else f"{weakest[0]} {_percent(weakest[1])}",
+                     "kept" if point["step"] == tuning["chosen_step"] else ""])
+    return _markdown_table(["step", "epoch", "dev accuracy", "weakest language", ""], rows)
+
+
+def render_teacher_section(report: Mapping) -> str:
+    """The report's opening: how the teacher was made, whether it was worth distilling, and every
+    language where the teacher lost to a baseline or the student to the ablation."""
+    section = report.get("teacher_finetune")
+    flags = language_flags(report)
+    if not section and not flags:
+        return ""
+    parts = ["## Teacher, baselines and flags"]
+    if section:
+        parts += [_finetune_line(section), _gate_line(section)]
+    table = format_teacher_table(report)
+    if table:
+        parts.append(table)
+    if flags:
+        parts.append("Flags:\n\n" + "\n".join(f"- {language}: {flag}" for language, entries in sorted(flags.items())
+                                                for flag in entries))
+    else:
+        parts.append("No language where the teacher lost to a baseline or the student to the ablation.")
+    curve = format_dev_curve_table(report)
+    if curve:
+        parts.append("### Teacher fine-tuning, dev accuracy at each evaluation\n\n" + curve)
+    return "\n\n".join(parts)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -354,6 +487,9 @@ def format_teachers_table(report: Mapping) -> str:
 def render_markdown(report: Mapping) -> str:
     """The full report.md text; sections missing from `report` are left out."""
     sections = ["# Distillation report"]
+    teacher_section = render_teacher_section(report)
+    if teacher_section:
+        sections.append(teacher_section)
     language_table = format_language_table(report)
     if language_table:
         sections.append("## Accuracy by language\n\n" + language_table)
