@@ -5,6 +5,9 @@ Canonical columns (`CANONICAL_FEATURES`):
   and `limit_per_language` but before cleaning, so ids stay unique and stable through cleaning
   (dropped rows leave gaps) and travel in work messages as the sample's identity.
 - `text` str, `label` int64 (-1 when unlabelled), `language` str.
+- `index_id` (int64, or str when not every id is an integer), only when every file of the split has
+  that column: the sentence a row translates, the same in every language (SIB-200 and FLORES number
+  their sentences so), by which a row finds its translations.
 
 Sources, tried in this order:
 (a) a SIB-200 style directory: `path/<lang>/<split>.tsv`, language = folder name, languages in
@@ -59,6 +62,7 @@ CANONICAL_FEATURES = Features(
     }
 )
 UNLABELLED = -1
+INDEX_ID = "index_id"
 UNKNOWN_LANGUAGE = "und"
 FILE_EXTENSIONS = ("tsv", "csv", "jsonl", "json", "parquet")
 LABELS_FILE = "labels.txt"
@@ -88,6 +92,7 @@ class _Part:
     texts: list[Any]
     labels: list[Any] | None
     languages: list[str]
+    index_ids: list[Any] | None = None  # the INDEX_ID column, when the source has one
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +165,9 @@ def load_split(
     if word_tags:
         columns["tags"] = tags
         features = Features({**CANONICAL_FEATURES, "tags": ListFeature(Value("int64"))})
+    if parts and all(part.index_ids is not None for part in parts):
+        columns[INDEX_ID], kind = _index_ids([value for part in parts for value in part.index_ids])
+        features = Features({**features, INDEX_ID: Value(kind)})
     dataset = Dataset.from_dict(columns, features=features)
     return LoadedSplit(dataset=dataset, label_names=names, source=source, languages=list(dict.fromkeys(langs)))
 
@@ -297,6 +305,7 @@ def _load_sib_directory(root, split, languages, columns: _Columns, limit):
                 texts=data[columns.text],
                 labels=None if columns.label is None else data[columns.label],
                 languages=[lang] * n,
+                index_ids=data.get(INDEX_ID),
             )
         )
     if limit is not None:
@@ -370,6 +379,7 @@ def _load_files(local: Path, split, languages, columns: _Columns, limit):
                 texts=data[columns.text],
                 labels=None if columns.label is None else data[columns.label],
                 languages=langs,
+                index_ids=data.get(INDEX_ID),
             )
         )
     parts = _select_languages(parts, languages if columns.language is not None else None, limit, str(local))
@@ -426,6 +436,7 @@ def _select_languages(parts: list[_Part], languages, limit, where: str) -> list[
                 texts=[p.texts[i] for i in keep],
                 labels=None if p.labels is None else [p.labels[i] for i in keep],
                 languages=[p.languages[i] for i in keep],
+                index_ids=None if p.index_ids is None else [p.index_ids[i] for i in keep],
             )
         )
     return out
@@ -489,6 +500,7 @@ def _load_hub(name: str, split, languages, columns: _Columns, limit):
                 texts=plain[columns.text][:],
                 labels=None if columns.label is None else plain[columns.label][:],
                 languages=langs,
+                index_ids=plain[INDEX_ID][:] if INDEX_ID in plain.column_names else None,
             )
         )
     if columns.language is not None:
@@ -514,17 +526,18 @@ def _check_columns(where: str, present: Sequence[str], columns: _Columns) -> Non
 
 
 def _read_columns(file: Path, columns: _Columns) -> dict[str, list[Any]]:
+    """The wanted columns, and INDEX_ID too when the file has it."""
     ext = file.suffix.lstrip(".")
     if ext == "parquet":
         import pyarrow.parquet as pq
 
         names = pq.ParquetFile(file).schema_arrow.names
         _check_columns(str(file), names, columns)
-        return pq.read_table(file, columns=list(dict.fromkeys(columns.wanted()))).to_pydict()
+        return pq.read_table(file, columns=_with_index_id(columns.wanted(), names)).to_pydict()
     if ext in ("tsv", "csv"):
         header, rows = _read_delimited(file, ext)
         _check_columns(str(file), header, columns)
-        index = {name: header.index(name) for name in columns.wanted()}
+        index = {name: header.index(name) for name in _with_index_id(columns.wanted(), header)}
         return {name: [row[i] for row in rows] for name, i in index.items()}
     if ext == "jsonl":
         records = _read_jsonl(file)
@@ -534,7 +547,19 @@ def _read_columns(file: Path, columns: _Columns) -> dict[str, list[Any]]:
         raise DataSourceError(f"{file}: unsupported file type")
     present = list(dict.fromkeys(k for r in records for k in r))
     _check_columns(str(file), present, columns)
-    return {name: [r.get(name) for r in records] for name in columns.wanted()}
+    return {name: [r.get(name) for r in records] for name in _with_index_id(columns.wanted(), present)}
+
+
+def _with_index_id(wanted: list[str], present: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys([*wanted, *([INDEX_ID] if INDEX_ID in present else [])]))
+
+
+def _index_ids(values: list[Any]) -> tuple[list, str]:
+    """The INDEX_ID column as integers when every id is one, else as strings; and its feature type."""
+    as_ints = [_as_int(value) for value in values]
+    if all(value is not None for value in as_ints):
+        return as_ints, "int64"
+    return ["" if value is None else str(value) for value in values], "string"
 
 
 def _check_utf8(file: Path) -> None:

@@ -52,7 +52,7 @@ def test_sib_directory_rows_labels_and_languages(tmp_path):
         },
     )
     loaded = load_split(str(tmp_path), "train")
-    assert loaded.dataset.features == CANONICAL_FEATURES
+    assert loaded.dataset.features == {**CANONICAL_FEATURES, "index_id": Value("int64")}
     assert loaded.label_names == LABELS  # labels.txt order, not sorted
     # Languages in sorted folder order; ids are positions.
     assert rows(loaded.dataset) == [
@@ -81,6 +81,23 @@ def test_limit_takes_a_sample_across_a_sorted_file_not_its_head(tmp_path):
     assert len(labels) == 20 and 0 < labels.count(labels[0]) < 20
     again = load_split(str(tmp_path), "train", limit_per_language=20)
     assert rows(again.dataset) == rows(loaded.dataset)
+
+
+def test_index_id_is_kept_with_its_row_through_language_selection_and_the_limit(tmp_path):
+    # write_sib numbers each language's rows 0, 1, 2...: row i of one language translates row i of the other.
+    write_sib(tmp_path, {"b": [("travel", f"b{i}") for i in range(6)], "a": [("travel", f"a{i}") for i in range(6)]})
+    loaded = load_split(str(tmp_path), "train", limit_per_language=3).dataset[:]
+    assert [(text, index) for text, index in zip(loaded["text"], loaded["index_id"])] == [
+        (text, int(text[1:])) for text in loaded["text"]]
+    assert len(loaded["text"]) == 6
+
+
+def test_index_id_that_is_not_an_integer_is_kept_as_text_and_a_file_without_it_has_none(tmp_path):
+    (tmp_path / "with.jsonl").write_text('{"text": "a", "index_id": "s-1"}\n{"text": "b", "index_id": 7}\n')
+    (tmp_path / "without.jsonl").write_text('{"text": "a"}\n')
+    with_ids = load_split(str(tmp_path / "with.jsonl"), "train", label_column=None).dataset
+    assert with_ids.features["index_id"] == Value("string") and with_ids["index_id"][:] == ["s-1", "7"]
+    assert "index_id" not in load_split(str(tmp_path / "without.jsonl"), "train", label_column=None).dataset.column_names
 
 
 def test_sib_labels_from_train_split_when_no_labels_txt(tmp_path):
@@ -328,6 +345,26 @@ def test_real_sib200_train_every_row_loads():
     )
     assert sum('"' in t for t in texts) > 500
     assert all(t and "\t" not in t and "\n" not in t for t in texts)
+
+
+@needs_data
+def test_real_sib200_index_id_names_the_same_sentence_in_every_language():
+    from polydistill.cluster.config import DataConfig
+    from polydistill.storage.job_data import load_job_split
+
+    # Through the job's loading (cleaning included), as the feeder and the evaluation load it.
+    split = load_job_split(DataConfig(path=str(SIB), languages=["eng_Latn", "fra_Latn", "zho_Hans"]), "train")
+    rows = split.dataset.with_format(None)[:]
+    by_language: dict[str, dict[int, tuple[str, int]]] = {}
+    for index_id, language, text, label in zip(rows["index_id"], rows["language"], rows["text"], rows["label"]):
+        by_language.setdefault(language, {})[index_id] = (text, label)
+    assert all(len(sentences) == 701 for sentences in by_language.values())
+    assert by_language["eng_Latn"].keys() == by_language["fra_Latn"].keys() == by_language["zho_Hans"].keys()
+    # Row 1 of every SIB-200 file (index_id 403): the submarines of the war, in English and in Chinese.
+    english, label = by_language["eng_Latn"][403]
+    assert english.startswith("In the beginning of the war they mostly travelled on top of the sea")
+    assert by_language["zho_Hans"][403][1] == by_language["fra_Latn"][403][1] == label
+    assert "潜" in by_language["zho_Hans"][403][0]
 
 
 @needs_data
