@@ -30,7 +30,15 @@ from polydistill.student.efficiency import (
     spread_over_languages,
 )
 from polydistill.student.lm_eval import lm_quality
-from polydistill.student.metrics import classification_metrics, per_language_metrics, retention
+from polydistill.student.metrics import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE_LEVEL,
+    bootstrap_intervals,
+    classification_metrics,
+    per_language_metrics,
+    retention,
+)
 from polydistill.student.retrieval import retrieval_quality
 from polydistill.student.token_metrics import tagging_metrics
 from polydistill.student.translation_eval import translate, translation_scores
@@ -63,10 +71,13 @@ def predict(model, rows: TokenizedSplit, pad_id: int, batch_size: int = EVAL_BAT
 
 
 def quality(model, rows: TokenizedSplit, pad_id: int, num_labels: int) -> dict:
+    """Scores per language and overall; ``row_correct``, 1 or 0 per row, is what the confidence intervals
+    resample (it stays out of the report)."""
     predicted = predict(model, rows, pad_id)
     return {
         "overall": classification_metrics(rows.labels, predicted, num_labels),
         "per_language": per_language_metrics(rows.labels, predicted, rows.languages, num_labels),
+        "row_correct": (predicted == rows.labels).astype(np.int64),
     }
 
 
@@ -92,8 +103,11 @@ def tagging_quality(model, rows: TokenizedSplit, pad_id: int, label_names: list[
         return {"accuracy": entry["accuracy"], "macro_precision": entry["precision"],
                 "macro_recall": entry["recall"], "macro_f1": entry["f1"], "n": entry["words"]}
 
+    # Per row, the words tagged right and the words scored: what the confidence intervals resample.
     return {"overall": {**in_report_terms(scores["overall"]), "per_tag": scores["per_tag"]},
-            "per_language": {language: in_report_terms(entry) for language, entry in scores["per_language"].items()}}
+            "per_language": {language: in_report_terms(entry) for language, entry in scores["per_language"].items()},
+            "row_correct": np.asarray([int(((p == g) & (g >= 0)).sum()) for p, g in zip(predicted, rows.word_tags)]),
+            "row_units": np.asarray([int((g >= 0).sum()) for g in rows.word_tags])}
 
 
 def translation_quality(config: JobConfig, model, tokenizer, split: JobSplit, model_dir: Path) -> tuple[dict, dict]:
@@ -197,6 +211,20 @@ def side_by_side(results: dict[str, dict], primary: str = "accuracy") -> dict:
     return {"per_language": per_language, "overall": overall}
 
 
+def add_confidence_intervals(report: dict, results: dict[str, dict], languages: list[str]) -> None:
+    """Paired bootstrap intervals (student/metrics.py) of student - ablation and of retention, into each
+    language's entry and, for the average over languages, into the overall section."""
+    intervals = bootstrap_intervals({name: result["row_correct"] for name, result in results.items()}, languages,
+                                    units=results["teacher"].get("row_units"))
+    for language, entry in intervals["per_language"].items():
+        report["per_language"][language]["intervals"] = entry
+    report["overall"]["intervals"] = {
+        "language_average": intervals["language_average"],
+        "method": "paired bootstrap over each language's test rows (percentile intervals)",
+        "level": CONFIDENCE_LEVEL, "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
+    }
+
+
 def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_names: list[str],
                  extra_models: dict[str, Path] | None = None) -> dict:
     """Every model scored on the same held-out rows, each read through its own tokenizer
@@ -229,6 +257,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         if name in ("teacher", "student") and config.evaluation.latency:
             costs[name] = efficiency(model, model_dir, rows, pad_id)
     report = side_by_side(results, primary="chrf" if config.task == "seq2seq" else "accuracy")
+    if all("row_correct" in result for result in results.values()):  # classifiers and taggers
+        add_confidence_intervals(report, results, split.dataset.with_format(None)["language"][:])
     if costs:
         costs["latency_sample"] = describe_latency_sample(split)
         costs["speedup_batch1"] = round(costs["teacher"]["latency_ms_batch1"] / costs["student"]["latency_ms_batch1"], 3)

@@ -101,12 +101,37 @@ def _has_ablation(report: Mapping) -> bool:
     return any("ablation" in entry for _, entry in _language_rows(report))
 
 
+def _intervals_of(language: str, entry: Mapping) -> Mapping:
+    """A row's confidence intervals; the overall row's are those of the average over languages."""
+    intervals = entry.get("intervals") or {}
+    if language == "overall":
+        return intervals.get("language_average") or {}
+    return intervals
+
+
+def _points_interval(interval: Mapping | None) -> str:
+    """A difference of accuracies in points, with its interval: "+2.5 [-0.5, +5.4]"."""
+    if not interval or interval.get("low") is None:
+        return MISSING
+    return (f"{100 * interval['estimate']:+.1f} "
+            f"[{100 * interval['low']:+.1f}, {100 * interval['high']:+.1f}]")
+
+
+def _percent_interval(interval: Mapping | None) -> str:
+    if not interval or interval.get("low") is None:
+        return MISSING
+    return f"[{_percent(interval['low'])}, {_percent(interval['high'])}]"
+
+
 def format_language_table(report: Mapping) -> str:
     """Per-language accuracy/F1 table (teacher vs student) with an overall row last.
 
     Accuracy, F1 and retention (student accuracy ÷ teacher accuracy) print as percentages.
-    A hard-label-only ablation column appears when any row has one. Returns "" when the
-    report has neither per-language nor overall metrics.
+    A hard-label-only ablation column appears when any row has one. With confidence intervals
+    (student/metrics.py ``bootstrap_intervals``), the retention's 95 % interval and the student's lead
+    over the ablation in accuracy points with its interval follow; the overall row's intervals are
+    those of the average over languages. Returns "" when the report has neither per-language nor
+    overall metrics.
     """
     rows = _language_rows(report)
     if not rows:
@@ -133,6 +158,11 @@ def format_language_table(report: Mapping) -> str:
         columns = (("teacher", "macro_f1"), ("student", "macro_f1"))
     if ablation:
         header.append("hard-label acc")
+    intervals = any(_intervals_of(language, entry) for language, entry in rows)
+    if intervals:
+        header.append("retention 95% CI")
+        if ablation:
+            header.append("student − hard-label, points [95% CI]")
     cells = []
     for language, entry in rows:
         row = [
@@ -145,6 +175,11 @@ def format_language_table(report: Mapping) -> str:
         ]
         if ablation:
             row.append(_percent(_metric(entry, "ablation", "accuracy")))
+        if intervals:
+            found = _intervals_of(language, entry)
+            row.append(_percent_interval(found.get("retention")))
+            if ablation:
+                row.append(_points_interval(found.get("student_minus_ablation")))
         cells.append(row)
     return _markdown_table(header, cells)
 

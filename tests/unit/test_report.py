@@ -79,6 +79,30 @@ def test_markdown_has_a_row_per_language_with_formatted_numbers(tmp_path):
     assert markdown.index("| en ") < markdown.index("| sw ") < markdown.index("| overall")
 
 
+def test_language_table_shows_the_confidence_intervals_of_retention_and_of_the_lead_over_the_ablation():
+    def interval(estimate, low, high):
+        return {"estimate": estimate, "low": low, "high": high}
+
+    report = {
+        "per_language": {language: dict(entry) for language, entry in FULL_REPORT["per_language"].items()},
+        "overall": {**FULL_REPORT["overall"], "intervals": {
+            "language_average": {"retention": interval(0.875, 0.8, 0.95),
+                                 "student_minus_ablation": interval(0.0825, 0.02, 0.145)},
+            "level": 0.95, "resamples": 1000}},
+    }
+    report["per_language"]["sw"]["intervals"] = {"retention": interval(0.8, 0.7, 0.9),
+                                                 "student_minus_ablation": interval(0.1, -0.025, 0.25)}
+    report["per_language"]["en"]["intervals"] = {"retention": interval(None, None, None)}  # a teacher right on no row
+    lines = format_language_table(report).splitlines()
+    assert "retention 95% CI" in lines[0] and "student − hard-label, points [95% CI]" in lines[0]
+    cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in lines[2:]}
+    assert cells["sw"][-2:] == ["[70.0%, 90.0%]", "+10.0 [-2.5, +25.0]"]
+    assert cells["en"][-2:] == ["—", "—"]
+    assert cells["overall"][-2:] == ["[80.0%, 95.0%]", "+8.2 [+2.0, +14.5]"]
+    # Without intervals the table keeps its columns.
+    assert "95% CI" not in format_language_table(FULL_REPORT)
+
+
 def test_report_with_only_overall_and_loss_still_renders(tmp_path):
     report = {"overall": {"teacher": _scores(0.8, 0.8), "student": _scores(0.4, 0.4)},
               "loss_history": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]}
