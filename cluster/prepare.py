@@ -88,7 +88,8 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_prog
         record["seconds"] = round(time.perf_counter() - started, 2)
         write_teacher_record(out_dir, record)
         return teacher_dir
-    verdict, baselines, record["gate"] = gate_teacher(config, teacher_dir, splits, show_progress)
+    verdict, baselines, record["gate"] = gate_teacher(config, teacher_dir, splits, show_progress,
+                                                      _chosen_dev_scores(fine_tuning))
     record["seconds"] = round(time.perf_counter() - started, 2)
     write_teacher_record(out_dir, record)
     if record["gate"]["status"] == "refused":
@@ -108,16 +109,17 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_prog
     return teacher_dir
 
 
-def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits,
-                  show_progress: bool = True) -> tuple[GateVerdict, dict[str, DevScores], dict]:
+def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits, show_progress: bool = True,
+                 teacher_scores: DevScores | None = None) -> tuple[GateVerdict, dict[str, DevScores], dict]:
     """The teacher and the baselines scored on the same dev rows, the gate's verdict on them, and the
-    record of it all for the report."""
+    record of it all for the report. ``teacher_scores``: the teacher's, when already measured on these rows."""
     started = time.perf_counter()
-    label_names = splits.train.label_names
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = model_class(config.task).from_pretrained(teacher_dir)
-    dev_rows = tokenize_split(splits.dev.dataset, tokenizer, config.data.max_length)
-    teacher_scores = accuracy_by_language(config.task, teacher, dev_rows, pad_token_id(tokenizer), label_names)
+    if teacher_scores is None:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        teacher = model_class(config.task).from_pretrained(teacher_dir)
+        dev_rows = tokenize_split(splits.dev.dataset, tokenizer, config.data.max_length)
+        teacher_scores = accuracy_by_language(config.task, teacher, dev_rows, pad_token_id(tokenizer),
+                                              splits.train.label_names)
     majority_label, majority_scores = majority_baseline(splits.train, splits.dev)
     baselines = {MAJORITY: majority_scores}
     if config.evaluation.ablation:
@@ -143,6 +145,15 @@ def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits,
         "seconds": round(time.perf_counter() - started, 2),
     }
     return verdict, baselines, gate
+
+
+def _chosen_dev_scores(fine_tuning: dict | None) -> DevScores | None:
+    """The fine-tuned teacher's dev scores at the step it was saved at: the checkpoint's own scores on
+    the same dev rows (the fine-tuning cache is keyed by them), so the gate need not score it again."""
+    if fine_tuning is None:
+        return None
+    chosen = next(point for point in fine_tuning["curve"] if point["step"] == fine_tuning["chosen_step"])
+    return DevScores(chosen["accuracy"], chosen["per_language"])
 
 
 def _scores_entry(scores: DevScores) -> dict:

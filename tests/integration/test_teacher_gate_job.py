@@ -49,6 +49,7 @@ def test_an_under_trained_teacher_is_refused_and_distilled_only_when_allowed(tmp
     record = json.loads((refused / "teacher_finetune.json").read_text())
     assert record["gate"]["status"] == "refused" and record["fine_tuning"]["steps_trained"] == 1
     assert [point["step"] for point in record["fine_tuning"]["curve"]] == [1]
+    assert record["gate"]["teacher"]["overall"] == record["fine_tuning"]["dev_accuracy"]  # the kept step's score
     assert f"{100 * record['gate']['teacher']['overall']:.1f}%" in message
     assert not (refused / "report.json").exists()  # nothing was distilled
 
