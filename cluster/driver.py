@@ -52,6 +52,7 @@ from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
 from polydistill.storage.job_data import load_job_split
 from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
+from polydistill.student.teacher_gate import read_teacher_record
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,10 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             report["student_init"] = student_info
             report["teacher_path"] = str(teacher_dir)
+            # How the teacher was fine-tuned and how it fared against the baselines on dev, when this job prepared it.
+            teacher_record = read_teacher_record(out_dir, teacher_dir)
+            if teacher_record is not None:
+                report["teacher_finetune"] = teacher_record
             if outcome == "stopped":
                 report["stopped_by"] = result["stopped_by"]
                 report["stage_seconds"] = stage_seconds
