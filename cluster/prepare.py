@@ -47,6 +47,7 @@ from polydistill.student.teacher_gate import (
     weak_languages_warning,
     write_teacher_record,
 )
+from polydistill.student.token_inputs import STUDENT_INIT_FOLDER
 from polydistill.student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
     """Saves the student's initial weights (and tokenizer) once, so that the distilled student and
     the hard-label ablation start from the same point; trims the vocabulary when asked.
     ``config`` is the job as this student sees it (``JobConfig.for_student``)."""
-    init_dir = student_dir(out_dir, name) / "student_init"
+    init_dir = student_dir(out_dir, name) / STUDENT_INIT_FOLDER  # where the feeder finds a trimmed tokenizer
     model, tokenizer = initial_student(config, teacher_dir)
     info: dict = {"trimmed_vocabulary": False}
     if config.student.trim_vocabulary:

@@ -42,6 +42,7 @@ from polydistill.student.losses import (
     soft_label_kl,
     soft_label_kl_topk,
 )
+from polydistill.student.token_inputs import student_inputs
 
 # Per language, counts such as {"passed": 3, "total": 4} (pseudo-labels) or per teacher {language: samples}.
 Counts = dict[str, dict[str, int]]
@@ -228,9 +229,8 @@ def classifier_forward(run: StudentRunner, head: TaskHead, knowledge: wire.Knowl
                        labels: np.ndarray | None) -> StudentOutputs:
     """Logits, and the hidden states and attention maps the contract compares."""
     work = knowledge.work
-    # With its own tokenizer (student.tokenizer) the student reads its own ids of the same texts.
-    ids, mask = ((work.student_input_ids, work.student_attention_mask) if work.student_input_ids is not None
-                 else (work.input_ids, work.attention_mask))
+    # A student whose tokenizer is not the teacher's reads its own ids of the same texts where it can.
+    ids, mask = student_inputs(work, head.config)
     output = run(head.model, ids, mask, output_hidden_states=head.contract.student_needs_hidden_states,
                  output_attentions=head.contract.student_needs_attentions)
     return StudentOutputs(logits=output.logits, hidden_states=output.hidden_states, attentions=output.attentions)
@@ -332,7 +332,9 @@ def distillation_losses(
     if contract.request.embeddings:
         if knowledge.embeddings is None:
             raise ContractError(_missing(knowledge, "embeddings", "distill.embedding_weight"))
-        pooled = mean_pool(_student_layer(outputs.hidden_states, -1), mask)
+        # Pooled over the tokens the student read, which are its own when it reads its own ids.
+        read_mask = torch.from_numpy(student_inputs(knowledge.work, config)[1].astype(np.bool_)).to(device)
+        pooled = mean_pool(_student_layer(outputs.hidden_states, -1), read_mask)
         terms["embedding"] = embedding_loss(pooled, _tensor(knowledge.embeddings, device),
                                             kind=distill.embedding_loss,
                                             projection=projections.get(EMBEDDING_PROJECTION))

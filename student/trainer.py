@@ -55,6 +55,7 @@ from polydistill.student.heads import main_head, tie_task_heads
 from polydistill.student.objectives import OBJECTIVES, Counts, StudentRunner, served_counts, task_head, task_loss
 from polydistill.student.precision import use_bf16
 from polydistill.student.strategy import SingleWorker, StepStrategy
+from polydistill.student.token_inputs import reads_own_token_ids
 from polydistill.student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,12 @@ class StudentTrainer:
         head = self.main_head
         self.model, self.contract, self.projections = head.model, head.contract, head.projections
         self.task_heads = tie_task_heads(self.main_head, self.init_dir, self.device)
-        # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table.
+        # A student with a trimmed vocabulary reads the teacher tokenizer's ids through this table, unless
+        # it reads its trimmed tokenizer's own ids of the texts (student/token_inputs.py).
         map_path = self.init_dir / VOCAB_MAP_FILE
         self.runner = StudentRunner(
             self.device, use_bf16(training.precision == "bfloat16", self.device.type, "training.precision"),
-            VocabMap.load(map_path).table if map_path.exists() else None)
+            VocabMap.load(map_path).table if map_path.exists() and not reads_own_token_ids(config) else None)
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.group = self.keys.student_group(name)
         # Data-parallel workers share the student's consumer group, each as its own consumer.

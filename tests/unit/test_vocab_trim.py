@@ -28,7 +28,9 @@ from polydistill.student.vocab_trim import (
     build_id_map,
     count_parameters,
     remap_ids,
+    scripts_of,
     select_vocabulary,
+    single_character_ids,
     trim_embeddings,
     trim_model_and_tokenizer,
     trim_tokenizer,
@@ -126,6 +128,51 @@ def test_select_vocabulary_keeps_specials_counts_and_always_keep(unigram, texts)
     assert extra in select_vocabulary(unigram, corpus, always_keep=[extra])
     with pytest.raises(VocabTrimError, match="outside"):
         select_vocabulary(unigram, corpus, always_keep=[len(unigram) + 5])
+
+
+def _hand_made_unigram() -> PreTrainedTokenizerFast:
+    """Every piece and score written out, so that the one-character pieces can be checked by eye."""
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "\u2581", "a", "b", "\u2581ab", "中", "国", "人", "\u2581中国",
+              "\u2581人", "ж", "λ", "1", "!"]
+    scores = {"\u2581": -2.0, "\u2581ab": -1.0, "\u2581中国": -1.0, "\u2581人": -5.0}
+    tokenizer = Tokenizer(models.Unigram([(piece, scores.get(piece, -4.0)) for piece in pieces], unk_id=3))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return _wrap(tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_one_character_pieces_of_the_scripts_the_text_is_written_in():
+    tokenizer = _hand_made_unigram()
+    ids = tokenizer.convert_tokens_to_ids
+    train = ["ab 中国", "国"]
+    assert scripts_of(train) == {"LATIN", "CJK"}
+    # Latin a and b, the Han characters alone or after the word marker; not the marker itself (a symbol),
+    # nor Cyrillic, Greek, a digit or punctuation, which the text does not use.
+    assert single_character_ids(tokenizer, scripts_of(train)) == sorted(ids(["a", "b", "中", "国", "人", "\u2581人"]))
+    assert single_character_ids(tokenizer) == sorted(
+        ids(["\u2581", "a", "b", "中", "国", "人", "\u2581人", "ж", "λ", "1", "!"]))
+
+    # Trimmed to the training text, an unseen Chinese word becomes <unk>; with its script's characters
+    # kept it falls apart into them, as the full vocabulary segments it.
+    counted = select_vocabulary(tokenizer, train)
+    with_characters = select_vocabulary(tokenizer, train, always_keep=single_character_ids(tokenizer, scripts_of(train)))
+    assert tokenizer.convert_ids_to_tokens(counted) == ["<s>", "<pad>", "</s>", "<unk>", "\u2581", "\u2581ab", "国",
+                                                         "\u2581中国"]
+    def pieces(trimmed: PreTrainedTokenizerFast) -> list[str]:
+        return trimmed.convert_ids_to_tokens(trimmed("人中", add_special_tokens=False)["input_ids"])
+
+    assert pieces(trim_tokenizer(tokenizer, counted, None)) == ["\u2581", "<unk>"]
+    assert pieces(trim_tokenizer(tokenizer, with_characters, None)) == pieces(tokenizer) == ["\u2581人", "中"]
+
+
+def test_trimming_keeps_the_characters_of_the_texts_scripts_unless_told_not_to(tmp_path):
+    tokenizer = _hand_made_unigram()
+    model = _tiny_bert(len(tokenizer), tokenizer.pad_token_id)
+    kept = trim_model_and_tokenizer(model, tokenizer, ["ab 中国", "国"], tmp_path / "with").keep_ids
+    plain = trim_model_and_tokenizer(_tiny_bert(len(tokenizer), tokenizer.pad_token_id), tokenizer, ["ab 中国", "国"],
+                                     tmp_path / "without", keep_script_characters=False).keep_ids
+    added = set(kept) - set(plain)
+    assert added == set(tokenizer.convert_tokens_to_ids(["a", "b", "中", "人", "\u2581人"]))  # 国 was counted
 
 
 # --- tokenizer --------------------------------------------------------------------------------
