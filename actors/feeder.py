@@ -1,7 +1,8 @@
 """The feeder: turns the training split into work batches, epoch after epoch.
 
 The batch plan (storage/batch_plan.py) is a pure function of (lengths, batch size, seed, epoch),
-so any process can recompute which samples batch 17 of epoch 2 holds; that is what lets a job
+and so are a balanced epoch's draws (data.balance, storage/balancing.py), so any process can
+recompute which samples batch 17 of epoch 2 holds; that is what lets a job
 re-enqueue exactly the batches a student has not applied after Redis lost its data.
 """
 
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
+from polydistill.storage.balancing import balanced_epoch_draws, balanced_sample_counts
 from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_labels, pad_rows, pad_token_id, tokenize_split
 from polydistill.storage.keys import JobKeys
@@ -38,6 +40,10 @@ class Feeder:
     """Plain class; ``actors.shells.FeederActor`` runs it under Ray."""
 
     def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
+        if config.data.balance is not None and config.knowledge_cache.enabled:
+            raise ValueError("data.balance draws some rows twice and others not at all in an epoch, but the knowledge "
+                             "cache is sealed once every training row has been labelled once: drop data.balance or "
+                             "set knowledge_cache.enabled: false")
         check_students_read_alike(config)
         self.config = config
         self.teacher_dir = Path(tokenizer_dir)  # the teacher's own folder: its tokenizer makes the work
@@ -63,6 +69,8 @@ class Feeder:
             self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
         self._lengths = self.rows.lengths
+        balance = config.data.balance
+        self._samples_per_epoch = len(self.rows) if balance is None else balance.samples_per_epoch or len(self.rows)
         self.cache_key: CacheKey | None = None
         self.cache_folder: Path | None = None
         self.cache: CacheReader | None = None
@@ -95,20 +103,28 @@ class Feeder:
         return self.cache
 
     def plan(self) -> FeedPlan:
+        """What every epoch holds: each row once, or with data.balance each draw of the balanced epoch once
+        (the same number of samples of each language every epoch; storage/balancing.py)."""
         per_language: dict[str, int] = {}
         for language in self.rows.languages:
             per_language[language] = per_language.get(language, 0) + 1
+        balance = self.config.data.balance
+        if balance is not None:
+            per_language = balanced_sample_counts(per_language, balance.alpha, self._samples_per_epoch)
         batch_size = self.config.training.batch_size
         return FeedPlan(
             epochs=self.config.training.epochs,
-            batches_per_epoch=-(-len(self.rows) // batch_size),
-            samples_per_epoch=len(self.rows),
+            batches_per_epoch=-(-self._samples_per_epoch // batch_size),
+            samples_per_epoch=self._samples_per_epoch,
             samples_per_language=per_language,
         )
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        training = self.config.training
-        return plan_epoch_batches(self._lengths, training.batch_size, training.seed, epoch, training.group_by_length)
+        training, balance = self.config.training, self.config.data.balance
+        draws = None if balance is None else balanced_epoch_draws(
+            self.rows.languages, balance.alpha, self._samples_per_epoch, seed=training.seed, epoch=epoch)
+        return plan_epoch_batches(self._lengths, training.batch_size, training.seed, epoch, training.group_by_length,
+                                  draws)
 
     def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
         token_labels = None

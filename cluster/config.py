@@ -192,6 +192,21 @@ class ExtraStudentConfig(StudentConfig):
                       description="Names the student's consumer group, output folder and report entry.")
 
 
+class BalanceConfig(_Strict):
+    """Language balancing of the training epochs (XLM-R's temperature sampling, storage/balancing.py)."""
+
+    alpha: float = Field(
+        ge=0, le=1,
+        description="Each epoch draws the languages with probability proportional to n ** alpha (n: a language's "
+        "training rows): 1 keeps the data's proportions, 0 gives every language the same share, 0.3 is XLM-R's.",
+    )
+    samples_per_epoch: int | None = Field(
+        default=None, ge=1,
+        description="Samples drawn per epoch (default: the training rows). A language drawn s times from n rows "
+        "has every row s // n times, and s % n of them (chosen anew each epoch) once more.",
+    )
+
+
 class DataConfig(_Strict):
     path: str = Field(description="A SIB-200 style folder (<lang>/<split>.tsv), a data file or folder, or a hub dataset.")
     text_column: str = "text"
@@ -246,6 +261,11 @@ class DataConfig(_Strict):
         description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
         "learns from the teacher alone, as on unlabelled text, so labelled and unlabelled distillation compare "
         "on the same data.",
+    )
+    balance: BalanceConfig | None = Field(
+        default=None,
+        description="Balance the languages of each training epoch, e.g. {alpha: 0.3}; off by default (every row "
+        "once per epoch).",
     )
 
     @field_validator("languages")

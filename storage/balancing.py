@@ -27,6 +27,7 @@ from datasets import Dataset
 
 __all__ = [
     "balance_languages",
+    "balanced_epoch_draws",
     "balanced_sample_counts",
     "language_sampling_probabilities",
     "stratified_split",
@@ -57,6 +58,24 @@ def balanced_sample_counts(counts: Mapping[str, int], alpha: float, total: int |
     if total < 0:
         raise ValueError(f"total must be >= 0, got {total}")
     return _largest_remainder({lang: p * total for lang, p in probs.items()}, total)
+
+
+def balanced_epoch_draws(languages: Sequence[str], alpha: float, total: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The rows one epoch draws under temperature sampling: ``total`` row indices (sorted, with repeats).
+
+    Language l gets ``balanced_sample_counts(counts, alpha, total)[l]`` draws; t draws from its n rows
+    take every row t // n times and t % n distinct rows once more, picked by a generator seeded with
+    (seed, epoch, the language), so an epoch's draws are the same in any process and differ from
+    epoch to epoch. Each draw is one sample of the epoch: a row drawn twice is trained on twice.
+    """
+    by_language = _group_rows(list(languages))
+    counts = {lang: len(rows) for lang, rows in by_language.items()}
+    targets = balanced_sample_counts(counts, alpha, total)
+    drawn: list[int] = []
+    for lang, rows in by_language.items():
+        rng = np.random.default_rng([seed, epoch, zlib.crc32(str(lang).encode("utf-8"))])
+        drawn.extend(_resample(rows, targets[lang], rng))
+    return np.sort(np.asarray(drawn, dtype=np.int64))
 
 
 def balance_languages(

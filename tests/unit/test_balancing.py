@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 from datasets import Dataset
 
 from polydistill.storage.balancing import (
     balance_languages,
+    balanced_epoch_draws,
     balanced_sample_counts,
     language_sampling_probabilities,
     stratified_split,
@@ -138,6 +140,40 @@ def test_balance_errors():
         balance_languages(ds, mode="uniform", seed=0)
     with pytest.raises(ValueError, match="'language' column"):
         balance_languages(Dataset.from_dict({"text": ["x"]}), mode="upsample", seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One balanced epoch
+# ---------------------------------------------------------------------------------------------
+
+# Rows 0-7 are language a, rows 8-9 language b.
+EPOCH_LANGUAGES = ["a"] * 8 + ["b"] * 2
+
+
+def test_an_epoch_draws_each_language_its_balanced_count_hand_computed():
+    # alpha 0: both languages half of 10 draws. a: 5 distinct of its 8 rows; b: 5 draws from 2 rows is
+    # each row twice and one of them a third time.
+    draws = balanced_epoch_draws(EPOCH_LANGUAGES, 0.0, 10, seed=0, epoch=0)
+    drawn = Counter(draws.tolist())
+    assert sum(n for row, n in drawn.items() if row < 8) == 5 and all(drawn[row] == 1 for row in drawn if row < 8)
+    assert sorted(drawn[row] for row in (8, 9)) == [2, 3]
+    # alpha 0.5: sqrt(8) : sqrt(2) = 2 : 1, so 20/3 and 10/3 of 10 draws; floors 6 and 3, the draw left over to
+    # a (remainder 2/3 against 1/3): 7 and 3.
+    half = Counter(EPOCH_LANGUAGES[row] for row in balanced_epoch_draws(EPOCH_LANGUAGES, 0.5, 10, seed=0, epoch=0))
+    assert half == {"a": 7, "b": 3}
+    # alpha 1 keeps the proportions: every row exactly once.
+    assert balanced_epoch_draws(EPOCH_LANGUAGES, 1.0, 10, seed=0, epoch=0).tolist() == list(range(10))
+    # Twice the draws at alpha 1: every row exactly twice.
+    assert balanced_epoch_draws(EPOCH_LANGUAGES, 1.0, 20, seed=0, epoch=0).tolist() == sorted(list(range(10)) * 2)
+
+
+def test_epoch_draws_are_fixed_per_seed_and_epoch_and_change_between_epochs():
+    first = balanced_epoch_draws(EPOCH_LANGUAGES, 0.0, 10, seed=3, epoch=0)
+    assert np.array_equal(first, balanced_epoch_draws(EPOCH_LANGUAGES, 0.0, 10, seed=3, epoch=0))
+    others = [balanced_epoch_draws(EPOCH_LANGUAGES, 0.0, 10, seed=3, epoch=epoch) for epoch in range(1, 6)]
+    assert any(not np.array_equal(first, other) for other in others)
+    # Every epoch draws the same number from each language.
+    assert all(Counter(EPOCH_LANGUAGES[row] for row in other) == {"a": 5, "b": 5} for other in others)
 
 
 # ---------------------------------------------------------------------------------------------

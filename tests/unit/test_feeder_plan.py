@@ -45,3 +45,34 @@ def test_pad_rows():
     assert ids.tolist() == [[5, 6, 7], [8, 1, 1]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert ids.dtype == np.int32 and mask.dtype == np.uint8
+
+
+# -- balanced epochs (data.balance): the plan holds the epoch's draws -----------------------------------
+
+
+def test_every_draw_exactly_once_and_a_repeated_row_never_twice_in_a_batch():
+    lengths = np.random.default_rng(2).integers(3, 60, size=300)
+    # Rows 0-49 drawn three times each, 50-299 once: 400 draws.
+    draws = np.sort(np.concatenate([np.repeat(np.arange(50), 3), np.arange(50, 300)]))
+    for group in (True, False):
+        batches = plan_epoch_batches(lengths, 16, seed=0, epoch=0, group_by_length=group, draws=draws)
+        assert sorted(flat(batches).tolist()) == draws.tolist()
+        assert [len(b) for b in batches] == [16] * 25
+        assert all(len(set(b.tolist())) == len(b) for b in batches)
+        again = plan_epoch_batches(lengths, 16, seed=0, epoch=0, group_by_length=group, draws=draws)
+        assert all(np.array_equal(x, y) for x, y in zip(batches, again))
+
+
+def test_a_row_drawn_more_often_than_there_are_batches_keeps_a_repeat():
+    # One row drawn five times into two batches of four: every draw is still planned once.
+    draws = np.array([0, 0, 0, 0, 0, 1, 2, 3])
+    batches = plan_epoch_batches(np.ones(4, dtype=np.int64), 4, seed=0, epoch=0, group_by_length=False, draws=draws)
+    assert sorted(flat(batches).tolist()) == draws.tolist()
+    assert sorted(b.tolist().count(0) for b in batches) == [2, 3]
+
+
+def test_draws_of_every_row_once_plan_as_the_rows_do():
+    lengths = np.arange(100) % 13
+    plain = plan_epoch_batches(lengths, 8, seed=1, epoch=2, group_by_length=True)
+    drawn = plan_epoch_batches(lengths, 8, seed=1, epoch=2, group_by_length=True, draws=np.arange(100))
+    assert all(np.array_equal(x, y) for x, y in zip(plain, drawn))
