@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polydistill.cluster.autoscaling import PoolScalingConfig
+from polydistill.cluster.task_specs import check_task_settings, task_spec
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -559,13 +560,17 @@ class KnowledgeCacheConfig(_Strict):
                             "cluster it must be on the driver's node or on storage every node shares.")
 
 
+# The task kinds a multi-task student learns together, each a head on the one shared encoder.
+SharedEncoderTask = Literal["sequence-classification", "token-classification", "sentence-embedding"]
+
+
 class ExtraTaskConfig(_Strict):
     """One more task for the same student: its own data, teacher and distillation settings, and a head
     of its own on the student's shared encoder (multi-task distillation)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$",
                       description="Names the task's work stream, teacher pool, head, report section and folder.")
-    task: Literal["sequence-classification", "token-classification", "sentence-embedding"]
+    task: SharedEncoderTask
     teacher: TeacherConfig
     data: DataConfig
     distill: DistillConfig = DistillConfig()
@@ -630,7 +635,7 @@ class JobConfig(_Strict):
                 raise ValueError(f"extra_tasks: the name {name!r} is taken or repeated; give each task its own name")
         wrong = {
             f"task {self.task} (the main task must be a classifier, a tagger or an embedder)":
-                self.task not in ("sequence-classification", "token-classification", "sentence-embedding"),
+                self.task not in get_args(SharedEncoderTask),
             "extra_teachers": bool(self.extra_teachers),
             "extra_students": bool(self.extra_students),
             "knowledge_cache.enabled": self.knowledge_cache.enabled,
@@ -669,7 +674,8 @@ class JobConfig(_Strict):
             return self
         distill = self.distill
         wrong = {
-            f"task {self.task} (several teachers combine class probabilities)": self.task != "sequence-classification",
+            f"task {self.task} (several teachers combine class probabilities)":
+                not task_spec(self.task).several_teachers,
             "distill.top_k (several teachers ship every class's logit)": distill.top_k is not None,
             "knowledge_cache.enabled": self.knowledge_cache.enabled,
             "student.tokenizer": self.student.tokenizer is not None,
@@ -701,128 +707,9 @@ class JobConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _embedding_task_settings(self) -> "JobConfig":
-        if (self.task in ("sentence-embedding", "seq2seq")) != self.data.parallel:
-            raise ValueError(f"tasks sentence-embedding and seq2seq learn from parallel sentences and only they do: "
-                             f"task is {self.task} and data.parallel {self.data.parallel}; set both the task and "
-                             "data.parallel: true, or neither")
-        if self.task != "sentence-embedding":
-            return self
-        distill = self.distill
-        wrong = {
-            "distill.soft_weight": distill.soft_weight > 0,
-            "distill.hard_weight": distill.hard_weight > 0,
-            "distill.pseudo_label_threshold": distill.pseudo_label_threshold is not None,
-            "evaluation.ablation": self.evaluation.ablation,
-            "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
-            "compress": self.compress is not None,
-            "data.withhold_labels": self.data.withhold_labels,
-            "distill.hidden_weight": distill.hidden_weight > 0,  # the embedding loss is the one this task trains
-            "distill.attention_weight": distill.attention_weight > 0,
-        }
-        if any(wrong.values()):
-            raise ValueError(
-                "task sentence-embedding has no classes and learns the pooled embeddings only: set "
-                + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
-            )
-        if distill.embedding_weight <= 0:
-            raise ValueError("task sentence-embedding learns the teacher's embeddings: set distill.embedding_weight > 0")
-        return self
-
-    @model_validator(mode="after")
-    def _token_task_settings(self) -> "JobConfig":
-        if (self.task == "token-classification") != self.data.word_tags:
-            raise ValueError("task token-classification learns one tag per word: set both task: token-classification "
-                             "and data.word_tags: true (label_column naming the tag column), or neither")
-        if self.task != "token-classification":
-            return self
-        wrong = {
-            "data.label_column": self.data.label_column is None,
-            "data.withhold_labels": self.data.withhold_labels,
-            "distill.pseudo_label_threshold": self.distill.pseudo_label_threshold is not None,
-            "distill.top_k": self.distill.top_k is not None,  # a tag set is small: every tag's logit travels
-            "compress": self.compress is not None,
-            # Cached records keep each sample's knowledge and ids, not its per-token tags.
-            "knowledge_cache.enabled": self.knowledge_cache.enabled,
-        }
-        if any(wrong.values()):
-            raise ValueError("task token-classification learns from the tags of labelled words and the teacher's "
-                             "per-token probabilities; " + ", ".join(
-                                 "give data.label_column" if key == "data.label_column" else f"unset {key}"
-                                 for key, bad in wrong.items() if bad))
-        return self
-
-    @model_validator(mode="after")
-    def _seq2seq_task_settings(self) -> "JobConfig":
-        if self.data.source_prefix is not None and self.task != "seq2seq":
-            raise ValueError("data.source_prefix marks the target language of a translation: drop it, or set task: "
-                             "seq2seq")
-        if self.task != "seq2seq":
-            return self
-        distill, student = self.distill, self.student
-        wrong = {
-            "distill.pseudo_label_threshold": distill.pseudo_label_threshold is not None,
-            "distill.hidden_weight": distill.hidden_weight > 0,
-            "distill.attention_weight": distill.attention_weight > 0,
-            "distill.embedding_weight": distill.embedding_weight > 0,
-            "evaluation.ablation": self.evaluation.ablation,
-            "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
-            "compress": self.compress is not None,
-            "knowledge_cache.enabled": self.knowledge_cache.enabled,
-            # The student writes the teacher's vocabulary, piece for piece, as the teacher's own target.
-            "student.trim_vocabulary": student.trim_vocabulary or any(s.trim_vocabulary for s in self.extra_students),
-            "student.tokenizer": student.tokenizer is not None,
-            "student.init_from_teacher_layers": student.init_from_teacher_layers is not None,
-        }
-        if any(wrong.values()):
-            raise ValueError("task seq2seq learns the teacher's target-token distributions and/or its translations: "
-                             "set " + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad))
-        if distill.soft_weight > 0 and distill.top_k is None:
-            raise ValueError("task seq2seq needs distill.top_k (e.g. 16 to 64): the teacher ships its top-k per "
-                             "target token, never the whole vocabulary's logits")
-        if distill.seq2seq_target == "reference" and distill.soft_weight == 0:
-            raise ValueError("distill.seq2seq_target 'reference' with soft_weight 0 learns from the data alone, no "
-                             "teacher: give soft_weight a value, or set seq2seq_target: teacher")
-        if any(s.workers > 1 for s in (student, *self.extra_students)):
-            raise ValueError("task seq2seq trains each student on one worker: set student.workers to 1")
-        return self
-
-    @model_validator(mode="after")
-    def _causal_lm_task_settings(self) -> "JobConfig":
-        """Both language-model tasks (causal-lm, masked-lm) learn token distributions from plain text."""
-        if self.task not in ("causal-lm", "masked-lm"):
-            return self
-        distill = self.distill
-        wrong = {
-            "data.label_column": self.data.label_column is not None,  # the text is its own label
-            "data.withhold_labels": self.data.withhold_labels,
-            "distill.pseudo_label_threshold": distill.pseudo_label_threshold is not None,
-            "distill.hidden_weight": distill.hidden_weight > 0,
-            "distill.attention_weight": distill.attention_weight > 0,
-            "distill.embedding_weight": distill.embedding_weight > 0,
-            "evaluation.ablation": self.evaluation.ablation,
-            "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
-            "compress": self.compress is not None,
-            # The student predicts the teacher's vocabulary, piece for piece.
-            "student.trim_vocabulary": self.student.trim_vocabulary
-            or any(extra.trim_vocabulary for extra in self.extra_students),
-            # Cached records are per sample, but a long sample's knowledge may travel in token windows.
-            "knowledge_cache.enabled": self.knowledge_cache.enabled,
-        }
-        if any(wrong.values()):
-            raise ValueError(
-                f"task {self.task} learns token distributions from plain text (hard labels are the text's own "
-                "tokens, weighed by distill.hard_weight): set "
-                + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
-            )
-        if any(student.workers > 1 for student in (self.student, *self.extra_students)):
-            # Data-parallel workers apply whole messages; a batch sent in chunks needs the one-worker gather.
-            raise ValueError(f"task {self.task} trains each student on one worker: set student.workers to 1")
-        if distill.soft_weight > 0 and distill.top_k is None:
-            raise ValueError(
-                f"task {self.task} needs distill.top_k (e.g. 16 to 64): a teacher's full logits for every token (a "
-                "250k-piece vocabulary is 1 MB a token) are never shipped, only its top-k and their log-sum-exp"
-            )
+    def _task_kind_settings(self) -> "JobConfig":
+        """The data layouts and settings the job's task kind allows (its spec: cluster/task_specs/)."""
+        check_task_settings(self)
         return self
 
     @model_validator(mode="after")
@@ -833,52 +720,13 @@ class JobConfig(_Strict):
         token_level = {"distill.hidden_weight": distill.hidden_weight > 0,
                        "distill.attention_weight": distill.attention_weight > 0,
                        "student.trim_vocabulary": self.student.trim_vocabulary,
-                       f"task {self.task}": self.task not in ("sequence-classification", "sentence-embedding")}
+                       f"task {self.task}": not task_spec(self.task).sequence_level}
         wrong = [key for key, bad in token_level.items() if bad]
         if wrong:
             raise ValueError(
                 f"student.tokenizer gives the student its own tokenizer, so its token positions do not line up with "
                 f"the teacher's; these need one shared tokenizer: {', '.join(wrong)}. Drop student.tokenizer, or "
                 "distil sequence-level knowledge only (soft labels, embeddings)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _labels_where_needed(self) -> "JobConfig":
-        data, distill = self.data, self.distill
-        if self.task != "sequence-classification":
-            return self
-        if data.label_column is None:
-            if data.withhold_labels:
-                raise ValueError("data.withhold_labels is true but data.label_column is null: there are no labels "
-                                 "to withhold")
-            needs = {
-                "data.eval_split": data.eval_split is not None,
-                "evaluation.ablation": self.evaluation.ablation,
-                "teacher.finetune_epochs": self.teacher.finetune_epochs > 0,
-                "teacher.model 'random' (it takes its classes from the labels)": self.teacher.model == "random",
-            }
-            wanting = [key for key, wants in needs.items() if wants]
-            if wanting:
-                raise ValueError(
-                    f"data.label_column is null (unlabelled text), but these settings need labels: "
-                    f"{', '.join(wanting)}. Give data.label_column and set data.withhold_labels: true to keep the "
-                    "labels from the student only, or set data.eval_split: null, evaluation.ablation: false, "
-                    "teacher.finetune_epochs: 0 and a trained classifier as teacher.model"
-                )
-        unlabelled = data.label_column is None or data.withhold_labels
-        if self.compress is not None and data.eval_split is None:
-            raise ValueError("compress is set but data.eval_split is null: every stage is measured on the held-out "
-                             "rows; give data.eval_split or drop compress")
-        if self.compress is not None and unlabelled and self.compress.recover_loss == "hard":
-            raise ValueError("compress.recover_loss is 'hard' but the student gets no labels (data.label_column is "
-                             "null or data.withhold_labels is true): use compress.recover_loss: distill")
-        teacher_terms = (distill.soft_weight, distill.hidden_weight, distill.attention_weight, distill.embedding_weight)
-        if unlabelled and not any(teacher_terms) and distill.pseudo_label_threshold is None:
-            raise ValueError(
-                "the student gets no labels (data.label_column is null or data.withhold_labels is true) and "
-                "distill.hard_weight is the only loss: set distill.soft_weight, or distill.pseudo_label_threshold "
-                "so that the teacher's confident predictions serve as hard labels"
             )
         return self
 

@@ -12,20 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from polydistill.cluster.config import StudentConfig, TeacherConfig
+from polydistill.cluster.task_specs import task_spec
 from polydistill.storage.model_sources import resolve_model_source
 from polydistill.storage.vocab import train_wordpiece_tokenizer
 from polydistill.student.architecture import ModelSetupError, student_config
@@ -48,16 +39,8 @@ def task_folder(student_dir: Path, task: str) -> Path:
 
 
 def model_class(task: str) -> type:
-    """The HF auto class of a task's teachers and students."""
-    if task == "causal-lm":
-        return AutoModelForCausalLM
-    if task == "masked-lm":
-        return AutoModelForMaskedLM
-    if task == "token-classification":
-        return AutoModelForTokenClassification
-    if task == "seq2seq":
-        return AutoModelForSeq2SeqLM
-    return AutoModel if task == "sentence-embedding" else AutoModelForSequenceClassification
+    """The HF auto class of a task's teachers and students, as the task kind's spec names it."""
+    return getattr(transformers, task_spec(task).auto_class)
 
 
 def materialize_random_teacher(
@@ -77,17 +60,8 @@ def materialize_random_teacher(
     fields.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if label_names:
         fields.update(label_maps(label_names))
-    if task == "seq2seq":  # the decoder starts from [CLS] and stops at [SEP], the trained tokenizer's markers
-        start = tokenizer.cls_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
-        end = tokenizer.sep_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
-        for key, value in (("bos_token_id", start), ("decoder_start_token_id", start), ("eos_token_id", end),
-                           ("forced_eos_token_id", end)):
-            fields.setdefault(key, value)
-    if task == "causal-lm":  # a decoder's text starts and ends with the trained tokenizer's own markers
-        fields.setdefault("bos_token_id", tokenizer.cls_token_id if tokenizer.bos_token_id is None
-                          else tokenizer.bos_token_id)
-        fields.setdefault("eos_token_id", tokenizer.sep_token_id if tokenizer.eos_token_id is None
-                          else tokenizer.eos_token_id)
+    for key, value in task_spec(task).random_model_fields(tokenizer).items():  # a decoder's start and end markers
+        fields.setdefault(key, value)
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, TypeError) as exc:
@@ -115,7 +89,7 @@ def build_student(student: StudentConfig, teacher_dir: Path, seed: int,
     if student.model:
         source = resolve_model_source(student.model)
         model = auto.from_pretrained(source)
-        if task not in ("sequence-classification", "token-classification"):  # no classes to check
+        if not task_spec(task).classes:
             return model
         teacher_config = AutoConfig.from_pretrained(teacher_dir)
         check_classifier_labels(model.config, [teacher_config.id2label[i] for i in range(teacher_config.num_labels)],

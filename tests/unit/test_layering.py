@@ -2,7 +2,8 @@
 
 Every import counts wherever it is written: at the top, inside a function, under TYPE_CHECKING.
 A module gets its folder's layer unless LAYER_OF names it, so a new file needs no edit here; a
-module that belongs lower than its folder's default is listed in LAYER_OF.
+module that belongs lower than its folder's default is listed in LAYER_OF, and a package listed there
+places every module inside it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ LAYER_OF = {
     "polydistill.storage.keys": "schema",
     "polydistill.storage.ledger": "schema",
     "polydistill.storage.delivery": "schema",
+    "polydistill.cluster.task_specs": "schema",  # each task kind's config checks and model class, no torch
     # models: building, loading and saving the teacher and the students
     "polydistill.student.architecture": "models",
     "polydistill.student.build": "models",
@@ -88,8 +90,9 @@ def discover_modules(root: Path = ROOT) -> dict[str, Path]:
 
 
 def layer_of(module: str) -> str:
-    if module in LAYER_OF:
-        return LAYER_OF[module]
+    listed = [name for name in LAYER_OF if module == name or module.startswith(name + ".")]
+    if listed:  # the module itself, else the innermost listed package that holds it
+        return LAYER_OF[max(listed, key=len)]
     # polydistill.cluster.x is in cluster/, not in polydistill/: the longest package that holds it wins.
     holders = [folder for folder, package in FOLDERS.items() if module == package or module.startswith(package + ".")]
     return FOLDER_LAYER[max(holders, key=lambda folder: len(FOLDERS[folder]))]
@@ -260,3 +263,9 @@ def test_the_checks_catch_an_upward_import_and_a_cycle_hidden_in_a_function(tmp_
     ((group, cycle),) = import_cycles(found)
     message = describe_cycle(group, cycle)
     assert "cluster/config.py:2" in message and "cluster/driver.py:3" in message
+
+
+def test_a_listed_package_places_every_module_inside_it():
+    assert layer_of("polydistill.cluster.task_specs") == "schema"
+    assert layer_of("polydistill.cluster.task_specs.seq2seq") == "schema"
+    assert layer_of("polydistill.cluster.task_specs_elsewhere") == "orchestration"  # a prefix of the name is not a package
