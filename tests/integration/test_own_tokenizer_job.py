@@ -34,6 +34,27 @@ def test_a_student_with_its_own_tokenizer_learns_every_sample_once(tmp_path, red
     assert 0 <= report["per_language"]["swh_Latn"]["student"]["accuracy"] <= 1
 
 
+def test_a_student_with_a_trimmed_vocabulary_learns_its_own_ids_of_every_sample_once(tmp_path, redis_server,
+                                                                                      local_ray):
+    config = tiny_config(tmp_path, redis_server.url, "student.trim_vocabulary=true", "student.vocab_min_count=2",
+                         "training.epochs=1", "teacher.replicas=1", "data.limit_per_language=100",
+                         "data.languages=[eng_Latn, zho_Hans]", "evaluation.ablation=true", "evaluation.latency=false")
+    report = run_job(config, show_progress=False)
+
+    assert report["samples_distilled"] == report["samples_expected"] == 200
+    assert report["duplicates_dropped"] == 0 and report["batches_missing"] == 0
+    init = report["student_init"]
+    assert init["trimmed_vocabulary"] and init["vocabulary_after"] < init["vocabulary_before"]
+    # Its saved tokenizer is the trimmed one it trained with: the student read those ids (a teacher id would
+    # not fit its embedding), and evaluation reads the held-out text through it, beside the ablation's.
+    assert len(AutoTokenizer.from_pretrained(report["student_path"])) == init["vocabulary_after"]
+    intervals = report["per_language"]["zho_Hans"]["intervals"]
+    assert set(intervals) == {"student_minus_ablation", "retention"}
+    difference = intervals["student_minus_ablation"]
+    assert -1 <= difference["low"] <= difference["estimate"] <= difference["high"] <= 1
+    assert report["overall"]["intervals"]["resamples"] == 1000
+
+
 def test_token_level_knowledge_across_tokenizers_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="distill.hidden_weight"):
         tiny_config(tmp_path, "redis://127.0.0.1:1/0", "student.tokenizer=bert-base-multilingual-cased",
