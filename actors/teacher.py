@@ -28,110 +28,11 @@ from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
 from polydistill.student.build import model_class
 from polydistill.student.contract import KnowledgeRequest, teacher_contract
 from polydistill.student.precision import use_bf16
-from polydistill.student.seq2seq import generated_targets, reference_targets
-from polydistill.student.losses import mean_pool
+from polydistill.student.task_kinds import task_kind
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@torch.inference_mode()
-def compute_knowledge(
-    model: PreTrainedModel,
-    work: wire.WorkBatch,
-    request: KnowledgeRequest,
-    *,
-    teacher_id: str,
-    top_k: int | None = None,
-    autocast_bf16: bool = False,
-) -> wire.Knowledge:
-    """One forward pass of the teacher over a work batch, keeping only what ``request`` asks for.
-
-    Features leave the device as float16 (the wire's feature dtype), which also halves the copy.
-    """
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(device)
-    attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=request.needs_hidden_states,
-            output_attentions=request.needs_attentions,
-        )
-    soft = soft_labels_on_device(outputs.logits, top_k) if request.soft else None
-    hidden = {layer: _half(outputs.hidden_states[layer]) for layer in request.hidden_layers}
-    attentions = {layer: _half(outputs.attentions[layer - 1]) for layer in request.attention_layers}
-    embeddings = None
-    if request.embeddings:
-        embeddings = _half(mean_pool(outputs.hidden_states[-1].float(), attention_mask))
-    return wire.Knowledge(
-        work=work,
-        teacher_id=teacher_id,
-        soft=soft,
-        hidden_states=hidden,
-        attentions=attentions,
-        embeddings=embeddings,
-        teacher_seconds=time.perf_counter() - started,
-    )
-
-
-@torch.inference_mode()
-def compute_seq2seq_knowledge(
-    model: PreTrainedModel,
-    work: wire.WorkBatch,
-    *,
-    teacher_id: str,
-    top_k: int | None,
-    target: str,
-    num_beams: int,
-    max_new_tokens: int,
-    soft: bool,
-) -> wire.Knowledge:
-    """An encoder-decoder teacher on one batch: the decoder's target (the reference translation, or the
-    teacher's own beam-search output: sequence-level distillation) and, when ``soft``, its top-k at every
-    target position under teacher forcing (word-level distillation)."""
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    input_ids = torch.from_numpy(work.input_ids.astype(np.int64)).to(device)
-    attention_mask = torch.from_numpy(work.attention_mask.astype(np.int64)).to(device)
-    config = model.config
-    if target == "teacher":
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams,
-                                   max_new_tokens=max_new_tokens, do_sample=False)
-        labels = generated_targets(generated.cpu().numpy(), config.decoder_start_token_id, config.eos_token_id,
-                                   config.pad_token_id)
-    else:
-        if work.pair_input_ids is None:
-            raise wire.WireError("a seq2seq work batch carries the reference translation (pair_input_ids)")
-        labels = reference_targets(work.pair_input_ids, work.pair_attention_mask, config.decoder_start_token_id)
-    soft_labels = None
-    if soft:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       labels=torch.from_numpy(labels).to(device)).logits
-        soft_labels = soft_labels_on_device(logits, top_k)
-    return wire.Knowledge(work=work, teacher_id=teacher_id, soft=soft_labels, target_ids=labels.astype(np.int32),
-                          teacher_seconds=time.perf_counter() - started)
-
-
-def soft_labels_on_device(logits: torch.Tensor, top_k: int | None) -> wire.SoftLabels:
-    """Top-k and log-sum-exp where the logits are, so only k values per row cross to the host.
-
-    For a 250k-piece vocabulary this turns a copy of 1 MB per token into 256 bytes per token; the
-    log-sum-exp lets the student renormalise at any temperature. Computed in float32: bf16 logits
-    lose the small differences between the top entries.
-    """
-    logits = logits.float()
-    if top_k is None or top_k >= logits.shape[-1]:
-        return wire.SoftLabels.full(logits.cpu().numpy())
-    values, indices = torch.topk(logits, top_k, dim=-1, largest=True, sorted=True)
-    return wire.SoftLabels(
-        topk_values=values.cpu().numpy(),
-        topk_indices=indices.to(torch.int32).cpu().numpy(),
-        topk_logsumexp=torch.logsumexp(logits, dim=-1).cpu().numpy(),
-    )
 
 
 @torch.inference_mode()
@@ -156,10 +57,6 @@ def teacher_vote(
         served[rows] = 1
     vote = wire.TeacherVote(teacher=stage.name, logits=logits, served=served)
     return vote, len(rows), time.perf_counter() - started
-
-
-def _half(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.to(torch.float16).cpu().numpy()
 
 
 class TeacherReplica:
@@ -187,6 +84,7 @@ class TeacherReplica:
         # the CPU's BF16 instructions while layer norms and softmax stay in float32.
         self.autocast_bf16 = self.device.type == "cpu" and use_bf16(
             section.inference_dtype == "bfloat16", "cpu", "teacher.inference_dtype")
+        self.kind = task_kind(config.task)  # what this task's teacher computes on a batch
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count, self.stage.task)
         self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
@@ -197,13 +95,8 @@ class TeacherReplica:
         self.messages_published = 0  # more than batches_done when batches travel in chunks
 
     def compute(self, work: wire.WorkBatch) -> wire.Knowledge:
-        if self.config.task == "seq2seq":
-            distill = self.config.distill
-            return compute_seq2seq_knowledge(
-                self.model, work, teacher_id=self.replica_id, top_k=distill.top_k, target=distill.seq2seq_target,
-                num_beams=distill.num_beams, max_new_tokens=self.config.data.max_length, soft=distill.soft_weight > 0)
-        return compute_knowledge(self.model, work, self.request, teacher_id=self.replica_id,
-                                 top_k=self.config.distill.top_k, autocast_bf16=self.autocast_bf16)
+        return self.kind.teacher_knowledge(self.model, work, self.config, self.request, teacher_id=self.replica_id,
+                                           autocast_bf16=self.autocast_bf16)
 
     def add_knowledge(self, message: wire.WorkBatch | wire.Knowledge) -> tuple[wire.Knowledge, int, float]:
         """This teacher's knowledge of a batch: of a work batch (the first teacher), or added to the

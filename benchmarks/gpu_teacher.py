@@ -5,7 +5,7 @@ Measures an XLM-R-base-sized encoder (random weights from its config: 12 layers,
 
 - ``forward``: the model's forward pass alone, for several batch sizes, eager and under
   ``torch.compile``;
-- ``replica``: ``actors.teacher.compute_knowledge`` as a replica runs it (token ids from host
+- ``replica``: ``student.teacher_pass.compute_knowledge`` as a replica runs it (token ids from host
   arrays to the device, forward, soft labels back to the host as numpy);
 - ``mlm_topk``: a masked-LM teacher over the full vocabulary, its top-32 per token taken on the
   device, against copying the full logits to the host.
@@ -32,7 +32,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polydistill.actors.teacher import compute_knowledge  # noqa: E402
+from polydistill.student.teacher_pass import compute_knowledge  # noqa: E402
 from polydistill.storage import wire  # noqa: E402
 from polydistill.student.contract import KnowledgeRequest  # noqa: E402
 

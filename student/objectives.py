@@ -1,4 +1,5 @@
-"""What the student learns from a knowledge message, one ``Objective`` per task kind.
+"""What the student learns from a knowledge message: the ``Objective`` of a task kind, and the parts
+that more than one kind's objective is built from.
 
 An objective is three functions: the labels the task learns from (gold labels and pseudo-labels
 of a classifier, the masked positions' tokens of a masked LM, the target tokens of a translation),
@@ -6,7 +7,8 @@ the student's forward pass the task needs, and its loss: the contract's terms, w
 the pure tensor functions of ``student/losses.py`` and ``student/lm_losses.py``. Each takes the head
 it works with (``TaskHead``: the job as that task sees it, the model, its knowledge contract and
 feature projections) as an argument, so a multi-task student runs every batch through its own task's
-head and nothing is swapped in and out of the trainer.
+head and nothing is swapped in and out of the trainer. Each task kind's module (student/task_kinds/)
+names its objective; a part only one kind uses lives in that kind's module, the shared ones here.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from polydistill.student.contract import (
     hidden_projection_name,
     resolve_contract,
 )
-from polydistill.student.lm_losses import lm_distillation_loss, masked_lm_ce, masked_lm_distillation_loss, next_token_ce
 from polydistill.student.losses import (
     HiddenProjection,
     attention_kl,
@@ -81,7 +82,8 @@ class StudentRunner:
     def __call__(self, model: nn.Module, token_ids: np.ndarray, mask: np.ndarray, **options: Any) -> Any:
         token_ids = token_ids if self.id_map is None else self.id_map[token_ids]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return model(input_ids=_ids(token_ids, self.device), attention_mask=_ids(mask, self.device), **options)
+            return model(input_ids=id_tensor(token_ids, self.device), attention_mask=id_tensor(mask, self.device),
+                         **options)
 
 
 def build_projections(contract: Contract) -> nn.ModuleDict:
@@ -109,13 +111,25 @@ def task_loss(task: str | None, head: TaskHead, loss: Tensor,
     return loss * head.weight, {f"{task}.{name}": value for name, value in terms.items()}
 
 
+# -- the objective of a task kind ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Objective:
+    """The labels a batch is learnt from (and their per-language counts), the student's forward pass over
+    it, and the loss of that pass: the three steps of ``StudentTrainer.loss``."""
+
+    labels: Callable[[wire.Knowledge, JobConfig], tuple[np.ndarray | None, Counts]]
+    forward: Callable[[StudentRunner, TaskHead, wire.Knowledge, np.ndarray | None], Any]
+    loss: Callable[[Any, wire.Knowledge, np.ndarray | None, TaskHead], tuple[Tensor, dict[str, float]]]
+
+
 # -- labels --------------------------------------------------------------------------------------------
 
 def student_labels(work: wire.WorkBatch, config: JobConfig) -> np.ndarray | None:
     """The gold labels the student may learn from: none when withheld; -1 marks an unlabelled sample."""
     if config.data.withhold_labels:
         return None
-    if config.task == "token-classification":  # per token: the word's tag on its first sub-token
+    if config.data.word_tags:  # per token: the word's tag on its first sub-token
         return None if work.token_labels is None else np.where(work.token_labels < 0, -1, work.token_labels)
     return work.labels
 
@@ -209,20 +223,6 @@ def no_labels(knowledge: wire.Knowledge, config: JobConfig) -> tuple[None, Count
     return None, {}
 
 
-def masked_token_labels(knowledge: wire.Knowledge, config: JobConfig) -> tuple[np.ndarray, Counts]:
-    """The original tokens of the masked positions (-100 elsewhere)."""
-    if knowledge.work.token_labels is None:
-        raise ContractError(_missing(knowledge, "the masked positions' labels", "task masked-lm"))
-    return knowledge.work.token_labels, {}
-
-
-def target_token_labels(knowledge: wire.Knowledge, config: JobConfig) -> tuple[np.ndarray, Counts]:
-    """The target the teacher chose (the reference or its beam output), to force the decoder along."""
-    if knowledge.target_ids is None:
-        raise ContractError(_missing(knowledge, "the decoder's target tokens", "task seq2seq"))
-    return knowledge.target_ids, {}
-
-
 # -- forward passes ------------------------------------------------------------------------------------
 
 def classifier_forward(run: StudentRunner, head: TaskHead, knowledge: wire.Knowledge,
@@ -236,29 +236,10 @@ def classifier_forward(run: StudentRunner, head: TaskHead, knowledge: wire.Knowl
     return StudentOutputs(logits=output.logits, hidden_states=output.hidden_states, attentions=output.attentions)
 
 
-def pair_forward(run: StudentRunner, head: TaskHead, knowledge: wire.Knowledge,
-                 labels: np.ndarray | None) -> tuple[Tensor, Tensor]:
-    """The mean-pooled last layer of each sentence and of its translation."""
-    work = knowledge.work
-    if knowledge.embeddings is None or work.pair_input_ids is None:
-        raise ContractError(_missing(knowledge, "embeddings of parallel sentences", "task: sentence-embedding"))
-    pooled = []
-    for ids, mask in ((work.input_ids, work.attention_mask), (work.pair_input_ids, work.pair_attention_mask)):
-        states = run(head.model, ids, mask, output_hidden_states=False, output_attentions=False).last_hidden_state
-        pooled.append(mean_pool(states.float(), torch.from_numpy(mask.astype(np.bool_)).to(run.device)))
-    return pooled[0], pooled[1]
-
-
 def lm_forward(run: StudentRunner, head: TaskHead, knowledge: wire.Knowledge, labels: np.ndarray | None) -> Tensor:
     work = knowledge.work
     return run(head.model, work.input_ids, work.attention_mask, output_hidden_states=False,
                output_attentions=False).logits
-
-
-def seq2seq_forward(run: StudentRunner, head: TaskHead, knowledge: wire.Knowledge, labels: np.ndarray) -> Tensor:
-    """The decoder's logits under teacher forcing along the target tokens."""
-    work = knowledge.work
-    return run(head.model, work.input_ids, work.attention_mask, labels=_ids(labels, run.device)).logits
 
 
 # -- losses --------------------------------------------------------------------------------------------
@@ -293,14 +274,15 @@ def distillation_losses(
     if soft is not None and distill.soft_weight > 0:
         if soft.kind == wire.SOFT_FULL:
             # Per-token soft labels (a tagger) count every real token of the batch.
-            terms["soft"] = soft_label_kl(logits, _tensor(soft.logits, device), temperature=distill.temperature,
+            terms["soft"] = soft_label_kl(logits, float_tensor(soft.logits, device),
+                                          temperature=distill.temperature,
                                           mask=mask if soft.per_token else None)
         else:
             terms["soft"] = soft_label_kl_topk(
                 logits,
-                _tensor(soft.topk_values, device),
+                float_tensor(soft.topk_values, device),
                 torch.from_numpy(soft.topk_indices.astype(np.int64)).to(device),
-                _tensor(soft.topk_logsumexp, device),
+                float_tensor(soft.topk_logsumexp, device),
                 temperature=distill.temperature,
             )
     if labels is not None and distill.hard_weight > 0 and (labels >= 0).any():
@@ -331,11 +313,11 @@ def distillation_losses(
         ])
     if contract.request.embeddings:
         if knowledge.embeddings is None:
-            raise ContractError(_missing(knowledge, "embeddings", "distill.embedding_weight"))
+            raise ContractError(missing_knowledge(knowledge, "embeddings", "distill.embedding_weight"))
         # Pooled over the tokens the student read, which are its own when it reads its own ids.
         read_mask = torch.from_numpy(student_inputs(knowledge.work, config)[1].astype(np.bool_)).to(device)
         pooled = mean_pool(_student_layer(outputs.hidden_states, -1), read_mask)
-        terms["embedding"] = embedding_loss(pooled, _tensor(knowledge.embeddings, device),
+        terms["embedding"] = embedding_loss(pooled, float_tensor(knowledge.embeddings, device),
                                             kind=distill.embedding_loss,
                                             projection=projections.get(EMBEDDING_PROJECTION))
     if not terms:
@@ -356,110 +338,32 @@ def classification_loss(outputs: StudentOutputs, knowledge: wire.Knowledge, labe
     return distillation_losses(outputs, knowledge, head.config, head.contract, head.projections, labels)
 
 
-def sentence_embedding_loss(pooled: tuple[Tensor, Tensor], knowledge: wire.Knowledge, labels: None,
-                            head: TaskHead) -> tuple[Tensor, dict[str, float]]:
-    """Parallel data (Reimers & Gurevych 2020): the student maps the English sentence *and* its
-    translation onto the teacher's embedding of the English sentence."""
-    distill, projections = head.config.distill, head.projections
-    target = _tensor(knowledge.embeddings, pooled[0].device)
-    projection = projections[EMBEDDING_PROJECTION] if EMBEDDING_PROJECTION in projections else None
-    terms = {term: embedding_loss(sentences, target, kind=distill.embedding_loss, projection=projection)
-             for term, sentences in zip(("embedding", "translation"), pooled)}
-    return combine_losses(terms, {"embedding": distill.embedding_weight, "translation": distill.embedding_weight})
-
-
-def causal_lm_loss(logits: Tensor, knowledge: wire.Knowledge, labels: None,
-                   head: TaskHead) -> tuple[Tensor, dict[str, float]]:
-    """The chosen divergence from the teacher's per-token top-k (distill.lm_loss, weighed by soft_weight) and
-    cross-entropy on the text's next tokens (hard_weight)."""
-    work, distill, device = knowledge.work, head.config.distill, logits.device
-    mask = torch.from_numpy(work.attention_mask.astype(np.bool_)).to(device)
-    terms: dict[str, Tensor] = {}
-    if distill.soft_weight > 0:
-        terms["soft"] = lm_distillation_loss(logits, *_token_top_k(knowledge, device, head.config.task), mask,
-                                             **_lm_loss_settings(distill))
-    if distill.hard_weight > 0:
-        terms["hard"] = next_token_ce(logits, _ids(work.input_ids, device), mask)
-    return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
-
-
-def masked_lm_loss(logits: Tensor, knowledge: wire.Knowledge, labels: np.ndarray,
-                   head: TaskHead) -> tuple[Tensor, dict[str, float]]:
-    """As ``causal_lm_loss`` at the masked positions only (no shift): their original tokens are ``labels``."""
-    distill, device = head.config.distill, logits.device
-    masked = torch.from_numpy(labels).to(device)
-    terms: dict[str, Tensor] = {}
-    if distill.soft_weight > 0:
-        terms["soft"] = masked_lm_distillation_loss(logits, *_token_top_k(knowledge, device, head.config.task),
-                                                    masked, **_lm_loss_settings(distill))
-    if distill.hard_weight > 0:
-        terms["hard"] = masked_lm_ce(logits, masked)
-    return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
-
-
-def seq2seq_loss(logits: Tensor, knowledge: wire.Knowledge, labels: np.ndarray,
-                 head: TaskHead) -> tuple[Tensor, dict[str, float]]:
-    """An encoder-decoder along the target tokens ``labels``: the teacher's top-k per target token
-    (distill.lm_loss, soft_weight) and cross-entropy on the target's tokens (hard_weight; sequence-level
-    distillation when the target is the teacher's own translation)."""
-    distill, device = head.config.distill, logits.device
-    targets = _ids(labels, device)
-    terms: dict[str, Tensor] = {}
-    if distill.soft_weight > 0:
-        soft = knowledge.soft
-        if soft is None or not soft.per_token or soft.kind != wire.SOFT_TOPK:
-            raise ContractError(_missing(knowledge, "top-k soft labels per target token", "distill.soft_weight"))
-        terms["soft"] = masked_lm_distillation_loss(
-            logits, _tensor(soft.topk_values, device), _ids(soft.topk_indices, device),
-            _tensor(soft.topk_logsumexp, device), targets, **_lm_loss_settings(distill))
-    if distill.hard_weight > 0:
-        terms["hard"] = masked_lm_ce(logits, targets)
-    return combine_losses(terms, {"soft": distill.soft_weight, "hard": distill.hard_weight})
-
-
-# -- one objective per task kind -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Objective:
-    labels: Callable[[wire.Knowledge, JobConfig], tuple[np.ndarray | None, Counts]]
-    forward: Callable[[StudentRunner, TaskHead, wire.Knowledge, np.ndarray | None], Any]
-    loss: Callable[[Any, wire.Knowledge, np.ndarray | None, TaskHead], tuple[Tensor, dict[str, float]]]
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "sequence-classification": Objective(classification_labels, classifier_forward, classification_loss),
-    "token-classification": Objective(classification_labels, classifier_forward, classification_loss),
-    "sentence-embedding": Objective(no_labels, pair_forward, sentence_embedding_loss),
-    "masked-lm": Objective(masked_token_labels, lm_forward, masked_lm_loss),
-    "causal-lm": Objective(no_labels, lm_forward, causal_lm_loss),
-    "seq2seq": Objective(target_token_labels, seq2seq_forward, seq2seq_loss),
-}
-
-
 # -- helpers -------------------------------------------------------------------------------------------
 
-def _token_top_k(knowledge: wire.Knowledge, device: torch.device, task: str) -> tuple[Tensor, Tensor, Tensor]:
+def token_top_k(knowledge: wire.Knowledge, device: torch.device, task: str) -> tuple[Tensor, Tensor, Tensor]:
     """A language model's per-token soft labels as (top-k values, indices, log-sum-exp); top_k at or above the
     vocabulary ships the whole distribution, used as a top-V."""
     soft = knowledge.soft
     if soft is None or not soft.per_token:
-        raise ContractError(_missing(knowledge, "per-token soft labels", f"task {task}'s distill.soft_weight"))
+        raise ContractError(missing_knowledge(knowledge, "per-token soft labels",
+                                              f"task {task}'s distill.soft_weight"))
     if soft.kind == wire.SOFT_FULL:
-        full = _tensor(soft.logits, device)
+        full = float_tensor(soft.logits, device)
         return full, torch.arange(full.shape[-1], device=device).expand(full.shape), torch.logsumexp(full, dim=-1)
-    return _tensor(soft.topk_values, device), _ids(soft.topk_indices, device), _tensor(soft.topk_logsumexp, device)
+    return (float_tensor(soft.topk_values, device), id_tensor(soft.topk_indices, device),
+            float_tensor(soft.topk_logsumexp, device))
 
 
-def _lm_loss_settings(distill: DistillConfig) -> dict:
+def lm_loss_settings(distill: DistillConfig) -> dict:
     return {"kind": distill.lm_loss, "temperature": distill.temperature, "beta": distill.gjs_beta}
 
 
-def _tensor(array: np.ndarray, device: torch.device) -> Tensor:
+def float_tensor(array: np.ndarray, device: torch.device) -> Tensor:
     # astype copies: wire arrays are read-only views of the message, and features travel as float16.
     return torch.from_numpy(array.astype(np.float32)).to(device)
 
 
-def _ids(array: np.ndarray, device: torch.device) -> Tensor:
+def id_tensor(array: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(array.astype(np.int64)).to(device)
 
 
@@ -479,10 +383,10 @@ def _teacher_layer(knowledge: wire.Knowledge, kind: str, layer: int, device: tor
     layers = getattr(knowledge, kind)
     if layer not in layers:
         field_name = "distill.hidden_layers" if kind == "hidden_states" else "distill.attention_layers"
-        raise ContractError(_missing(knowledge, f"{kind} of teacher layer {layer}", field_name))
-    return _tensor(layers[layer], device)
+        raise ContractError(missing_knowledge(knowledge, f"{kind} of teacher layer {layer}", field_name))
+    return float_tensor(layers[layer], device)
 
 
-def _missing(knowledge: wire.Knowledge, what: str, field_name: str) -> str:
+def missing_knowledge(knowledge: wire.Knowledge, what: str, field_name: str) -> str:
     return (f"knowledge from {knowledge.teacher_id} carries no {what}, which {field_name} asks for: do the teacher "
             "replicas run the same job config as the student?")

@@ -5,7 +5,7 @@ The loop reads top to bottom: fetch → agree → forward → loss → step → 
 - fetch, agree: the step strategy (``student/strategy.py``; ``student/data_parallel.py`` for several
   workers) reads messages through the consumer (``student/consumer.py``), which decides what each
   one is: a new batch, a duplicate, a chunk waiting for its siblings, or garbage to dead-letter.
-- forward, loss: the objective of the batch's task (``student/objectives.py``), through its head.
+- forward, loss: the objective of the batch's task kind (``student/task_kinds/``), through its head.
 - step: backward, the gradients combined as the strategy says, one optimiser step.
 - done: the batch into the ledger and its messages acknowledged, together. Acknowledging after the
   step means a student killed mid-step leaves the message pending, to be delivered again; the
@@ -52,9 +52,10 @@ from polydistill.student.checkpoint import (
 from polydistill.student.consumer import KnowledgeConsumer
 from polydistill.student.data_parallel import DataParallel
 from polydistill.student.heads import main_head, tie_task_heads
-from polydistill.student.objectives import OBJECTIVES, Counts, StudentRunner, served_counts, task_head, task_loss
+from polydistill.student.objectives import Counts, StudentRunner, served_counts, task_head, task_loss
 from polydistill.student.precision import use_bf16
 from polydistill.student.strategy import SingleWorker, StepStrategy
+from polydistill.student.task_kinds import task_kind
 from polydistill.student.token_inputs import reads_own_token_ids
 from polydistill.student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 
@@ -242,7 +243,7 @@ class StudentTrainer:
     def loss(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
         """The loss of one batch through the head of its task, and its terms; counts the batch."""
         task, head = task_head(knowledge, self.main_head, self.task_heads)
-        objective = OBJECTIVES[head.config.task]
+        objective = task_kind(head.config.task).objective
         labels, pseudo_labels = objective.labels(knowledge, head.config)
         outputs = objective.forward(self.runner, head, knowledge, labels)
         loss, terms = objective.loss(outputs, knowledge, labels, head)

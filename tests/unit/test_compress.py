@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from polydistill.cluster.config import CompressStageConfig, check_stages
 from polydistill.storage.job_data import TokenizedSplit
 from polydistill.student.compress import distillation_loss, finetune_with_loss, run_stages
-from polydistill.student.evaluate import quality
+from polydistill.student.scoring import quality
 from polydistill.student.losses import soft_label_kl
 from polydistill.student.prune import make_batch
 from polydistill.student.quantize import METHOD, METHOD_WITH_EMBEDDINGS, load_quantized

@@ -140,7 +140,7 @@ def _rows_marked_by_language() -> TokenizedSplit:
 
 
 def test_efficiency_times_rows_from_every_language_the_same_rows_every_run(tiny_bert, tmp_path):
-    from polydistill.student.evaluate import efficiency
+    from polydistill.student.scoring import efficiency
 
     names = sorted(set(LANGUAGES))
     rows = _rows_marked_by_language()

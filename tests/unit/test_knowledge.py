@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from polydistill.actors.teacher import TeacherReplica, compute_knowledge, soft_labels_on_device
+from polydistill.actors.teacher import TeacherReplica
 from polydistill.cluster.config import validate_config
 from polydistill.cluster.prepare import prepare_student, prepare_teacher
 from polydistill.storage import wire
@@ -29,6 +29,7 @@ from polydistill.student.objectives import (
     pseudo_label,
     student_labels,
 )
+from polydistill.student.teacher_pass import compute_knowledge, soft_labels_on_device
 from polydistill.student.trainer import PROJECTIONS_PREFIX, StudentTrainer
 
 NOWHERE = "redis://127.0.0.1:1/0"  # never contacted: nothing here reads or writes Redis
