@@ -429,6 +429,38 @@ class TransportConfig(_Strict):
         description="A work message delivered more often than this (its consumers kept dying on it) goes "
         "to the dead-letter stream with the reason, instead of being retried forever.",
     )
+    max_work_backlog_bytes: int = Field(
+        default=256 * 1024**2, ge=64 * 1024,
+        description="Bytes the work stream may take in Redis (its memory there) before the feeder waits; it "
+        "waits at this or at max_work_backlog entries, whichever comes first.",
+    )
+    max_knowledge_backlog_bytes: int = Field(
+        default=1024**3, ge=64 * 1024,
+        description="Bytes the knowledge stream may take in Redis (its memory there) before the teachers, or a "
+        "feeder serving from the knowledge cache, wait; they wait at this or at max_knowledge_backlog messages, "
+        "whichever comes first. One message may carry the stream past it.",
+    )
+    dead_letter_payload_bytes: int = Field(
+        default=1024, ge=0, le=1024**2,
+        description="How many leading bytes of a dead-lettered message its record keeps, beside its size, the "
+        "reason, the stream and entry it came from; never the whole payload.",
+    )
+    private_redis_maxmemory: int | None = Field(
+        default=None, ge=64 * 1024**2,
+        description="Memory cap in bytes of the private redis-server started when redis_url is null, with the "
+        "noeviction policy: at the cap writes wait until consumers free memory, and nothing is evicted. null: a "
+        "quarter of this machine's memory (or of its container's limit), at least 1 GiB.",
+    )
+    max_held_chunk_bytes: int = Field(
+        default=2 * 1024**3, ge=1024**2,
+        description="Bytes of knowledge chunks a student holds while it waits for the rest of their batches "
+        "(storage/chunking.py); to make room it gives up the batches held longest. One batch's knowledge must fit.",
+    )
+    held_chunk_timeout_s: float = Field(
+        default=120, gt=0,
+        description="A batch whose chunks a student has held this long without the rest is given up: its chunks "
+        "leave the student's memory, their entries stay unacknowledged, and the batch is learnt when fed again.",
+    )
 
     @field_validator("redis_url")
     @classmethod
