@@ -155,7 +155,8 @@ class Feeder:
         """Enqueues every batch of every epoch (or only the listed (epoch, batch) pairs); returns how many.
 
         Producers wait while the work stream is full, so Redis holds at most
-        ``transport.max_work_backlog`` batches however slow the teachers are.
+        ``transport.max_work_backlog`` batches (and about ``max_work_backlog_bytes``) however slow the
+        teachers are.
         """
         wanted = None if only is None else set(only)
         transport = self.config.transport
@@ -174,19 +175,26 @@ class Feeder:
                     return sent
                 # From a complete knowledge cache, batches go straight to the students as knowledge.
                 cache = self._cache_reader()
-                stream, limit = ((self.keys.knowledge_stream, transport.max_knowledge_backlog) if cache
-                                 else (self.keys.work_stream, transport.max_work_backlog))
-                if not self.streams.wait_for_room(
-                    stream, limit, timeout_s=transport.backpressure_timeout_s, should_stop=should_stop
-                ):
+                stream, limit, limit_bytes = (
+                    (self.keys.knowledge_stream, transport.max_knowledge_backlog, transport.max_knowledge_backlog_bytes)
+                    if cache else (self.keys.work_stream, transport.max_work_backlog, transport.max_work_backlog_bytes))
+                if not self.streams.wait_for_room(stream, limit, max_bytes=limit_bytes,
+                                                  timeout_s=transport.backpressure_timeout_s, should_stop=should_stop):
                     return sent
-                room = max(1, limit - self.streams.backlog(stream))
-                chunk, pending = pending[:room], pending[room:]
-                pipe = self.streams.client.pipeline(transaction=False)
-                for batch_id, rows in chunk:
+                entries, size = self.streams.backlog_size(stream)
+                # As many batches as there is room for, in entries and in bytes (one at least), in one
+                # transaction: should Redis refuse it for memory, it is sent again whole (storage/streams.py).
+                pipe = self.streams.client.pipeline(transaction=True)
+                taken = 0
+                while taken < min(len(pending), max(1, limit - entries)) and (taken == 0 or size < limit_bytes):
+                    batch_id, rows = pending[taken]
                     work = self.work_batch(epoch, batch_id, rows)
-                    self.streams.add(stream, wire.encode(cache.knowledge_for(work) if cache else work), pipeline=pipe)
+                    payload = wire.encode(cache.knowledge_for(work) if cache else work)
+                    self.streams.add(stream, payload, pipeline=pipe)
+                    size += len(payload)
+                    taken += 1
                 pipe.execute()
-                sent += len(chunk)
-                self.batches_from_cache += len(chunk) if cache else 0
+                pending = pending[taken:]
+                sent += taken
+                self.batches_from_cache += taken if cache else 0
         return sent

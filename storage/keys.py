@@ -113,6 +113,11 @@ class JobKeys:
         sink = self.knowledge_stream if index == count - 1 else self._key(f"stage:{index + 1}")
         return source, sink
 
+    def carries_work(self, stream: str) -> bool:
+        """True for a work stream (the main task's or another task's), whose size transport.max_work_backlog
+        and max_work_backlog_bytes bound; the job's other streams carry knowledge."""
+        return stream == self.work_stream or stream.startswith(self._key("work:"))
+
     def teacher_inputs(self, count: int, tasks: Sequence[str] = ("main",)) -> list[str]:
         """Every stream a teacher pool reads (TEACHER_GROUP on each): each task's work stream, then the
         streams between ``count`` teachers in line."""

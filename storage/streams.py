@@ -13,6 +13,17 @@ teacher pass) is instead acknowledged per group and trimmed below the slowest gr
 over by another consumer with XAUTOCLAIM. Nothing is ever trimmed before every group has
 acknowledged it, so backpressure blocks producers instead of dropping work.
 
+Backpressure bounds each stream by messages and by bytes (``wait_for_room``); the bytes
+are the stream's own memory in Redis (MEMORY USAGE), so they follow every way an entry
+leaves a stream (acknowledged and deleted, trimmed below the slowest group, a group
+destroyed, the stream reset) with no counter to keep in step.
+
+Memory: a Redis at its ``maxmemory`` with ``noeviction`` (the private server's policy,
+storage/redis_server.py) refuses writes instead of dropping data. A client from
+``connect`` then waits and sends the refused write again, logging once that it waits,
+until ``memory_wait_s`` has passed (``RedisFull``). Acknowledging and deleting are never
+refused, so consumers keep freeing memory meanwhile.
+
 Outages: a dropped connection is retried with jittered backoff until
 ``reconnect_timeout_s`` has passed, then ``RedisUnavailable`` names the (redacted)
 URL and how long it waited. A Redis that comes back *empty* (restarted without
@@ -23,22 +34,36 @@ themselves, so that only the driver decides what the new streams hold.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import EqualJitterBackoff
 from redis.client import Pipeline
+from redis.exceptions import OutOfMemoryError
 from redis.retry import Retry
 
 from polydistill.storage.keys import JobKeys
 
+log = logging.getLogger(__name__)
+
 PAYLOAD_FIELD = b"m"
+# A dead letter keeps the first bytes of the payload it stands for, never the payload itself.
+DEAD_LETTER_HEAD_FIELD = b"payload_head"
+DEAD_LETTER_SIZE_FIELD = b"payload_bytes"
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000
-DEFAULT_RECONNECT_TIMEOUT_S = 60.0  # library default; jobs pass transport.reconnect_timeout_s
+# Library defaults; jobs pass their transport section (connect_job, JobStreams).
+DEFAULT_RECONNECT_TIMEOUT_S = 60.0  # transport.reconnect_timeout_s
+DEFAULT_MEMORY_WAIT_S = 600.0  # transport.backpressure_timeout_s
+DEFAULT_DEAD_LETTER_PAYLOAD_BYTES = 1024  # transport.dead_letter_payload_bytes
 _UNLINK_BATCH = 500
+_MEMORY_RETRY_FIRST_S = 0.05
+_MEMORY_RETRY_MAX_S = 1.0
+
+T = TypeVar("T")
 
 Entry = tuple[str, bytes]  # (stream entry id, payload)
 
@@ -53,6 +78,10 @@ class RedisUnavailable(redis.ConnectionError):
 
 class GroupMissing(RuntimeError):
     """A stream's consumer group is gone: Redis lost its data (or the job's streams were reset)."""
+
+
+class RedisFull(OutOfMemoryError):
+    """Redis refused a write for memory (maxmemory, noeviction) for longer than the client waits."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +110,7 @@ def connect(
     tls_ca_file: str | None = None,
     socket_timeout: float = 30,
     reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
+    memory_wait_s: float = DEFAULT_MEMORY_WAIT_S,
 ) -> redis.Redis:
     """A client for ``redis://`` or ``rediss://`` (TLS) URLs, returning raw bytes.
 
@@ -90,6 +120,10 @@ def connect(
     (redacted) URL was unreachable and for how long. A rejected password fails at
     once. Because a retried write may have reached the server before the
     connection dropped, writes are at-least-once: readers must tolerate duplicates.
+
+    A write that Redis refuses for memory (at ``maxmemory`` with ``noeviction``) is sent again
+    until it goes through, for up to ``memory_wait_s`` (then ``RedisFull``): a refused command or
+    transaction changed nothing, and of a plain pipeline only the refused commands are sent again.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
@@ -114,6 +148,8 @@ def connect(
         raise ValueError(f"socket_timeout must be positive seconds, got {socket_timeout}")
     if reconnect_timeout_s <= 0:
         raise ValueError(f"reconnect_timeout_s must be positive seconds, got {reconnect_timeout_s}")
+    if memory_wait_s <= 0:
+        raise ValueError(f"memory_wait_s must be positive seconds, got {memory_wait_s}")
 
     options: dict[str, Any] = {
         "decode_responses": False,  # payloads are msgpack bytes, not text
@@ -137,7 +173,9 @@ def connect(
         options["username"] = username
     if tls_ca_file is not None:
         options["ssl_ca_certs"] = tls_ca_file
-    return redis.Redis.from_url(url, **options)
+    client = _WaitsForMemory.from_url(url, **options)
+    client.memory_wait = _MemoryWait(memory_wait_s, redact_url(url))
+    return client
 
 
 def connect_job(url: str, transport: Any) -> redis.Redis:
@@ -148,7 +186,122 @@ def connect_job(url: str, transport: Any) -> redis.Redis:
         username=transport.username,
         tls_ca_file=transport.tls_ca_file,
         reconnect_timeout_s=transport.reconnect_timeout_s,
+        memory_wait_s=transport.backpressure_timeout_s,
     )
+
+
+class _MemoryWait:
+    """Sends a write again while Redis refuses it for memory, with a growing pause, for a bounded time.
+
+    A refused write changed nothing, so sending it again is safe; the consumers free memory
+    meanwhile (acknowledging and deleting are never refused), and the producer goes on once they
+    have. One warning when the wait begins and one line when it ends keep the log readable.
+    """
+
+    def __init__(self, timeout_s: float, where: str) -> None:
+        self.timeout_s = timeout_s
+        self.where = where
+
+    def run(self, attempt: Callable[[], T], what: str) -> T:
+        started = None
+        pause = _MEMORY_RETRY_FIRST_S
+        while True:
+            try:
+                result = attempt()
+            except OutOfMemoryError as refused:
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    log.warning(
+                        "Redis at %s is at its memory limit (maxmemory, noeviction) and refused a write (%s): "
+                        "waiting for consumers to free memory, for up to %g s (transport.backpressure_timeout_s)",
+                        self.where, what, self.timeout_s)
+                waited = now - started
+                if waited >= self.timeout_s:
+                    raise RedisFull(
+                        f"Redis at {self.where} refused writes ({what}) for memory for {waited:.1f} s "
+                        f"(transport.backpressure_timeout_s={self.timeout_s:g}): its consumers are not freeing "
+                        "any. Check that they run; give Redis more memory (its maxmemory; for the private server "
+                        "transport.private_redis_maxmemory), or lower transport.max_work_backlog_bytes and "
+                        "max_knowledge_backlog_bytes so that the streams stay well below it"
+                    ) from refused
+                time.sleep(min(pause, self.timeout_s - waited))
+                pause = min(2 * pause, _MEMORY_RETRY_MAX_S)
+                continue
+            if started is not None:
+                log.warning("Redis at %s accepted the write (%s) after %.1f s at its memory limit",
+                            self.where, what, time.monotonic() - started)
+            return result
+
+
+class _WaitsForMemory(redis.Redis):
+    """A client whose writes wait out a Redis at its memory limit (``_MemoryWait``)."""
+
+    memory_wait: _MemoryWait
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        return self.memory_wait.run(lambda: super(_WaitsForMemory, self).execute_command(*args, **options),
+                                    _command_name(args))
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        pipeline = _MemoryWaitingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipeline.memory_wait = self.memory_wait
+        return pipeline
+
+    def refusing_when_full(self) -> redis.Redis:
+        """A client on the same connections whose writes fail at once when Redis is full, for writes
+        that must not hold their caller up (dead letters, kept only for inspection)."""
+        return redis.Redis(connection_pool=self.connection_pool)
+
+
+class _MemoryWaitingPipeline(Pipeline):
+    """A pipeline that sends again what Redis refused for memory: a whole transaction (a refused one
+    changed nothing), or of a plain pipeline only the refused commands (the others went through)."""
+
+    memory_wait: _MemoryWait
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        commands = list(self.command_stack)
+        if self.watching or not commands:  # a WATCH cannot be replayed: its caller retries
+            return super().execute(raise_on_error)
+        what = ", ".join(dict.fromkeys(_command_name(args) for args, _ in commands))
+        if self.transaction or self.explicit_transaction:
+            def run_transaction() -> list:
+                self.command_stack = list(commands)  # execute() leaves the stack empty, refused or not
+                return super(_MemoryWaitingPipeline, self).execute(raise_on_error)
+
+            return self.memory_wait.run(run_transaction, f"MULTI {what}")
+        replies: list = [None] * len(commands)
+        unsent = list(range(len(commands)))
+
+        def run_refused() -> list:
+            nonlocal unsent
+            self.command_stack = [commands[index] for index in unsent]
+            answers = super(_MemoryWaitingPipeline, self).execute(raise_on_error=False)
+            refused = [index for index, answer in zip(unsent, answers) if isinstance(answer, OutOfMemoryError)]
+            for index, answer in zip(unsent, answers):
+                replies[index] = answer
+            unsent = refused
+            if refused:
+                raise replies[refused[0]]
+            return replies
+
+        self.memory_wait.run(run_refused, what)
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+
+def _command_name(args: Sequence[Any]) -> str:
+    name = args[0] if args else "?"
+    return (name.decode() if isinstance(name, bytes) else str(name)).upper()
+
+
+def without_memory_wait(client: redis.Redis) -> redis.Redis:
+    """``client``, or for a client from ``connect`` one on its connections that does not wait for memory."""
+    return client.refusing_when_full() if isinstance(client, _WaitsForMemory) else client
 
 
 class _RetryConnectionDrops(Retry):
@@ -275,15 +428,40 @@ def _payload(fields: dict) -> bytes:
     return fields.get(PAYLOAD_FIELD, b"")
 
 
+# XACK and XDEL in one atomic step. No shebang flags, so that Redis before 7 runs it too: Redis runs such
+# a script at its memory limit and refuses only the commands in it that may grow memory, which these two
+# never do.
+_ACK_AND_DELETE = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+return acked
+"""
+
+
 class JobStreams:
     """The stream operations of one job, on top of a client from ``connect``."""
 
     def __init__(
-        self, client: redis.Redis, keys: JobKeys, *, dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+        self,
+        client: redis.Redis,
+        keys: JobKeys,
+        *,
+        dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN,
+        dead_letter_payload_bytes: int = DEFAULT_DEAD_LETTER_PAYLOAD_BYTES,
     ) -> None:
+        if dead_letter_payload_bytes < 0:
+            raise ValueError(f"dead_letter_payload_bytes must be 0 or more, got {dead_letter_payload_bytes} "
+                             "(transport.dead_letter_payload_bytes)")
         self.client = client
         self.keys = keys
         self.dead_letter_maxlen = dead_letter_maxlen
+        self.dead_letter_payload_bytes = dead_letter_payload_bytes
+        self._ack_and_delete_script = client.register_script(_ACK_AND_DELETE)
+
+    @classmethod
+    def of_job(cls, client: redis.Redis, keys: JobKeys, transport: Any) -> "JobStreams":
+        """The streams of a job with the settings of its ``transport`` config section."""
+        return cls(client, keys, dead_letter_payload_bytes=transport.dead_letter_payload_bytes)
 
     # -- groups and sizes --------------------------------------------------- #
 
@@ -303,36 +481,67 @@ class JobStreams:
         """Entries still in the stream: undelivered plus delivered-but-unacknowledged."""
         return int(self.client.xlen(stream))
 
+    def backlog_bytes(self, stream: str) -> int:
+        """The stream's memory in Redis: its entries' payloads and their framing, and its groups' pending lists.
+
+        MEMORY USAGE with SAMPLES 0 walks every node of the stream, a few per hundred small entries
+        and one per large one, so it is cheap at the sizes backpressure allows.
+        """
+        return int(self.client.memory_usage(stream, samples=0) or 0)
+
+    def backlog_size(self, stream: str) -> tuple[int, int]:
+        """(entries, bytes) of ``backlog`` and ``backlog_bytes`` in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(stream)
+        pipe.memory_usage(stream, samples=0)
+        entries, size = pipe.execute()
+        return int(entries), int(size or 0)
+
     def wait_for_room(
         self,
         stream: str,
         max_backlog: int,
         *,
+        max_bytes: int | None = None,
         timeout_s: float,
         poll_s: float = 0.05,
         should_stop: Callable[[], bool] | None = None,
     ) -> bool:
-        """Block while the backlog is at or above ``max_backlog``.
+        """Block while the backlog is at or above ``max_backlog`` entries or ``max_bytes`` bytes
+        (``backlog_bytes``; None: no byte limit).
 
         Returns True when there is room, False if ``should_stop()`` turned true
         while waiting. Raises BackpressureTimeout after ``timeout_s``.
         """
+        entries_setting, bytes_setting = self._backlog_settings(stream)
         if max_backlog < 1:
-            raise ValueError(f"max_backlog must be at least 1, got {max_backlog} (transport.max_backlog)")
+            raise ValueError(f"max_backlog must be at least 1, got {max_backlog} ({entries_setting})")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes} ({bytes_setting})")
         deadline = time.monotonic() + timeout_s
         while True:
-            backlog = self.backlog(stream)
-            if backlog < max_backlog:
+            if max_bytes is None:
+                backlog, size = self.backlog(stream), None
+            else:
+                backlog, size = self.backlog_size(stream)
+            if backlog < max_backlog and (size is None or size < max_bytes):
                 return True
             if should_stop is not None and should_stop():
                 return False
             if time.monotonic() >= deadline:
+                full = (f"{backlog} entries, at or above {entries_setting}={max_backlog}" if backlog >= max_backlog
+                        else f"{size:,} bytes, at or above {bytes_setting}={max_bytes}")
                 raise BackpressureTimeout(
-                    f"stream {stream} still holds {backlog} entries after {timeout_s:g} s, at or above "
-                    f"transport.max_backlog={max_backlog}: its consumers are not acknowledging. Check "
-                    "that they are running, or raise transport.max_backlog if they are just slow"
+                    f"stream {stream} still holds {full} after {timeout_s:g} s: its consumers are not "
+                    f"acknowledging. Check that they are running, or raise {entries_setting} and "
+                    f"{bytes_setting} if they are just slow"
                 )
             time.sleep(poll_s)
+
+    def _backlog_settings(self, stream: str) -> tuple[str, str]:
+        """The settings that bound ``stream``, for messages that say what to change."""
+        kind = "work" if self.keys.carries_work(stream) else "knowledge"
+        return f"transport.max_{kind}_backlog", f"transport.max_{kind}_backlog_bytes"
 
     # -- writing ------------------------------------------------------------ #
 
@@ -349,17 +558,17 @@ class JobStreams:
 
         Deleting keeps XLEN equal to the backlog. It also removes the entry for
         every other group on the stream, so use it only on streams that a single
-        group reads.
+        group reads. On its own (no pipeline) the two commands run as one script, not
+        a MULTI/EXEC: a Redis at its memory limit refuses every transaction, but
+        never this, which is how consumers free memory.
         """
         if not entry_ids:
             return 0 if pipeline is None else None
-        target = pipeline if pipeline is not None else self.client.pipeline(transaction=True)
-        target.xack(stream, group, *entry_ids)
-        target.xdel(stream, *entry_ids)
         if pipeline is not None:
+            pipeline.xack(stream, group, *entry_ids)
+            pipeline.xdel(stream, *entry_ids)
             return None
-        acked, _deleted = target.execute()
-        return int(acked)
+        return int(self._ack_and_delete_script(keys=[stream], args=[group, *entry_ids]))
 
     def ack_and_trim(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
         """Acknowledge entries of a stream that several groups read; returns how many were pending.
@@ -436,26 +645,34 @@ class JobStreams:
         *,
         pipeline: Pipeline | None = None,
     ) -> str | None:
-        """Keep a message that could not be used, with why and where it came from.
+        """Record a message that could not be used: why, where it came from, its size and its first
+        ``dead_letter_payload_bytes`` bytes (enough to tell what it was, never the payload itself).
 
         The caller still acknowledges the original entry (same pipeline, ideally).
         The dead-letter stream has no consumers, so it is capped (approximately,
         which is cheap) at ``dead_letter_maxlen`` to survive a peer that sends
-        nothing but garbage.
+        nothing but garbage. Without a pipeline the record is for inspection only
+        and must not hold its caller up: when Redis is full it is not kept (an error
+        says so, with the same facts) and None is returned.
         """
-        target = pipeline if pipeline is not None else self.client
-        new_id = target.xadd(
-            self.keys.dead_letter_stream,
-            {
-                PAYLOAD_FIELD: payload,
-                b"reason": reason.encode(),
-                b"source_stream": source_stream.encode(),
-                b"source_id": entry_id.encode(),
-            },
-            maxlen=self.dead_letter_maxlen,
-            approximate=True,
-        )
-        return None if pipeline is not None else _text(new_id)
+        fields = {
+            b"reason": reason.encode(),
+            b"source_stream": source_stream.encode(),
+            b"source_id": _text(entry_id).encode(),
+            DEAD_LETTER_SIZE_FIELD: str(len(payload)).encode(),
+            DEAD_LETTER_HEAD_FIELD: bytes(payload[: self.dead_letter_payload_bytes]),
+        }
+        if pipeline is not None:
+            pipeline.xadd(self.keys.dead_letter_stream, fields, maxlen=self.dead_letter_maxlen, approximate=True)
+            return None
+        try:
+            new_id = without_memory_wait(self.client).xadd(
+                self.keys.dead_letter_stream, fields, maxlen=self.dead_letter_maxlen, approximate=True)
+        except OutOfMemoryError:
+            log.error("Redis is full: the dead letter of entry %s of %s (%d bytes: %s) is not kept",
+                      _text(entry_id), source_stream, len(payload), reason)
+            return None
+        return _text(new_id)
 
     def delete_job_keys(self) -> int:
         """Remove every key of this job (and no other job's); returns how many."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from polydistill.storage.redis_server import PrivateRedisServer, RedisServerError, find_redis_server
+from polydistill.storage.redis_server import PrivateRedisServer, RedisServerError, default_maxmemory, find_redis_server
 from polydistill.storage.streams import connect
 
 pytestmark = pytest.mark.integration
@@ -88,6 +88,15 @@ def test_password_and_maxmemory_are_applied_and_the_password_stays_out_of_sight(
         assert secret not in (server._workdir / "redis.log").read_text()
         with pytest.raises(redis.AuthenticationError):
             connect(f"redis://127.0.0.1:{server.port}/0").ping()
+
+
+def test_without_a_maxmemory_the_server_is_capped_at_a_share_of_the_machine_with_noeviction():
+    with PrivateRedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("maxmemory") == {"maxmemory": str(default_maxmemory())}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.close()
+    assert default_maxmemory() >= 1024**3
 
 
 def test_password_with_a_newline_is_refused_up_front():

@@ -141,8 +141,35 @@ def test_wait_for_room_times_out_naming_stream_and_setting(streams: JobStreams):
         streams.wait_for_room(work, 2, timeout_s=0.2, poll_s=0.02)
     assert 0.2 <= time.monotonic() - started < 2
     assert work in str(caught.value)
-    assert "transport.max_backlog=2" in str(caught.value)
+    assert "2 entries, at or above transport.max_work_backlog=2" in str(caught.value)
     assert streams.backlog(work) == 2  # nothing was trimmed to make room
+
+
+def test_wait_for_room_waits_on_bytes_below_the_entry_limit(redis_server, streams: JobStreams):
+    work = streams.keys.work_stream
+    streams.add(work, b"x" * 200_000)
+    assert streams.backlog_bytes(work) >= 200_000
+    with pytest.raises(BackpressureTimeout, match="bytes, at or above transport.max_work_backlog_bytes=100000"):
+        streams.wait_for_room(work, 100, max_bytes=100_000, timeout_s=0.2, poll_s=0.02)
+    consumer = JobStreams(connect(redis_server.url), streams.keys)
+    (entry_id, _), = consumer.read(work, TEACHERS, "t0", count=1, block_ms=0)
+    threading.Timer(0.2, lambda: consumer.ack_and_delete(work, TEACHERS, [entry_id])).start()
+    assert streams.wait_for_room(work, 100, max_bytes=100_000, timeout_s=5, poll_s=0.01) is True
+    assert streams.backlog_bytes(work) < 100_000  # the entry's bytes left the stream with it
+
+
+def test_backlog_bytes_follow_a_trim_below_the_slowest_group(streams: JobStreams):
+    knowledge = streams.keys.knowledge_stream
+    for name in ("a", "b"):
+        streams.ensure_group(knowledge, student_group(name))
+    streams.add(knowledge, b"k" * 100_000)
+    (entry_id, _), = streams.read(knowledge, student_group("a"), "a", count=1, block_ms=0)
+    streams.read(knowledge, student_group("b"), "b", count=1, block_ms=0)
+    streams.ack_and_trim(knowledge, student_group("a"), [entry_id])
+    assert streams.backlog_bytes(knowledge) >= 100_000  # the slower student still holds it
+    streams.ack_and_trim(knowledge, student_group("b"), [entry_id])
+    assert streams.backlog_bytes(knowledge) < 100_000
+    assert streams.backlog_bytes("polydistill:job-a:no-such-stream") == 0
 
 
 def test_wait_for_room_gives_up_when_asked_to_stop(streams: JobStreams):
@@ -264,7 +291,7 @@ def test_reclaim_respects_count_and_skips_deleted_entries(streams: JobStreams):
 # -- dead letters and cleanup ------------------------------------------------ #
 
 
-def test_dead_letter_keeps_payload_reason_and_origin(streams: JobStreams):
+def test_dead_letter_keeps_the_head_of_the_payload_its_size_reason_and_origin(streams: JobStreams):
     work = streams.keys.work_stream
     (entry_id,) = fill(streams, 1)
     dead_id = streams.dead_letter(entry_id, b"\xc1garbage", "WireError: not msgpack", work)
@@ -272,11 +299,25 @@ def test_dead_letter_keeps_payload_reason_and_origin(streams: JobStreams):
     ((stored_id, fields),) = streams.client.xrange(streams.keys.dead_letter_stream)
     assert stored_id.decode() == dead_id
     assert fields == {
-        b"m": b"\xc1garbage",
+        b"payload_head": b"\xc1garbage",
+        b"payload_bytes": b"8",
         b"reason": b"WireError: not msgpack",
         b"source_stream": work.encode(),
         b"source_id": entry_id.encode(),
     }
+
+
+def test_a_dead_letter_never_keeps_a_whole_large_payload(redis_client: redis.Redis):
+    streams = JobStreams(redis_client, JobKeys("job-a"), dead_letter_payload_bytes=16)
+    payload = bytes(range(256)) * 40_000  # 10 MB of garbage
+    pipeline = redis_client.pipeline(transaction=True)
+    streams.dead_letter("1-1", payload, "WireError: not msgpack", "s", pipeline=pipeline)
+    streams.dead_letter("1-2", payload, "too big", "s")
+    pipeline.execute()
+    records = [fields for _, fields in redis_client.xrange(streams.keys.dead_letter_stream)]
+    assert [fields[b"payload_head"] for fields in records] == [payload[:16]] * 2
+    assert [fields[b"payload_bytes"] for fields in records] == [str(len(payload)).encode()] * 2
+    assert streams.backlog_bytes(streams.keys.dead_letter_stream) < 16 * 1024  # not the 20 MB of two payloads
 
 
 def test_dead_letter_stream_is_capped(redis_client: redis.Redis):
