@@ -3,7 +3,7 @@
 Redis delivers at least once, so the same batch can arrive twice (a re-fed batch, a copy left
 pending by a restart) and a peer can send anything. What to do with one delivered message is
 decided by ``decide``, a pure function of the message (or the error its payload raised), the
-ledger and the chunks held so far; its verdicts:
+ledger, the chunks held so far (``ChunkBuffer``), the clock and the buffer's limits; its verdicts:
 
 - ``Learn``: a batch the ledger does not have, whole (a single message, or the last of its chunks
   reassembled): train on it, then ``done`` records it and acknowledges its entries together;
@@ -11,13 +11,23 @@ ledger and the chunks held so far; its verdicts:
   acknowledge it (and drop any chunks held for a batch already learnt);
 - ``Hold``: a chunk whose siblings are still on their way: keep it, unacknowledged, so a student
   that dies now leaves the whole batch pending (``storage/chunking.py``);
-- ``Redelivered``: a chunk entry held already, delivered again from this consumer's pending list;
+- ``Redelivered``: a chunk entry held already (or given up), delivered again from this consumer's
+  pending list;
 - ``DeadLetter``: the peer sent garbage (not msgpack, not knowledge of this job, an impossible chunk
   tag): keep it on the dead-letter stream with the reason, and acknowledge it.
 
+The buffer is bounded. A batch whose chunks have been held ``ChunkLimits.timeout_s`` without the
+rest (``give_up_stale``), or the one held longest when the chunks held take more than
+``ChunkLimits.max_bytes``, is given up: its chunks leave memory, its entries stay unacknowledged
+and are not held again when delivered again, and when the batch comes again (a recovery feeds what
+the ledger lacks) they are acknowledged with it. A single batch larger than the buffer is a
+setting to change, and raises ``ChunkBufferTooSmall``.
+
 Garbage is the peer's fault and never stops the student; a held chunk set that contradicts itself
 can only come from a bug here, and raises ``ImpossibleState``. ``KnowledgeConsumer`` is the thin
-adapter that issues the reads, acknowledgements and dead letters these verdicts call for.
+adapter that issues the reads, acknowledgements and dead letters these verdicts call for; it does
+not hand on what it reads again of its own pending chunks, so that a chunk that never finds its
+siblings looks like no progress to the stall check.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from polydistill.cluster.config import TransportConfig
 from polydistill.storage import wire
 from polydistill.storage.chunking import chunk_tag, is_chunk, merge_chunks
 from polydistill.storage.keys import JobKeys
@@ -51,25 +62,85 @@ class ImpossibleState(RuntimeError):
     """The consumer's own bookkeeping contradicts itself: a bug, never something a peer sent."""
 
 
+class ChunkBufferTooSmall(RuntimeError):
+    """One batch's chunks take more memory than the student may hold: a setting to raise."""
+
+
 BatchKey = tuple[int, int]  # (epoch, batch id)
 
 
 @dataclass(frozen=True)
+class ChunkLimits:
+    """How much a student holds of batches whose chunks are not all in: bytes, and seconds per batch."""
+
+    max_bytes: int
+    timeout_s: float
+
+    @classmethod
+    def of(cls, transport: TransportConfig) -> "ChunkLimits":
+        return cls(transport.max_held_chunk_bytes, transport.held_chunk_timeout_s)
+
+
+@dataclass(frozen=True)
 class HeldBatch:
-    """The chunks of one batch received so far (by 1-based index), their entries and payload bytes."""
+    """The chunks of one batch received so far (by 1-based index), their entries and payload bytes, and
+    when its first chunk was held (the consumer's clock)."""
 
     count: int
     chunks: Mapping[int, wire.Knowledge] = field(default_factory=dict)
     # Entries to acknowledge once the batch is learnt; they may include those of an earlier, different split.
     entry_ids: tuple = ()
     payload_bytes: int = 0
+    since: float = 0.0
 
     def with_chunk(self, index: int, chunk: wire.Knowledge, entry_id, payload_bytes: int) -> "HeldBatch":
         return HeldBatch(self.count, {**self.chunks, index: chunk}, (*self.entry_ids, entry_id),
-                         self.payload_bytes + payload_bytes)
+                         self.payload_bytes + payload_bytes, self.since)
 
 
-HeldChunks = Mapping[BatchKey, HeldBatch]
+@dataclass(frozen=True)
+class ChunkBuffer:
+    """The chunks held, by batch, and the entries of the batches given up (left unacknowledged: not held
+    again when delivered again, and acknowledged when their batch is learnt or refused as a duplicate)."""
+
+    held: Mapping[BatchKey, HeldBatch] = field(default_factory=dict)
+    given_up: Mapping[BatchKey, tuple] = field(default_factory=dict)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(batch.payload_bytes for batch in self.held.values())
+
+    def has_entry(self, entry_id) -> bool:
+        """Whether ``entry_id`` is a chunk held, or one of a batch given up."""
+        return any(entry_id in batch.entry_ids for batch in self.held.values()) or any(
+            entry_id in entries for entries in self.given_up.values())
+
+    def without(self, key: BatchKey) -> "ChunkBuffer":
+        """The buffer with nothing of batch ``key`` (learnt, or refused as a duplicate)."""
+        return ChunkBuffer({other: batch for other, batch in self.held.items() if other != key},
+                           {other: entries for other, entries in self.given_up.items() if other != key})
+
+    def entries_of(self, key: BatchKey) -> tuple:
+        """Every entry of batch ``key`` this buffer holds or gave up: to acknowledge with the batch."""
+        held = self.held.get(key)
+        return (*(held.entry_ids if held is not None else ()), *self.given_up.get(key, ()))
+
+    def giving_up(self, key: BatchKey) -> "ChunkBuffer":
+        batch = self.held[key]
+        rest = {other: kept for other, kept in self.held.items() if other != key}
+        return ChunkBuffer(rest, {**self.given_up, key: (*self.given_up.get(key, ()), *batch.entry_ids)})
+
+
+@dataclass(frozen=True)
+class GivenUp:
+    """A batch the buffer let go: which, how many of its chunks it held, for how long, and why."""
+
+    key: BatchKey
+    chunks_held: int
+    count: int
+    held_s: float
+    payload_bytes: int
+    timed_out: bool  # else: given up to make room for newer chunks
 
 
 @dataclass(frozen=True)
@@ -86,7 +157,7 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class Hold:
-    pass
+    given_up: tuple[GivenUp, ...] = ()  # batches let go to make room for this chunk
 
 
 @dataclass(frozen=True)
@@ -112,38 +183,75 @@ def garbage(message: wire.Message | wire.WireError, job_id: str) -> str | None:
 
 
 def decide(entry_id, message: wire.Message | wire.WireError, payload_bytes: int, *, job_id: str,
-           ledger: EpochLedger, held: HeldChunks) -> tuple[Decision, HeldChunks]:
-    """What to do with one delivered message, and the chunks held afterwards (``held`` is left as it is)."""
+           ledger: EpochLedger, buffer: ChunkBuffer, now: float,
+           limits: ChunkLimits) -> tuple[Decision, ChunkBuffer]:
+    """What to do with one delivered message, and the buffer afterwards (``buffer`` is left as it is)."""
     reason = garbage(message, job_id)
     if reason is not None:
-        return DeadLetter(reason), held
+        return DeadLetter(reason), buffer
     key = (message.work.epoch, message.work.batch_id)
     learnt = ledger.is_applied(*key)
+    # A whole batch, or any part of one learnt already, settles every entry of the batch held or given up.
+    if learnt:
+        return Duplicate((entry_id, *buffer.entries_of(key))), buffer.without(key)
     if not is_chunk(message):
-        return (Duplicate((entry_id,)) if learnt else Learn(message, (entry_id,), payload_bytes)), held
-    if learnt:  # a late chunk: drop it, and whatever is held for its batch
-        rest = {other: batch for other, batch in held.items() if other != key}
-        return Duplicate((entry_id, *(held[key].entry_ids if key in held else ()))), rest
+        return Learn(message, (entry_id, *buffer.entries_of(key)), payload_bytes), buffer.without(key)
     try:
         tag = chunk_tag(message)
     except wire.WireError as exc:
-        return DeadLetter(str(exc)), held
-    batch = held.get(key)
+        return DeadLetter(str(exc)), buffer
+    if entry_id in buffer.given_up.get(key, ()):
+        return Redelivered(), buffer
+    batch = buffer.held.get(key)
     if batch is not None:
         _check_held(key, batch)
     if batch is None or batch.count != tag.count:
         # Chunked differently (another message limit): gather afresh, still acknowledging the old entries.
-        batch = HeldBatch(tag.count, entry_ids=batch.entry_ids if batch is not None else ())
+        batch = HeldBatch(tag.count, entry_ids=batch.entry_ids if batch is not None else (), since=now)
     if entry_id in batch.entry_ids:
-        return Redelivered(), {**held, key: batch}
+        return Redelivered(), _with_held(buffer, key, batch)
     if tag.index in batch.chunks:
-        return Duplicate((entry_id,)), {**held, key: batch}
+        return Duplicate((entry_id,)), _with_held(buffer, key, batch)
     batch = batch.with_chunk(tag.index, message, entry_id, payload_bytes)
     if len(batch.chunks) < batch.count:
-        return Hold(), {**held, key: batch}
-    rest = {other: kept for other, kept in held.items() if other != key}
+        return _make_room(_with_held(buffer, key, batch), key, now, limits)
     whole = merge_chunks([batch.chunks[index] for index in range(1, batch.count + 1)])
-    return Learn(whole, batch.entry_ids, batch.payload_bytes), rest
+    return Learn(whole, (*batch.entry_ids, *buffer.given_up.get(key, ())), batch.payload_bytes), buffer.without(key)
+
+
+def _with_held(buffer: ChunkBuffer, key: BatchKey, batch: HeldBatch) -> ChunkBuffer:
+    return ChunkBuffer({**buffer.held, key: batch}, buffer.given_up)
+
+
+def _make_room(buffer: ChunkBuffer, keep: BatchKey, now: float, limits: ChunkLimits) -> tuple[Hold, ChunkBuffer]:
+    """Holds batch ``keep``'s new chunk, giving up the batches held longest while the buffer is over its bytes."""
+    given_up = []
+    while buffer.held_bytes > limits.max_bytes:
+        others = [key for key in buffer.held if key != keep]
+        if not others:
+            batch = buffer.held[keep]
+            whole = batch.payload_bytes * batch.count // len(batch.chunks)
+            raise ChunkBufferTooSmall(
+                f"batch {keep[1]} of epoch {keep[0]} comes in {batch.count} chunks, and the {len(batch.chunks)} held "
+                f"so far take {batch.payload_bytes:,} bytes, more than transport.max_held_chunk_bytes="
+                f"{limits.max_bytes:,}: raise it above a whole batch's knowledge (about {whole:,} bytes)")
+        oldest = min(others, key=lambda key: buffer.held[key].since)
+        given_up.append(_given_up(oldest, buffer.held[oldest], now, timed_out=False))
+        buffer = buffer.giving_up(oldest)
+    return Hold(tuple(given_up)), buffer
+
+
+def give_up_stale(buffer: ChunkBuffer, now: float, limits: ChunkLimits) -> tuple[ChunkBuffer, tuple[GivenUp, ...]]:
+    """The buffer less the batches whose chunks have been held ``limits.timeout_s`` or longer, and those."""
+    stale = [key for key, batch in buffer.held.items() if now - batch.since >= limits.timeout_s]
+    given_up = tuple(_given_up(key, buffer.held[key], now, timed_out=True) for key in stale)
+    for key in stale:
+        buffer = buffer.giving_up(key)
+    return buffer, given_up
+
+
+def _given_up(key: BatchKey, batch: HeldBatch, now: float, *, timed_out: bool) -> GivenUp:
+    return GivenUp(key, len(batch.chunks), batch.count, now - batch.since, batch.payload_bytes, timed_out)
 
 
 def _check_held(key: BatchKey, batch: HeldBatch) -> None:
@@ -191,7 +299,9 @@ class KnowledgeConsumer:
     """One student worker's reader of the knowledge stream, in its consumer group, with its ledger."""
 
     def __init__(self, streams: JobStreams, keys: JobKeys, group: str, consumer: str, ledger: EpochLedger, *,
-                 shared_stream: bool, block_ms: int, reconnect_timeout_s: float):
+                 shared_stream: bool, block_ms: int, reconnect_timeout_s: float,
+                 chunk_limits: ChunkLimits | None = None):
+        """``chunk_limits``: the buffer's (``ChunkLimits.of(config.transport)``); None: the config's defaults."""
         self.streams, self.keys, self.group, self.consumer = streams, keys, group, consumer
         self.stream = keys.knowledge_stream
         # Other groups (students, the cache writer) may read the same entries.
@@ -200,17 +310,26 @@ class KnowledgeConsumer:
         self.ledger = ledger
         # The driver reads missing() from another thread while the loop records batches.
         self._ledger_lock = threading.Lock()
-        self.held: HeldChunks = {}
+        self.buffer = ChunkBuffer()
+        self.chunk_limits = chunk_limits or ChunkLimits.of(TransportConfig())
+        self.batches_given_up = 0
         self._waited_s = 0.0
         self._own_pending_read = 0.0  # so the first read looks at this consumer's pending messages
 
     # -- reading ------------------------------------------------------------------------------
     def read(self) -> list[Entry]:
-        """This consumer's unacknowledged messages (looked at every few seconds), else the next new one."""
+        """This consumer's unacknowledged messages (looked at every few seconds), else the next new one.
+
+        Of its own pending messages, the chunks it holds or gave up are left out: they would tell
+        ``decide`` nothing new, and a caller must not take them for progress."""
+        self.buffer, given_up = give_up_stale(self.buffer, time.monotonic(), self.chunk_limits)
+        self._report(given_up)
         entries = []
         if time.monotonic() - self._own_pending_read > OWN_PENDING_EVERY_S:
             self._own_pending_read = time.monotonic()
-            entries = self.streams.read_pending(self.stream, self.group, self.consumer, count=OWN_PENDING_COUNT)
+            entries = [(entry_id, payload) for entry_id, payload in
+                       self.streams.read_pending(self.stream, self.group, self.consumer, count=OWN_PENDING_COUNT)
+                       if not self.buffer.has_entry(entry_id)]
         return entries or self.read_new()
 
     def read_new(self) -> list[Entry]:
@@ -236,13 +355,16 @@ class KnowledgeConsumer:
     def receive(self, entry_id, payload: bytes) -> Learn | None:
         """One delivered message through ``decide``: a batch to learn from is returned (``done`` follows
         the step); duplicates, held chunks and garbage are dealt with here."""
-        decision, held = decide(entry_id, decode(payload), len(payload), job_id=self.keys.job_id,
-                                ledger=self.ledger, held=self.held)
-        self._warn_of_regathering(held)
-        self.held = held
+        decision, buffer = decide(entry_id, decode(payload), len(payload), job_id=self.keys.job_id,
+                                  ledger=self.ledger, buffer=self.buffer, now=time.monotonic(),
+                                  limits=self.chunk_limits)
+        self._warn_of_regathering(buffer)
+        self.buffer = buffer
         match decision:
             case Learn():
                 return decision
+            case Hold(given_up):
+                self._report(given_up)
             case Duplicate(entry_ids):
                 with self._ledger_lock:
                     self.ledger.count_duplicate()
@@ -261,12 +383,23 @@ class KnowledgeConsumer:
             return None
         return message
 
-    def _warn_of_regathering(self, held: HeldChunks) -> None:
-        for (epoch, batch_id), batch in held.items():
-            earlier = self.held.get((epoch, batch_id))
+    def _warn_of_regathering(self, buffer: ChunkBuffer) -> None:
+        for (epoch, batch_id), batch in buffer.held.items():
+            earlier = self.buffer.held.get((epoch, batch_id))
             if earlier is not None and earlier.count != batch.count:
                 log.warning("batch %d of epoch %d arrives in %d chunks after %d: gathering it afresh",
                             batch_id, epoch, batch.count, earlier.count)
+
+    def _report(self, given_up: tuple[GivenUp, ...]) -> None:
+        limits = self.chunk_limits
+        for batch in given_up:
+            self.batches_given_up += 1
+            why = (f"held {batch.held_s:.0f} s without the rest (transport.held_chunk_timeout_s={limits.timeout_s:g})"
+                   if batch.timed_out else f"given up to make room: the chunks held took more than "
+                   f"transport.max_held_chunk_bytes={limits.max_bytes:,} bytes")
+            log.warning("student %s: gave up batch %d of epoch %d, %d of its %d chunks (%d bytes) %s; their entries "
+                        "stay unacknowledged, and the batch is learnt when it is fed again", self.group,
+                        batch.key[1], batch.key[0], batch.chunks_held, batch.count, batch.payload_bytes, why)
 
     # -- done ---------------------------------------------------------------------------------
     def done(self, round_: Round) -> None:

@@ -11,8 +11,12 @@ from polydistill.storage import wire
 from polydistill.storage.chunking import Piece, chunk_tag, chunk_teacher_id, slice_knowledge
 from polydistill.storage.ledger import EpochLedger
 from polydistill.student.consumer import (
+    ChunkBuffer,
+    ChunkBufferTooSmall,
+    ChunkLimits,
     DeadLetter,
     Duplicate,
+    GivenUp,
     HeldBatch,
     Hold,
     ImpossibleState,
@@ -21,11 +25,15 @@ from polydistill.student.consumer import (
     Redelivered,
     Round,
     decide,
+    give_up_stale,
 )
 
 JOB = "unit"
 EPOCH, BATCH = 0, 1
 KEY = (EPOCH, BATCH)
+OTHER = (EPOCH, 2)  # another batch
+NOW = 100.0  # the clock at each decision; chunks held before it were held at 0
+LIMITS = ChunkLimits(max_bytes=30, timeout_s=60.0)
 
 
 def knowledge(job_id: str = JOB, batch_id: int = BATCH) -> wire.Knowledge:
@@ -43,12 +51,24 @@ def chunk(index: int, count: int = 2) -> wire.Knowledge:
     return slice_knowledge(knowledge(), piece, chunk_teacher_id("t0", index, count), 0.0)
 
 
-def held(chunks: dict[int, str], count: int = 2, entry_ids: tuple = ()) -> dict:
-    """The buffer holding the batch's chunks {index: the entry it came in}, 10 bytes each."""
-    batch = HeldBatch(count, entry_ids=entry_ids)
+def held_batch(chunks: dict[int, str], count: int = 2, entry_ids: tuple = (), since: float = 0.0) -> HeldBatch:
+    """A batch's chunks held {index: the entry it came in}, 10 bytes each, the first held at ``since``."""
+    batch = HeldBatch(count, entry_ids=entry_ids, since=since)
     for index, entry_id in chunks.items():
         batch = batch.with_chunk(index, chunk(index, count), entry_id, 10)
-    return {KEY: batch}
+    return batch
+
+
+def held(chunks: dict[int, str], count: int = 2, entry_ids: tuple = (), since: float = 0.0,
+         given_up: dict | None = None, **others: HeldBatch) -> ChunkBuffer:
+    """The buffer holding batch KEY's chunks (and ``OTHER=`` another batch's), and the entries given up."""
+    batches = {KEY: held_batch(chunks, count, entry_ids, since)} if chunks or entry_ids else {}
+    if "OTHER" in others:
+        batches[OTHER] = others["OTHER"]
+    return ChunkBuffer(batches, given_up or {})
+
+
+EMPTY = ChunkBuffer()
 
 
 NOT_OURS = "not a knowledge message of this job"
@@ -61,25 +81,50 @@ def tag_error(message: wire.Knowledge) -> str:
     return str(raised.value)
 
 
-# (case, entry id, delivered message or decode error, batch learnt already, chunks held before,
-#  expected decision, expected chunks held after); every payload is 10 bytes.
+# A batch given up (its chunk c1 left unacknowledged) and another batch held longer than KEY's.
+GAVE_UP_C1 = {KEY: ("c1",)}
+OLDER = held_batch({}, count=2, since=-5.0).with_chunk(1, chunk(1), "o1", 25)
+
+
+def other_given_up(payload_bytes: int = 25) -> GivenUp:
+    return GivenUp(OTHER, 1, 2, NOW + 5.0, payload_bytes, timed_out=False)
+
+
+# (case, entry id, delivered message or decode error, batch learnt already, buffer before,
+#  expected decision, expected buffer after); every payload is 10 bytes, the buffer holds at most 30.
 ROWS = [
-    ("not msgpack", "e", wire.WireError("not a msgpack message"), False, {},
-     DeadLetter("not a msgpack message"), {}),
-    ("a work batch, not knowledge", "e", knowledge().work, False, {}, DeadLetter(NOT_OURS), {}),
-    ("knowledge of another job", "e", knowledge(job_id="other"), False, {}, DeadLetter(NOT_OURS), {}),
-    ("a new whole batch", "e", knowledge(), False, {}, Learn(knowledge(), ("e",), 10), {}),
-    ("a whole batch learnt already", "e", knowledge(), True, {}, Duplicate(("e",)), {}),
-    ("the first chunk", "c1", chunk(1), False, {}, Hold(), held({1: "c1"})),
+    ("not msgpack", "e", wire.WireError("not a msgpack message"), False, EMPTY,
+     DeadLetter("not a msgpack message"), EMPTY),
+    ("a work batch, not knowledge", "e", knowledge().work, False, EMPTY, DeadLetter(NOT_OURS), EMPTY),
+    ("knowledge of another job", "e", knowledge(job_id="other"), False, EMPTY, DeadLetter(NOT_OURS), EMPTY),
+    ("a new whole batch", "e", knowledge(), False, EMPTY, Learn(knowledge(), ("e",), 10), EMPTY),
+    ("a whole batch learnt already", "e", knowledge(), True, EMPTY, Duplicate(("e",)), EMPTY),
+    ("the first chunk", "c1", chunk(1), False, EMPTY, Hold(), held({1: "c1"}, since=NOW)),
     ("the last chunk completes the batch", "c2", chunk(2), False, held({1: "c1"}),
-     Learn(knowledge(), ("c1", "c2"), 20), {}),
+     Learn(knowledge(), ("c1", "c2"), 20), EMPTY),
     ("a held chunk delivered again", "c1", chunk(1), False, held({1: "c1"}), Redelivered(), held({1: "c1"})),
     ("a second copy of a held chunk", "e", chunk(1), False, held({1: "c1"}), Duplicate(("e",)), held({1: "c1"})),
-    ("a late chunk of a batch learnt", "c2", chunk(2), True, held({1: "c1"}), Duplicate(("c2", "c1")), {}),
-    ("a chunk of a batch learnt, none held", "c1", chunk(1), True, {}, Duplicate(("c1",)), {}),
-    ("an impossible chunk tag", "e", IMPOSSIBLE_CHUNK, False, {}, DeadLetter(tag_error(IMPOSSIBLE_CHUNK)), {}),
+    ("a late chunk of a batch learnt", "c2", chunk(2), True, held({1: "c1"}), Duplicate(("c2", "c1")), EMPTY),
+    ("a chunk of a batch learnt, none held", "c1", chunk(1), True, EMPTY, Duplicate(("c1",)), EMPTY),
+    ("an impossible chunk tag", "e", IMPOSSIBLE_CHUNK, False, EMPTY, DeadLetter(tag_error(IMPOSSIBLE_CHUNK)), EMPTY),
     ("a batch split differently than before", "d1", chunk(1, count=3), False, held({1: "c1"}),
-     Hold(), held({1: "d1"}, count=3, entry_ids=("c1",))),
+     Hold(), held({1: "d1"}, count=3, entry_ids=("c1",), since=NOW)),
+    ("a whole batch after chunks of it were held", "e", knowledge(), False, held({1: "c1"}),
+     Learn(knowledge(), ("e", "c1"), 10), EMPTY),
+    # The buffer's bounds: a chunk given up is not held again, and is acknowledged with its batch.
+    ("a chunk given up, delivered again", "c1", chunk(1), False, held({}, given_up=GAVE_UP_C1),
+     Redelivered(), held({}, given_up=GAVE_UP_C1)),
+    ("the batch of a chunk given up, whole", "e", knowledge(), False, held({}, given_up=GAVE_UP_C1),
+     Learn(knowledge(), ("e", "c1"), 10), EMPTY),
+    ("the batch of a chunk given up, in new chunks", "d2", chunk(2), False,
+     held({1: "d1"}, given_up=GAVE_UP_C1), Learn(knowledge(), ("d1", "d2", "c1"), 20), EMPTY),
+    ("a chunk of a batch learnt, another given up", "d1", chunk(1), True, held({}, given_up=GAVE_UP_C1),
+     Duplicate(("d1", "c1")), EMPTY),
+    ("a chunk beyond the bytes gives up the batch held longest", "c1", chunk(1), False, held({}, OTHER=OLDER),
+     Hold((other_given_up(),)), held({1: "c1"}, since=NOW, given_up={OTHER: ("o1",)})),
+    ("a chunk within the bytes gives up nothing", "c2", chunk(2), False,
+     held({}, OTHER=held_batch({}, since=-5.0).with_chunk(1, chunk(1), "o1", 10)),
+     Hold(), held({2: "c2"}, since=NOW, OTHER=held_batch({}, since=-5.0).with_chunk(1, chunk(1), "o1", 10))),
 ]
 
 
@@ -87,10 +132,12 @@ def comparable(value):
     """Decisions and held chunks with their knowledge as plain lists, which == can compare."""
     if isinstance(value, wire.Knowledge):
         return (value.teacher_id, value.work.sample_ids.tolist(), value.soft.logits.tolist())
-    if isinstance(value, (Learn, HeldBatch)):
+    if isinstance(value, (Learn, HeldBatch, ChunkBuffer, Hold)):
         return type(value).__name__, {name: comparable(getattr(value, name)) for name in value.__dataclass_fields__}
     if isinstance(value, dict):
         return {key: comparable(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(comparable(item) for item in value)
     return value
 
 
@@ -100,23 +147,54 @@ def test_decide(entry_id, message, learnt, before, decision, after):
     ledger = EpochLedger(batches_per_epoch=4, epochs=1)
     if learnt:
         ledger.record(EPOCH, BATCH, 4)
-    got, kept = decide(entry_id, message, 10, job_id=JOB, ledger=ledger, held=before)
+    got, kept = decide(entry_id, message, 10, job_id=JOB, ledger=ledger, buffer=before, now=NOW, limits=LIMITS)
     assert comparable(got) == comparable(decision)
     assert comparable(kept) == comparable(after)
 
 
 def test_decide_leaves_its_inputs_as_they_were():
     ledger, before = EpochLedger(batches_per_epoch=4, epochs=1), held({1: "c1"})
-    decide("c2", chunk(2), 10, job_id=JOB, ledger=ledger, held=before)
-    assert list(before[KEY].chunks) == [1] and ledger.batches_applied == 0 and ledger.duplicates_dropped == 0
+    decide("c2", chunk(2), 10, job_id=JOB, ledger=ledger, buffer=before, now=NOW, limits=LIMITS)
+    assert list(before.held[KEY].chunks) == [1] and ledger.batches_applied == 0 and ledger.duplicates_dropped == 0
 
 
-@pytest.mark.parametrize("impossible", [held({1: "c1", 2: "c2"}), {KEY: HeldBatch(2, {5: chunk(1)}, ("c5",), 10)}],
+@pytest.mark.parametrize("impossible", [held({1: "c1", 2: "c2"}),
+                                        ChunkBuffer({KEY: HeldBatch(2, {5: chunk(1)}, ("c5",), 10)})],
                          ids=["a complete batch still held", "a chunk index beyond the count"])
 def test_an_impossible_held_state_is_a_bug_not_garbage(impossible):
     ledger = EpochLedger(batches_per_epoch=4, epochs=1)
     with pytest.raises(ImpossibleState, match="never held"):
-        decide("e", chunk(1), 10, job_id=JOB, ledger=ledger, held=impossible)
+        decide("e", chunk(1), 10, job_id=JOB, ledger=ledger, buffer=impossible, now=NOW, limits=LIMITS)
+
+
+def test_a_batch_larger_than_the_buffer_names_the_setting_to_raise():
+    ledger = EpochLedger(batches_per_epoch=4, epochs=1)
+    small = ChunkLimits(max_bytes=15, timeout_s=60.0)
+    with pytest.raises(ChunkBufferTooSmall, match=r"batch 1 of epoch 0 comes in 3 chunks.*"
+                       r"transport.max_held_chunk_bytes=15.*about 30 bytes"):
+        decide("c2", chunk(2, count=3), 10, job_id=JOB, ledger=ledger, buffer=held({1: "c1"}, count=3),
+               now=NOW, limits=small)
+
+
+# (case, buffer before, the clock, expected buffer after, expected batches given up); timeout 60 s.
+STALE_ROWS = [
+    ("nothing held", EMPTY, NOW, EMPTY, ()),
+    ("held for less than the timeout", held({1: "c1"}, since=NOW - 59), NOW, held({1: "c1"}, since=NOW - 59), ()),
+    ("held for the timeout", held({1: "c1"}, since=NOW - 60), NOW, held({}, given_up={KEY: ("c1",)}),
+     (GivenUp(KEY, 1, 2, 60.0, 10, timed_out=True),)),
+    ("only the batches held too long", held({1: "c1"}, since=NOW - 1, OTHER=OLDER), NOW,
+     held({1: "c1"}, since=NOW - 1, given_up={OTHER: ("o1",)}), (GivenUp(OTHER, 1, 2, NOW + 5.0, 25, timed_out=True),)),
+    ("given up again with earlier entries of its batch", held({1: "d1"}, given_up={KEY: ("c1",)}), NOW,
+     held({}, given_up={KEY: ("c1", "d1")}), (GivenUp(KEY, 1, 2, NOW, 10, timed_out=True),)),
+]
+
+
+@pytest.mark.parametrize("before, now, after, given_up", [row[1:] for row in STALE_ROWS],
+                         ids=[row[0] for row in STALE_ROWS])
+def test_give_up_stale(before, now, after, given_up):
+    kept, gone = give_up_stale(before, now, LIMITS)
+    assert comparable(kept) == comparable(after)
+    assert gone == given_up
 
 
 def test_a_round_of_one_learnt_batch():
