@@ -29,7 +29,7 @@ def test_the_config_the_specs_and_the_kinds_name_the_same_kinds_in_the_same_orde
 
 
 def test_an_unknown_kind_is_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="no task kind is named 'regression'; the task kinds are sequence-classification"):
+    with pytest.raises(ValueError, match="no task kind is named 'regression'; the task kinds are sequence-class"):
         task_kind("regression")
     with pytest.raises(ValueError, match="no task kind is named 'regression'"):
         task_spec("regression")
