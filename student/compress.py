@@ -36,7 +36,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from polydistill.cluster.config import CompressStageConfig, check_stages
 from polydistill.storage.job_data import TokenizedSplit
 from polydistill.student.efficiency import count_parameters, disk_bytes
-from polydistill.student.evaluate import efficiency, quality
+from polydistill.student.scoring import efficiency, quality
 from polydistill.student.losses import soft_label_kl
 from polydistill.student.metrics import retention
 from polydistill.student.prune import (

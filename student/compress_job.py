@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from polydistill.cluster.config import JobConfig
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from polydistill.student.compress import distillation_loss, finetune_with_loss, run_stages
-from polydistill.student.evaluate import EVAL_BATCH, quality
+from polydistill.student.scoring import EVAL_BATCH, quality
 from polydistill.student.prune import cross_entropy_loss
 from polydistill.student.supervised import train_supervised
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from polydistill.cluster.config import JobConfig
 from polydistill.storage.job_data import JobSplit, TokenizedSplit, pad_token_id, tokenize_split
 from polydistill.storage.teacher_splits import TeacherSplits
-from polydistill.student.evaluate import quality, tagging_quality
+from polydistill.student.scoring import quality, tagging_quality
 from polydistill.student.precision import use_bf16
 from polydistill.student.supervised import DevScorer, train_supervised
 from polydistill.student.teacher_gate import DevScores

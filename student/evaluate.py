@@ -8,6 +8,7 @@ each, with the student's retention of the teacher's score.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
+from polydistill.storage.balancing import balanced_epoch_draws
 from polydistill.storage.job_data import JobSplit, load_job_split, pad_token_id, tokenize_split
 from polydistill.student.build import model_class
 from polydistill.student.precision import use_bf16
@@ -27,14 +29,12 @@ from polydistill.student.metrics import (
 )
 # The scorers live in student/scoring.py, below the task kinds that use them; the compression report and
 # the dev scores import them from here.
-from polydistill.student.scoring import EVAL_BATCH, describe_latency_sample, efficiency, quality, tagging_quality
+from polydistill.student.scoring import describe_latency_sample
 from polydistill.student.supervised import train_supervised
 from polydistill.student.task_kinds import task_kind
 from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest
-from polydistill.student.teacher_gate import read_teacher_record
 
-__all__ = ["EVAL_BATCH", "add_confidence_intervals", "efficiency", "evaluate_job", "quality", "side_by_side",
-           "tagging_quality", "train_ablation"]
+__all__ = ["add_confidence_intervals", "evaluate_job", "side_by_side", "train_ablation"]
 
 
 def side_by_side(results: dict[str, dict], primary: str = "accuracy") -> dict:
@@ -105,11 +105,16 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     report["efficiency"] = costs
     report["eval_samples"] = len(split.dataset)
     report["metric"] = kind.metric
-    # How the teacher was fine-tuned and how it fared against the baselines on dev, when this job prepared it.
-    teacher_record = read_teacher_record(Path(config.output_dir).resolve(), teacher_dir)
-    if teacher_record is not None:
-        report["teacher_finetune"] = teacher_record
     return report
+
+
+def balanced_draws(config: JobConfig, languages: list[str]) -> Callable[[int], np.ndarray] | None:
+    """The balanced epochs' draws (``data.balance``) as the feeder makes them, or None without balancing."""
+    balance = config.data.balance
+    if balance is None:
+        return None
+    total = balance.samples_per_epoch or len(languages)
+    return lambda epoch: balanced_epoch_draws(languages, balance.alpha, total, seed=config.training.seed, epoch=epoch)
 
 
 def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, train: JobSplit,
@@ -129,6 +134,7 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
         weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="ablation: hard labels only", show_progress=show_progress,
         bf16=use_bf16(config.training.precision == "bfloat16", "cpu", "training.precision"),
+        epoch_draws=balanced_draws(config, rows.languages),
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -111,8 +111,12 @@ def train_supervised(
     description: str = "training",
     show_progress: bool = True,
     bf16: bool = False,
+    epoch_draws: Callable[[int], np.ndarray] | None = None,
 ) -> list[dict]:
     """Cross-entropy training over length-grouped batches; returns the loss history.
+
+    ``epoch_draws(epoch)``: the rows a balanced epoch draws (``data.balance``), the same draws the
+    feeder sends the teachers, so a hard-label baseline sees the distilled student's data.
 
     ``epochs`` may be fractional: 0.5 trains on half an epoch's batches. With ``dev``, it is the most
     training there will be: the run stops early when the dev score stops improving, and the model
@@ -120,7 +124,8 @@ def train_supervised(
     of the whole budget and decays to 0 at its end, so an early stop leaves the rate where it was.
     """
     torch.manual_seed(seed)
-    batches_per_epoch = math.ceil(len(rows) / batch_size)
+    samples_per_epoch = len(rows) if epoch_draws is None else len(epoch_draws(0))
+    batches_per_epoch = math.ceil(samples_per_epoch / batch_size)
     total_steps = max(1, round(epochs * batches_per_epoch))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=weight_decay)
@@ -137,7 +142,8 @@ def train_supervised(
         for epoch in range(math.ceil(epochs)):
             if stop:
                 break
-            for index in plan_epoch_batches(rows.lengths, batch_size, seed, epoch, True):
+            draws = None if epoch_draws is None else epoch_draws(epoch)
+            for index in plan_epoch_batches(rows.lengths, batch_size, seed, epoch, True, draws):
                 if step >= total_steps or stop:
                     break
                 input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)

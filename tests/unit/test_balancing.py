@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,18 @@ def test_stratified_split_errors():
         stratified_split(ds, dev_fraction=1.0, seed=0)
     with pytest.raises(ValueError, match="topic"):
         stratified_split(ds, dev_fraction=0.5, seed=0, by=("language", "topic"))
+
+
+def test_the_ablation_draws_the_balanced_epochs_the_feeder_sends(tmp_path):
+    """The hard-label baseline learns from the same balanced draws as the distilled student."""
+    from polydistill.cluster.config import load_config
+    from polydistill.student.evaluate import balanced_draws
+
+    tiny = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
+    languages = ["eng_Latn"] * 90 + ["yor_Latn"] * 10
+    plain = load_config(tiny, output_dir=str(tmp_path))
+    assert balanced_draws(plain, languages) is None
+    config = load_config(tiny, ["data.balance={alpha: 0.3}"], output_dir=str(tmp_path))
+    draws = balanced_draws(config, languages)
+    assert list(draws(1)) == list(balanced_epoch_draws(languages, 0.3, 100, seed=config.training.seed, epoch=1))
+    assert (np.asarray(draws(0)) >= 90).sum() > 10  # Yoruba drawn more often than its share of rows
