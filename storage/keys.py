@@ -145,6 +145,12 @@ class JobKeys:
         return self._key("progress")
 
     @property
+    def owner(self) -> str:
+        """String holding the token of the run that owns this job's keys, with a lease (storage/ownership.py).
+        Under the job's prefix like every other key, so an ACL confined to the prefix covers it."""
+        return self._key("owner")
+
+    @property
     def pattern(self) -> str:
         """SCAN pattern matching every key of this job and of no other job."""
         return self._key("*")
