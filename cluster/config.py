@@ -12,12 +12,16 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polydistill.cluster.autoscaling import PoolScalingConfig
 from polydistill.cluster.task_specs import check_task_settings, task_spec
+
+# Read for the Redis password when no source is configured (``with_redis_password``).
+DEFAULT_PASSWORD_ENV = "POLYDISTILL_REDIS_PASSWORD"
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -404,8 +408,14 @@ class TransportConfig(_Strict):
     password_env: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Name of an environment variable that holds the Redis password, read where the job runs "
-        "(keeps the secret out of config files and job listings).",
+        description="Name of an environment variable that holds the Redis password, read where each process of "
+        "the job runs (the driver and every actor, on every node). With no password source set, "
+        "$POLYDISTILL_REDIS_PASSWORD is read when it is set.",
+    )
+    password_file: str | None = Field(
+        default=None,
+        description="Path of a file holding the Redis password (one line), read where each process of the job "
+        "runs: it must be readable at this path on every node (a mounted secret, e.g. /run/secrets/redis).",
     )
     username: str | None = Field(
         default=None, description="Redis ACL user (AUTH user password); null: the default user."
@@ -465,14 +475,20 @@ class TransportConfig(_Strict):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"must start with redis://, rediss:// or unix://, got {value.split('://')[0]!r}")
+        # The client speaks TCP (redis://) and TLS (rediss://); a unix socket reaches only one machine's
+        # processes, which a job whose actors may run on any node cannot rely on.
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            scheme = f"{value.split('://')[0]}://" if "://" in value else "no scheme"
+            raise ValueError(f"must start with redis:// or rediss:// (TLS), got {scheme}")
         return value
 
     @model_validator(mode="after")
     def _one_password_source(self) -> "TransportConfig":
-        if self.password is not None and self.password_env is not None:
-            raise ValueError("password and password_env are both set: give the Redis password in one place")
+        given = [name for name in ("password", "password_env", "password_file") if getattr(self, name) is not None]
+        if self.redis_url is not None and url_carries_password(self.redis_url):
+            given.append("a password inside redis_url")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} each give the Redis password: give it in one place")
         return self
 
 
@@ -930,23 +946,56 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
-def with_redis_password(config: JobConfig, environ: Mapping[str, str] = os.environ) -> JobConfig:
-    """The config with ``transport.password`` read from the variable ``transport.password_env`` names.
+def url_carries_password(url: str) -> bool:
+    """Whether a Redis URL holds a password (``redis://user:secret@host`` or ``?password=``)."""
+    parts = urlsplit(url)
+    return parts.password is not None or "password" in dict(parse_qsl(parts.query))
 
-    Returns ``config`` itself when no variable is named. The value is never logged; the report
-    leaves ``transport.password`` out.
-    """
-    name = config.transport.password_env
-    if name is None:
+
+def with_redis_password(config: JobConfig, environ: Mapping[str, str] = os.environ) -> JobConfig:
+    """The config with ``transport.password`` holding the Redis password as ``redis_password`` reads
+    it in this process; ``config`` itself when there is none. The driver and every actor call it where
+    they run, so that no password travels between them."""
+    password = redis_password(config.transport, environ)
+    if password is None or password == config.transport.password:
         return config
-    value = environ.get(name)
-    if not value:
+    return config.model_copy(update={"transport": config.transport.model_copy(update={"password": password})})
+
+
+def redis_password(transport: TransportConfig, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The Redis password, from the first source set: ``transport.password`` as given, the variable
+    ``transport.password_env`` names, the file ``transport.password_file``; with none of them set and
+    no password in ``transport.redis_url``, $POLYDISTILL_REDIS_PASSWORD when it is set. The value is
+    never logged."""
+    if transport.password is not None:
+        return transport.password
+    if transport.password_env is not None:
+        value = environ.get(transport.password_env)
+        if not value:
+            raise ConfigError(
+                f"transport.password_env names {transport.password_env}, but that environment variable is not set "
+                "(or empty) where the job runs; export it there (on a cluster: on every node)"
+            )
+        return value
+    if transport.password_file is not None:
+        return _read_password_file(transport.password_file)
+    if transport.redis_url is not None and url_carries_password(transport.redis_url):
+        return None
+    return environ.get(DEFAULT_PASSWORD_ENV) or None
+
+
+def _read_password_file(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
         raise ConfigError(
-            f"transport.password_env names {name}, but that environment variable is not set (or empty) "
-            "where the job runs; export it there (on a cluster: on every node, or in the job's runtime_env)"
-        )
-    transport = config.transport.model_copy(update={"password": value})
-    return config.model_copy(update={"transport": transport})
+            f"transport.password_file {path}: cannot read it where the job runs ({exc.strerror}); it must be "
+            "readable at this path on every node of the job"
+        ) from None
+    value = text.rstrip("\r\n")
+    if not value or "\n" in value:
+        raise ConfigError(f"transport.password_file {path}: must hold the Redis password on one line, and nothing else")
+    return value
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

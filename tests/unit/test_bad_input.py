@@ -48,6 +48,14 @@ def misspelt_key(tmp_path):
     load_config(TINY, ["distill.temprature=3"])
 
 
+def unix_socket_redis_url(tmp_path):
+    load_config(TINY, ["transport.redis_url=unix:///tmp/redis.sock"])
+
+
+def two_redis_passwords(tmp_path):
+    load_config(TINY, ["transport.redis_url=redis://:one@h:6379/0", "transport.password_env=REDIS_PASSWORD"])
+
+
 def missing_local_model(tmp_path):
     resolve_model_source(str(tmp_path / "no-such-checkpoint"))
 
@@ -96,6 +104,8 @@ CASES = [
     (invalid_yaml, ConfigError, "not valid YAML"),
     (wrong_value_type, ConfigError, "training.batch_size"),
     (misspelt_key, ConfigError, "distill.temprature: unknown key"),
+    (unix_socket_redis_url, ConfigError, "transport.redis_url: Value error, must start with redis:// or rediss://"),
+    (two_redis_passwords, ConfigError, "password_env and a password inside redis_url each give the Redis password"),
     (missing_local_model, FileNotFoundError, "no-such-checkpoint"),
     (non_utf8_rows, DataSourceError, "line 2: byte 0xe9"),
     (unknown_label_in_test_split, DataSourceError, "cooking"),
