@@ -511,6 +511,11 @@ class TrainingConfig(_Strict):
         description="Save the student's checkpoint (weights, optimiser, scheduler, RNG, ledger) every this many "
         "steps and at the end, under OUTPUT/checkpoints/student; a restarted student resumes from it.",
     )
+    max_nonfinite_in_row: int = Field(
+        default=10, ge=1,
+        description="A batch whose loss is not finite is skipped (no optimiser step) and counted; this many "
+        "such batches in a row stop the job with a message naming the batch and the loss term.",
+    )
     max_recoveries: int = Field(
         default=5, ge=0,
         description="How many times the driver may recover the job (student restarted, Redis data lost, "

@@ -53,9 +53,10 @@ from typing import Any, Literal
 import ray
 
 from polydistill.cluster.config import JobConfig
-from polydistill.cluster.stopping import STOPPED_BY_DRIVER, request_stop
+from polydistill.cluster.stopping import STOPPED_BY_DRIVER, JobFailed, request_stop
 from polydistill.storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from polydistill.storage.streams import JobStreams
+from polydistill.student.trainer import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,10 @@ class Supervisor:
                     self._release_group(name)
                 except ray.exceptions.RayActorError as exc:
                     self.recover(f"the student worker {name!r} died ({type(exc).__name__})", restart_student=name)
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, NonFiniteLoss):  # a restart would learn the same NaN again
+                        raise JobFailed(f"student {name!r}: {exc.cause}") from None
+                    raise
                 continue
             done, watching = ray.wait(watching, num_returns=len(watching), timeout=0)
             for ref in done:

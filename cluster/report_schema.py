@@ -126,6 +126,7 @@ class Report(BaseModel):
     epochs: int
     data_parallel: Section | None = None
     resumed_from_step: int | None = None
+    steps_skipped_nonfinite: int = 0
     recoveries: list[Section] = []
     # Teachers: the starting pool size, how the pool changed, what each replica served.
     teacher_replicas: int

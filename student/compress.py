@@ -33,12 +33,14 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from polydistill.cluster.config import CompressStageConfig, check_stages
+from polydistill.cluster.config import CompressStageConfig, DistillConfig, check_stages
+from polydistill.storage import wire
 from polydistill.storage.job_data import TokenizedSplit
 from polydistill.student.efficiency import count_parameters, disk_bytes
 from polydistill.student.scoring import efficiency, quality
-from polydistill.student.losses import soft_label_kl
+from polydistill.student.losses import combine_losses
 from polydistill.student.metrics import retention
+from polydistill.student.objectives import label_terms, loss_weights
 from polydistill.student.prune import (
     LossFn,
     apply_masks,
@@ -169,19 +171,20 @@ def _measure(stage: CompressStageConfig, model: nn.Module, model_dir: Path, size
 # --------------------------------------------------------------------------------------------
 
 
-def distillation_loss(teacher_logits: Tensor | np.ndarray, *, temperature: float, hard_weight: float = 0.0) -> LossFn:
+def distillation_loss(teacher_logits: Tensor | np.ndarray, distill: DistillConfig, *, labelled: bool = True) -> LossFn:
     """Loss ``(model, batch) -> loss`` against teacher logits cached per row of the split
-    (``teacher_logits[i]`` belongs to row i): soft-label KL, plus `hard_weight` × CE on labels.
-    Usable both for importance scores and for recovery."""
-    cached = torch.as_tensor(teacher_logits, dtype=torch.float32)
+    (``teacher_logits[i]`` belongs to row i): the distillation objective of training itself
+    (``label_terms`` weighted by ``loss_weights``), so recovery after pruning and distillation
+    give the same number for the same logits. Usable both for importance scores and for recovery."""
+    cached = torch.as_tensor(teacher_logits, dtype=torch.float32).numpy()
+    weights = loss_weights(distill)
 
     def loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kd = soft_label_kl(logits, cached[batch["row_index"]], temperature=temperature)
-        if hard_weight == 0:
-            return kd
-        ce = nn.functional.cross_entropy(logits, batch["labels"], ignore_index=-1)
-        return (1 - hard_weight) * kd + hard_weight * ce
+        soft = wire.SoftLabels(logits=cached[batch["row_index"].numpy()])
+        labels = batch["labels"].numpy() if labelled else None
+        total, _ = combine_losses(label_terms(logits, soft, labels, distill), weights)
+        return total
 
     return loss
 

@@ -74,10 +74,7 @@ def compress_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     labelled = not config.data.withhold_labels
     if not labelled:  # the student never sees labels, here as in distillation
         rows.labels[:] = -1
-    distill = config.distill
-    hard_weight = distill.hard_weight / (distill.soft_weight + distill.hard_weight) if (
-        labelled and distill.soft_weight + distill.hard_weight > 0) else 0.0
-    loss = distillation_loss(cached, temperature=distill.temperature, hard_weight=hard_weight) if distilling else None
+    loss = distillation_loss(cached, config.distill, labelled=labelled) if distilling else None
 
     def recover(model) -> None:
         if config.student.freeze_embeddings:  # as in distillation: the teacher's word vectors stay fixed

@@ -271,23 +271,7 @@ def distillation_losses(
     if knowledge.ensemble:
         soft = ensemble_soft_labels(knowledge, teacher_weights(config), distill.temperature)
     mask = torch.from_numpy(knowledge.work.attention_mask.astype(np.bool_)).to(device)
-    if soft is not None and distill.soft_weight > 0:
-        if soft.kind == wire.SOFT_FULL:
-            # Per-token soft labels (a tagger) count every real token of the batch.
-            terms["soft"] = soft_label_kl(logits, float_tensor(soft.logits, device),
-                                          temperature=distill.temperature,
-                                          mask=mask if soft.per_token else None)
-        else:
-            terms["soft"] = soft_label_kl_topk(
-                logits,
-                float_tensor(soft.topk_values, device),
-                torch.from_numpy(soft.topk_indices.astype(np.int64)).to(device),
-                float_tensor(soft.topk_logsumexp, device),
-                temperature=distill.temperature,
-            )
-    if labels is not None and distill.hard_weight > 0 and (labels >= 0).any():
-        hard = torch.tensor(labels, dtype=torch.int64, device=device)
-        terms["hard"] = hard_label_ce(logits, hard, ignore_index=-1)
+    terms.update(label_terms(logits, soft, labels, distill, mask))
 
     if contract.hidden_pairs:
         terms["hidden"] = _mean([
@@ -325,6 +309,31 @@ def distillation_losses(
         # still makes it a step, so that steps and the ledger's batches stay equal (what a resume checks).
         return logits.sum() * 0.0, {"total": 0.0}
     return combine_losses(terms, loss_weights(distill))
+
+
+def label_terms(logits: Tensor, soft: wire.SoftLabels | None, labels: np.ndarray | None, distill: DistillConfig,
+                mask: Tensor | None = None) -> dict[str, Tensor]:
+    """The terms on the student's logits: the teacher's soft labels (full or top-k) and the hard labels
+    (-1: none for that sample). One definition for distillation and for compression's recovery, so
+    the same knowledge and weights give the same loss in both."""
+    terms: dict[str, Tensor] = {}
+    device = logits.device
+    if soft is not None and distill.soft_weight > 0:
+        if soft.kind == wire.SOFT_FULL:
+            # Per-token soft labels (a tagger) count every real token of the batch.
+            terms["soft"] = soft_label_kl(logits, float_tensor(soft.logits, device), temperature=distill.temperature,
+                                          mask=mask if soft.per_token else None)
+        else:
+            terms["soft"] = soft_label_kl_topk(
+                logits,
+                float_tensor(soft.topk_values, device),
+                torch.from_numpy(soft.topk_indices.astype(np.int64)).to(device),
+                float_tensor(soft.topk_logsumexp, device),
+                temperature=distill.temperature,
+            )
+    if labels is not None and distill.hard_weight > 0 and (labels >= 0).any():
+        terms["hard"] = hard_label_ce(logits, torch.as_tensor(labels, dtype=torch.int64, device=device), ignore_index=-1)
+    return terms
 
 
 def loss_weights(distill: DistillConfig) -> dict[str, float]:

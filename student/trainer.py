@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 PROJECTIONS_PREFIX = "distill_projections."
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many batches in a row gave a NaN or infinite loss; the message names the last one."""
+
+
 @dataclass
 class TrainingState:
     step: int = 0  # batches applied (a data-parallel round applies up to one per worker)
@@ -81,6 +85,10 @@ class TrainingState:
     teacher_samples: Counts = field(default_factory=dict)
     # Multi-task jobs: samples applied per task.
     task_samples: dict[str, int] = field(default_factory=dict)
+    # Batches whose loss was not finite: learnt from nothing (no optimiser step), counted, and the run of them.
+    steps_skipped_nonfinite: int = 0
+    nonfinite_in_row: int = 0
+    last_finite_loss: float = math.nan
 
     def count_wire(self, payload_bytes: int, parts: dict[str, int]) -> None:
         self.wire_bytes += payload_bytes
@@ -231,14 +239,41 @@ class StudentTrainer:
         """forward → loss → backward on this worker's batch (None: a data-parallel worker without one this
         round), the gradients combined by the strategy, one optimiser step; the loss and its terms."""
         values = None
+        skipped = False
         if knowledge is not None:
             loss, terms = self.loss(knowledge)
-            loss.backward()
             self.state.last_loss = float(loss.detach())
-            values = {"loss": self.state.last_loss, **terms}
+            if math.isfinite(self.state.last_loss):
+                loss.backward()
+                self.state.nonfinite_in_row = 0
+                self.state.last_finite_loss = self.state.last_loss
+                values = {"loss": self.state.last_loss, **terms}
+            else:
+                skipped = True
+                self.skip_nonfinite(knowledge, terms)
+        # A data-parallel round still steps on the other workers' gradients (this worker's count as zero).
         self.state.step += self.strategy.combine_gradients(self.parameters())
-        self.update()
+        if skipped and isinstance(self.strategy, SingleWorker):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.update()
         return values
+
+    def skip_nonfinite(self, knowledge: wire.Knowledge, terms: dict[str, float]) -> None:
+        """A batch whose loss is NaN or infinite teaches nothing and would ruin the weights: it is not
+        stepped on, only counted; a run of them means the job itself is broken, and it stops."""
+        self.state.steps_skipped_nonfinite += 1
+        self.state.nonfinite_in_row += 1
+        work = knowledge.work
+        bad = [name for name, value in terms.items() if name != "total" and not math.isfinite(value)] or ["total"]
+        where = (f"batch {work.batch_id} of epoch {work.epoch}: loss {self.state.last_loss} "
+                 f"(non-finite terms: {', '.join(bad)}; last finite loss {self.state.last_finite_loss:.5g})")
+        limit = self.config.training.max_nonfinite_in_row
+        if self.state.nonfinite_in_row >= limit:
+            raise NonFiniteLoss(
+                f"{limit} batches in a row gave a non-finite loss, the last {where}: lower training.lr, check "
+                "the teacher's knowledge for NaN/inf, or raise training.max_nonfinite_in_row")
+        log.warning("skipping %s", where)
 
     def loss(self, knowledge: wire.Knowledge) -> tuple[Tensor, dict[str, float]]:
         """The loss of one batch through the head of its task, and its terms; counts the batch."""
@@ -265,7 +300,8 @@ class StudentTrainer:
         self.state.loss_history.append(entry)
         if self.progress is not None:
             self.progress({"step": self.state.step, "samples": self.ledger.samples_applied, "loss": values["loss"],
-                           "batches": self.ledger.batches_applied})
+                           "batches": self.ledger.batches_applied,
+                           "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite})
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -353,6 +389,7 @@ class StudentTrainer:
             "compute_seconds": round(self.state.compute_seconds, 3),
             "student_path": str(self.student_dir),
             "resumed_from_step": self.resumed_from_step,
+            "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite,
             "wire_bytes_per_sample": self._per_sample(self.state.wire_bytes),
             "wire_bytes_per_sample_by_part": {
                 part: self._per_sample(size) for part, size in sorted(self.state.wire_bytes_by_part.items())

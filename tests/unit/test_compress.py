@@ -5,11 +5,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from polydistill.cluster.config import CompressStageConfig, check_stages
+from polydistill.cluster.config import CompressStageConfig, DistillConfig, JobConfig, check_stages
+from polydistill.storage import wire
 from polydistill.storage.job_data import TokenizedSplit
 from polydistill.student.compress import distillation_loss, finetune_with_loss, run_stages
 from polydistill.student.scoring import quality
 from polydistill.student.losses import soft_label_kl
+from polydistill.student.objectives import distillation_losses
 from polydistill.student.prune import make_batch
 from polydistill.student.quantize import METHOD, METHOD_WITH_EMBEDDINGS, load_quantized
 
@@ -49,7 +51,7 @@ def test_run_stages_reports_every_stage(student_dir, tmp_path):
 
     def recover(model):
         recover_losses.extend(finetune_with_loss(
-            model, train, 0, distillation_loss(cached_teacher_logits, temperature=2.0, hard_weight=0.5),
+            model, train, 0, distillation_loss(cached_teacher_logits, DistillConfig(temperature=2.0, soft_weight=0.5, hard_weight=0.5)),
             epochs=1, batch_size=8, lr=1e-3, seed=0,
         ))
 
@@ -137,5 +139,34 @@ def test_distillation_loss_reads_the_rows_teacher_logits():
             return type("Out", (), {"logits": student_logits})()
 
     batch = make_batch(rows, np.array([5, 0, 2]), pad_id=0)
-    loss = distillation_loss(teacher, temperature=2.0)(Fixed(), batch)
+    soft_only = DistillConfig(temperature=2.0, soft_weight=1.0, hard_weight=0.0)
+    loss = distillation_loss(teacher, soft_only)(Fixed(), batch)
     torch.testing.assert_close(loss, soft_label_kl(student_logits, teacher[[5, 0, 2]], temperature=2.0))
+
+
+def test_recovery_and_distillation_give_the_same_loss_for_the_same_logits():
+    """One definition of the objective: compression's recovery loss and the trainer's, on the same
+    student logits, teacher logits, labels and weights."""
+    rows = tiny_rows(8, seed=6)
+    teacher = torch.randn(len(rows), LABELS, generator=torch.Generator().manual_seed(7))
+    student_logits = torch.randn(4, LABELS, generator=torch.Generator().manual_seed(8))
+    index = np.array([1, 6, 3, 0])
+    distill = DistillConfig(temperature=3.0, soft_weight=0.7, hard_weight=0.4)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": student_logits})()
+
+    batch = make_batch(rows, index, pad_id=0)
+    recovery = distillation_loss(teacher, distill)(Fixed(), batch)
+    knowledge = wire.Knowledge(
+        work=wire.WorkBatch(job_id="j", epoch=0, batch_id=0, sample_ids=index.astype(np.int64),
+                            languages=("eng",) * 4, input_ids=batch["input_ids"].numpy().astype(np.int32),
+                            attention_mask=batch["attention_mask"].numpy().astype(np.int32),
+                            labels=batch["labels"].numpy().astype(np.int64)),
+        teacher_id="t", soft=wire.SoftLabels(logits=teacher[index].numpy()))
+    config = JobConfig.model_validate({"teacher": {"model": "random"}, "data": {"path": "x"},
+                                       "distill": distill.model_dump()})
+    training, _ = distillation_losses(student_logits, knowledge, config)
+    torch.testing.assert_close(recovery, training)
+    assert recovery.item() > 0

@@ -362,3 +362,33 @@ def test_unlabelled_text_takes_the_classes_of_a_trained_teacher(tmp_path, teache
                               "distill": {"pseudo_label_threshold": 0.5}})
     unlabelled = JobSplit(dataset=None, label_names=[], cleaning={})
     assert prepare_teacher(config, tmp_path, unlabelled) == Path(teacher_dir)
+
+
+def test_a_non_finite_loss_is_skipped_counted_and_stops_the_job_when_it_repeats(tmp_path, teacher_dir):
+    from polydistill.student.trainer import NonFiniteLoss
+
+    config, init_dir, contract = student_parts(tmp_path, teacher_dir, {})
+    config = config.model_copy(update={"training": config.training.model_copy(update={"max_nonfinite_in_row": 2})})
+    trainer = StudentTrainer(config, str(init_dir), 4, NOWHERE, str(tmp_path / "student"))
+    knowledge = compute_knowledge(teacher_model(teacher_dir), work_batch(), contract.request, teacher_id="t0")
+    bias = trainer.model.classifier.bias
+    clean_bias = bias.detach().clone()
+
+    def poisoned_step():
+        with torch.no_grad():
+            bias[0] = float("nan")  # the student's logits, and so its loss, are NaN
+        return trainer.step(knowledge)
+
+    weights = {key: value.clone() for key, value in trainer.model.state_dict().items() if "classifier" not in key}
+    assert poisoned_step() is None  # skipped: no optimiser step
+    assert trainer.state.steps_skipped_nonfinite == 1 and trainer.state.optimizer_steps == 0
+    assert all(torch.equal(weights[key], value) for key, value in trainer.model.state_dict().items() if key in weights)
+    with torch.no_grad():
+        bias.copy_(clean_bias)
+    assert trainer.step(knowledge) is not None  # a finite batch steps and ends the run of bad ones
+    assert trainer.state.optimizer_steps == 1 and trainer.state.nonfinite_in_row == 0
+    assert all(torch.isfinite(value).all() for value in trainer.model.state_dict().values())
+    poisoned_step()
+    with pytest.raises(NonFiniteLoss, match=r"2 batches in a row .* batch 0 of epoch 0: loss nan .*last finite loss"):
+        poisoned_step()
+    assert trainer.summary(1.0)["steps_skipped_nonfinite"] == 3
