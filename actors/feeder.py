@@ -73,7 +73,7 @@ class Feeder:
             student_tokenizer = AutoTokenizer.from_pretrained(student_source)
             self.student_pad_id = pad_token_id(student_tokenizer)
             self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
-        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
+        self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
         self._lengths = self.rows.lengths
         balance = config.data.balance
         self._samples_per_epoch = len(self.rows) if balance is None else balance.samples_per_epoch or len(self.rows)

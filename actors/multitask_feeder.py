@@ -52,7 +52,7 @@ class MultiTaskFeeder:
         self.feeders = {task: Feeder(config.for_task(task), teacher_dirs[task], redis_url) for task in config.task_names}
         self.weights = {task: config.task_weight_of(task) for task in config.task_names}
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
+        self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
         main = self.feeders["main"]
         self.label_names, self.batches_from_cache = main.label_names, 0
         self.cleaning = {task: feeder.cleaning for task, feeder in self.feeders.items()}
@@ -97,6 +97,7 @@ class MultiTaskFeeder:
                 if should_stop is not None and should_stop():
                     return sent
                 if not self.streams.wait_for_room(stream, transport.max_work_backlog,
+                                                  max_bytes=transport.max_work_backlog_bytes,
                                                   timeout_s=transport.backpressure_timeout_s, should_stop=should_stop):
                     return sent
                 self.streams.add(stream, wire.encode(work))

@@ -87,7 +87,7 @@ class TeacherReplica:
         self.kind = task_kind(config.task)  # what this task's teacher computes on a batch
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count, self.stage.task)
-        self.streams = JobStreams(connect_job(redis_url, config.transport), self.keys)
+        self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
         self.batches_done = 0
         self.samples_done = 0
         self.busy_seconds = 0.0
@@ -145,6 +145,7 @@ class TeacherReplica:
             # replica held up by a slow student then holds no work, so its batch never looks abandoned
             # to the others' reclaim. The stream may overshoot the limit by (replicas - 1) messages.
             if not self.streams.wait_for_room(self.sink, transport.max_knowledge_backlog,
+                                              max_bytes=transport.max_knowledge_backlog_bytes,
                                               timeout_s=transport.backpressure_timeout_s, should_stop=should_stop):
                 break
             try:
@@ -202,7 +203,6 @@ class TeacherReplica:
             self.streams.ack_and_delete(self.source, TEACHER_GROUP, [entry_id])
             return
         knowledge, served, seconds = self.add_knowledge(message)
-        work = knowledge.work
         payloads = self.encode(knowledge)
         # The counters travel in the same transaction as the publish+ack, so the pool's throughput
         # measurements (and `polydistill status`) count each batch exactly when it is done. A batch in

@@ -127,6 +127,7 @@ class Report(BaseModel):
     data_parallel: Section | None = None
     resumed_from_step: int | None = None
     steps_skipped_nonfinite: int = 0
+    chunk_batches_given_up: int = 0
     recoveries: list[Section] = []
     # Teachers: the starting pool size, how the pool changed, what each replica served.
     teacher_replicas: int

@@ -907,7 +907,7 @@ def _run_trials(job_path: Path, base: list[str], tune_config: TuneConfig, out: P
             if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
                 log.warning("a private Redis listens on this machine only: trials placed on other nodes of the "
                             "cluster cannot reach it; give transport.redis_url (or $POLYDISTILL_REDIS_URL)")
-            server = PrivateRedisServer().start()
+            server = PrivateRedisServer(maxmemory=config.transport.private_redis_maxmemory).start()
             redis_url = server.url
         secret = [f"transport.redis_url={yaml_value(redis_url)}"]  # kept out of the report and Tune's files
         warmup_metrics = None

@@ -49,7 +49,7 @@ from polydistill.student.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from polydistill.student.consumer import KnowledgeConsumer
+from polydistill.student.consumer import ChunkLimits, KnowledgeConsumer
 from polydistill.student.data_parallel import DataParallel
 from polydistill.student.heads import main_head, tie_task_heads
 from polydistill.student.objectives import Counts, StudentRunner, served_counts, task_head, task_loss
@@ -162,11 +162,11 @@ class StudentTrainer:
         self.group = self.keys.student_group(name)
         # Data-parallel workers share the student's consumer group, each as its own consumer.
         self.consumer = KnowledgeConsumer(
-            JobStreams(connect_job(redis_url, config.transport), self.keys), self.keys, self.group,
+            JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport), self.keys, self.group,
             name if world_size == 1 else f"{name}-w{rank}",
             EpochLedger(batches_per_epoch=batches_per_epoch, epochs=training.epochs),
             shared_stream=config.knowledge_stream_shared, block_ms=config.transport.block_ms,
-            reconnect_timeout_s=config.transport.reconnect_timeout_s)
+            reconnect_timeout_s=config.transport.reconnect_timeout_s, chunk_limits=ChunkLimits.of(config.transport))
         # Data-parallel workers apply up to world_size batches per optimiser step.
         total_steps = -(-batches_per_epoch * training.epochs // world_size)
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=training.lr, weight_decay=training.weight_decay)
@@ -390,6 +390,7 @@ class StudentTrainer:
             "student_path": str(self.student_dir),
             "resumed_from_step": self.resumed_from_step,
             "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite,
+            "chunk_batches_given_up": self.consumer.batches_given_up,
             "wire_bytes_per_sample": self._per_sample(self.state.wire_bytes),
             "wire_bytes_per_sample_by_part": {
                 part: self._per_sample(size) for part, size in sorted(self.state.wire_bytes_by_part.items())
