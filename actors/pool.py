@@ -36,7 +36,7 @@ from ray.util import metrics as ray_metrics
 from polydistill.actors.demand import ClusterDemand
 from polydistill.actors.shells import TeacherActor
 from polydistill.cluster.autoscaling import PoolDecision, PoolMetrics, PoolState, decide
-from polydistill.cluster.config import JobConfig, TeacherStage
+from polydistill.cluster.config import JobConfig, TeacherStage, with_redis_password
 from polydistill.storage.keys import (
     CONTROL_DESIRED_TEACHERS,
     CONTROL_STOP,
@@ -145,7 +145,9 @@ class TeacherPool:
         self.model_dir = model_dir
         self.redis_url = redis_url
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-        self.client = connect_job(redis_url, config.transport)
+        # The password is read here, for the pool's own client only: ``config`` goes on to the replicas
+        # without it, and each reads it where it runs.
+        self.client = connect_job(redis_url, with_redis_password(config).transport)
         self.streams = JobStreams(self.client, self.keys)
         self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count, self.stage.task)
         self.scaling = config.teacher.autoscaling

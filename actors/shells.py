@@ -2,6 +2,10 @@
 
 Stopping goes through the job's control hash in Redis rather than an actor method call, so a
 long-running loop never has to be interrupted and any process (driver, CLI) can ask for it.
+
+An actor's arguments are visible to whoever can inspect the Ray cluster, so the config an actor
+receives carries no Redis password: each actor reads it where it runs (``with_redis_password``)
+and hands the plain classes, in its own process, the config that has it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 import ray
 from ray.util import metrics
 
-from polydistill.cluster.config import JobConfig
+from polydistill.cluster.config import JobConfig, with_redis_password
 from polydistill.cluster.quiet import quiet_libraries
 from polydistill.storage.keys import (
     CONTROL_FEED_GENERATION,
@@ -82,6 +86,7 @@ class FeederActor:
         from polydistill.actors.feeder import Feeder
         from polydistill.actors.multitask_feeder import MultiTaskFeeder
 
+        config = with_redis_password(config)
         self.feeder = (MultiTaskFeeder(config, tokenizer_dir, redis_url) if isinstance(tokenizer_dir, dict)
                        else Feeder(config, tokenizer_dir, redis_url))
         self.stop = StopFlag(redis_url, config)
@@ -130,6 +135,7 @@ class CacheWriterActor:
         quiet_libraries()
         from polydistill.actors.cache_writer import CacheFiller
 
+        config = with_redis_password(config)
         self.filler = CacheFiller(config, root, key, expected_samples, redis_url)
         self.stop = StopFlag(redis_url, config)
 
@@ -143,6 +149,7 @@ class TeacherActor:
         quiet_libraries()
         from polydistill.actors.teacher import TeacherReplica
 
+        config = with_redis_password(config)
         self.replica = TeacherReplica(replica_id, config, model_dir, redis_url, stage)
         # Leaves on the job's stop flag or on its own (the pool scaling down), after the current batch.
         self.stop = StopFlag(redis_url, config, extra_fields=(replica_stop_field(replica_id),))
@@ -208,6 +215,7 @@ class StudentActor:
             ]
         self.rank = rank
 
+        config = with_redis_password(config)  # after starting the workers: they read it themselves
         keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.client = connect_job(redis_url, config.transport)
         self.progress_key = keys.progress

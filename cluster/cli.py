@@ -13,7 +13,8 @@ On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:82
     polydistill status JOB | logs JOB [--follow] | stop JOB | scale JOB --teachers N | --auto
 
 Exit status: 0 when the job completed with exact accounting, 2 for an invalid config or
-input (nothing was started), 1 when the job ran and failed, 3 when it was stopped from outside
+input, a Redis that does not answer or refuses the job's credentials, or a job id that another
+run holds (nothing was started), 1 when the job ran and failed, 3 when it was stopped from outside
 (`polydistill stop`, SIGTERM) before it completed, 130 when Ctrl-C stopped it. A stopped job
 prints one line (samples distilled, where its checkpoint is) and `polydistill resume OUTPUT_DIR`
 continues it. The first Ctrl-C lets the students save a checkpoint; a second one quits at once.
@@ -57,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue a stopped or crashed `run` from the student's checkpoint")
     resume.add_argument("output", help="the output directory of the run (holds job.yaml and checkpoints/)")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a saved key, e.g. --set transport.password=... (never saved in job.yaml)")
+                        help="override a saved key, e.g. --set transport.redis_url=redis://HOST:6379/0 (the job "
+                        "reads the Redis password again where it runs: transport.password_env, password_file or "
+                        "$POLYDISTILL_REDIS_PASSWORD)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API); prints its id")
@@ -134,7 +137,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "validate":
         import yaml
 
-        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        from polydistill.cluster.secrets import redacted
+
+        print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
         return 0
     if args.command == "finetune":
         return _finetune(config)
@@ -236,6 +241,20 @@ def _summary_line(report: dict) -> str | None:
 
 
 def _run(config, show_progress: bool, resume: bool = False) -> int:
+    from polydistill.cluster.services import job_redis
+    from polydistill.storage.ownership import JobInUse
+
+    try:
+        # Before the job's heavy imports (seconds): a Redis that does not answer or refuses the job's
+        # credentials, or a job id that another run holds, fails at once.
+        with job_redis(config) as redis_service:
+            return _run_job(config, redis_service, show_progress, resume)
+    except (ConfigError, JobInUse) as exc:  # nothing was started
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run_job(config, redis_service, show_progress: bool, resume: bool) -> int:
     from polydistill.cluster.driver import run_job
     from polydistill.cluster.stopping import JobFailed, JobStopped
     from polydistill.cluster.recovery import RecoveryFailed
@@ -245,7 +264,7 @@ def _run(config, show_progress: bool, resume: bool = False) -> int:
     from polydistill.storage.datasets import DataSourceError
 
     try:
-        report = run_job(config, show_progress=show_progress, resume=resume)
+        report = run_job(config, show_progress=show_progress, resume=resume, redis_service=redis_service)
     except (ModelSetupError, DataSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

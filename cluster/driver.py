@@ -6,7 +6,8 @@
 Preparing the models is cluster/prepare.py's (several teachers: cluster/teachers.py; several
 tasks: cluster/tasks.py); the driver calls them in order and times each stage.
 
-Every check that can fail fast (config, data, model shapes) runs before any actor starts.
+Every check that can fail fast (config, the Redis and who holds the job id, data, model shapes)
+runs before any actor starts; the Redis checks run first, before any model is built.
 While the job runs, ``cluster/recovery.py`` restarts a dead student from its checkpoint and
 re-enqueues whatever a lost student, lost Redis data or lost messages took away.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from polydistill.cluster.progress import ProgressDisplay
 from polydistill.cluster.recovery import StopOverdue, Supervisor
 from polydistill.cluster.report_schema import Report
 from polydistill.cluster.resume import save_job_config
-from polydistill.cluster.services import ray_for, redis_for
+from polydistill.cluster.services import JobRedis, job_redis, ray_for
 from polydistill.cluster.stopping import (
     STOPPED_BY_DRIVER,
     STOPPED_BY_INTERRUPT,
@@ -47,9 +49,10 @@ from polydistill.cluster.stopping import (
 from polydistill.cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
 from polydistill.cluster.teachers import check_teachers, prepare_teachers
 from polydistill.storage.keys import CACHE_WRITER_GROUP, TEACHER_GROUP, JobKeys
+from polydistill.storage.ownership import JobOwnership, delete_job_keys
 from polydistill.storage.knowledge_cache import is_complete
 from polydistill.storage.ledger import EpochLedger
-from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job, redact_url
+from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job
 from polydistill.storage.job_data import load_job_split
 from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
 from polydistill.student.teacher_gate import read_teacher_record
@@ -63,12 +66,17 @@ def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]
     return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources), "max_restarts": 0}
 
 
-def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False) -> dict:
+def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
+            redis_service: JobRedis | None = None) -> dict:
     """Runs the job; ``resume=True`` continues from the student's checkpoint in the output directory.
 
     Raises ``JobStopped`` when the job was stopped before it completed (its report says "stopped"),
     ``JobFailed`` when it ran to its end without distilling every sample exactly once. Ctrl-C asks
-    the job to stop as ``polydistill stop`` does; a second Ctrl-C ends it at once."""
+    the job to stop as ``polydistill stop`` does; a second Ctrl-C ends it at once.
+
+    Before anything slow, the job's Redis is checked and the run takes the job id (``job_redis``:
+    ``RedisCheckFailed``, ``JobInUse``), unless the caller did (``redis_service``, cluster/cli.py);
+    whatever the outcome, the job's keys are removed at the end while they are this run's."""
     out_dir = Path(config.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -78,7 +86,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
     # A fresh run discards an older checkpoint when distilling begins: until then, none is this run's.
     distilling_began = resume
     samples_expected = None  # known once distilling has ended
-    with InterruptStops() as interrupt:
+    held = nullcontext(redis_service) if redis_service is not None else job_redis(config)
+    with InterruptStops() as interrupt, held as redis_service:
         try:
             train = load_job_split(config.data, config.data.train_split)
             teacher_dirs = prepare_teachers(config, out_dir, train)
@@ -95,20 +104,20 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False)
                 extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
                 check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
             stage_seconds["prepare_student"] = _lap(started, stage_seconds)
-            with redis_for(config) as redis_url, ray_for(config):
-                log.info("job %s: redis %s", config.resolved_job_id, redact_url(redis_url))
+            with ray_for(redis_service):
+                log.info("job %s: redis %s", config.resolved_job_id, redis_service.url)
                 # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
                 # instead of after it: on a small machine the teacher replicas leave a core partly idle.
                 ablation_ref = None
                 if config.evaluation.ablation and config.data.eval_split:
                     ablation_ref = _ablation_task.options(num_cpus=0).remote(
-                        config, str(student_init_dir), str(out_dir / "ablation")
+                        redis_service.config, str(student_init_dir), str(out_dir / "ablation")
                     )
                 init_dirs = {"student": student_init_dir, **extra_init}
                 task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
                 distilling_began = True
-                result = _distill(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, interrupt,
-                                  resume, task_dirs)
+                result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
+                                  task_dirs)
                 stage_seconds["distill"] = _lap(started, stage_seconds)
                 report = _report(config, result, train.label_names)
                 samples_expected = report["samples_expected"]
@@ -204,12 +213,20 @@ def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str) -> st
     return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False, threads=1))
 
 
-def reset_job_streams(config: JobConfig, redis_url: str) -> tuple[JobKeys, JobStreams]:
+def reset_job_streams(config: JobConfig, redis_url: str,
+                      ownership: JobOwnership | None = None) -> tuple[JobKeys, JobStreams]:
     """Empty work and knowledge streams with their consumer groups, for a run that starts afresh:
-    leftovers of an earlier run under the same job id would otherwise be distilled twice."""
+    leftovers of an earlier run under the same job id would otherwise be distilled twice.
+
+    Removes the job's keys only while they are ``ownership``'s (without one: while nobody holds the job),
+    and raises ``OwnershipLost`` otherwise. ``config``: the job's, its password read here or not."""
+    config = with_redis_password(config)
     keys = JobKeys(config.resolved_job_id, config.transport.namespace)
-    streams = JobStreams(connect_job(redis_url, config.transport), keys)
-    streams.delete_job_keys()
+    streams = JobStreams.of_job(connect_job(redis_url, config.transport), keys, config.transport)
+    if ownership is not None:
+        ownership.delete_job_keys()
+    else:
+        delete_job_keys(streams.client, keys)
     for stream in keys.teacher_inputs(len(config.teacher_names), config.task_names):
         streams.ensure_group(stream, TEACHER_GROUP)
     for name in config.student_names:
@@ -239,25 +256,26 @@ class _JobActors:
         return [ref for ref in [*self.helpers, *own] if ref is not None]
 
 
-def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
-             out_dir: Path, show_progress: bool, interrupt: InterruptStops, resume: bool = False,
+def _distill(redis_service: JobRedis, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], out_dir: Path,
+             show_progress: bool, interrupt: InterruptStops, resume: bool = False,
              task_dirs: dict[str, Path] | None = None) -> dict:
     """``task_dirs``: a multi-task job's extra tasks' teacher folders by task.
 
     From the moment the job's keys are fresh, Ctrl-C asks the job to stop (``interrupt``). A second
     Ctrl-C, or students that do not stop within the grace period, end every actor at once."""
-    config = with_redis_password(config)  # transport.password_env, read here where the job runs
-    keys, streams = reset_job_streams(config, redis_url)
+    # What the actors receive: no password (each reads it where it runs, cluster/secrets.py).
+    config, redis_url = redis_service.config, redis_service.url
+    keys, streams = reset_job_streams(config, redis_url, redis_service.ownership)
     job = _JobActors()
     interrupt.arm(lambda: stop_from_signal(config, redis_url, STOPPED_BY_INTERRUPT))
     try:
         return _run_actors(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume,
-                           task_dirs or {}, keys, streams, job, interrupt)
+                           task_dirs or {}, keys, streams, redis_service.ownership, job, interrupt)
     except (KeyboardInterrupt, StopOverdue) as reason:
         interrupt.disarm()  # a press now would write into the keys about to be removed
         log.log(logging.WARNING if isinstance(reason, StopOverdue) else logging.INFO,
                 "job %s: ending every actor at once (%s)", keys.job_id, str(reason) or "a second Ctrl-C")
-        stopped_by = _end_at_once(job, streams, keys)
+        stopped_by = _end_at_once(job, streams, keys, redis_service.ownership)
         interrupted = interrupt.stop_requested or isinstance(reason, KeyboardInterrupt)
         raise _stopped(config, out_dir, stopped_by or STOPPED_BY_INTERRUPT, interrupted,
                        samples_expected=job.samples_expected) from None
@@ -267,7 +285,7 @@ def _distill(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[s
 
 def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
                 out_dir: Path, show_progress: bool, resume: bool, task_dirs: dict[str, Path], keys: JobKeys,
-                streams: JobStreams, job: _JobActors, interrupt: InterruptStops) -> dict:
+                streams: JobStreams, ownership: JobOwnership, job: _JobActors, interrupt: InterruptStops) -> dict:
     """Starts the job's actors (each recorded in ``job`` as it starts), watches them to the end, collects
     their counters and removes the job's keys."""
     teacher_dir = teacher_dirs["teacher"]
@@ -358,7 +376,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
     interrupt.disarm()  # the keys go now; a Ctrl-C from here on ends the driver at once
-    streams.delete_job_keys()
+    ownership.delete_job_keys()
     for actor in job.actors():
         ray.kill(actor)
     return {
@@ -379,7 +397,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     }
 
 
-def _end_at_once(job: _JobActors, streams: JobStreams, keys: JobKeys) -> str | None:
+def _end_at_once(job: _JobActors, streams: JobStreams, keys: JobKeys, ownership: JobOwnership) -> str | None:
     """Kills every actor of the job, waits (briefly) until they are gone so that none writes again,
     then removes the job's keys. Returns who had asked the job to stop."""
     stopped_by = stop_requested_by(streams.client, keys)
@@ -396,7 +414,7 @@ def _end_at_once(job: _JobActors, streams: JobStreams, keys: JobKeys) -> str | N
     while (any(name.startswith(replica_prefix) for name in ray.util.list_named_actors())
            and time.monotonic() < deadline):
         time.sleep(0.05)
-    streams.delete_job_keys()
+    ownership.delete_job_keys()
     return stopped_by
 
 
@@ -425,6 +443,10 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         # Several workers training the student (student.workers): optimiser steps and who read what.
         "data_parallel": training.get("data_parallel"),
         "resumed_from_step": training.get("resumed_from_step"),
+        # Batches whose loss was NaN or infinite: applied (counted once) but not stepped on.
+        "steps_skipped_nonfinite": training.get("steps_skipped_nonfinite", 0),
+        # Batches whose chunks the student held too long or beyond its buffer: given up and fed again.
+        "chunk_batches_given_up": training.get("chunk_batches_given_up", 0),
         "recoveries": result.get("recoveries", []),
         "dead_letters": result["dead_letters"],
         "epochs": plan["epochs"],

@@ -14,14 +14,18 @@ needed: the package shipped is the one this command was imported from.
 **Where the Redis is.** Status, scale and a graceful stop talk to the job's Redis, so a submitted
 job should name one that this machine and every node can reach: ``--redis-url`` (or
 ``$POLYDISTILL_REDIS_URL``, or ``transport.redis_url`` in the config). The URL reaches the job as
-the environment variable ``POLYDISTILL_REDIS_URL`` of its runtime_env, not in the entrypoint, so
-``ray job list`` does not show it (the dashboard's job details do show the runtime_env: keep the
-password out of the URL and name a variable with ``transport.password_env`` instead). ``submit``
-stores the job's Redis coordinates in the Ray job's metadata (the URL only when it carries no
-password; the password variable's name, never its value), so ``status``/``scale``/``stop`` need
-only the job id; ``--redis-url`` supplies a URL that was not stored. A job submitted without any
-Redis URL uses a private Redis on the driver's node: it runs and stops, but ``status`` shows only
-Ray's view of it and ``scale`` is impossible.
+the environment variable ``POLYDISTILL_REDIS_URL`` of its runtime_env. ``submit`` stores the job's
+Redis coordinates in the Ray job's metadata (the URL, the password variable's name or file's path),
+so ``status``/``scale``/``stop`` need only the job id; ``--redis-url`` supplies another URL. A job
+submitted without any Redis URL uses a private Redis on the driver's node: it runs and stops, but
+``status`` shows only Ray's view of it and ``scale`` is impossible.
+
+**The Redis password** never travels with the job: the entrypoint (with every ``--set``), the
+runtime_env and the metadata are shown by ``ray job list`` and the dashboard, and the uploaded
+config is readable on the cluster. ``submit`` refuses a password in the config, in a ``--set`` or in
+the URL (cluster/secrets.py); the driver and every actor read it on their node from
+$POLYDISTILL_REDIS_PASSWORD, the variable ``transport.password_env`` names, or the file
+``transport.password_file``. The job commands here read it the same way on this machine.
 
 **Ids.** The id returned (Ray's submission id) is also the job's polydistill ``job_id`` (the name
 of its Redis keys) unless the config sets one, so two submissions of one config never share keys.
@@ -43,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import os
 import secrets
 import shlex
 import shutil
@@ -55,7 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from polydistill.cluster.config import ConfigError, load_config
+from polydistill.cluster.config import ConfigError, TransportConfig, load_config, redis_password, url_carries_password
+from polydistill.cluster.secrets import refuse_secrets_in_submission
 from polydistill.cluster.services import REDIS_URL_ENV
 from polydistill.cluster.stopping import STOPPED_BY_STOP_COMMAND, request_stop
 from polydistill.storage.keys import (
@@ -68,7 +72,7 @@ from polydistill.storage.keys import (
     JobKeys,
     parse_teacher_metric_field,
 )
-from polydistill.storage.streams import connect, redact_url
+from polydistill.storage.streams import connect
 
 # Not uploaded: environments, VCS data, outputs, caches.
 WORKING_DIR_EXCLUDES = [
@@ -84,6 +88,7 @@ META_JOB_ID = "polydistill_job_id"
 META_NAMESPACE = "polydistill_namespace"
 META_REDIS_URL = "polydistill_redis_url"
 META_PASSWORD_ENV = "polydistill_password_env"
+META_PASSWORD_FILE = "polydistill_password_file"
 
 
 class JobsError(RuntimeError):
@@ -99,6 +104,7 @@ class JobRef:
     namespace: str
     redis_url: str | None
     password_env: str | None
+    password_file: str | None = None
 
     @property
     def keys(self) -> JobKeys:
@@ -116,8 +122,19 @@ def _client(address: str | None, headers: dict[str, str] | None = None):
 # --------------------------------------------------------------------------------------------------
 
 
-def submit(
-    address: str | None,
+@dataclass(frozen=True)
+class SubmissionRequest:
+    """What ``submit`` sends the Ray Jobs API besides the uploads: everything ``ray job list`` and the
+    dashboard show of the job."""
+
+    submission_id: str
+    entrypoint: str
+    env_vars: dict[str, str]  # the runtime_env's
+    metadata: dict[str, str]
+    working_dir: Path  # uploaded (a copy) as the runtime_env's working_dir
+
+
+def submission_request(
     config_path: str | Path,
     overrides: Sequence[str] = (),
     output_dir: str | None = None,
@@ -127,9 +144,8 @@ def submit(
     working_dir: Path | None = None,
     python: str = "python",
     stop_wait_s: int = DEFAULT_STOP_WAIT_S,
-    headers: dict[str, str] | None = None,
-) -> str:
-    """Submits a job and returns its id at once (the job runs on the cluster).
+) -> SubmissionRequest:
+    """Validates the job here (a typo fails before anything is uploaded) and builds its submission.
 
     ``working_dir``: the folder uploaded beside the package, holding the config and whatever it
     names by relative path (default: the config's own folder)."""
@@ -144,9 +160,14 @@ def submit(
         ) from None
     if redis_url and config.transport.redis_url and redis_url != config.transport.redis_url:
         raise ConfigError("--redis-url differs from transport.redis_url in the config: give the Redis in one place")
+    refuse_secrets_in_submission(config, redis_url)
     url = config.transport.redis_url or redis_url
     if url:
-        connect(url)  # a malformed URL fails here; reachability is the cluster's business
+        try:
+            connect(url)  # a malformed URL fails here; reachability is the cluster's business
+        except ValueError as exc:
+            setting = "transport.redis_url" if config.transport.redis_url else "--redis-url"
+            raise ConfigError(f"{setting}: {exc}") from None
     submission_id = submission_id or f"{config.resolved_job_id}-{secrets.token_hex(4)}"
     job_id = config.job_id or submission_id
     # Checked by the same rule as the config, before anything is uploaded.
@@ -166,29 +187,49 @@ def submit(
     if url and not config.transport.redis_url:
         env_vars[REDIS_URL_ENV] = url
     metadata = {META_JOB_ID: job_id, META_NAMESPACE: config.transport.namespace}
-    if url and redact_url(url) == url:  # no password in it: safe to keep in the job's metadata
+    if url:
         metadata[META_REDIS_URL] = url
     if config.transport.password_env:
         metadata[META_PASSWORD_ENV] = config.transport.password_env
+    if config.transport.password_file:
+        metadata[META_PASSWORD_FILE] = config.transport.password_file
+    return SubmissionRequest(submission_id, entrypoint, env_vars, metadata, working_dir)
+
+
+def submit(
+    address: str | None,
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    output_dir: str | None = None,
+    redis_url: str | None = None,
+    *,
+    submission_id: str | None = None,
+    working_dir: Path | None = None,
+    python: str = "python",
+    stop_wait_s: int = DEFAULT_STOP_WAIT_S,
+    headers: dict[str, str] | None = None,
+) -> str:
+    """Submits a job (``submission_request``) and returns its id at once (the job runs on the cluster)."""
+    request = submission_request(config_path, overrides, output_dir, redis_url, submission_id=submission_id,
+                                 working_dir=working_dir, python=python, stop_wait_s=stop_wait_s)
     client = _client(address, headers)
     with tempfile.TemporaryDirectory(prefix="polydistill-submit-") as staging:
         # Upload a copy: Ray hashes the directory to name the package and hashes it again to upload
         # it, so a file saved in between (an editor, a running test) would leave the job pointing at
         # a package that was never uploaded.
         snapshot = Path(staging) / "working_dir"
-        shutil.copytree(working_dir, snapshot, symlinks=True, ignore=_excluded)
+        shutil.copytree(request.working_dir, snapshot, symlinks=True, ignore=_excluded)
         package = stage_package(Path(staging) / "modules")
         runtime_env = {"working_dir": str(snapshot), "py_modules": [str(package)],
-                       "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}
+                       "excludes": WORKING_DIR_EXCLUDES, "env_vars": request.env_vars}
         # Right after a head starts, its dashboard answers before the agent that launches jobs has
         # registered; Ray then refuses the job ("No available agent") without creating it, so retrying
         # with the same submission id is safe.
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
-                return client.submit_job(
-                    entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata
-                )
+                return client.submit_job(entrypoint=request.entrypoint, submission_id=request.submission_id,
+                                         runtime_env=runtime_env, metadata=request.metadata)
             except RuntimeError as exc:
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
@@ -233,6 +274,7 @@ def job_ref(info, submission_id: str, redis_url: str | None = None) -> JobRef:
         namespace=metadata.get(META_NAMESPACE, "polydistill"),
         redis_url=redis_url or metadata.get(META_REDIS_URL),
         password_env=metadata.get(META_PASSWORD_ENV),
+        password_file=metadata.get(META_PASSWORD_FILE),
     )
 
 
@@ -240,14 +282,17 @@ def _redis(ref: JobRef, needed_for: str):
     if not ref.redis_url:
         raise JobsError(
             f"{needed_for} needs job {ref.submission_id}'s Redis, whose URL was not stored at submission "
-            "(it carried a password, or the job uses a private Redis): pass --redis-url or set "
+            "(the job uses a private Redis): pass --redis-url or set "
             f"${REDIS_URL_ENV}"
         )
     password = None
-    if ref.password_env:
-        password = os.environ.get(ref.password_env)
-        if not password:
-            raise JobsError(f"the job reads its Redis password from ${ref.password_env}; set it here too")
+    if not url_carries_password(ref.redis_url):
+        # Read as the job's own processes read it, from the same sources, on this machine.
+        try:
+            password = redis_password(TransportConfig(password_env=ref.password_env, password_file=ref.password_file))
+        except ConfigError as exc:
+            raise JobsError(f"{needed_for} needs job {ref.submission_id}'s Redis password on this machine: "
+                            f"{exc}") from None
     return connect(ref.redis_url, password=password, socket_timeout=10, reconnect_timeout_s=10)
 
 

@@ -3,35 +3,23 @@
 ``run`` writes ``OUTPUT_DIR/job.yaml`` before anything starts: the fully resolved config (every
 default filled in, paths absolute, the job id fixed) so that a resume computes the same batch
 plan and the same Redis keys. Secrets stay out of it: ``transport.password`` is dropped and a
-password inside ``transport.redis_url`` is cut out of the URL. A resume that needs one gets it
-again from ``transport.password_env`` (saved: it is only a variable's name) or ``--set``.
+password inside ``transport.redis_url`` is cut out of the URL. A resume reads the password again
+where it runs, as every process of a job does (cluster/secrets.py): from ``transport.password_env``
+or ``transport.password_file`` (saved: a variable's name, a path), or $POLYDISTILL_REDIS_PASSWORD.
+Like any run, it takes the job id anew (storage/ownership.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
 from polydistill.cluster.config import ConfigError, JobConfig, load_config
+from polydistill.cluster.secrets import without_password
 
 JOB_FILE = "job.yaml"
-
-
-def without_password(url: str | None) -> str | None:
-    """The URL with any password (userinfo or ``?password=``) removed; the user name is kept."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user_info, _, host = netloc.rpartition("@")
-        user = user_info.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def job_file_contents(config: JobConfig) -> dict:
@@ -54,7 +42,7 @@ def save_job_config(config: JobConfig, out_dir: Path) -> Path:
 
 
 def load_job_config(out_dir: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
-    """The config saved in ``out_dir`` by ``run``, with ``--set`` overrides (e.g. the Redis password)."""
+    """The config saved in ``out_dir`` by ``run``, with ``--set`` overrides (e.g. another Redis URL)."""
     path = Path(out_dir) / JOB_FILE
     if not path.is_file():
         raise ConfigError(
