@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -55,6 +56,9 @@ SINGLE = (np.float32,)
 HALF_OR_SINGLE = (np.float16, np.float32)
 
 VARIANT_KEY = "kind"
+# No declared field has more axes (attention maps: [n, heads, L, L]); numpy refuses more than 64.
+_MAX_ARRAY_AXES = 8
+_MAX_AXIS_LENGTH = 2**31 - 1
 
 
 class WireError(ValueError):
@@ -471,10 +475,17 @@ def unpack_array(packed: Any, where: str) -> np.ndarray:
     if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
         raise WireError(f"{where}.shape: expected non-negative integers, got {shape!r}")
     dtype = np.dtype(dtype_name).newbyteorder("<")
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: np.prod in int64 wraps (a shape of [2**32, 2**32] multiplies to 0), so a tiny
+    # payload could claim an empty array of an absurd shape and fail later, outside the wire's errors.
+    expected_bytes = math.prod(shape) * dtype.itemsize
     if len(raw) != expected_bytes:
         raise WireError(
             f"{where}.raw: {len(raw)} bytes, but shape {shape} of {dtype_name} needs {expected_bytes} (truncated?)"
         )
+    if len(shape) > _MAX_ARRAY_AXES:
+        raise WireError(f"{where}.shape: {len(shape)} axes, more than the {_MAX_ARRAY_AXES} any message field has")
+    if max(shape, default=0) > _MAX_AXIS_LENGTH:
+        # Beside an axis of length 0 the bytes match whatever the others claim; numpy refuses such shapes.
+        raise WireError(f"{where}.shape: {shape} has an axis longer than {_MAX_AXIS_LENGTH:,}")
     # A read-only view on the unpacked bytes: no copy of the payload.
     return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -282,6 +282,57 @@ def test_object_dtype_is_rejected():
         decode(msgpack.packb(body, use_bin_type=True))
 
 
+def test_a_shape_whose_product_overflows_int64_is_rejected():
+    # [2**32, 2**32] multiplies to 0 in int64: with empty raw bytes it once decoded, then failed in reshape.
+    body = _raw(make_work())
+    body["input_ids"] = {"dtype": "int32", "shape": [2**32, 2**32], "raw": b""}
+    data = msgpack.packb(body, use_bin_type=True)
+    with pytest.raises(WireError, match=r"work\.input_ids\.raw: 0 bytes, but shape \[4294967296, 4294967296\]"):
+        decode(data)
+
+
+def test_too_many_axes_are_rejected():
+    body = _raw(make_work())
+    body["sample_ids"] = {"dtype": "int64", "shape": [1] * 40, "raw": b"\x00" * 8}
+    with pytest.raises(WireError, match="40 axes"):
+        decode(msgpack.packb(body, use_bin_type=True))
+
+
+ODD_ARRAYS = [
+    {"dtype": "int32", "shape": [], "raw": b"\x00" * 4},
+    {"dtype": "int32", "shape": [0], "raw": b""},
+    {"dtype": "int32", "shape": [0, 2**63], "raw": b""},
+    {"dtype": "float32", "shape": [N, 4], "raw": b"\x00" * (N * 16)},
+    {"dtype": "bool", "shape": [N, 4], "raw": b"\x01" * (N * 4)},
+    {"dtype": "uint64", "shape": [N, 4], "raw": b"\xff" * (N * 32)},
+    {"dtype": "int64", "shape": [N], "raw": b"\xff" * (N * 8)},
+    {"dtype": "float16", "shape": [N, 1, 1, 1], "raw": b"\x00" * (N * 2)},
+    {"dtype": "int32", "shape": [-1], "raw": b""},
+    {"dtype": "int32", "shape": [1.5], "raw": b""},
+    {"dtype": 7, "shape": [1], "raw": b""},
+    [1, 2, 3],
+]
+
+
+@pytest.mark.parametrize("packed", ODD_ARRAYS, ids=range(len(ODD_ARRAYS)))
+def test_any_array_in_any_field_decodes_or_raises_a_wire_error(packed):
+    """Whatever array a peer puts in whichever field, decoding raises WireError or returns a message:
+    an error of any other kind would escape the dead-letter path and end the job."""
+    for message in (make_work(), make_knowledge(SoftLabels.full(np.ones((N, C), np.float32)))):
+        body = _raw(message)
+        fields = [("", body), *(("work.", body["work"]) for _ in [0] if "work" in body)]
+        for prefix, target in fields:
+            for key, value in list(target.items()):
+                if not (isinstance(value, dict) and "raw" in value):
+                    continue
+                changed = {**target, key: packed}
+                whole = {**body, "work": changed} if prefix else changed
+                try:
+                    decode(msgpack.packb(whole, use_bin_type=True))
+                except WireError:
+                    pass
+
+
 # -- top-k fidelity ----------------------------------------------------------- #
 
 
