@@ -51,7 +51,7 @@ from polydistill.storage.keys import (
     replica_stop_field,
     teacher_metric_field,
 )
-from polydistill.storage.streams import JobStreams, connect_job
+from polydistill.storage.streams import BackpressureTimeout, GroupMissing, JobStreams, connect_job
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,9 @@ class TeacherPool:
 
         A leaving replica returns after its last batch. A replica whose actor died (node lost,
         OOM) is dropped with the counters it had reported; its unacknowledged batch is reclaimed
-        by another replica. An exception raised by serve() itself is a bug and is raised here.
+        by another replica. So is one whose serve() raised (a broken replica: one bad message is
+        dead-lettered inside it, actors/teacher.py), and the pool starts another in its place; Redis
+        trouble is the job's, which every replica would meet, and is raised here.
         """
         with self._lock:
             replicas = {r.serve_ref: r for r in [*self._active.values(), *self._leaving.values()]}
@@ -283,6 +285,12 @@ class TeacherPool:
                 except ray.exceptions.RayActorError as exc:
                     log.warning("teacher replica %s died (%s); its pending batch will be reclaimed",
                                 replica.replica_id, type(exc).__name__)
+                    stats = self._counters_of(replica.replica_id)
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, (redis.RedisError, BackpressureTimeout, GroupMissing)):
+                        raise
+                    log.error("teacher replica %s failed (%s: %s); replacing it, its pending batch will be "
+                              "reclaimed", replica.replica_id, type(exc.cause).__name__, exc.cause)
                     stats = self._counters_of(replica.replica_id)
                 self._forget(replica, stats)
                 done.append(replica.replica_id)

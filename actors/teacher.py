@@ -6,6 +6,13 @@ another replica), never lost and never half-published. Every replica reclaims, o
 batches other replicas left pending for ``transport.reclaim_idle_ms``; one handed out more than
 ``transport.max_deliveries`` times is dead-lettered instead of killing replica after replica.
 If Redis comes back empty, the replica waits for the driver to recreate the work stream.
+
+One bad message never ends the job: a batch that does not decode, or asks what the teacher cannot
+give (token ids past its vocabulary, rows longer than its positions), is dead-lettered at once with
+the reason; one whose computation raises is tried again in place (XCLAIM counts each try as a
+delivery) and dead-lettered when it raised the same error on ``transport.max_deliveries`` deliveries
+(``storage/delivery.py``, ``after_failure``). While a batch computes, the replica renews its claim on
+it every ``reclaim_idle_ms / 3``, so a batch that is slow, not abandoned, is never reclaimed.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import redis
 import torch
 from transformers import PreTrainedModel
 
@@ -23,7 +31,8 @@ from polydistill.cluster.config import JobConfig, TeacherStage
 from polydistill.storage import wire
 from polydistill.storage.chunking import knowledge_messages
 from polydistill.storage.keys import TEACHER_GROUP, JobKeys, teacher_metric_field
-from polydistill.storage.delivery import split_over_delivered
+from polydistill.storage.delivery import DeadLetter, Retry, WorkerFault, after_failure, split_over_delivered
+from polydistill.storage.message_checks import ModelLimits, check_token_ids
 from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
 from polydistill.student.build import model_class
 from polydistill.student.contract import KnowledgeRequest, teacher_contract
@@ -31,6 +40,20 @@ from polydistill.student.precision import use_bf16
 from polydistill.student.task_kinds import task_kind
 
 log = logging.getLogger(__name__)
+
+
+class WorkerFailing(RuntimeError):
+    """This replica fails on messages for reasons none of them explains: the pool replaces it."""
+
+
+def batch_of(payload: bytes) -> tuple[int, int, int] | None:
+    """(epoch, batch id, samples) of the batch a payload carries, when it decodes; for a dead letter."""
+    try:
+        message = wire.decode(payload)
+    except wire.WireError:
+        return None
+    work = message if isinstance(message, wire.WorkBatch) else message.work
+    return work.epoch, work.batch_id, work.n_samples
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -85,6 +108,7 @@ class TeacherReplica:
         self.autocast_bf16 = self.device.type == "cpu" and use_bf16(
             section.inference_dtype == "bfloat16", "cpu", "teacher.inference_dtype")
         self.kind = task_kind(config.task)  # what this task's teacher computes on a batch
+        self.limits = ModelLimits.of(self.model.config)  # what a work batch may ask of this teacher
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
         self.source, self.sink = self.keys.stage_streams(self.stage.index, self.stage.count, self.stage.task)
         self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
@@ -183,27 +207,67 @@ class TeacherReplica:
         counts = self.streams.delivery_counts(stream, group, [entry_id for entry_id, _ in entries])
         keep, dead = split_over_delivered(entries, counts, self.config.transport.max_deliveries)
         for (entry_id, payload), reason in dead:
-            log.error("dead-lettering work entry %s: %s", entry_id, reason)
-            transaction = self.streams.client.pipeline(transaction=True)
-            self.streams.dead_letter(entry_id, payload, reason, stream, pipeline=transaction)
-            self.streams.ack_and_delete(stream, group, [entry_id], pipeline=transaction)
-            transaction.execute()
+            self._dead_letter(entry_id, payload, reason)
         return keep
 
     def _handle(self, entry_id: bytes, payload: bytes, should_stop: Callable[[], bool]) -> None:
+        """One work entry: computed and published, retried, or dead-lettered (``after_failure`` decides);
+        an error that the entry cannot explain raises ``WorkerFailing``, and the pool starts a new replica."""
+        transport = self.config.transport
+        errors: list[str] = []
+        while True:
+            # Renewed while the batch computes, so that no other replica reclaims a batch that is only slow.
+            with self.streams.keep_claimed(self.source, TEACHER_GROUP, self.replica_id, entry_id,
+                                           transport.reclaim_idle_ms / 3000):
+                try:
+                    message = self._check(payload)
+                    knowledge, served, seconds = self.add_knowledge(message)
+                    payloads = self.encode(knowledge)
+                except (redis.RedisError, GroupMissing):
+                    raise  # Redis' trouble, not the message's: the streams' own retries and waits apply
+                except Exception as exc:  # noqa: BLE001 - every error of one message is judged by after_failure
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    at_fault = isinstance(exc, wire.WireError)
+                    deliveries = self.streams.delivery_counts(self.source, TEACHER_GROUP, [entry_id]).get(entry_id)
+                    if deliveries is None:
+                        return  # acknowledged or taken over meanwhile: no longer this replica's
+                    verdict = after_failure(errors, deliveries, transport.max_deliveries, message_at_fault=at_fault)
+                else:
+                    self._publish(entry_id, payloads, served, seconds)
+                    return
+            match verdict:
+                case Retry():
+                    log.warning("replica %s: work entry %s raised %s (delivery %d of at most %d); trying it again",
+                                self.replica_id, entry_id, errors[-1], deliveries, transport.max_deliveries)
+                    payload = self.streams.claim_again(self.source, TEACHER_GROUP, self.replica_id, entry_id)
+                    if payload is None:
+                        return
+                case DeadLetter(reason):
+                    self._dead_letter(entry_id, payload, reason)
+                    return
+                case WorkerFault(reason):
+                    raise WorkerFailing(f"teacher replica {self.replica_id}: {reason}")
+
+    def _check(self, payload: bytes) -> wire.WorkBatch | wire.Knowledge:
+        """The message in ``payload`` if this teacher can compute it; else WireError (MessageRejected)."""
         expected = wire.WorkBatch if self.stage.index == 0 else wire.Knowledge
-        try:
-            message = wire.decode(payload)
-            if not isinstance(message, expected):
-                raise wire.WireError(f"expected a {expected.__name__} message on {self.source}, "
-                                     f"got {type(message).__name__}")
-        except wire.WireError as exc:
-            log.error("dead-lettering entry %s of %s: %s", entry_id, self.source, exc)
-            self.streams.dead_letter(entry_id, payload, str(exc), self.source)
-            self.streams.ack_and_delete(self.source, TEACHER_GROUP, [entry_id])
-            return
-        knowledge, served, seconds = self.add_knowledge(message)
-        payloads = self.encode(knowledge)
+        message = wire.decode(payload)
+        if not isinstance(message, expected):
+            raise wire.WireError(f"expected a {expected.__name__} message on {self.source}, "
+                                 f"got {type(message).__name__}")
+        work = message if isinstance(message, wire.WorkBatch) else message.work
+        check_token_ids(work.input_ids, self.limits, "WorkBatch.input_ids", model="teacher")
+        return message
+
+    def _dead_letter(self, entry_id, payload: bytes, reason: str) -> None:
+        log.error("dead-lettering entry %s of %s: %s", entry_id, self.source, reason)
+        transaction = self.streams.client.pipeline(transaction=True)
+        self.streams.dead_letter(entry_id, payload, reason, self.source, batch=batch_of(payload),
+                                 pipeline=transaction)
+        self.streams.ack_and_delete(self.source, TEACHER_GROUP, [entry_id], pipeline=transaction)
+        transaction.execute()
+
+    def _publish(self, entry_id, payloads: list[bytes], served: int, seconds: float) -> None:
         # The counters travel in the same transaction as the publish+ack, so the pool's throughput
         # measurements (and `polydistill status`) count each batch exactly when it is done. A batch in
         # chunks is published whole in that one transaction too: every chunk, or none.

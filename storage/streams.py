@@ -35,6 +35,7 @@ themselves, so that only the driver decides what the new streams hold.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -54,6 +55,7 @@ PAYLOAD_FIELD = b"m"
 # A dead letter keeps the first bytes of the payload it stands for, never the payload itself.
 DEAD_LETTER_HEAD_FIELD = b"payload_head"
 DEAD_LETTER_SIZE_FIELD = b"payload_bytes"
+DEAD_LETTER_BATCH_FIELD = b"batch"  # "epoch batch_id samples"
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000
 # Library defaults; jobs pass their transport section (connect_job, JobStreams).
 DEFAULT_RECONNECT_TIMEOUT_S = 60.0  # transport.reconnect_timeout_s
@@ -438,6 +440,30 @@ return acked
 """
 
 
+# XCLAIM ... JUSTID of one pending entry, only while this consumer still owns it: a heartbeat that resets
+# the entry's idle time without counting a delivery, and that never takes back an entry another consumer
+# has reclaimed meanwhile. Returns 1 when the claim was renewed.
+_RENEW_CLAIM = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[2] then
+  return 0
+end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """One record of the dead-letter stream, as ``read_dead_letters`` returns it: why, and the batch it
+    held when the message was read far enough to tell ((epoch, batch id) and its samples; else None)."""
+
+    reason: str
+    source_stream: str
+    batch: tuple[int, int] | None
+    samples: int
+
+
 class JobStreams:
     """The stream operations of one job, on top of a client from ``connect``."""
 
@@ -457,6 +483,7 @@ class JobStreams:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.dead_letter_payload_bytes = dead_letter_payload_bytes
         self._ack_and_delete_script = client.register_script(_ACK_AND_DELETE)
+        self._renew_claim_script = client.register_script(_RENEW_CLAIM)
 
     @classmethod
     def of_job(cls, client: redis.Redis, keys: JobKeys, transport: Any) -> "JobStreams":
@@ -643,10 +670,13 @@ class JobStreams:
         reason: str,
         source_stream: str,
         *,
+        batch: tuple[int, int, int] | None = None,
         pipeline: Pipeline | None = None,
     ) -> str | None:
         """Record a message that could not be used: why, where it came from, its size and its first
         ``dead_letter_payload_bytes`` bytes (enough to tell what it was, never the payload itself).
+        ``batch``: (epoch, batch id, samples) of the batch it carried, when it decoded far enough to tell:
+        what the driver counts as dead-lettered rather than lost.
 
         The caller still acknowledges the original entry (same pipeline, ideally).
         The dead-letter stream has no consumers, so it is capped (approximately,
@@ -662,6 +692,8 @@ class JobStreams:
             DEAD_LETTER_SIZE_FIELD: str(len(payload)).encode(),
             DEAD_LETTER_HEAD_FIELD: bytes(payload[: self.dead_letter_payload_bytes]),
         }
+        if batch is not None:
+            fields[DEAD_LETTER_BATCH_FIELD] = " ".join(str(int(number)) for number in batch).encode()
         if pipeline is not None:
             pipeline.xadd(self.keys.dead_letter_stream, fields, maxlen=self.dead_letter_maxlen, approximate=True)
             return None
@@ -756,6 +788,39 @@ class JobStreams:
                 counts[_text(info["message_id"])] = int(info["times_delivered"])
         return counts
 
+    def claim_again(self, stream: str, group: str, consumer: str, entry_id: str) -> bytes | None:
+        """Deliver this consumer's own pending entry to it once more (XCLAIM, which counts a delivery):
+        a retry. None when the entry is no longer pending or its payload is gone."""
+        with _group_errors(stream, group):
+            reply = self.client.xclaim(stream, group, consumer, 0, [entry_id])
+        for _entry_id, fields in _entries(reply):
+            if fields:
+                return _payload(fields)
+        return None
+
+    def renew_claim(self, stream: str, group: str, consumer: str, entry_id: str) -> bool:
+        """Reset the idle time of an entry this consumer is working on, without counting a delivery, so
+        that XAUTOCLAIM (``reclaim``) leaves it alone; False when the consumer no longer owns it."""
+        return bool(self._renew_claim_script(keys=[stream], args=[group, consumer, _text(entry_id)]))
+
+    def keep_claimed(self, stream: str, group: str, consumer: str, entry_id: str, every_s: float) -> "ClaimKeeper":
+        """A context in which a background thread renews this consumer's claim on ``entry_id`` every
+        ``every_s`` seconds: a batch that computes longer than ``transport.reclaim_idle_ms`` stays with the
+        consumer that is working on it, and only one that stopped working loses its batch."""
+        return ClaimKeeper(lambda: self.renew_claim(stream, group, consumer, entry_id), every_s)
+
+    def read_dead_letters(self) -> list[DeadLetterRecord]:
+        """Every record of the job's dead-letter stream (capped at ``dead_letter_maxlen``)."""
+        records = []
+        for _entry_id, fields in _entries(self.client.xrange(self.keys.dead_letter_stream)):
+            batch, samples = None, 0
+            if fields.get(DEAD_LETTER_BATCH_FIELD):
+                epoch, batch_id, samples = (int(part) for part in fields[DEAD_LETTER_BATCH_FIELD].split())
+                batch = (epoch, batch_id)
+            records.append(DeadLetterRecord(_text(fields.get(b"reason", b"")), _text(fields.get(b"source_stream", b"")),
+                                            batch, samples))
+        return records
+
     def has_group(self, stream: str, group: str) -> bool:
         try:
             groups = self.client.xinfo_groups(stream)
@@ -813,3 +878,34 @@ class JobStreams:
                 f"block_ms={block_ms} must be shorter than the client's socket_timeout "
                 f"({socket_timeout} s); lower block_ms or connect with a larger socket_timeout"
             )
+
+
+class ClaimKeeper:
+    """Renews a claim every ``every_s`` seconds on a daemon thread while the ``with`` block runs (see
+    ``JobStreams.keep_claimed``). A renewal that fails (Redis briefly away) is logged and tried again at
+    the next tick: the worst outcome is the reclaim this prevents."""
+
+    def __init__(self, renew: Callable[[], bool], every_s: float) -> None:
+        if every_s <= 0:
+            raise ValueError(f"a claim is renewed every positive interval, not {every_s} s")
+        self._renew, self._every_s = renew, every_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="claim-keeper", daemon=True)
+        self.renewals = 0
+
+    def __enter__(self) -> "ClaimKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._every_s):
+            try:
+                if not self._renew():
+                    return  # acknowledged, or taken over: nothing of ours to keep
+                self.renewals += 1
+            except redis.RedisError as exc:
+                log.warning("could not renew a claim (%s); trying again in %g s", exc, self._every_s)
