@@ -36,10 +36,16 @@ _SCAN_BATCH = 500
 NOBODY = ""  # the token of a caller that owns no job: it may delete only keys that nobody owns
 
 # KEYS[1]: the owner key, KEYS[2..]: keys to delete; ARGV[1]: the caller's token (NOBODY: only while
-# nobody owns the job). Returns how many keys went, or -1 when the job is not the caller's.
+# nobody owns the job), ARGV[2]: its lease in ms. An owner key that is gone (Redis came back without
+# its data, or the lease ran out unrenewed) is taken again, as a renewal would. Returns how many keys
+# went, or -1 when the job is another run's.
 _DELETE_IF_OWNER = """
-local owner = redis.call('GET', KEYS[1]) or ''
-if owner ~= ARGV[1] then return -1 end
+local owner = redis.call('GET', KEYS[1])
+if not owner then
+  if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+elseif owner ~= ARGV[1] then
+  return -1
+end
 if #KEYS < 2 then return 0 end
 return redis.call('UNLINK', unpack(KEYS, 2))
 """
@@ -89,7 +95,7 @@ def run_token() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}, run {secrets.token_hex(8)}"
 
 
-def delete_job_keys(client: redis.Redis, keys: JobKeys, token: str = NOBODY) -> int:
+def delete_job_keys(client: redis.Redis, keys: JobKeys, token: str = NOBODY, lease_s: float = LEASE_S) -> int:
     """Removes the job's keys, all but its owner key, while the job is ``token``'s; returns how many.
 
     Each batch checks the owner in the script that deletes it, so a run that took the job over
@@ -101,7 +107,7 @@ def delete_job_keys(client: redis.Redis, keys: JobKeys, token: str = NOBODY) -> 
 
     def flush() -> None:
         nonlocal deleted
-        gone = int(delete(keys=[owner_key, *batch], args=[token]))
+        gone = int(delete(keys=[owner_key, *batch], args=[token, int(lease_s * 1000)]))
         if gone < 0:
             raise OwnershipLost(f"job {keys.job_id!r} belongs to another run now: its keys are left to it")
         deleted += gone
@@ -143,7 +149,7 @@ class JobOwnership:
 
     def delete_job_keys(self) -> int:
         """Removes the job's keys while the job is this run's (``OwnershipLost`` otherwise)."""
-        return delete_job_keys(self.client, self.keys, self.token)
+        return delete_job_keys(self.client, self.keys, self.token, self.lease_s)
 
     @contextmanager
     def renewed(self, client: redis.Redis | None = None, every_s: float = RENEW_EVERY_S) -> Iterator[None]:

@@ -56,6 +56,17 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_run_deletes_nothing(redis_clie
     assert redis_client.keys(keys.pattern) == []
 
 
+def test_a_run_whose_owner_key_redis_lost_still_removes_its_keys(redis_client):
+    keys = JobKeys("restarted")
+    owner = JobOwnership.claim(redis_client, keys)
+    redis_client.flushdb()  # Redis came back without its data; the driver recreated the streams
+    fill(redis_client, keys)
+    assert owner.delete_job_keys() == 2
+    assert redis_client.get(keys.owner).decode() == owner.token  # held again until the run gives it up
+    owner.end()
+    assert redis_client.keys(keys.pattern) == []
+
+
 def test_without_a_token_only_keys_nobody_owns_are_deleted(redis_client):
     keys = JobKeys("leftovers")
     fill(redis_client, keys)
