@@ -14,7 +14,9 @@ ledger, the chunks held so far (``ChunkBuffer``), the clock and the buffer's lim
 - ``Redelivered``: a chunk entry held already (or given up), delivered again from this consumer's
   pending list;
 - ``DeadLetter``: the peer sent garbage (not msgpack, not knowledge of this job, an impossible chunk
-  tag): keep it on the dead-letter stream with the reason, and acknowledge it.
+  tag) or a batch the student must not learn (outside the ledger's plan, token ids past the student's
+  vocabulary or rows past its positions, ``StudentInputs``): keep it on the dead-letter stream with the
+  reason (and the batch, when it is one of the plan's, for the driver's accounting), and acknowledge it.
 
 The buffer is bounded. A batch whose chunks have been held ``ChunkLimits.timeout_s`` without the
 rest (``give_up_stale``), or the one held longest when the chunks held take more than
@@ -44,6 +46,7 @@ from polydistill.storage import wire
 from polydistill.storage.chunking import chunk_tag, is_chunk, merge_chunks
 from polydistill.storage.keys import JobKeys
 from polydistill.storage.ledger import EpochLedger
+from polydistill.storage.message_checks import MessageRejected, ModelLimits, check_in_plan, check_token_ids
 from polydistill.storage.streams import Entry, GroupMissing, JobStreams
 
 log = logging.getLogger(__name__)
@@ -168,27 +171,65 @@ class Redelivered:
 @dataclass(frozen=True)
 class DeadLetter:
     reason: str
+    # (epoch, batch id, samples) of a batch of this job's plan, which the driver then counts as dead-lettered.
+    batch: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class StudentInputs:
+    """What a batch may ask of the student: the token ids it reads (``ids_field`` of the work batch) within
+    ``limits``. A trimmed vocabulary's student reads the teacher's ids through its table, whose length is
+    then the vocabulary checked."""
+
+    limits: ModelLimits
+    ids_field: str = "input_ids"
+
+    @classmethod
+    def of(cls, model_config, *, own_token_ids: bool, id_map_size: int | None = None) -> "StudentInputs":
+        limits = ModelLimits.of(model_config)
+        if id_map_size is not None:
+            limits = ModelLimits(id_map_size, limits.max_positions)
+        return cls(limits, "student_input_ids" if own_token_ids else "input_ids")
+
+    def check(self, work: wire.WorkBatch) -> None:
+        ids = getattr(work, self.ids_field)
+        if ids is None:
+            raise MessageRejected(f"WorkBatch.{self.ids_field}: missing, but this student reads it")
+        check_token_ids(ids, self.limits, f"WorkBatch.{self.ids_field}", model="student")
 
 
 Decision = Learn | Duplicate | Hold | Redelivered | DeadLetter
 
 
-def garbage(message: wire.Message | wire.WireError, job_id: str) -> str | None:
-    """Why ``message`` is not knowledge this job can learn from; None when it is."""
+def garbage(message: wire.Message | wire.WireError, job_id: str, ledger: EpochLedger | None = None,
+            inputs: StudentInputs | None = None) -> DeadLetter | None:
+    """Why ``message`` is not knowledge this job can learn from, as a dead letter; None when it is.
+
+    With a ledger, a batch outside its plan is refused; with ``inputs``, one that asks what the student
+    cannot take (token ids, row length): before training, which would raise deep in torch or learn a
+    batch that is not the job's."""
     if isinstance(message, wire.WireError):
-        return str(message)
+        return DeadLetter(str(message))
     if not isinstance(message, wire.Knowledge) or message.work.job_id != job_id:
-        return "not a knowledge message of this job"
+        return DeadLetter("not a knowledge message of this job")
+    work = message.work
+    try:
+        if ledger is not None:
+            check_in_plan(work.epoch, work.batch_id, ledger.epochs, ledger.batches_per_epoch)
+        if inputs is not None:
+            inputs.check(work)
+    except MessageRejected as exc:
+        return DeadLetter(str(exc), (work.epoch, work.batch_id, work.n_samples))
     return None
 
 
 def decide(entry_id, message: wire.Message | wire.WireError, payload_bytes: int, *, job_id: str,
            ledger: EpochLedger, buffer: ChunkBuffer, now: float,
-           limits: ChunkLimits) -> tuple[Decision, ChunkBuffer]:
+           limits: ChunkLimits, inputs: StudentInputs | None = None) -> tuple[Decision, ChunkBuffer]:
     """What to do with one delivered message, and the buffer afterwards (``buffer`` is left as it is)."""
-    reason = garbage(message, job_id)
-    if reason is not None:
-        return DeadLetter(reason), buffer
+    refused = garbage(message, job_id, ledger, inputs)
+    if refused is not None:
+        return refused, buffer
     key = (message.work.epoch, message.work.batch_id)
     learnt = ledger.is_applied(*key)
     # A whole batch, or any part of one learnt already, settles every entry of the batch held or given up.
@@ -300,8 +341,9 @@ class KnowledgeConsumer:
 
     def __init__(self, streams: JobStreams, keys: JobKeys, group: str, consumer: str, ledger: EpochLedger, *,
                  shared_stream: bool, block_ms: int, reconnect_timeout_s: float,
-                 chunk_limits: ChunkLimits | None = None):
-        """``chunk_limits``: the buffer's (``ChunkLimits.of(config.transport)``); None: the config's defaults."""
+                 chunk_limits: ChunkLimits | None = None, inputs: StudentInputs | None = None):
+        """``chunk_limits``: the buffer's (``ChunkLimits.of(config.transport)``); None: the config's defaults.
+        ``inputs``: what a batch may ask of the student (None: not checked)."""
         self.streams, self.keys, self.group, self.consumer = streams, keys, group, consumer
         self.stream = keys.knowledge_stream
         # Other groups (students, the cache writer) may read the same entries.
@@ -312,6 +354,7 @@ class KnowledgeConsumer:
         self._ledger_lock = threading.Lock()
         self.buffer = ChunkBuffer()
         self.chunk_limits = chunk_limits or ChunkLimits.of(TransportConfig())
+        self.inputs = inputs
         self.batches_given_up = 0
         self._waited_s = 0.0
         self._own_pending_read = 0.0  # so the first read looks at this consumer's pending messages
@@ -357,7 +400,7 @@ class KnowledgeConsumer:
         the step); duplicates, held chunks and garbage are dealt with here."""
         decision, buffer = decide(entry_id, decode(payload), len(payload), job_id=self.keys.job_id,
                                   ledger=self.ledger, buffer=self.buffer, now=time.monotonic(),
-                                  limits=self.chunk_limits)
+                                  limits=self.chunk_limits, inputs=self.inputs)
         self._warn_of_regathering(buffer)
         self.buffer = buffer
         match decision:
@@ -369,17 +412,17 @@ class KnowledgeConsumer:
                 with self._ledger_lock:
                     self.ledger.count_duplicate()
                 self.acknowledge(entry_ids)
-            case DeadLetter(reason):
-                self._dead_letter(entry_id, payload, reason)
+            case DeadLetter(reason, batch):
+                self._dead_letter(entry_id, payload, reason, batch)
         return None
 
     def accept(self, entry_id, payload: bytes) -> wire.Knowledge | None:
         """The knowledge in one message, for a data-parallel round, whose table decides what is a duplicate
         (and whose workers apply whole messages); None after dead-lettering garbage."""
         message = decode(payload)
-        reason = garbage(message, self.keys.job_id)
-        if reason is not None:
-            self._dead_letter(entry_id, payload, reason)
+        refused = garbage(message, self.keys.job_id, self.ledger, self.inputs)
+        if refused is not None:
+            self._dead_letter(entry_id, payload, refused.reason, refused.batch)
             return None
         return message
 
@@ -421,9 +464,9 @@ class KnowledgeConsumer:
         else:
             self.streams.ack_and_delete(self.stream, self.group, list(entry_ids))
 
-    def _dead_letter(self, entry_id, payload: bytes, reason: str) -> None:
+    def _dead_letter(self, entry_id, payload: bytes, reason: str, batch: tuple[int, int, int] | None = None) -> None:
         log.error("dead-lettering knowledge entry %s: %s", entry_id, reason)
-        self.streams.dead_letter(entry_id, payload, reason, self.stream)
+        self.streams.dead_letter(entry_id, payload, reason, self.stream, batch=batch)
         self.acknowledge((entry_id,))
 
     # -- the ledger -----------------------------------------------------------------------------

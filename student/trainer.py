@@ -49,7 +49,7 @@ from polydistill.student.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from polydistill.student.consumer import ChunkLimits, KnowledgeConsumer
+from polydistill.student.consumer import ChunkLimits, KnowledgeConsumer, StudentInputs
 from polydistill.student.data_parallel import DataParallel
 from polydistill.student.heads import main_head, tie_task_heads
 from polydistill.student.objectives import Counts, StudentRunner, served_counts, task_head, task_loss
@@ -166,7 +166,9 @@ class StudentTrainer:
             name if world_size == 1 else f"{name}-w{rank}",
             EpochLedger(batches_per_epoch=batches_per_epoch, epochs=training.epochs),
             shared_stream=config.knowledge_stream_shared, block_ms=config.transport.block_ms,
-            reconnect_timeout_s=config.transport.reconnect_timeout_s, chunk_limits=ChunkLimits.of(config.transport))
+            reconnect_timeout_s=config.transport.reconnect_timeout_s, chunk_limits=ChunkLimits.of(config.transport),
+            inputs=StudentInputs.of(self.model.config, own_token_ids=reads_own_token_ids(config),
+                                    id_map_size=None if self.runner.id_map is None else len(self.runner.id_map)))
         # Data-parallel workers apply up to world_size batches per optimiser step.
         total_steps = -(-batches_per_epoch * training.epochs // world_size)
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=training.lr, weight_decay=training.weight_decay)

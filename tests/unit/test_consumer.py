@@ -10,6 +10,7 @@ import pytest
 from polydistill.storage import wire
 from polydistill.storage.chunking import Piece, chunk_tag, chunk_teacher_id, slice_knowledge
 from polydistill.storage.ledger import EpochLedger
+from polydistill.storage.message_checks import ModelLimits
 from polydistill.student.consumer import (
     ChunkBuffer,
     ChunkBufferTooSmall,
@@ -24,6 +25,7 @@ from polydistill.student.consumer import (
     LearntBatch,
     Redelivered,
     Round,
+    StudentInputs,
     decide,
     give_up_stale,
 )
@@ -36,10 +38,11 @@ NOW = 100.0  # the clock at each decision; chunks held before it were held at 0
 LIMITS = ChunkLimits(max_bytes=30, timeout_s=60.0)
 
 
-def knowledge(job_id: str = JOB, batch_id: int = BATCH) -> wire.Knowledge:
+def knowledge(job_id: str = JOB, batch_id: int = BATCH, input_ids: np.ndarray | None = None) -> wire.Knowledge:
+    input_ids = np.arange(12, dtype=np.int32).reshape(4, 3) if input_ids is None else input_ids
     work = wire.WorkBatch(job_id=job_id, epoch=EPOCH, batch_id=batch_id, sample_ids=np.arange(4, dtype=np.int64),
-                          languages=("eng",) * 4, input_ids=np.arange(12, dtype=np.int32).reshape(4, 3),
-                          attention_mask=np.ones((4, 3), dtype=np.int8))
+                          languages=("eng",) * 4, input_ids=input_ids,
+                          attention_mask=np.ones(input_ids.shape, dtype=np.int8))
     soft = wire.SoftLabels.full(np.arange(8, dtype=np.float32).reshape(4, 2))
     return wire.Knowledge(work=work, teacher_id="t0", soft=soft)
 
@@ -90,6 +93,13 @@ def other_given_up(payload_bytes: int = 25) -> GivenUp:
     return GivenUp(OTHER, 1, 2, NOW + 5.0, payload_bytes, timed_out=False)
 
 
+# The student every row decides for: a vocabulary of 12 ids (knowledge() uses 0..11) and 3 positions.
+INPUTS = StudentInputs(ModelLimits(vocab_size=12, max_positions=3))
+PAST_THE_VOCABULARY = knowledge(input_ids=np.full((4, 3), 12, dtype=np.int32))
+TOO_LONG = knowledge(input_ids=np.zeros((4, 4), dtype=np.int32))
+OUTSIDE_THE_PLAN = knowledge(batch_id=9)  # the ledger's plan: 1 epoch of 4 batches
+
+
 # (case, entry id, delivered message or decode error, batch learnt already, buffer before,
 #  expected decision, expected buffer after); every payload is 10 bytes, the buffer holds at most 30.
 ROWS = [
@@ -97,6 +107,19 @@ ROWS = [
      DeadLetter("not a msgpack message"), EMPTY),
     ("a work batch, not knowledge", "e", knowledge().work, False, EMPTY, DeadLetter(NOT_OURS), EMPTY),
     ("knowledge of another job", "e", knowledge(job_id="other"), False, EMPTY, DeadLetter(NOT_OURS), EMPTY),
+    # A batch that asks what the student cannot give is the sender's fault: refused before training,
+    # naming the batch so that the driver counts its samples as dead-lettered.
+    ("a batch outside the plan", "e", OUTSIDE_THE_PLAN, False, EMPTY,
+     DeadLetter("batch 9 of epoch 0 is outside the plan (1 epochs x 4 batches)", (0, 9, 4)), EMPTY),
+    ("a chunk of a batch outside the plan", "e", slice_knowledge(OUTSIDE_THE_PLAN, Piece(slice(0, 2), slice(0, 3)),
+                                                                chunk_teacher_id("t0", 1, 2), 0.0), False, EMPTY,
+     DeadLetter("batch 9 of epoch 0 is outside the plan (1 epochs x 4 batches)", (0, 9, 2)), EMPTY),
+    ("token ids past the student's vocabulary", "e", PAST_THE_VOCABULARY, False, EMPTY,
+     DeadLetter("WorkBatch.input_ids: token ids span [12, 12], outside the student's vocabulary of 12 (was the "
+                "batch tokenised with another tokenizer?)", (0, 1, 4)), EMPTY),
+    ("rows longer than the student's positions", "e", TOO_LONG, False, EMPTY,
+     DeadLetter("WorkBatch.input_ids: rows of 4 tokens, but the student has 3 positions (data.max_length must "
+                "not exceed the model's max_position_embeddings)", (0, 1, 4)), EMPTY),
     ("a new whole batch", "e", knowledge(), False, EMPTY, Learn(knowledge(), ("e",), 10), EMPTY),
     ("a whole batch learnt already", "e", knowledge(), True, EMPTY, Duplicate(("e",)), EMPTY),
     ("the first chunk", "c1", chunk(1), False, EMPTY, Hold(), held({1: "c1"}, since=NOW)),
@@ -147,7 +170,8 @@ def test_decide(entry_id, message, learnt, before, decision, after):
     ledger = EpochLedger(batches_per_epoch=4, epochs=1)
     if learnt:
         ledger.record(EPOCH, BATCH, 4)
-    got, kept = decide(entry_id, message, 10, job_id=JOB, ledger=ledger, buffer=before, now=NOW, limits=LIMITS)
+    got, kept = decide(entry_id, message, 10, job_id=JOB, ledger=ledger, buffer=before, now=NOW, limits=LIMITS,
+                       inputs=INPUTS)
     assert comparable(got) == comparable(decision)
     assert comparable(kept) == comparable(after)
 
