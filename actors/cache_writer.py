@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class CacheFiller:
-    """Plain class; ``actors.shells.CacheWriterActor`` runs it under Ray."""
+    """Plain class; ``CacheWriterActor`` (actors/shells.py) runs it under Ray."""
 
     def __init__(self, config: JobConfig, root: str, key: CacheKey, expected_samples: int, redis_url: str):
         self.config = config

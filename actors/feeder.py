@@ -46,13 +46,9 @@ class FeedPlan:
 
 
 class Feeder:
-    """Plain class; ``actors.shells.FeederActor`` runs it under Ray."""
+    """Plain class; ``FeederActor`` (actors/shells.py) runs it under Ray."""
 
     def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
-        if config.data.balance is not None and config.knowledge_cache.enabled:
-            raise ValueError("data.balance draws some rows twice and others not at all in an epoch, but the knowledge "
-                             "cache is sealed once every training row has been labelled once: drop data.balance or "
-                             "set knowledge_cache.enabled: false")
         check_students_read_alike(config)
         self.config = config
         self.teacher_dir = Path(tokenizer_dir)  # the teacher's own folder: its tokenizer makes the work

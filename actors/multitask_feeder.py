@@ -45,7 +45,7 @@ def task_language(task: str, language: str) -> str:
 
 
 class MultiTaskFeeder:
-    """Plain class; ``actors.shells.FeederActor`` runs it under Ray when the job has extra tasks."""
+    """Plain class; ``FeederActor`` (actors/shells.py) runs it under Ray when the job has extra tasks."""
 
     def __init__(self, config: JobConfig, teacher_dirs: dict[str, str], redis_url: str):
         self.config = config

@@ -83,7 +83,7 @@ def teacher_vote(
 
 
 class TeacherReplica:
-    """Plain class; ``actors.shells.TeacherActor`` runs it under Ray."""
+    """Plain class; ``TeacherActor`` (actors/shells.py) runs it under Ray."""
 
     def __init__(self, replica_id: str, config: JobConfig, model_dir: str, redis_url: str,
                  stage: TeacherStage | None = None):

@@ -1,4 +1,4 @@
-"""Fan-out and the knowledge cache, measured on whole jobs (``cluster.driver.run_job``).
+"""Fan-out and the knowledge cache, measured on whole jobs (``cluster/driver.py``'s ``run_job``).
 
 - **fan-out**: one job in which K students learn from one teacher pass (each its own consumer
   group on the knowledge stream) ÷ K separate jobs of one student each, in distillation wall time

@@ -7,10 +7,10 @@ Three ways to train the same student on the same batches, all measured in one ru
 - **inline**: ``TeacherReplica.compute`` then ``StudentTrainer.step`` in the same loop and
   thread (the HF / TextBrewer / torchdistill shape), with exactly the pipeline's losses.
 - **pipeline**: a private Redis, a local Ray, the feeder and the teacher pool as Ray actors (as
-  ``cluster.driver`` starts them), and ``StudentTrainer.train`` consuming the knowledge stream in
+  ``cluster/driver.py`` starts them), and ``StudentTrainer.train`` consuming the knowledge stream in
   this process, instrumented by a subclass that notes the clock after every applied batch.
 
-Models come from ``cluster.prepare``'s ``prepare_teacher`` / ``prepare_student``; batches from
+Models come from ``cluster/prepare.py``'s ``prepare_teacher`` / ``prepare_student``; batches from
 ``Feeder.work_batch`` / ``Feeder.epoch_batches``, so every mode sees the same padded batches.
 The library classes are used as they are; their Redis clients connect lazily, so the two
 in-process baselines never talk to Redis.
@@ -233,7 +233,7 @@ class TimedStudent(StudentTrainer):
 def run_pipeline(config: JobConfig, teacher_dir: Path, student_init_dir: Path, redis_url: str, work_dir: Path,
                  *, teachers_ahead: bool = False, between_epochs: Callable[[int], None] | None = None,
                  ahead_timeout_s: float = 300) -> dict:
-    """One pipeline run, set up as ``cluster.driver`` does (feeder actor, teacher pool actor, one
+    """One pipeline run, set up as ``cluster/driver.py`` does (feeder actor, teacher pool actor, one
     student group); returns per-epoch windows (epoch 0 is warm-up) and the replicas' counters.
 
     teachers_ahead=True lets the teacher pool fill the knowledge stream with every batch of the
@@ -414,7 +414,7 @@ def measure(settings: PaceSettings, redis_url: str, log=print) -> dict:
             "teacher_threads_per_replica": 1,
             "soft_labels": "full logits (7 classes), temperature 2.0, soft 0.7 / hard 0.3",
             "student_runs_in": "the benchmark process: StudentTrainer.train on the knowledge stream, no checkpoints",
-            "teachers_run_in": "TeacherPoolActor (teacher.replicas replicas, 1 thread each), as cluster.driver starts them",
+            "teachers_run_in": "TeacherPoolActor (teacher.replicas replicas, 1 thread each), as cluster/driver.py starts them",
             "order": "baseline pass, then each pipeline run followed by a baseline pass",
             "pipeline_runs": [name for name, _, _ in plan],
         },

@@ -766,6 +766,14 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _balance_without_cache(self) -> "JobConfig":
+        if self.data.balance is not None and self.knowledge_cache.enabled:
+            raise ValueError("data.balance draws some rows twice and others not at all in an epoch, but the knowledge "
+                             "cache is sealed once every training row has been labelled once: drop data.balance or "
+                             "set knowledge_cache.enabled: false")
+        return self
+
+    @model_validator(mode="after")
     def _own_tokenizer_settings(self) -> "JobConfig":
         if self.student.tokenizer is None:
             return self

@@ -20,7 +20,7 @@ sample shares a sentence with a training sample. Files with fewer lines (Amharic
 Determinism: each language draws from its own generator seeded from (seed, crc32 of its code),
 so adding or removing a language does not change the samples of the others.
 
-Output of ``build_code_switch`` (also ``python -m storage.code_switch TATOEBA_DIR OUT_DIR``):
+Output of ``build_code_switch`` (also ``python -m polydistill.storage.code_switch TATOEBA_DIR OUT_DIR``):
 ``train.jsonl`` and ``test.jsonl`` with one {"text", "tags", "language"} object per line (``text``
 and ``tags`` are space-joined, one tag per word of ``text.split(" ")``), and ``labels.txt`` with
 the tag names one per line: the sorted language codes including "eng", then "other".

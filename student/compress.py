@@ -89,7 +89,7 @@ def run_stages(
     recover: RecoverFn | None = None,
     importance_loss: LossFn = cross_entropy_loss,
 ) -> list[StageRow]:
-    """One row per stage; `teacher_quality` is ``student.evaluate.quality`` of the teacher on
+    """One row per stage; `teacher_quality` is ``student.scoring.quality`` of the teacher on
     `eval_rows` (its ``overall`` and ``per_language`` accuracies give the retentions)."""
     check_stages(stages, have_recover=recover is not None)
     student_dir, out_dir = Path(student_dir), Path(out_dir)

@@ -27,8 +27,7 @@ from polydistill.student.metrics import (
     bootstrap_intervals,
     retention,
 )
-# The scorers live in student/scoring.py, below the task kinds that use them; the compression report and
-# the dev scores import them from here.
+# The scorers live in student/scoring.py, below the task kinds that use them.
 from polydistill.student.scoring import describe_latency_sample
 from polydistill.student.supervised import train_supervised
 from polydistill.student.task_kinds import task_kind

@@ -6,7 +6,7 @@ unless ``teacher.allow_weak``. A teacher weak in some languages only is distille
 languages are named (a warning and the report), since the other languages still gain from it.
 
 The verdict and the numbers behind it go to ``RECORD_FILE`` in the teacher's output folder;
-evaluation puts that record in the report's ``teacher_finetune`` section.
+the driver (cluster/driver.py) puts that record in the report's ``teacher_finetune`` section.
 """
 
 from __future__ import annotations

@@ -228,12 +228,14 @@ class StudentTrainer:
             self.consumer.done(round_)  # copies counted, entries acknowledged
             return False
         computed = time.perf_counter()
+        stepped_before = self.state.optimizer_steps
         values = self.step(round_.knowledge)
         self.state.compute_seconds += time.perf_counter() - computed
         self.consumer.done(round_)
         if values is not None and self.strategy.leads:
             self.log(round_.knowledge.work.epoch, values)
-        if self.strategy.leads and self.state.optimizer_steps % self.config.training.checkpoint_every == 0:
+        stepped = self.state.optimizer_steps > stepped_before  # a skipped (non-finite) batch takes no step
+        if self.strategy.leads and stepped and self.state.optimizer_steps % self.config.training.checkpoint_every == 0:
             self.checkpoint()
         return True
 

@@ -73,13 +73,13 @@ def test_example_distils_in_chunks_with_exact_accounting(tmp_path, redis_server,
     assert student.config.vocab_size == vocabulary
 
 
-def test_a_student_with_another_vocabulary_is_refused_before_anything_starts(tmp_path):
+def test_a_student_with_another_vocabulary_is_refused_before_anything_starts(tmp_path, redis_server):
     other = tmp_path / "other-student"
     GPT2LMHeadModel(GPT2Config(vocab_size=321, n_layer=1, n_embd=32, n_head=2, n_positions=64)).save_pretrained(other)
-    config = lm_config(tmp_path / "out", "redis://127.0.0.1:1/0", f"student.model={other}",
+    config = lm_config(tmp_path / "out", redis_server.url, f"student.model={other}",
                        "data.languages=[eng_Latn]", "data.limit_per_language=20")
     with pytest.raises(ContractError, match=r"321 pieces.*student\.model.*tokenizer"):
-        run_job(config, show_progress=False)  # the redis URL leads nowhere: the contract fails first
+        run_job(config, show_progress=False)  # the contract fails before any actor starts
 
 
 def test_config_needs_top_k_and_refuses_what_causal_lm_cannot_use(tmp_path):

@@ -141,3 +141,9 @@ def test_password_env_names_a_variable_and_excludes_a_literal_password():
         validate_config({**MINIMAL, "transport": {"password": "x", "password_env": "PD_REDIS_PW"}})
     with pytest.raises(ConfigError, match="transport.password_env"):
         validate_config({**MINIMAL, "transport": {"password_env": "not a name"}})
+
+
+def test_balanced_epochs_and_the_knowledge_cache_are_refused_together_at_load():
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    with pytest.raises(ConfigError, match="data.balance.*knowledge_cache.enabled: false"):
+        load_config(examples / "tiny.yaml", ["data.balance={alpha: 0.3}", "knowledge_cache.enabled=true"])

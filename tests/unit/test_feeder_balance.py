@@ -84,5 +84,5 @@ def test_balance_is_checked_where_it_is_configured(tmp_path):
         DataConfig(path="x", balance={})
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(EXAMPLES / "tiny.yaml", ["data.balance={alpha: 0.3, temperature: 2}"])
-    with pytest.raises(ValueError, match="knowledge_cache.enabled: false"):
-        feeder(tmp_path, "data.balance={alpha: 0.3}", "knowledge_cache.enabled=true")
+    with pytest.raises(ConfigError, match="knowledge_cache.enabled: false"):  # refused when the config loads
+        load_config(EXAMPLES / "tiny.yaml", ["data.balance={alpha: 0.3}", "knowledge_cache.enabled=true"])
