@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
 from polydistill.cluster.config import JobConfig, with_redis_password
+from polydistill.cluster.dead_letters import outcome_with_dead_letters, samples_dead_lettered
 from polydistill.cluster.prepare import check_student_contract, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
 from polydistill.cluster.recovery import StopOverdue, Supervisor
@@ -122,7 +123,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 report = _report(config, result, train.label_names)
                 samples_expected = report["samples_expected"]
                 shortfall = accounting_shortfall(report, result["missing_batches"])
-                outcome = job_outcome(shortfall, result["stopped_by"])
+                outcome = outcome_with_dead_letters(job_outcome(shortfall, result["stopped_by"]), report,
+                                                    result["missing_batches"], result["dead_lettered"])
                 ablation_dir = None
                 if outcome == "stopped":
                     if ablation_ref is not None:  # the evaluation it is for will not run
@@ -375,6 +377,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
                         "writer": ray.get(writer_ref, timeout=180) if writer_ref is not None else None}
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
+    dead_lettered = supervisor.dead_lettered_batches()
     interrupt.disarm()  # the keys go now; a Ctrl-C from here on ends the driver at once
     ownership.delete_job_keys()
     for actor in job.actors():
@@ -391,6 +394,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
         "teacher_pools_all": pool_summaries,
         "batches_fed": batches_fed,
         "dead_letters": dead_letters,
+        "dead_lettered": dead_lettered,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
         "stopped_by": stopped_by,
         "missing_batches": missing_batches,
@@ -449,6 +453,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "chunk_batches_given_up": training.get("chunk_batches_given_up", 0),
         "recoveries": result.get("recoveries", []),
         "dead_letters": result["dead_letters"],
+        "samples_dead_lettered": samples_dead_lettered(result["dead_lettered"],
+                                                       result["missing_batches"].get("student", ())),
         "epochs": plan["epochs"],
         "teacher_replicas": config.teacher.replicas,  # the starting size; teacher_pool has how it changed
         "teacher_pool": result.get("teacher_pool"),

@@ -3,7 +3,8 @@ re-enqueue exactly what the student has not learnt.
 
 What can go wrong, and what notices it::
 
-    student worker dies           its train() call fails with RayActorError
+    student worker dies or fails  its train() call fails with RayActorError, or RayTaskError
+                                  (not for a NaN loss, Redis or its checkpoint)
     Redis comes back empty        the run marker (control hash field "run") is gone
     messages lost in flight       nothing queued or held, the feed is done, the student still
       (Redis restarted from an     misses batches (probe: StudentActor.missing())
@@ -11,6 +12,10 @@ What can go wrong, and what notices it::
     a teacher replica dies        nothing to do here: its pending batch stays in the work
                                   stream and another replica reclaims it (actors/teacher.py);
                                   the pool replaces the replica (actors/pool.py)
+
+Batches dead-lettered (a poison message: actors/teacher.py, student/consumer.py) are never re-fed;
+when a probe finds that every batch still missing was dead-lettered, the job is done and the driver
+stops it: it ends completed with dead letters (cluster/dead_letters.py).
 
 A job that is stopping (its stop flag set, by the driver or from outside: cluster/stopping.py) is
 neither probed nor recovered: its students are leaving with what they have. They get
@@ -51,11 +56,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
+import redis
 
 from polydistill.cluster.config import JobConfig
+from polydistill.cluster.dead_letters import dead_lettered_batches
 from polydistill.cluster.stopping import STOPPED_BY_DRIVER, JobFailed, request_stop
 from polydistill.storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from polydistill.storage.streams import JobStreams
+from polydistill.student.checkpoint import CheckpointError
 from polydistill.student.trainer import NonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -95,7 +103,7 @@ class WatchState:
 
 @dataclass(frozen=True)
 class Verdict:
-    action: Literal["wait", "recover", "probe", "stop", "abandon"]
+    action: Literal["wait", "recover", "probe", "stop", "finish", "abandon"]
     reason: str = ""
 
 
@@ -122,15 +130,21 @@ def watch(observation: Observation, state: WatchState, now: float, quiet_s: floa
     return Verdict("probe", f"nothing queued or in flight for {quiet_s:g} s and the feed is done"), WatchState(now)
 
 
-def judge_probe(missing: int, dead_letters: int) -> Verdict:
-    """After a probe: the student misses ``missing`` batches although nothing is in flight."""
+def judge_probe(missing: int, dead_letters: int, missing_dead_lettered: int = 0) -> Verdict:
+    """After a probe: the students miss ``missing`` batches although nothing is in flight, of which
+    ``missing_dead_lettered`` are named by one of the ``dead_letters``."""
     if missing == 0:
         return Verdict("wait")  # the student is about to return
-    if dead_letters:
-        # Re-feeding a dead-lettered batch would only poison the teachers again: end the job, whose
-        # report then shows what is missing and why.
+    if missing_dead_lettered == missing:
+        # Every batch still missing was dead-lettered with its reason: re-feeding one would only fail
+        # again, and the job is done (cluster/dead_letters.py: completed with dead letters).
+        return Verdict("finish", f"the {missing} batches still missing were dead-lettered")
+    if dead_letters > missing_dead_lettered:
+        # Dead letters that name no batch may be the missing ones: end the job, whose report then shows
+        # what is missing and why.
         return Verdict("stop", f"{missing} batches missing and {dead_letters} messages dead-lettered")
-    return Verdict("recover", f"{missing} batches were lost in flight (Redis restarted from an older snapshot?)")
+    return Verdict("recover", f"{missing - missing_dead_lettered} batches were lost in flight (Redis restarted "
+                   "from an older snapshot?)")
 
 
 # -- acting -------------------------------------------------------------------------------------
@@ -179,6 +193,7 @@ class Supervisor:
         self.batches_fed = 0
         self.dead_letters_lost = 0  # counted before Redis lost its data
         self._dead_letters_seen = 0
+        self.dead_lettered: dict[tuple[int, int], tuple[str, int]] = {}
         self.recoveries: list[Recovery] = []
         self._state = WatchState()
 
@@ -238,7 +253,12 @@ class Supervisor:
                 except ray.exceptions.RayTaskError as exc:
                     if isinstance(exc.cause, NonFiniteLoss):  # a restart would learn the same NaN again
                         raise JobFailed(f"student {name!r}: {exc.cause}") from None
-                    raise
+                    if isinstance(exc.cause, (redis.RedisError, CheckpointError)):
+                        raise  # the job's Redis or its checkpoint: a new student would meet the same
+                    # A broken worker, like a dead one, is restarted from its checkpoint (bounded by
+                    # training.max_recoveries); a bad message it met is refused before training instead.
+                    self.recover(f"the student worker {name!r} failed ({type(exc.cause).__name__}: {exc.cause})",
+                                 restart_student=name)
                 continue
             done, watching = ray.wait(watching, num_returns=len(watching), timeout=0)
             for ref in done:
@@ -247,10 +267,16 @@ class Supervisor:
             self._dead_letters_seen = dead_letters
             verdict, self._state = watch(observation, self._state, time.monotonic())
             if verdict.action == "probe":
-                missing = len(self._missing())
-                verdict = judge_probe(missing, self.dead_letters_lost + dead_letters)
+                missing = self._missing()
+                dead = self.dead_lettered_batches() if dead_letters else self.dead_lettered
+                verdict = judge_probe(len(missing), self.dead_letters_lost + dead_letters,
+                                      sum(1 for pair in missing if pair in dead))
                 if verdict.action == "stop":
                     log.error("stopping the job: %s (see %s)", verdict.reason, self.keys.dead_letter_stream)
+                    request_stop(self.streams.client, self.keys, STOPPED_BY_DRIVER)
+                elif verdict.action == "finish":
+                    log.warning("job %s ends: %s (see %s)", self.keys.job_id, verdict.reason,
+                                self.keys.dead_letter_stream)
                     request_stop(self.streams.client, self.keys, STOPPED_BY_DRIVER)
             if verdict.action == "abandon":
                 raise StopOverdue(f"{verdict.reason}: {', '.join(sorted(running.values()))} still training")
@@ -291,7 +317,9 @@ class Supervisor:
             )
         detected_at, started = time.time(), time.monotonic()
         log.warning("job %s: %s; recovering", self.keys.job_id, cause)
-        if not self._marker_present():
+        if self._marker_present():
+            self.dead_lettered_batches()
+        else:
             self.dead_letters_lost += self._dead_letters_seen
             self._dead_letters_seen = 0
         # 1. Stop the feed call in progress (before the reset, so that it adds nothing afterwards).
@@ -304,8 +332,9 @@ class Supervisor:
             self.students[restart_student] = self.make_students[restart_student]()
         # 3. Fresh streams and groups, the run marker and the generation, in one transaction.
         self._reset()
-        # 4-5. Re-enqueue exactly what the students have not learnt.
-        missing = self._missing()
+        # 4-5. Re-enqueue exactly what the students have not learnt, less the batches dead-lettered: fed
+        # again, they would only fail again.
+        missing = [pair for pair in self._missing() if pair not in self.dead_lettered]
         self.feed_ref = self.feeder.feed.remote(missing, self.generation)
         if restart_student:
             self.train_refs[restart_student] = self.students[restart_student].train.remote()
@@ -325,3 +354,9 @@ class Supervisor:
 
     def dead_letters(self) -> int:
         return self.dead_letters_lost + int(self.streams.client.xlen(self.keys.dead_letter_stream))
+
+    def dead_lettered_batches(self) -> dict[tuple[int, int], tuple[str, int]]:
+        """(epoch, batch) -> (reason, samples) of every batch a dead letter has named so far; kept across a
+        Redis data loss, which takes the dead-letter stream with it."""
+        self.dead_lettered.update(dead_lettered_batches(self.streams.read_dead_letters()))
+        return dict(self.dead_lettered)

@@ -107,10 +107,12 @@ class Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str
-    # How the job ended: every sample distilled once (completed), stopped from outside before that
+    # How the job ended: every sample distilled once (completed), every sample distilled once or
+    # dead-lettered with messages dead-lettered on the way (completed_with_dead_letters, exit status 4:
+    # samples_dead_lettered and the job's dead-letter stream say why), stopped from outside before that
     # (`polydistill stop`, SIGTERM, Ctrl-C: `polydistill resume` continues it from its checkpoint), or
     # ended without exact accounting (failed).
-    status: Literal["completed", "stopped", "failed"]
+    status: Literal["completed", "completed_with_dead_letters", "stopped", "failed"]
     stopped_by: str | None = None  # who stopped it (cluster/stopping.py), when stopped
     # Accounting: every sample distilled exactly once per epoch.
     samples_expected: int
@@ -123,6 +125,9 @@ class Report(BaseModel):
     duplicates_dropped: int
     student_steps: int
     dead_letters: int
+    # Samples of the planned batches that were dead-lettered and never distilled, by the dead letter's
+    # reason: samples_distilled + their sum = samples_expected in a job completed with dead letters.
+    samples_dead_lettered: dict[str, int] = {}
     epochs: int
     data_parallel: Section | None = None
     resumed_from_step: int | None = None
