@@ -220,6 +220,74 @@ def test_student_worker_killed_resumes_from_its_checkpoint(tmp_path, redis_serve
     summary("student", injector, report, started)
 
 
+def test_poison_work_batches_injected_mid_run_are_dead_lettered_and_the_job_completes_with_them(
+        tmp_path, redis_server, local_ray):
+    """Mid-run, a planned batch no teacher has read yet is swapped for a copy whose token ids are past the
+    teacher's vocabulary, and two more poison batches are added: a 331-byte one of shape [2**32, 2**32]
+    and a copy of another batch with rows longer than the teacher's positions. Each is dead-lettered with
+    its reason, the job goes on, and it ends completed with dead letters: the swapped batch's samples
+    counted as dead-lettered, every other sample distilled once."""
+    import dataclasses
+
+    import msgpack
+    import numpy as np
+
+    from polydistill.storage import wire
+
+    # Few knowledge messages in flight, so that work batches wait unread in the work stream.
+    config = fault_config(tmp_path, redis_server.url, "transport.max_knowledge_backlog=2")
+    client = connect(redis_server.url)
+    work_stream = JobKeys(config.resolved_job_id).work_stream
+
+    def an_unread_batch() -> tuple[str, bytes] | None:
+        try:
+            [group] = client.xinfo_groups(work_stream)
+            newest = client.xrevrange(work_stream, count=1)
+        except Exception:
+            return None
+        if not newest or newest[0][0].decode() <= group["last-delivered-id"].decode():
+            return None
+        return newest[0][0], newest[0][1][b"m"]
+
+    def poison() -> None:
+        entry_id, payload = an_unread_batch()
+        batch = wire.decode(payload)
+        past_vocabulary = dataclasses.replace(batch, input_ids=np.full_like(batch.input_ids, 1_000_000))
+        too_long = dataclasses.replace(batch, batch_id=0, input_ids=np.ones((batch.n_samples, 200), np.int32),
+                                       attention_mask=np.ones((batch.n_samples, 200), np.uint8))
+        body = msgpack.unpackb(wire.encode(batch), raw=False)
+        for name in ("input_ids", "attention_mask"):
+            body[name] = {"dtype": "int32", "shape": [2**32, 2**32], "raw": b""}
+        overflowing = msgpack.packb(body, use_bin_type=True)
+        transaction = client.pipeline(transaction=True)
+        transaction.xdel(work_stream, entry_id)
+        for bad in (wire.encode(past_vocabulary), overflowing, wire.encode(too_long)):
+            transaction.xadd(work_stream, {b"m": bad})
+        deleted, *_ = transaction.execute()
+        assert deleted == 1, "a teacher read the batch meanwhile"
+
+    injector = Injector("poison", config, redis_server.url, poison, when=lambda: an_unread_batch() is not None)
+    injector.start()
+    started = time.perf_counter()
+    report = run_job(config, show_progress=False)
+    injector.check()
+    assert report["status"] == "completed_with_dead_letters"
+    assert report["dead_letters"] == 3
+    [(reason, samples)] = report["samples_dead_lettered"].items()
+    assert reason.startswith("MessageRejected: WorkBatch.input_ids: token ids span [1000000, 1000000], outside "
+                             "the teacher's vocabulary of ")
+    assert samples == 8
+    # Exact accounting: distilled + dead-lettered = expected, and no batch applied twice.
+    assert report["samples_distilled"] + samples == report["samples_expected"] == 400
+    assert report["batches_missing"] == 1 and report["batches_applied"] == BATCHES - 1
+    assert report["student_steps"] == report["batches_applied"], "a batch was applied twice"
+    assert report["recoveries"] == []
+    written = json.loads((Path(config.output_dir) / "report.json").read_text())
+    assert written["status"] == "completed_with_dead_letters" and written["samples_dead_lettered"] == {reason: 8}
+    assert client.keys(f"*{config.resolved_job_id}*") == [], "the job left keys behind"
+    summary("poison", injector, report, started)
+
+
 @pytest.mark.heavy
 def test_redis_restarted_with_its_data_gone_over_tls_with_a_password(tmp_path, local_ray, tls_files, caplog, capfd):
     """Also the security checks of a whole job: TLS with a CA file, AUTH through transport.password,
