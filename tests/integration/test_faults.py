@@ -288,6 +288,48 @@ def test_poison_work_batches_injected_mid_run_are_dead_lettered_and_the_job_comp
     summary("poison", injector, report, started)
 
 
+def test_knowledge_outside_the_plan_injected_mid_run_is_dead_lettered_by_the_student(
+        tmp_path, redis_server, local_ray):
+    """A copy of a knowledge message moved to an epoch the plan does not have, and one whose token ids are
+    past the student's vocabulary, are refused before training; every planned sample is distilled once."""
+    import dataclasses
+
+    import numpy as np
+
+    from polydistill.storage import wire
+
+    # Few knowledge messages ahead of the injected ones, so that the student reads them before it completes.
+    config = fault_config(tmp_path, redis_server.url, "transport.max_knowledge_backlog=2")
+    client = connect(redis_server.url)
+    knowledge_stream = JobKeys(config.resolved_job_id).knowledge_stream
+
+    def a_knowledge_message() -> bytes | None:
+        newest = client.xrevrange(knowledge_stream, count=1)
+        return newest[0][1][b"m"] if newest else None
+
+    def poison() -> None:
+        knowledge = wire.decode(a_knowledge_message())
+        work = knowledge.work
+        outside = dataclasses.replace(knowledge, work=dataclasses.replace(work, epoch=7))
+        past_vocabulary = dataclasses.replace(
+            knowledge, work=dataclasses.replace(work, input_ids=np.full_like(work.input_ids, 1_000_000)))
+        for bad in (outside, past_vocabulary):
+            client.xadd(knowledge_stream, {b"m": wire.encode(bad)})
+
+    injector = Injector("poison knowledge", config, redis_server.url, poison,
+                        when=lambda: a_knowledge_message() is not None)
+    injector.start()
+    started = time.perf_counter()
+    report = run_job(config, show_progress=False)
+    injector.check()
+    assert report["status"] == "completed_with_dead_letters" and report["dead_letters"] == 2
+    assert report["samples_dead_lettered"] == {}  # the planned batches were learnt from their own copies
+    assert report["samples_distilled"] == report["samples_expected"] == 400
+    assert report["student_steps"] == report["batches_expected"] == BATCHES, "a batch was applied twice"
+    assert report["recoveries"] == []
+    summary("poison knowledge", injector, report, started)
+
+
 @pytest.mark.heavy
 def test_redis_restarted_with_its_data_gone_over_tls_with_a_password(tmp_path, local_ray, tls_files, caplog, capfd):
     """Also the security checks of a whole job: TLS with a CA file, AUTH through transport.password,
