@@ -15,7 +15,9 @@ On a Ray cluster (cluster/jobs.py; --address: the dashboard, e.g. http://HEAD:82
 Exit status: 0 when the job completed with exact accounting, 2 for an invalid config or
 input, a Redis that does not answer or refuses the job's credentials, or a job id that another
 run holds (nothing was started), 1 when the job ran and failed, 3 when it was stopped from outside
-(`polydistill stop`, SIGTERM) before it completed, 130 when Ctrl-C stopped it. A stopped job
+(`polydistill stop`, SIGTERM with a configured Redis) before it completed, 4 when it completed
+with dead letters (every sample distilled once or dead-lettered with its reason), 130 when Ctrl-C
+stopped it. A stopped job
 prints one line (samples distilled, where its checkpoint is) and `polydistill resume OUTPUT_DIR`
 continues it. The first Ctrl-C lets the students save a checkpoint; a second one quits at once.
 """
@@ -27,7 +29,7 @@ import logging
 import sys
 
 from polydistill.cluster.config import ConfigError, load_config
-from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
+from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_DEAD_LETTERS, EXIT_FAILED, EXIT_INTERRUPTED
 from polydistill.cluster.quiet import quiet_libraries
 
 
@@ -241,39 +243,23 @@ def _summary_line(report: dict) -> str | None:
 
 
 def _run(config, show_progress: bool, resume: bool = False) -> int:
+    from polydistill.cluster.failures import exit_status_of, failure_line
     from polydistill.cluster.services import job_redis
-    from polydistill.storage.ownership import JobInUse
 
     try:
         # Before the job's heavy imports (seconds): a Redis that does not answer or refuses the job's
-        # credentials, or a job id that another run holds, fails at once.
+        # credentials, or a job id that another run holds, fails at once. A Redis lost mid-run is
+        # reported outside the lease, so that ending it does not wait for that Redis once more.
         with job_redis(config) as redis_service:
-            return _run_job(config, redis_service, show_progress, resume)
-    except (ConfigError, JobInUse) as exc:  # nothing was started
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+            from polydistill.cluster.driver import run_job
 
-
-def _run_job(config, redis_service, show_progress: bool, resume: bool) -> int:
-    from polydistill.cluster.driver import run_job
-    from polydistill.cluster.stopping import JobFailed, JobStopped
-    from polydistill.cluster.recovery import RecoveryFailed
-    from polydistill.storage.streams import RedisUnavailable
-    from polydistill.student.checkpoint import CheckpointError
-    from polydistill.student.architecture import ModelSetupError
-    from polydistill.storage.datasets import DataSourceError
-
-    try:
-        report = run_job(config, show_progress=show_progress, resume=resume, redis_service=redis_service)
-    except (ModelSetupError, DataSourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except JobStopped as stopped:
-        print(stopped, file=sys.stderr)
-        return EXIT_INTERRUPTED if stopped.interrupted else EXIT_STOPPED
-    except (JobFailed, RecoveryFailed, RedisUnavailable, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+            report = run_job(config, show_progress=show_progress, resume=resume, redis_service=redis_service)
+    except Exception as exc:
+        status = exit_status_of(exc)
+        if status is None:
+            raise
+        print(failure_line(exc), file=sys.stderr)
+        return status
     from polydistill.student.report import format_language_table
 
     print(format_language_table(report))
@@ -285,6 +271,10 @@ def _run_job(config, redis_service, show_progress: bool, resume: bool) -> int:
         f"{report['wall_seconds']:.1f} s ({report['epochs']} epochs, {report['teacher_replicas']} teacher replicas, "
         f"{report['duplicates_dropped']} duplicates dropped); student: {report['student_path']}"
     )
+    if report["status"] == "completed_with_dead_letters":
+        print(f"completed with dead letters: {report.get('samples_dead_lettered')} samples by reason "
+              "(see the job's dead-letter stream and report.json)", file=sys.stderr)
+        return EXIT_DEAD_LETTERS
     return 0
 
 

@@ -65,6 +65,7 @@ from pydantic import (
 
 from polydistill.cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
 from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
+from polydistill.cluster.failures import exit_status_of, failure_line
 
 log = logging.getLogger(__name__)
 
@@ -1003,21 +1004,11 @@ def run_tune_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:
-        # Imported here so that a bad space or job file is reported without loading torch and Ray.
-        from polydistill.cluster.stopping import JobFailed
-        from polydistill.cluster.recovery import RecoveryFailed
-        from polydistill.storage.datasets import DataSourceError
-        from polydistill.storage.streams import RedisUnavailable
-        from polydistill.student.architecture import ModelSetupError
-        from polydistill.student.checkpoint import CheckpointError
-
-        if isinstance(exc, (ModelSetupError, DataSourceError)):  # the teacher or the data: nothing searched
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if isinstance(exc, (JobFailed, RecoveryFailed, RedisUnavailable, CheckpointError)):
-            print(f"error: the warm-up job failed: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        raise
+        status = exit_status_of(exc)
+        if status is None:
+            raise
+        print(failure_line(exc).replace("error: ", "error: the warm-up job failed: ", 1), file=sys.stderr)
+        return status
     if not any(row.get("status") == "ok" for row in result["trials"]):
         print(f"error: no trial finished; see the errors in {Path(result['output_dir']) / REPORT_JSON}", file=sys.stderr)
         return EXIT_FAILED
