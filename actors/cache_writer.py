@@ -5,6 +5,11 @@ reads from the plan the feeder wrote beside the cache: knowledge of any other sa
 from other input ids, is refused and counted (``records_rejected``), never kept. From then on the
 feeder serves batches from the cache and the teachers have nothing left to do.
 
+Killed mid-run, the writer is started again by Ray: its consumer ("writer") first reads the entries the
+dead one had read but not acknowledged, then new ones. What the dead one had written is not carried
+over (a fresh partial folder starts empty): the cache is sealed in this job only if every sample's
+knowledge still passes by (a later epoch), otherwise a later job fills it.
+
 It acknowledges with ``ack_and_trim``, so the stream keeps an entry until the students have read
 it too. Once sealed it reads no more and removes its group (again, should a recovery recreate it)
 so that it never holds back the trimming of entries the students still need.
@@ -25,6 +30,8 @@ from polydistill.storage.streams import GroupMissing, JobStreams, connect_job
 
 log = logging.getLogger(__name__)
 
+WRITER_CONSUMER = "writer"  # the one consumer of the cache writer's group, the same name after a restart
+
 
 class CacheFiller:
     """Plain class; ``CacheWriterActor`` (actors/shells.py) runs it under Ray."""
@@ -44,14 +51,21 @@ class CacheFiller:
 
     def run(self, should_stop: Callable[[], bool]) -> dict:
         stream = self.keys.knowledge_stream
+        # Entries a writer of this group read but did not acknowledge (it died): they stay pending under the
+        # consumer's name and would hold back the stream's trimming for good; read them first.
+        unacknowledged = True
         while not should_stop():
             if self.sealed_at is not None:
                 self._leave_group()
                 time.sleep(0.5)
                 continue
             try:
-                entries = self.streams.read(stream, CACHE_WRITER_GROUP, "writer", count=8,
-                                            block_ms=self.config.transport.block_ms)
+                entries = (self.streams.read_pending(stream, CACHE_WRITER_GROUP, WRITER_CONSUMER, count=8)
+                           if unacknowledged else [])
+                unacknowledged = bool(entries)
+                if not entries:
+                    entries = self.streams.read(stream, CACHE_WRITER_GROUP, WRITER_CONSUMER, count=8,
+                                                block_ms=self.config.transport.block_ms)
             except GroupMissing:  # Redis lost its data; the driver recreates the group
                 time.sleep(0.2)
                 continue

@@ -131,7 +131,9 @@ class TeacherPool:
         rate_window_s: float = DEFAULT_RATE_WINDOW_S,
         request_resources: Callable[[list[dict[str, float]]], None] | None = None,
         stage: TeacherStage | None = None,
+        restarted: bool = False,
     ):
+        # ``restarted``: this pool takes over from one that died (Ray restarted its actor; see ``_take_over``).
         # ``config`` is the job as this pool's teacher sees it (``JobConfig.for_teacher``); ``stage``
         # says which of the job's teachers that is: the pool reads and writes that teacher's streams.
         self.config = config
@@ -177,6 +179,25 @@ class TeacherPool:
         self.max_running = 0  # the most replicas active at once
         self.final_running: int | None = None  # active when the pool was shut down
         self._born = clock()
+        self.restarted = restarted
+        self._lost_with_pool: list[tuple[int, str]] = []  # (index, replica id) of the earlier pool's replicas
+        if restarted:
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """The earlier pool died and its replicas with it (Ray ends the actors an actor owns). Their ids
+        are found in Redis (counters, consumers of the work group); new replicas are numbered after them, so
+        that no name clashes with a replica Ray has not removed yet and each one's counters stay its own.
+        The batches they held stay pending and the new replicas reclaim them (actors/teacher.py)."""
+        found = {parsed[0] for raw in self.client.hkeys(self.keys.metrics)
+                 if (parsed := parse_teacher_metric_field(raw.decode())) is not None}
+        found.update(self._consumers() or {})
+        earlier = sorted((int(replica_id.rsplit("-", 1)[1]), replica_id) for replica_id in found
+                         if self._own_replica.match(replica_id))
+        self._lost_with_pool = earlier
+        self._next_index = earlier[-1][0] + 1 if earlier else 0
+        log.warning("teacher pool %s/%s restarted: %d replicas died with the earlier pool; new ones start at "
+                    "index %d", self.keys.job_id, self.stage.name, len(earlier), self._next_index)
 
     # -- what the pool holds ---------------------------------------------------------------------
     @property
@@ -214,6 +235,10 @@ class TeacherPool:
             "max_running": self.max_running,
             "final_running": self.final_running if self.final_running is not None else self.running,
             "replicas_served": len(self._retired) + len(self._active) + len(self._leaving),
+            # A pool that Ray restarted: the earlier pool's events and sizes are gone with it; its replicas'
+            # counters are what they had written to Redis (the teachers list marks them lost_with_pool).
+            "restarted": self.restarted,
+            "replicas_lost_with_pool": [replica_id for _, replica_id in self._lost_with_pool],
             "events": [{"at_s": round(e.at - self._born, 2), "from": e.replicas_from, "to": e.replicas_to,
                         "reason": e.reason} for e in self.events],
         }
@@ -433,6 +458,11 @@ class TeacherPool:
             for replica in list(self._leaving.values()):  # did not finish in time: counters from Redis
                 log.warning("teacher replica %s did not stop within %.0f s; killing it", replica.replica_id, timeout_s)
                 self._forget(replica, self._counters_of(replica.replica_id))
+            # The earlier pool's replicas (a restarted pool): counters from Redis, consumers let go.
+            for index, replica_id in self._lost_with_pool:
+                if all(index != retired_index for retired_index, _ in self._retired):
+                    self._retired.append((index, {**self._counters_of(replica_id), "lost_with_pool": True}))
+                    self._drop_consumer(replica_id)
             self.wanted = 0
             self.demand.clear()
             if self.main_pool:
@@ -481,8 +511,10 @@ class TeacherPoolActor:
         }
         for gauge in self.gauges.values():
             gauge.set_default_tags(tags)
+        # Started again by Ray after the earlier pool's process died: take over from it (TeacherPool._take_over).
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.pool = TeacherPool(config, model_dir, redis_url, on_measure=self._report, rate_window_s=rate_window_s,
-                                stage=stage)
+                                stage=stage, restarted=restarted)
 
     def _report(self, metrics: PoolMetrics, decision: PoolDecision, running: int) -> None:
         self.gauges["polydistill_teacher_replicas_wanted"].set(decision.replicas)

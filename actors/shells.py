@@ -99,7 +99,8 @@ class FeederActor:
             tag_keys=("job", "language"),
         )
         self.per_language.set_default_tags(_tags(config))
-        self.samples_per_language: dict[str, int] = {}
+        # Known from the start: a feeder that Ray restarted is only asked to feed, not to plan again.
+        self.samples_per_language: dict[str, int] = dict(self.feeder.plan().samples_per_language)
 
     def _publish_languages(self) -> None:
         # Recorded again at each feed: a gauge set only once, before the node's metrics agent

@@ -30,7 +30,7 @@ from polydistill.cluster.config import JobConfig, with_redis_password
 from polydistill.cluster.dead_letters import outcome_with_dead_letters, samples_dead_lettered
 from polydistill.cluster.prepare import check_student_contract, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
-from polydistill.cluster.recovery import StopOverdue, Supervisor
+from polydistill.cluster.recovery import LongCall, StopOverdue, Supervisor
 from polydistill.cluster.report_schema import Report
 from polydistill.cluster.resume import save_job_config
 from polydistill.cluster.services import JobRedis, job_redis, ray_for
@@ -244,7 +244,7 @@ class _JobActors:
     feeder: ray.actor.ActorHandle | None = None
     writer: ray.actor.ActorHandle | None = None
     pools: dict[str, ray.actor.ActorHandle] = field(default_factory=dict)
-    helpers: list[ray.ObjectRef] = field(default_factory=list)  # the pools' and the cache writer's run()
+    helpers: list[LongCall] = field(default_factory=list)  # the pools' and the cache writer's run()
     supervisor: Supervisor | None = None
     samples_expected: int | None = None  # known once the feeder has planned the batches
 
@@ -255,7 +255,7 @@ class _JobActors:
     def calls(self) -> list[ray.ObjectRef]:
         supervisor = self.supervisor
         own = [*supervisor.train_refs.values(), supervisor.feed_ref] if supervisor is not None else []
-        return [ref for ref in [*self.helpers, *own] if ref is not None]
+        return [ref for ref in [*(call.ref for call in self.helpers), *own] if ref is not None]
 
 
 def _distill(redis_service: JobRedis, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], out_dir: Path,
@@ -291,18 +291,22 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     """Starts the job's actors (each recorded in ``job`` as it starts), watches them to the end, collects
     their counters and removes the job's keys."""
     teacher_dir = teacher_dirs["teacher"]
-    # The feeder and the cache writer share the driver's node: the cache folder is on its disk.
+    # The control actors (feeder, teacher pools, cache writer) live on the driver's node, which lasts as long
+    # as the job does (the cache folder is on its disk too), never on a node the autoscaler may take back.
+    # Should one die anyway, Ray starts it again there and the supervisor takes it from there
+    # (cluster/recovery.py): the feeder through a recovery, the others by issuing their run() again.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    control = {"num_cpus": 0, "scheduling_strategy": here, "max_restarts": config.training.max_recoveries}
     tokenizer_dirs = ({"main": str(teacher_dir), **{name: str(folder) for name, folder in task_dirs.items()}}
                       if task_dirs else str(teacher_dir))
-    feeder = job.feeder = FeederActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+    feeder = job.feeder = FeederActor.options(**control).remote(
         config, tokenizer_dirs, redis_url)
     plan, _, cleaning = ray.get(feeder.plan.remote())
     cache = ray.get(feeder.cache_state.remote())
     from_cache = cache is not None and cache["complete"]
-    writer = writer_ref = None
+    writer = None
     if cache is not None and not from_cache:
-        writer = job.writer = CacheWriterActor.options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+        writer = job.writer = CacheWriterActor.options(**control).remote(
             config, cache["root"], cache["key"], plan.samples_per_epoch, redis_url)
     # The pool owns the teacher replicas: it starts teacher.replicas of them, then sizes the pool
     # (teacher.autoscaling, `polydistill scale`) until the stop flag, and returns every replica's counters.
@@ -311,11 +315,11 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     pools = job.pools
     if not from_cache:
         for name in config.teacher_names:
-            pools[name] = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+            pools[name] = TeacherPoolActor.options(**control).remote(
                 config.for_teacher(name), str(teacher_dirs[name]), redis_url, stage=config.teacher_stage(name))
     # A multi-task job: a pool more per extra task, reading that task's work stream.
     for name, folder in task_dirs.items():
-        pools[name] = TeacherPoolActor.options(num_cpus=0, max_restarts=0).remote(
+        pools[name] = TeacherPoolActor.options(**control).remote(
             config.for_task(name), str(folder), redis_url, stage=config.task_stage(name))
 
     def student_maker(name: str):
@@ -339,10 +343,13 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
                                              cache_readers)
     supervisor.start(resume)
     helpers = job.helpers
-    helpers.extend(pool.run.remote() for pool in pools.values())
-    if writer is not None:
-        writer_ref = writer.run.remote()
-        helpers.append(writer_ref)
+    pool_calls = [LongCall(f"teacher pool {name!r}", pool, "run") for name, pool in pools.items()]
+    writer_call = LongCall("cache writer", writer, "run") if writer is not None else None
+    helpers.extend(pool_calls)
+    if writer_call is not None:
+        helpers.append(writer_call)
+    for call in helpers:
+        call.issue()
 
     with ProgressDisplay(expected, enabled=show_progress) as display:
         try:
@@ -368,13 +375,14 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     missing_batches = {} if stopped_from_outside(stopped_by) else {
         name: ray.get(supervisor.students[name].missing.remote(), timeout=30)
         for name, summary in summaries.items() if not summary["complete"]}
-    teacher_stats = [stats for ref in helpers[:len(pools)] for stats in ray.get(ref, timeout=180)]
+    teacher_stats = [stats for call in pool_calls for stats in supervisor.result_of(call, timeout_s=180)]
     pool_summaries = {name: ray.get(pool.summary.remote(), timeout=30) for name, pool in pools.items()}
     cache_report = None
     if cache is not None:
         cache_report = {"path": cache["path"], "key": cache["key"].digest, "read_from_start": from_cache,
                         "batches_from_cache": ray.get(feeder.batches_from_cache.remote()),
-                        "writer": ray.get(writer_ref, timeout=180) if writer_ref is not None else None}
+                        "writer": supervisor.result_of(writer_call, timeout_s=180) if writer_call is not None
+                        else None}
     batches_fed = supervisor.finish()
     dead_letters = supervisor.dead_letters()
     dead_lettered = supervisor.dead_lettered_batches()
@@ -393,6 +401,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
         "teacher_pools": pool_summaries if config.extra_teachers else None,
         "teacher_pools_all": pool_summaries,
         "batches_fed": batches_fed,
+        "feeds_lost": supervisor.feeds_lost,
         "dead_letters": dead_letters,
         "dead_lettered": dead_lettered,
         "recoveries": [recovery.as_dict() for recovery in supervisor.recoveries],
@@ -441,6 +450,9 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "batches_applied": training["batches_applied"],
         "batches_missing": plan["batches_per_epoch"] * plan["epochs"] - training["batches_applied"],
         "batches_fed": result["batches_fed"],
+        # Feed calls whose feeder died: what they had enqueued is not in batches_fed (the recovery re-fed
+        # whatever the students missed, and their ledgers dropped any second copy).
+        "feeds_lost": result.get("feeds_lost", 0),
         "duplicates_dropped": training["duplicates_dropped"],
         # One optimiser step per applied batch: equal to batches_expected when none was applied twice.
         "student_steps": training["steps"],

@@ -12,6 +12,11 @@ What can go wrong, and what notices it::
     a teacher replica dies        nothing to do here: its pending batch stays in the work
                                   stream and another replica reclaims it (actors/teacher.py);
                                   the pool replaces the replica (actors/pool.py)
+    the feeder dies               its feed call fails with RayActorError; Ray restarts the
+                                  actor, and a recovery re-feeds what the students miss
+    a teacher pool or the cache   its run() fails with RayActorError; Ray restarts the actor
+      writer dies                 (which rebuilds its state from Redis and the plan) and the
+                                  supervisor issues run() again (``LongCall``)
 
 Batches dead-lettered (a poison message: actors/teacher.py, student/consumer.py) are never re-fed;
 when a probe finds that every batch still missing was dead-lettered, the job is done and the driver
@@ -73,6 +78,9 @@ FEED_STOP_TIMEOUT_S = 60.0  # a superseded feed call checks its generation befor
 POLL_S = 0.5
 # From the stop request to the last student's return: a batch to finish and a checkpoint to save.
 STOP_GRACE_S = 20.0
+# A control actor (feeder, teacher pool, cache writer) that died: Ray starts it again on the driver's
+# node; the feeder's start (tokenizing the training split) is the slowest.
+ACTOR_RESTART_TIMEOUT_S = 300.0
 
 
 class RecoveryFailed(RuntimeError):
@@ -152,13 +160,34 @@ def judge_probe(missing: int, dead_letters: int, missing_dead_lettered: int = 0)
 class Recovery:
     cause: str
     detected_at: float  # time.time()
-    seconds: float  # detection -> missing batches re-enqueued
+    seconds: float  # detection -> missing batches re-enqueued (a control actor: -> restarted and answering)
     batches_refed: int
     student_restarted: bool
+    actor_restarted: str | None = None  # a control actor Ray restarted: "feeder", "teacher pool 'x'", ...
 
     def as_dict(self) -> dict[str, Any]:
         return {"cause": self.cause, "detected_at": round(self.detected_at, 3), "seconds": round(self.seconds, 3),
-                "batches_refed": self.batches_refed, "student_restarted": self.student_restarted}
+                "batches_refed": self.batches_refed, "student_restarted": self.student_restarted,
+                "actor_restarted": self.actor_restarted}
+
+
+@dataclass
+class LongCall:
+    """A control actor's call that runs until the job ends (a teacher pool's or the cache writer's run()).
+
+    The actor is started with ``max_restarts``: when it dies, Ray starts it again and the call failed
+    with it is issued again on the new incarnation, which rebuilds its state from Redis and the plan.
+    Ray does not retry it by itself, so that the supervisor sees the death and the report shows it."""
+
+    what: str  # for logs and the report: "teacher pool 'teacher'", "cache writer"
+    actor: ray.actor.ActorHandle
+    method: str
+    ref: ray.ObjectRef | None = None
+    finished: bool = False
+
+    def issue(self) -> ray.ObjectRef:
+        self.ref = getattr(self.actor, self.method).remote()
+        return self.ref
 
 
 class Supervisor:
@@ -191,6 +220,7 @@ class Supervisor:
         self.summaries: dict[str, dict] = {}
         self.feed_ref: ray.ObjectRef | None = None
         self.batches_fed = 0
+        self.feeds_lost = 0  # feed calls whose feeder died: the batches they enqueued are not in batches_fed
         self.dead_letters_lost = 0  # counted before Redis lost its data
         self._dead_letters_seen = 0
         self.dead_lettered: dict[tuple[int, int], tuple[str, int]] = {}
@@ -235,9 +265,9 @@ class Supervisor:
         transaction.execute()
 
     # -- watching ---------------------------------------------------------------------------------
-    def wait(self, helper_refs: list, on_progress: Callable[[dict[str, str]], None]) -> dict[str, dict]:
-        """Returns every student's summary by name; recovers on the way; raises the first helper failure."""
-        watching = list(helper_refs)
+    def wait(self, long_calls: list[LongCall], on_progress: Callable[[dict[str, str]], None]) -> dict[str, dict]:
+        """Returns every student's summary by name; recovers on the way (a control actor that died: its
+        call issued again); raises the first other failure of a long call."""
         while True:
             running = {ref: name for name, ref in self.train_refs.items() if name not in self.summaries}
             if not running:
@@ -260,9 +290,16 @@ class Supervisor:
                     self.recover(f"the student worker {name!r} failed ({type(exc.cause).__name__}: {exc.cause})",
                                  restart_student=name)
                 continue
-            done, watching = ray.wait(watching, num_returns=len(watching), timeout=0)
-            for ref in done:
-                ray.get(ref)  # raises the actor's error; one that finished cleanly returns here
+            for call in long_calls:
+                if not call.finished and ray.wait([call.ref], timeout=0)[0]:
+                    self._collect(call)
+            if ray.wait([self.feed_ref], timeout=0)[0]:
+                try:
+                    ray.get(self.feed_ref)
+                except ray.exceptions.RayActorError as exc:
+                    # What the dead call had enqueued is unknown: re-feed whatever the students miss.
+                    self.recover(f"the feeder died ({type(exc).__name__})", restarted_actor="feeder")
+                    continue
             observation, progress, dead_letters = self._observe()
             self._dead_letters_seen = dead_letters
             verdict, self._state = watch(observation, self._state, time.monotonic())
@@ -284,10 +321,41 @@ class Supervisor:
                 self.recover(verdict.reason)
             on_progress(progress)
 
+    def _collect(self, call: LongCall) -> None:
+        """A long call has returned: fine, failed with the job (raised), or died with its actor (issued again)."""
+        try:
+            ray.get(call.ref)
+            call.finished = True
+        except ray.exceptions.RayActorError as exc:
+            self.restart_long_call(call, f"the {call.what} died ({type(exc).__name__})")
+
+    def restart_long_call(self, call: LongCall, cause: str) -> None:
+        """Issues ``call`` again on the actor Ray restarts (bounded by training.max_recoveries, like every
+        recovery); the time recorded runs until the new incarnation answers."""
+        self._check_recovery_budget(cause)
+        detected_at, started = time.time(), time.monotonic()
+        log.warning("job %s: %s; waiting for Ray to restart it", self.keys.job_id, cause)
+        try:
+            ray.get(call.actor.__ray_ready__.remote(), timeout=ACTOR_RESTART_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            raise RecoveryFailed(f"job {self.keys.job_id}: {cause}, and Ray did not restart it within "
+                                 f"{ACTOR_RESTART_TIMEOUT_S:g} s ({type(exc).__name__}: {exc})") from None
+        call.issue()
+        recovery = Recovery(cause, detected_at, time.monotonic() - started, 0, False, call.what)
+        self.recoveries.append(recovery)
+        log.warning("job %s: the %s is back after %.1f s", self.keys.job_id, call.what, recovery.seconds)
+
+    def result_of(self, call: LongCall, timeout_s: float) -> Any:
+        """The long call's return value once the job is stopping; a call whose actor died meanwhile is
+        issued once more, and the new incarnation returns at once (the stop flag is set)."""
+        try:
+            return ray.get(call.ref, timeout=timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            self.restart_long_call(call, f"the {call.what} died while the job ended ({type(exc).__name__})")
+            return ray.get(call.ref, timeout=timeout_s)
+
     def _observe(self) -> tuple[Observation, dict[str, str], int]:
-        feeding = not ray.wait([self.feed_ref], timeout=0)[0]
-        if not feeding:
-            ray.get(self.feed_ref)  # raises the feeder's error, if it failed
+        feeding = not ray.wait([self.feed_ref], timeout=0)[0]  # a failed feed call was raised by wait()
         transaction = self.streams.client.pipeline(transaction=True)
         transaction.hmget(self.keys.control, [CONTROL_RUN, CONTROL_STOP])
         transaction.xlen(self.keys.knowledge_stream)
@@ -307,7 +375,7 @@ class Supervisor:
         return observation, {k.decode(): v.decode() for k, v in progress.items()}, int(dead)
 
     # -- recovering -------------------------------------------------------------------------------
-    def recover(self, cause: str, *, restart_student: str | None = None) -> None:
+    def _check_recovery_budget(self, cause: str) -> None:
         limit = self.config.training.max_recoveries
         if len(self.recoveries) >= limit:
             raise RecoveryFailed(
@@ -315,6 +383,10 @@ class Supervisor:
                 f"(training.max_recoveries={limit}); giving up. Earlier causes: "
                 + "; ".join(r.cause for r in self.recoveries)
             )
+
+    def recover(self, cause: str, *, restart_student: str | None = None, restarted_actor: str | None = None) -> None:
+        """``restarted_actor``: the control actor whose death this is (Ray restarts it), for the report."""
+        self._check_recovery_budget(cause)
         detected_at, started = time.time(), time.monotonic()
         log.warning("job %s: %s; recovering", self.keys.job_id, cause)
         if self._marker_present():
@@ -325,7 +397,7 @@ class Supervisor:
         # 1. Stop the feed call in progress (before the reset, so that it adds nothing afterwards).
         self.generation += 1
         self.streams.client.hset(self.keys.control, CONTROL_FEED_GENERATION, self.generation)
-        self.batches_fed += ray.get(self.feed_ref, timeout=FEED_STOP_TIMEOUT_S)
+        self.batches_fed += self._batches_sent(FEED_STOP_TIMEOUT_S)
         # 2. A new student loads the last checkpoint.
         if restart_student:
             ray.kill(self.students[restart_student], no_restart=True)
@@ -339,7 +411,8 @@ class Supervisor:
         if restart_student:
             self.train_refs[restart_student] = self.students[restart_student].train.remote()
         self._state = WatchState()
-        recovery = Recovery(cause, detected_at, time.monotonic() - started, len(missing), bool(restart_student))
+        recovery = Recovery(cause, detected_at, time.monotonic() - started, len(missing), bool(restart_student),
+                            restarted_actor)
         self.recoveries.append(recovery)
         log.warning("job %s recovered in %.1f s: %d batches re-enqueued%s", self.keys.job_id, recovery.seconds,
                     len(missing), ", student restarted from its checkpoint" if restart_student else "")
@@ -350,7 +423,16 @@ class Supervisor:
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, timeout_s: float = 120.0) -> int:
         """Batches enqueued over the whole run (every feed call, re-feeds included)."""
-        return self.batches_fed + ray.get(self.feed_ref, timeout=timeout_s)
+        return self.batches_fed + self._batches_sent(timeout_s)
+
+    def _batches_sent(self, timeout_s: float) -> int:
+        """What the current feed call enqueued; 0 for a call whose feeder died (counted in ``feeds_lost``:
+        what it had enqueued died with it, and the recovery re-fed whatever the students missed)."""
+        try:
+            return ray.get(self.feed_ref, timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            self.feeds_lost += 1
+            return 0
 
     def dead_letters(self) -> int:
         return self.dead_letters_lost + int(self.streams.client.xlen(self.keys.dead_letter_stream))

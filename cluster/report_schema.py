@@ -122,6 +122,7 @@ class Report(BaseModel):
     batches_applied: int
     batches_missing: int
     batches_fed: int
+    feeds_lost: int = 0
     duplicates_dropped: int
     student_steps: int
     dead_letters: int
