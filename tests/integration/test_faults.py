@@ -220,6 +220,66 @@ def test_student_worker_killed_resumes_from_its_checkpoint(tmp_path, redis_serve
     summary("student", injector, report, started)
 
 
+def control_actor_recovery(report: dict, actor: str) -> dict:
+    """The one recovery of a job whose ``actor`` (a control actor) was killed, with what the report says."""
+    [recovery] = report["recoveries"]
+    assert recovery["actor_restarted"] == actor and not recovery["student_restarted"], recovery
+    assert f"the {actor} died" in recovery["cause"]
+    return recovery
+
+
+def test_feeder_killed_mid_feed_is_restarted_and_what_the_students_miss_is_fed_again(
+        tmp_path, redis_server, local_ray):
+    # A short work stream keeps the feed call running until the last epoch: the kill lands mid-feed.
+    config = fault_config(tmp_path, redis_server.url, "transport.max_work_backlog=2")
+    injector = Injector("feeder", config, redis_server.url, lambda: kill_one("FeederActor", injector.rng))
+    injector.start()
+    started = time.perf_counter()
+    report = run_job(config, show_progress=False)
+    injector.check()
+    assert_exact(report)
+    recovery = control_actor_recovery(report, "feeder")
+    assert 0 < recovery["batches_refed"] <= BATCHES - injector.batches_at_injection
+    # The dead call's count died with it; every feed call that returned is counted.
+    assert report["feeds_lost"] == 1
+    summary("feeder", injector, report, started)
+
+
+def test_teacher_pool_killed_mid_epoch_is_restarted_with_new_replicas(tmp_path, redis_server, local_ray):
+    # The dead pool's replica dies with it holding a batch; a new replica reclaims it after reclaim_idle_ms.
+    config = fault_config(tmp_path, redis_server.url, "transport.reclaim_idle_ms=1000")
+    injector = Injector("pool", config, redis_server.url, lambda: kill_one("TeacherPoolActor", injector.rng))
+    injector.start()
+    started = time.perf_counter()
+    report = run_job(config, show_progress=False)
+    injector.check()
+    assert_exact(report)
+    control_actor_recovery(report, "teacher pool 'teacher'")
+    pool = report["teacher_pool"]
+    assert pool["restarted"] and pool["replicas_lost_with_pool"] == ["teacher-0"], pool
+    lost = [t for t in report["teachers"] if t.get("lost_with_pool")]
+    assert [t["replica_id"] for t in lost] == ["teacher-0"], report["teachers"]
+    assert any(t["replica_id"] == "teacher-1" for t in report["teachers"]), report["teachers"]
+    summary("pool", injector, report, started)
+
+
+def test_cache_writer_killed_mid_epoch_is_restarted_and_the_job_completes(tmp_path, redis_server, local_ray):
+    config = fault_config(tmp_path, redis_server.url, "knowledge_cache.enabled=true",
+                          f"knowledge_cache.dir={tmp_path / 'cache'}")
+    injector = Injector("cache writer", config, redis_server.url,
+                        lambda: kill_one("CacheWriterActor", injector.rng))
+    injector.start()
+    started = time.perf_counter()
+    report = run_job(config, show_progress=False)
+    injector.check()
+    assert_exact(report)
+    control_actor_recovery(report, "cache writer")
+    writer = report["knowledge_cache"]["writer"]
+    # The restarted writer starts an empty cache: it is sealed only if a later epoch brought every sample.
+    assert writer["sealed"] == (writer["samples_written"] == 200), writer
+    summary("cache writer", injector, report, started)
+
+
 def test_poison_work_batches_injected_mid_run_are_dead_lettered_and_the_job_completes_with_them(
         tmp_path, redis_server, local_ray):
     """Mid-run, a planned batch no teacher has read yet is swapped for a copy whose token ids are past the
