@@ -335,15 +335,27 @@ class Supervisor:
         self._check_recovery_budget(cause)
         detected_at, started = time.time(), time.monotonic()
         log.warning("job %s: %s; waiting for Ray to restart it", self.keys.job_id, cause)
-        try:
-            ray.get(call.actor.__ray_ready__.remote(), timeout=ACTOR_RESTART_TIMEOUT_S)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            raise RecoveryFailed(f"job {self.keys.job_id}: {cause}, and Ray did not restart it within "
-                                 f"{ACTOR_RESTART_TIMEOUT_S:g} s ({type(exc).__name__}: {exc})") from None
+        self._wait_for_restart(call.actor, cause)
         call.issue()
         recovery = Recovery(cause, detected_at, time.monotonic() - started, 0, False, call.what)
         self.recoveries.append(recovery)
         log.warning("job %s: the %s is back after %.1f s", self.keys.job_id, call.what, recovery.seconds)
+
+    def _wait_for_restart(self, actor: ray.actor.ActorHandle, cause: str) -> None:
+        """Until the actor that Ray restarts answers, retrying while Ray reports it unavailable."""
+        deadline = time.monotonic() + ACTOR_RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.0))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise RecoveryFailed(f"job {self.keys.job_id}: {cause}, and Ray did not restart it within "
+                                         f"{ACTOR_RESTART_TIMEOUT_S:g} s") from None
+                time.sleep(POLL_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                raise RecoveryFailed(f"job {self.keys.job_id}: {cause}, and Ray did not restart it "
+                                     f"({type(exc).__name__}: {exc})") from None
 
     def result_of(self, call: LongCall, timeout_s: float) -> Any:
         """The long call's return value once the job is stopping; a call whose actor died meanwhile is
@@ -407,6 +419,8 @@ class Supervisor:
         # 4-5. Re-enqueue exactly what the students have not learnt, less the batches dead-lettered: fed
         # again, they would only fail again.
         missing = [pair for pair in self._missing() if pair not in self.dead_lettered]
+        if restarted_actor == "feeder":  # a call made while Ray is still restarting it fails at once
+            self._wait_for_restart(self.feeder, cause)
         self.feed_ref = self.feeder.feed.remote(missing, self.generation)
         if restart_student:
             self.train_refs[restart_student] = self.students[restart_student].train.remote()
