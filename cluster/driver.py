@@ -91,7 +91,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
     with InterruptStops() as interrupt, held as redis_service:
         try:
             train = load_job_split(config.data, config.data.train_split)
-            teacher_dirs = prepare_teachers(config, out_dir, train)
+            teacher_dirs = prepare_teachers(config, out_dir, train, show_progress)
             teacher_dir = teacher_dirs["teacher"]
             check_teachers(config, teacher_dirs, train)
             stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)

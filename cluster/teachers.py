@@ -34,10 +34,10 @@ def same_tokenizer(teacher_dir: Path, main_vocab: dict[str, int]) -> bool:
     return AutoTokenizer.from_pretrained(teacher_dir).get_vocab() == main_vocab
 
 
-def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[str, Path]:
+def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool = True) -> dict[str, Path]:
     """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
     is fine-tuned (when asked) on those languages only: a specialist."""
-    dirs = {"teacher": prepare_teacher(config, out_dir, train)}
+    dirs = {"teacher": prepare_teacher(config, out_dir, train, show_progress)}
     for index, extra in enumerate(config.extra_teachers):
         seen_as = config.for_teacher(extra.name)
         if extra.languages is not None:
@@ -47,7 +47,7 @@ def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit) -> dict[
         else:
             train_for = train
         seen_as = reading_main_ids(seen_as, dirs["teacher"], index + 1)
-        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for)
+        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for, show_progress)
     return dirs
 
 
