@@ -332,7 +332,7 @@ def label_terms(logits: Tensor, soft: wire.SoftLabels | None, labels: np.ndarray
                 temperature=distill.temperature,
             )
     if labels is not None and distill.hard_weight > 0 and (labels >= 0).any():
-        terms["hard"] = hard_label_ce(logits, torch.as_tensor(labels, dtype=torch.int64, device=device), ignore_index=-1)
+        terms["hard"] = hard_label_ce(logits, torch.tensor(labels, dtype=torch.int64, device=device), ignore_index=-1)
     return terms
 
 
