@@ -89,6 +89,8 @@ META_NAMESPACE = "polydistill_namespace"
 META_REDIS_URL = "polydistill_redis_url"
 META_PASSWORD_ENV = "polydistill_password_env"
 META_PASSWORD_FILE = "polydistill_password_file"
+META_USERNAME = "polydistill_redis_username"  # an ACL user's name; never its password
+META_TLS_CA_FILE = "polydistill_tls_ca_file"
 
 
 class JobsError(RuntimeError):
@@ -105,6 +107,8 @@ class JobRef:
     redis_url: str | None
     password_env: str | None
     password_file: str | None = None
+    username: str | None = None
+    tls_ca_file: str | None = None
 
     @property
     def keys(self) -> JobKeys:
@@ -193,6 +197,10 @@ def submission_request(
         metadata[META_PASSWORD_ENV] = config.transport.password_env
     if config.transport.password_file:
         metadata[META_PASSWORD_FILE] = config.transport.password_file
+    if config.transport.username:
+        metadata[META_USERNAME] = config.transport.username
+    if config.transport.tls_ca_file:
+        metadata[META_TLS_CA_FILE] = config.transport.tls_ca_file
     return SubmissionRequest(submission_id, entrypoint, env_vars, metadata, working_dir)
 
 
@@ -275,6 +283,8 @@ def job_ref(info, submission_id: str, redis_url: str | None = None) -> JobRef:
         redis_url=redis_url or metadata.get(META_REDIS_URL),
         password_env=metadata.get(META_PASSWORD_ENV),
         password_file=metadata.get(META_PASSWORD_FILE),
+        username=metadata.get(META_USERNAME),
+        tls_ca_file=metadata.get(META_TLS_CA_FILE),
     )
 
 
@@ -293,7 +303,9 @@ def _redis(ref: JobRef, needed_for: str):
         except ConfigError as exc:
             raise JobsError(f"{needed_for} needs job {ref.submission_id}'s Redis password on this machine: "
                             f"{exc}") from None
-    return connect(ref.redis_url, password=password, socket_timeout=10, reconnect_timeout_s=10)
+    # The job's ACL user and CA, as stored at submission: status, scale and stop reach its Redis as it does.
+    return connect(ref.redis_url, password=password, username=ref.username, tls_ca_file=ref.tls_ca_file,
+                   socket_timeout=10, reconnect_timeout_s=10)
 
 
 # --------------------------------------------------------------------------------------------------

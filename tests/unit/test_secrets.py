@@ -126,3 +126,19 @@ def test_a_config_file_with_a_password_is_refused_too(tmp_path):
     path.write_text(TINY.read_text().replace("data:\n", f"transport:\n  password: '{SECRET}'\ndata:\n", 1))
     with pytest.raises(ConfigError, match="transport.password would reach the cluster"):
         refuse_secrets_in_submission(load_config(path), None)
+
+
+def test_status_and_stop_reach_the_job_redis_as_its_acl_user_with_its_ca(tmp_path):
+    """The ACL user and the CA travel in the job's metadata (never a password), so the job commands
+    connect as the job does."""
+    from types import SimpleNamespace
+
+    from polydistill.cluster.jobs import job_ref
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    request = submission_request(TINY, ["transport.password_env=TEAM_REDIS_PASSWORD", "transport.username=job_tiny",
+                                        f"transport.tls_ca_file={ca}"],
+                                 redis_url="rediss://redis.internal:6380/0", submission_id="tiny-2")
+    ref = job_ref(SimpleNamespace(metadata=request.metadata), "tiny-2")
+    assert (ref.username, ref.tls_ca_file, ref.password_env) == ("job_tiny", str(ca), "TEAM_REDIS_PASSWORD")
