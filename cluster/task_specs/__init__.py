@@ -32,7 +32,7 @@ from polydistill.cluster.task_specs import (
     sequence_classification,
     token_classification,
 )
-from polydistill.cluster.task_specs.spec import JobSettings, TaskSpec
+from polydistill.cluster.task_specs.spec import JobSettings, TaskSpec, named_entry
 
 # In the order of the config's `task` Literal.
 TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in (
@@ -46,10 +46,7 @@ TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in (
 
 
 def task_spec(name: str) -> TaskSpec:
-    spec = TASK_SPECS.get(name)
-    if spec is None:
-        raise ValueError(f"no task kind is named {name!r}; the task kinds are {', '.join(TASK_SPECS)}")
-    return spec
+    return named_entry(TASK_SPECS, name)
 
 
 def check_task_settings(config: JobSettings) -> None:

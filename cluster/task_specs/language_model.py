@@ -3,7 +3,7 @@ from plain text, whose own tokens are the hard labels."""
 
 from __future__ import annotations
 
-from polydistill.cluster.task_specs.spec import JobSettings
+from polydistill.cluster.task_specs.spec import JobSettings, refuse_settings
 
 
 def check_language_model(config: JobSettings) -> None:
@@ -24,12 +24,8 @@ def check_language_model(config: JobSettings) -> None:
         # Cached records are per sample, but a long sample's knowledge may travel in token windows.
         "knowledge_cache.enabled": config.knowledge_cache.enabled,
     }
-    if any(wrong.values()):
-        raise ValueError(
-            f"task {config.task} learns token distributions from plain text (hard labels are the text's own "
-            "tokens, weighed by distill.hard_weight): set "
-            + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
-        )
+    refuse_settings(wrong, f"task {config.task} learns token distributions from plain text (hard labels are the "
+                           "text's own tokens, weighed by distill.hard_weight)")
     if any(student.workers > 1 for student in (config.student, *config.extra_students)):
         # Data-parallel workers apply whole messages; a batch sent in chunks needs the one-worker gather.
         raise ValueError(f"task {config.task} trains each student on one worker: set student.workers to 1")

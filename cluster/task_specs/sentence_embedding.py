@@ -3,7 +3,7 @@ sentences (data.parallel). Its behaviour: student/task_kinds/sentence_embedding.
 
 from __future__ import annotations
 
-from polydistill.cluster.task_specs.spec import JobSettings, TaskSpec
+from polydistill.cluster.task_specs.spec import JobSettings, TaskSpec, refuse_settings
 
 
 def check(config: JobSettings) -> None:
@@ -19,11 +19,7 @@ def check(config: JobSettings) -> None:
         "distill.hidden_weight": distill.hidden_weight > 0,  # the embedding loss is the one this task trains
         "distill.attention_weight": distill.attention_weight > 0,
     }
-    if any(wrong.values()):
-        raise ValueError(
-            "task sentence-embedding has no classes and learns the pooled embeddings only: set "
-            + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad)
-        )
+    refuse_settings(wrong, "task sentence-embedding has no classes and learns the pooled embeddings only")
     if distill.embedding_weight <= 0:
         raise ValueError("task sentence-embedding learns the teacher's embeddings: set distill.embedding_weight > 0")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from polydistill.cluster.task_specs.spec import JobSettings, TaskSpec, Tokenizer, decoder_markers
+from polydistill.cluster.task_specs.spec import JobSettings, TaskSpec, Tokenizer, decoder_markers, refuse_settings
 
 
 def check(config: JobSettings) -> None:
@@ -25,9 +25,7 @@ def check(config: JobSettings) -> None:
         "student.tokenizer": student.tokenizer is not None,
         "student.init_from_teacher_layers": student.init_from_teacher_layers is not None,
     }
-    if any(wrong.values()):
-        raise ValueError("task seq2seq learns the teacher's target-token distributions and/or its translations: "
-                         "set " + ", ".join(f"{key} to 0/false/null" for key, bad in wrong.items() if bad))
+    refuse_settings(wrong, "task seq2seq learns the teacher's target-token distributions and/or its translations")
     if distill.soft_weight > 0 and distill.top_k is None:
         raise ValueError("task seq2seq needs distill.top_k (e.g. 16 to 64): the teacher ships its top-k per "
                          "target token, never the whole vocabulary's logits")

@@ -56,3 +56,20 @@ class TaskSpec:
     # Model config fields a teacher built with random weights takes from its tokenizer (teacher.config
     # still wins): a decoder's start and end markers.
     random_model_fields: Callable[[Tokenizer], Mapping[str, int]] = no_token_fields
+
+
+def refuse_settings(wrong: Mapping[str, bool], why: str) -> None:
+    """Refuses a config whose settings in ``wrong`` (setting -> set where the kind cannot use it) are
+    set, naming each one: "<why>: set <setting> to 0/false/null, ..."."""
+    named = [key for key, bad in wrong.items() if bad]
+    if named:
+        raise ValueError(f"{why}: set " + ", ".join(f"{key} to 0/false/null" for key in named))
+
+
+def named_entry(registry: Mapping[str, Any], name: str) -> Any:
+    """The task kind ``name`` of a registry keyed by the config's `task` literal, or an error listing them."""
+    entry = registry.get(name)
+    if entry is None:
+        raise ValueError(f"no task kind is named {name!r}; the task kinds are {', '.join(registry)}")
+    return entry
+

@@ -12,6 +12,7 @@ Adding a task kind: a module here and a line in ``TASK_KINDS``, its spec module 
 
 from __future__ import annotations
 
+from polydistill.cluster.task_specs.spec import named_entry
 from polydistill.student.task_kinds import (
     causal_lm,
     masked_lm,
@@ -33,7 +34,4 @@ TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
 
 
 def task_kind(name: str) -> TaskKind:
-    kind = TASK_KINDS.get(name)
-    if kind is None:
-        raise ValueError(f"no task kind is named {name!r}; the task kinds are {', '.join(TASK_KINDS)}")
-    return kind
+    return named_entry(TASK_KINDS, name)
