@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
+from polydistill.storage.alignment import AlignmentTable, row_index_ids
 from polydistill.storage.balancing import balanced_epoch_draws, balanced_sample_counts
 from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
@@ -69,6 +70,11 @@ class Feeder:
             student_tokenizer = AutoTokenizer.from_pretrained(student_source)
             self.student_pad_id = pad_token_id(student_tokenizer)
             self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
+        # distill.align_language: each row's alignment target, looked up once (storage/alignment.py).
+        self.align_targets: tuple[np.ndarray, np.ndarray] | None = None
+        if config.distill.align_language is not None:
+            table = AlignmentTable.load(Path(config.output_dir).resolve())
+            self.align_targets = table.targets_for(row_index_ids(split.dataset))
         self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
         self._lengths = self.rows.lengths
         balance = config.data.balance
@@ -156,6 +162,8 @@ class Feeder:
             token_labels=token_labels,
             student_input_ids=student_ids,
             student_attention_mask=student_mask,
+            align_targets=None if self.align_targets is None else self.align_targets[0][rows],
+            align_found=None if self.align_targets is None else self.align_targets[1][rows],
         )
 
     def feed(

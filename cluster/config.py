@@ -331,6 +331,14 @@ class DistillConfig(_Strict):
         default=0.0, ge=0, description="Match the mean-pooled last hidden state (sentence embedding)."
     )
     embedding_loss: Literal["mse", "cosine"] = "cosine"
+    align_language: str | None = Field(
+        default=None,
+        description="Cross-lingual alignment (data with index_id, the same sentence in several languages): pull the "
+        "student's mean-pooled last hidden state of every row towards the teacher's mean-pooled embedding of the "
+        "same sentence in this language (e.g. eng_Latn), so the teacher's best language teaches the weak ones "
+        "(Reimers & Gurevych 2020). Needs align_weight > 0.",
+    )
+    align_weight: float = Field(default=0.0, ge=0, description="Weight of the alignment term (1 - cosine).")
     mask_rate: float = Field(
         default=0.15, gt=0, lt=1,
         description="task masked-lm: the share of each text's tokens the teacher and the student see masked "
@@ -369,10 +377,19 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_loss(self) -> "DistillConfig":
-        weights = (self.soft_weight, self.hard_weight, self.hidden_weight, self.attention_weight, self.embedding_weight)
+        weights = (self.soft_weight, self.hard_weight, self.hidden_weight, self.attention_weight, self.embedding_weight,
+                   self.align_weight)
         if not any(weights):
-            raise ValueError("soft_weight, hard_weight, hidden_weight, attention_weight and embedding_weight are all "
-                             "0: the student would learn nothing")
+            raise ValueError("soft_weight, hard_weight, hidden_weight, attention_weight, embedding_weight and "
+                             "align_weight are all 0: the student would learn nothing")
+        return self
+
+    @model_validator(mode="after")
+    def _alignment_language_and_weight_together(self) -> "DistillConfig":
+        if (self.align_language is None) != (self.align_weight == 0):
+            raise ValueError(
+                f"distill.align_language is {self.align_language!r} and distill.align_weight {self.align_weight}: "
+                "alignment needs both (a language such as eng_Latn and a weight > 0), or neither")
         return self
 
     @model_validator(mode="after")
@@ -771,6 +788,24 @@ class JobConfig(_Strict):
             raise ValueError("data.balance draws some rows twice and others not at all in an epoch, but the knowledge "
                              "cache is sealed once every training row has been labelled once: drop data.balance or "
                              "set knowledge_cache.enabled: false")
+        return self
+
+    @model_validator(mode="after")
+    def _alignment_settings(self) -> "JobConfig":
+        if self.distill.align_language is None:
+            return self
+        wrong = {f"task {self.task}": self.task != "sequence-classification",
+                 "extra_tasks": bool(self.extra_tasks), "data.parallel": self.data.parallel}
+        named = [key for key, bad in wrong.items() if bad]
+        if named:
+            raise ValueError(
+                "distill.align_language aligns a classifier student's sentence representation with the teacher's "
+                f"embedding of each row's translation, which this job cannot use ({', '.join(named)}): unset "
+                "distill.align_language and distill.align_weight, or use task sequence-classification on one task")
+        if self.data.languages is not None and self.distill.align_language not in self.data.languages:
+            raise ValueError(
+                f"distill.align_language is {self.distill.align_language!r}, which data.languages "
+                f"{self.data.languages} leaves out: add it to data.languages (its rows are the targets)")
         return self
 
     @model_validator(mode="after")

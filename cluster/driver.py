@@ -28,7 +28,7 @@ from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
 from polydistill.cluster.config import JobConfig, with_redis_password
 from polydistill.cluster.dead_letters import outcome_with_dead_letters, samples_dead_lettered
-from polydistill.cluster.prepare import check_student_contract, prepare_student, student_dir
+from polydistill.cluster.prepare import check_student_contract, prepare_alignment_targets, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
 from polydistill.cluster.recovery import LongCall, StopOverdue, Supervisor
 from polydistill.cluster.report_schema import Report
@@ -105,6 +105,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
                 check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
             stage_seconds["prepare_student"] = _lap(started, stage_seconds)
+            if prepare_alignment_targets(config, teacher_dir, out_dir, train) is not None:
+                stage_seconds["alignment_targets"] = _lap(started, stage_seconds)
             with ray_for(redis_service):
                 log.info("job %s: redis %s", config.resolved_job_id, redis_service.url)
                 # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread

@@ -21,7 +21,9 @@ first time its class is used. Rules the declaration relies on:
   sample [n, C] or per token [n, L, C]: only the second form runs along the tokens.)
 - ``optional`` fields may be None and travel as nil; every declared key is on the wire, except the
   fields of a ``variant`` (SoftLabels: "full" or "topk"), which travel only in that variant,
-  named under the key ``kind``.
+  named under the key ``kind``, and fields declared ``added`` (optional fields that later builds
+  added to a schema version): those are left out when None and read as None when absent, so a
+  payload written before them still decodes and today's encoder writes it byte for byte.
 - Layer maps travel as [layer, array] pairs: integer map keys would force readers to turn off
   msgpack's strict_map_key hash-flooding guard.
 
@@ -108,6 +110,7 @@ class Spec:
     message: type | None = None  # nested messages: their class
     variant: str | None = None
     part: str | None = None  # the part of ``nbytes_by_part`` this field counts in, when not its own name
+    added: bool = False  # optional, added within the schema version: left off the wire when None
 
     def runs_along_tokens(self, array: np.ndarray) -> bool:
         return self.per_token_ndim is not None and array.ndim == self.per_token_ndim
@@ -138,16 +141,18 @@ def texts() -> Any:
 
 
 def integers(dtype: type, *, optional: bool = False, allow_bool: bool = False, per_token_ndim: int | None = None,
-             key: str | None = None, variant: str | None = None) -> Any:
+             key: str | None = None, variant: str | None = None, added: bool = False) -> Any:
+    optional = optional or added
     spec = Spec(Kind.INTEGERS, optional=optional, dtype=np.dtype(dtype), allow_bool=allow_bool,
-                per_token_ndim=per_token_ndim, key=key, variant=variant)
+                per_token_ndim=per_token_ndim, key=key, variant=variant, added=added)
     return _declare(spec, **_optional_default(optional))
 
 
 def floats(allowed: tuple[type, ...], *, optional: bool = False, per_token_ndim: int | None = None,
-           key: str | None = None, variant: str | None = None) -> Any:
+           key: str | None = None, variant: str | None = None, added: bool = False) -> Any:
+    optional = optional or added
     spec = Spec(Kind.FLOATS, optional=optional, floats=allowed, per_token_ndim=per_token_ndim, key=key,
-                variant=variant)
+                variant=variant, added=added)
     return _declare(spec, **_optional_default(optional))
 
 
@@ -348,8 +353,9 @@ def write_body(message: Any) -> dict[str, Any]:
     if variant is not None:
         body[VARIANT_KEY] = variant
     for name, spec in declared:
-        if spec.variant is None or spec.variant == variant:
-            body[spec.key or name] = _write_value(getattr(message, name), spec)
+        value = getattr(message, name)
+        if (spec.variant is None or spec.variant == variant) and not (spec.added and value is None):
+            body[spec.key or name] = _write_value(value, spec)
     return body
 
 
@@ -410,6 +416,8 @@ def read_body(cls: type, body: dict, where: str) -> Any:
 
 def _read_value(body: dict, key: str, spec: Spec, where: str) -> Any:
     kind = spec.kind
+    if spec.added and key not in body:
+        return None
     # Only nested tuples may be nil without being optional: nil reads as none.
     value = get(body, key, _WIRE_TYPES[kind], where, optional=spec.optional or kind is Kind.MESSAGES)
     if value is None:

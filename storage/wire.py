@@ -101,6 +101,10 @@ class WorkBatch:
     student_attention_mask: np.ndarray | None = integers(np.uint8, optional=True, allow_bool=True)
     # Multi-task jobs (extra_tasks): which of the job's tasks this batch belongs to; None is the main task.
     task: str | None = text(optional=True)
+    # distill.align_language: the teacher's embedding of each sample's sentence in that language [n, d], and
+    # whether the sample has one [n] (storage/alignment.py).
+    align_targets: np.ndarray | None = floats(HALF_OR_SINGLE, added=True)
+    align_found: np.ndarray | None = integers(np.uint8, added=True, allow_bool=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -126,6 +130,11 @@ class WorkBatch:
             if ids is not None:
                 require_shape(ids, f"WorkBatch.{ids_name}", (n, None), "n samples x its own length")
                 require_shape(mask, f"WorkBatch.{mask_name}", ids.shape, f"same as {ids_name}")
+        if (self.align_targets is None) != (self.align_found is None):
+            raise WireError("WorkBatch.align_targets and align_found come together or not at all")
+        if self.align_targets is not None:
+            require_shape(self.align_targets, "WorkBatch.align_targets", (n, None), "n samples x embedding width")
+            require_shape(self.align_found, "WorkBatch.align_found", (n,), "one flag per sample")
 
     @property
     def n_samples(self) -> int:

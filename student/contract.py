@@ -66,10 +66,12 @@ class Contract:
     relation_heads: int | None = None
     # name -> (student width, teacher width), only where the widths differ; names are valid ModuleDict keys.
     projections: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # distill.align_language: the student's pooled last layer meets the work batch's alignment targets.
+    align: bool = False
 
     @property
     def student_needs_hidden_states(self) -> bool:
-        return bool(self.hidden_pairs) or self.attention_mode == "relation" or self.request.embeddings
+        return bool(self.hidden_pairs) or self.attention_mode == "relation" or self.request.embeddings or self.align
 
     @property
     def student_needs_attentions(self) -> bool:
@@ -81,6 +83,7 @@ def hidden_projection_name(student_layer: int, teacher_layer: int) -> str:
 
 
 EMBEDDING_PROJECTION = "embedding"
+ALIGNMENT_PROJECTION = "alignment"
 
 
 def resolve_contract(
@@ -123,6 +126,8 @@ def resolve_contract(
         projections.update({hidden_projection_name(s, t): (s_width, t_width) for s, t in hidden_pairs})
         if distill.embedding_weight > 0:
             projections[EMBEDDING_PROJECTION] = (s_width, t_width)
+        if distill.align_weight > 0:
+            projections[ALIGNMENT_PROJECTION] = (s_width, t_width)
 
     # Relations are computed from the layers' output states, so those travel as hidden states.
     teacher_hidden = {t for _, t in hidden_pairs}
@@ -138,7 +143,8 @@ def resolve_contract(
         embeddings=distill.embedding_weight > 0,
     )
     return Contract(request=request, hidden_pairs=tuple(hidden_pairs), attention_pairs=tuple(attention_pairs),
-                    attention_mode=mode, relation_heads=relation_heads, projections=projections)
+                    attention_mode=mode, relation_heads=relation_heads, projections=projections,
+                    align=distill.align_weight > 0)
 
 
 def _pairs(setting, n_student: int, n_teacher: int, field_name: str, *, first: int) -> list[tuple[int, int]]:
@@ -201,7 +207,9 @@ def _check_lm_vocabularies(task: str, teacher_config: PretrainedConfig, student_
 
 
 def wants_features(distill: DistillConfig) -> bool:
-    return distill.hidden_weight > 0 or distill.attention_weight > 0 or distill.embedding_weight > 0
+    """Whether the contract needs the model configs: teacher features, or a pooled student state to align."""
+    return (distill.hidden_weight > 0 or distill.attention_weight > 0 or distill.embedding_weight > 0
+            or distill.align_weight > 0)
 
 
 def teacher_contract(config: JobConfig, teacher_dir: str | Path) -> KnowledgeRequest:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from polydistill.cluster.config import DistillConfig, JobConfig
 from polydistill.storage import wire
 from polydistill.student.contract import (
+    ALIGNMENT_PROJECTION,
     EMBEDDING_PROJECTION,
     Contract,
     ContractError,
@@ -304,11 +305,31 @@ def distillation_losses(
         terms["embedding"] = embedding_loss(pooled, float_tensor(knowledge.embeddings, device),
                                             kind=distill.embedding_loss,
                                             projection=projections.get(EMBEDDING_PROJECTION))
+    if contract.align:
+        terms["align"] = alignment_term(outputs, knowledge.work, config, projections.get(ALIGNMENT_PROJECTION))
     if not terms:
         # Nothing in this batch to learn from (no label, and no pseudo-label reached the threshold). A zero loss
         # still makes it a step, so that steps and the ledger's batches stay equal (what a resume checks).
         return logits.sum() * 0.0, {"total": 0.0}
     return combine_losses(terms, loss_weights(distill))
+
+
+def alignment_term(outputs: StudentOutputs, work: wire.WorkBatch, config: JobConfig,
+                   projection: nn.Module | None) -> Tensor:
+    """1 - cosine between the student's pooled last layer of each sample (over the tokens it read) and the
+    teacher's embedding of the same sentence in distill.align_language; samples without one are skipped."""
+    if work.align_targets is None:
+        raise ContractError(
+            f"batch {work.batch_id} of epoch {work.epoch} carries no align_targets, which distill.align_language "
+            "asks for: do the feeder and the student run the same job config?")
+    device = outputs.logits.device
+    read_mask = torch.from_numpy(student_inputs(work, config)[1].astype(np.bool_)).to(device)
+    pooled = mean_pool(_student_layer(outputs.hidden_states, -1), read_mask)
+    found = torch.from_numpy(work.align_found.astype(np.bool_)).to(device)
+    if not bool(found.any()):
+        return pooled.sum() * 0.0
+    return embedding_loss(pooled[found], float_tensor(work.align_targets, device)[found], kind="cosine",
+                          projection=projection)
 
 
 def label_terms(logits: Tensor, soft: wire.SoftLabels | None, labels: np.ndarray | None, distill: DistillConfig,
@@ -338,7 +359,8 @@ def label_terms(logits: Tensor, soft: wire.SoftLabels | None, labels: np.ndarray
 
 def loss_weights(distill: DistillConfig) -> dict[str, float]:
     return {"soft": distill.soft_weight, "hard": distill.hard_weight, "hidden": distill.hidden_weight,
-            "attention": distill.attention_weight, "embedding": distill.embedding_weight}
+            "attention": distill.attention_weight, "embedding": distill.embedding_weight,
+            "align": distill.align_weight}
 
 
 def classification_loss(outputs: StudentOutputs, knowledge: wire.Knowledge, labels: np.ndarray | None,

@@ -113,7 +113,9 @@ def every_field_knowledge(n=24, length=8, target_length=12) -> wire.Knowledge:
                           pair_attention_mask=np.ones((n, length + 1), np.uint8),
                           token_labels=rng.integers(-1, 30, size=(n, length)),
                           student_input_ids=rng.integers(0, 30, size=(n, length + 2)),
-                          student_attention_mask=np.ones((n, length + 2), np.uint8), task="translation")
+                          student_attention_mask=np.ones((n, length + 2), np.uint8), task="translation",
+                          align_targets=rng.normal(size=(n, 5)).astype(np.float16),
+                          align_found=(np.arange(n) % 2).astype(np.uint8))
     votes = (wire.TeacherVote("teacher", rng.normal(size=(n, 3)).astype(np.float32), np.ones(n, np.uint8)),)
     return wire.Knowledge(
         work=work, teacher_id="teacher-3",

@@ -115,3 +115,12 @@ def test_the_version_1_payload_holds_every_field_it_claims_to():
     assert decoded.soft.kind == "topk" and decoded.soft.per_token
     assert decoded.work.task == "nli" and decoded.work.student_input_ids.shape == (2, 4)
     assert decoded.work.token_labels.dtype == np.int64 and decoded.work.pair_attention_mask.dtype == np.uint8
+
+
+def test_fields_added_within_version_1_are_left_off_when_unset_and_travel_when_set():
+    plain = unpack(encode(every_work_field()))
+    assert "align_targets" not in plain and "align_found" not in plain
+    aligned = WorkBatch(**{**vars(every_work_field()), "align_targets": np.ones((2, 3), np.float16),
+                           "align_found": np.array([1, 0], np.uint8)})
+    back = decode(encode(aligned))
+    assert back.align_found.tolist() == [1, 0] and back.align_targets.shape == (2, 3)
