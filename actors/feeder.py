@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
-from polydistill.storage.alignment import AlignmentTable, row_index_ids
+from polydistill.storage.alignment import AlignmentTable, check_coverage, coverage_by_language, row_index_ids
 from polydistill.storage.balancing import balanced_epoch_draws, balanced_sample_counts
 from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
@@ -72,9 +72,12 @@ class Feeder:
             self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
         # distill.align_language: each row's alignment target, looked up once (storage/alignment.py).
         self.align_targets: tuple[np.ndarray, np.ndarray] | None = None
+        self.align_coverage: dict[str, float] | None = None  # share of each language's rows with a target
         if config.distill.align_language is not None:
             table = AlignmentTable.load(Path(config.output_dir).resolve())
             self.align_targets = table.targets_for(row_index_ids(split.dataset))
+            self.align_coverage = coverage_by_language(list(self.rows.languages), self.align_targets[1])
+            check_coverage(self.align_coverage, table.language)
         self.streams = JobStreams.of_job(connect_job(redis_url, config.transport), self.keys, config.transport)
         self._lengths = self.rows.lengths
         balance = config.data.balance

@@ -753,7 +753,8 @@ class JobConfig(_Strict):
         if any(wrong.values()):
             raise ValueError("extra_teachers combines the class probabilities of several teachers; drop these "
                              "settings or the extra teachers: " + ", ".join(k for k, bad in wrong.items() if bad))
-        features = distill.hidden_weight > 0 or distill.attention_weight > 0 or distill.embedding_weight > 0
+        features = (distill.hidden_weight > 0 or distill.attention_weight > 0 or distill.embedding_weight > 0
+                    or distill.align_weight > 0)
         if features and self.teacher.languages is not None:
             raise ValueError("hidden states, attention and embeddings come from the main teacher, so it must serve "
                              "every language: drop teacher.languages, or set distill.hidden_weight, "

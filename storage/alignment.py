@@ -43,9 +43,12 @@ class AlignmentTable:
             raise ValueError("alignment table: an index_id appears twice")
 
     def save(self, folder: Path | str) -> Path:
+        """Written beside and renamed into place, so a reader never sees half a table."""
         path = Path(folder) / TABLE_FILE
-        with path.open("wb") as handle:
+        partial = path.with_suffix(".partial")
+        with partial.open("wb") as handle:
             np.savez(handle, language=np.array(self.language), index_ids=self.index_ids, vectors=self.vectors)
+        partial.replace(path)
         return path
 
     @classmethod
@@ -75,7 +78,24 @@ def row_index_ids(dataset: Dataset, what: str = "the training split") -> np.ndar
         raise AlignmentDataError(
             f"distill.align_language needs an {INDEX_ID} column in {what} (the same sentence's id in every "
             f"language, as SIB-200 and FLORES give it): add {INDEX_ID} to the data, or unset distill.align_language")
-    return np.asarray(dataset.with_format(None)[INDEX_ID][:])
+    ids = np.asarray(dataset.with_format(None)[INDEX_ID][:])
+    if ids.dtype.kind not in "iuU":  # integers or strings (storage/datasets.py); anything else would pickle
+        raise AlignmentDataError(f"{what}: {INDEX_ID} must be integers or strings, found {ids.dtype} values")
+    return ids
+
+
+def coverage_by_language(languages: list[str], found: np.ndarray) -> dict[str, float]:
+    """The share of each language's rows that have an alignment target."""
+    names = np.asarray(languages)
+    return {language: float(found[names == language].mean()) for language in sorted(set(languages))}
+
+
+def check_coverage(coverage: dict[str, float], language: str) -> None:
+    """Refuses targets that reach no row at all (index ids that never match: other types, other data)."""
+    if coverage and max(coverage.values()) == 0:
+        raise AlignmentDataError(
+            f"no training row's {INDEX_ID} matches a sentence of {language!r}: give each translation the same "
+            f"{INDEX_ID} in every language, or unset distill.align_language")
 
 
 def pivot_rows(dataset: Dataset, language: str) -> np.ndarray:

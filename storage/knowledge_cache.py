@@ -249,7 +249,9 @@ def split_samples(knowledge: wire.Knowledge) -> list[tuple[int, wire.Knowledge]]
         fields = {name: _sample_value(getattr(knowledge, name), spec, row, int(lengths[row]),
                                       _runs_along_input(knowledge, spec))
                   for name, spec in schema.declared_fields(wire.Knowledge)}
-        fields["work"] = dataclasses.replace(fields["work"], job_id=_RECORD_JOB_ID, epoch=0, batch_id=0)
+        # Alignment targets come from the live work batch a cached batch is joined to, never from a record.
+        fields["work"] = dataclasses.replace(fields["work"], job_id=_RECORD_JOB_ID, epoch=0, batch_id=0,
+                                             align_targets=None, align_found=None)
         out.append((sample_id, wire.Knowledge(**{**fields, "teacher_seconds": 0.0})))
     return out
 

@@ -352,7 +352,7 @@ class StudentTrainer:
         except RuntimeError:
             raise CheckpointError(
                 f"{where} holds feature projections {sorted(projection_state)} but this config needs "
-                f"{sorted(self.projections.state_dict())} (distill.hidden_layers, distill.embedding_weight, or the "
+                f"{sorted(self.projections.state_dict())} (distill.hidden_layers, distill.embedding_weight, distill.align_weight, or the "
                 "models' widths changed); resume with the job's own config (OUTPUT/job.yaml)"
             ) from None
         self.model.load_state_dict(model_state)

@@ -35,7 +35,8 @@ def check(config: JobSettings) -> None:
     if config.compress is not None and unlabelled and config.compress.recover_loss == "hard":
         raise ValueError("compress.recover_loss is 'hard' but the student gets no labels (data.label_column is "
                          "null or data.withhold_labels is true): use compress.recover_loss: distill")
-    teacher_terms = (distill.soft_weight, distill.hidden_weight, distill.attention_weight, distill.embedding_weight)
+    teacher_terms = (distill.soft_weight, distill.hidden_weight, distill.attention_weight, distill.embedding_weight,
+                     distill.align_weight)
     if unlabelled and not any(teacher_terms) and distill.pseudo_label_threshold is None:
         raise ValueError(
             "the student gets no labels (data.label_column is null or data.withhold_labels is true) and "

@@ -132,3 +132,13 @@ def test_the_feeder_sends_each_row_the_teacher_embedding_of_its_english_translat
 def test_alignment_settings_are_refused_with_what_to_change(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny(tmp_path, *overrides)
+
+
+def test_coverage_is_counted_per_language_and_none_at_all_is_refused():
+    from polydistill.storage.alignment import check_coverage, coverage_by_language
+
+    coverage = coverage_by_language(["yor", "eng", "yor", "yor"], np.array([1, 1, 0, 1], np.uint8))
+    assert coverage == {"eng": 1.0, "yor": pytest.approx(2 / 3)}
+    check_coverage(coverage, "eng")
+    with pytest.raises(AlignmentDataError, match="no training row's index_id matches"):
+        check_coverage(coverage_by_language(["yor"], np.array([0], np.uint8)), "eng")
