@@ -8,6 +8,7 @@ re-enqueue exactly the batches a student has not applied after Redis lost its da
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
 from polydistill.storage.alignment import AlignmentTable, check_coverage, coverage_by_language, row_index_ids
+from polydistill.storage.augmentation import translation_swaps
 from polydistill.storage.balancing import balanced_epoch_draws, balanced_sample_counts
 from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, load_job_split, pad_rows, pad_token_id, tokenize_split
@@ -59,6 +61,10 @@ class Feeder:
         # The tokens of a work batch as its task kind builds them (a masked LM's are masked, a tagger's tagged).
         self.work_tokens = task_kind(config.task).work_tokens(config, tokenizer, self.pad_id)
         split = load_job_split(config.data, config.data.train_split)
+        if config.data.augment is not None:  # teacher-labelled views, for this student only (not the ablation)
+            augment = config.data.augment
+            split = dataclasses.replace(
+                split, dataset=translation_swaps(split.dataset, augment.translation_swaps, augment.seed))
         self.label_names = split.label_names
         self.cleaning = split.cleaning
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)

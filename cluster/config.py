@@ -212,6 +212,18 @@ class BalanceConfig(_Strict):
     )
 
 
+class AugmentConfig(_Strict):
+    """Teacher-labelled views added to the distilled student's training rows (storage/augmentation.py)."""
+
+    translation_swaps: float = Field(
+        ge=0, le=8,
+        description="Views per training row, on parallel data (index_id): the first half of a row's words followed "
+        "by the second half of the same sentence in another language. Views carry no gold label: the student learns "
+        "them from the teacher's soft labels; fine-tuning and the hard-label ablation never see them.",
+    )
+    seed: int = Field(default=0, description="Seeds which translation each view takes its second half from.")
+
+
 class DataConfig(_Strict):
     path: str = Field(description="A SIB-200 style folder (<lang>/<split>.tsv), a data file or folder, or a hub dataset.")
     text_column: str = "text"
@@ -266,6 +278,11 @@ class DataConfig(_Strict):
         description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
         "learns from the teacher alone, as on unlabelled text, so labelled and unlabelled distillation compare "
         "on the same data.",
+    )
+    augment: AugmentConfig | None = Field(
+        default=None,
+        description="Teacher-labelled views of the training rows for the distilled student, e.g. "
+        "{translation_swaps: 1.0}; off by default.",
     )
     balance: BalanceConfig | None = Field(
         default=None,
@@ -789,6 +806,22 @@ class JobConfig(_Strict):
             raise ValueError("data.balance draws some rows twice and others not at all in an epoch, but the knowledge "
                              "cache is sealed once every training row has been labelled once: drop data.balance or "
                              "set knowledge_cache.enabled: false")
+        return self
+
+    @model_validator(mode="after")
+    def _augmentation_settings(self) -> "JobConfig":
+        augment = self.data.augment
+        if augment is None or augment.translation_swaps == 0:
+            return self
+        wrong = {f"task {self.task}": self.task != "sequence-classification", "extra_tasks": bool(self.extra_tasks),
+                 "data.parallel": self.data.parallel}
+        named = [key for key, bad in wrong.items() if bad]
+        if named:
+            raise ValueError(f"data.augment adds views of classified sentences, which this job cannot use "
+                             f"({', '.join(named)}): drop data.augment")
+        if self.distill.soft_weight <= 0 and self.distill.pseudo_label_threshold is None:
+            raise ValueError("data.augment's views carry no gold label, so only the teacher's soft labels teach "
+                             "them: set distill.soft_weight > 0, or drop data.augment")
         return self
 
     @model_validator(mode="after")
