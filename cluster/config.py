@@ -224,6 +224,18 @@ class AugmentConfig(_Strict):
     seed: int = Field(default=0, description="Seeds which translation each view takes its second half from.")
 
 
+class UnlabelledConfig(_Strict):
+    """Text nobody labelled, for the teacher to label (storage/unlabelled.py)."""
+
+    path: str = Field(description="A SIB-200 style folder, data file(s), hub dataset, or a folder of Tatoeba pair "
+                      "files (tatoeba.xxx-eng.xxx: the non-English side is read). Any label column is ignored.")
+    split: str = Field(default="train", description="The split to read (not used for Tatoeba pair files).")
+    text_column: str = "text"
+    language_column: str | None = None
+    languages: list[str] | None = Field(default=None, description="Languages to read; default: all found.")
+    limit_per_language: int | None = Field(default=None, ge=1)
+
+
 class DataConfig(_Strict):
     path: str = Field(description="A SIB-200 style folder (<lang>/<split>.tsv), a data file or folder, or a hub dataset.")
     text_column: str = "text"
@@ -278,6 +290,12 @@ class DataConfig(_Strict):
         description="Load the labels (for evaluation and the ablation) but never give them to the student: it "
         "learns from the teacher alone, as on unlabelled text, so labelled and unlabelled distillation compare "
         "on the same data.",
+    )
+    unlabelled: UnlabelledConfig | None = Field(
+        default=None,
+        description="Unlabelled text the teacher labels for the distilled student (XtremeDistil's transfer set), "
+        "e.g. {path: ./data/tatoeba}; fine-tuning and the hard-label ablation never see it. Not the dev rows: "
+        "those are for choosing settings.",
     )
     augment: AugmentConfig | None = Field(
         default=None,
@@ -811,6 +829,13 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _augmentation_settings(self) -> "JobConfig":
         augment = self.data.augment
+        if self.data.unlabelled is not None:
+            if self.task != "sequence-classification" or self.extra_tasks or self.data.parallel:
+                raise ValueError("data.unlabelled adds text for a classifier's teacher to label, which this job "
+                                 "cannot use (task, extra_tasks or data.parallel): drop data.unlabelled")
+            if self.distill.soft_weight <= 0 and self.distill.pseudo_label_threshold is None:
+                raise ValueError("data.unlabelled has no gold labels, so only the teacher's soft labels teach it: "
+                                 "set distill.soft_weight > 0, or drop data.unlabelled")
         if augment is None or augment.translation_swaps == 0:
             return self
         wrong = {f"task {self.task}": self.task != "sequence-classification", "extra_tasks": bool(self.extra_tasks),
@@ -1099,6 +1124,8 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     # The job's own sections, its extra tasks' (data and teacher) and its extra teachers (a teacher each).
     for where in (raw, *(entry for entry in entries("extra_tasks") if isinstance(entry, dict))):
         fix(where.get("data"), "path")
+        if isinstance(where.get("data"), dict):
+            fix(where["data"].get("unlabelled"), "path")
         fix(where.get("teacher"), "model", "tokenizer")
     for teacher in entries("extra_teachers"):
         fix(teacher, "model", "tokenizer")
