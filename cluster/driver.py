@@ -55,6 +55,7 @@ from polydistill.storage.knowledge_cache import is_complete
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job
 from polydistill.storage.job_data import load_job_split
+from polydistill.student.metrics import ablation_name
 from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
 from polydistill.student.teacher_gate import read_teacher_record
 
@@ -111,12 +112,16 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 log.info("job %s: redis %s", config.resolved_job_id, redis_service.url)
                 # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
                 # instead of after it: on a small machine the teacher replicas leave a core partly idle.
-                ablation_ref = None
-                if config.evaluation.ablation and config.data.eval_split:
-                    ablation_ref = _ablation_task.options(num_cpus=0).remote(
-                        redis_service.config, str(student_init_dir), str(out_dir / "ablation")
-                    )
+                # Every student gets its own: the same architecture and initialisation on hard labels alone.
                 init_dirs = {"student": student_init_dir, **extra_init}
+                ablation_refs = {}
+                if config.evaluation.ablation and config.data.eval_split:
+                    for name, init_dir in init_dirs.items():
+                        ablation = ablation_name(name)
+                        ablation_refs[ablation] = _ablation_task.options(num_cpus=0).remote(
+                            redis_service.config.for_student(name), str(init_dir),
+                            str(out_dir / ablation.replace(":", "-"))
+                        )
                 task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
                 distilling_began = True
                 result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
@@ -127,12 +132,13 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 shortfall = accounting_shortfall(report, result["missing_batches"])
                 outcome = outcome_with_dead_letters(job_outcome(shortfall, result["stopped_by"]), report,
                                                     result["missing_batches"], result["dead_lettered"])
-                ablation_dir = None
+                ablation_dirs = {}
                 if outcome == "stopped":
-                    if ablation_ref is not None:  # the evaluation it is for will not run
+                    for ablation_ref in ablation_refs.values():  # the evaluation they are for will not run
                         ray.cancel(ablation_ref, force=True)
-                elif ablation_ref is not None:
-                    ablation_dir = Path(ray.get(ablation_ref))
+                elif ablation_refs:
+                    ablation_dirs = {name: Path(folder) for name, folder in zip(
+                        ablation_refs, ray.get(list(ablation_refs.values())))}
                     stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
             report["status"] = outcome
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
@@ -154,8 +160,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
 
                 extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
                 extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
-                if ablation_dir is not None:
-                    extra["ablation"] = ablation_dir
+                extra.update(ablation_dirs)
                 report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
                                            extra))
                 if task_teachers:

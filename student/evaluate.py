@@ -25,6 +25,7 @@ from polydistill.student.metrics import (
     BOOTSTRAP_SEED,
     CONFIDENCE_LEVEL,
     bootstrap_intervals,
+    is_distilled_student,
     retention,
 )
 # The scorers live in student/scoring.py, below the task kinds that use them.
@@ -85,7 +86,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     for name, model_dir in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tested = ModelUnderTest(model_class(config.task).from_pretrained(model_dir), tokenizer, Path(model_dir))
-        with_costs = name in ("teacher", "student") and config.evaluation.latency
+        with_costs = (name == "teacher" or is_distilled_student(name)) and config.evaluation.latency
         # The teacher comes first; the models after it are scored against it too where the kind compares them.
         results[name], costs_of = kind.evaluate(held_out, tested, results.get("teacher"), with_costs)
         if with_costs:
@@ -101,10 +102,20 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         )
         costs["param_ratio"] = round(costs["student"]["params"] / costs["teacher"]["params"], 4)
         costs["disk_ratio"] = round(costs["student"]["disk_bytes"] / costs["teacher"]["disk_bytes"], 4)
+        for name in filter(is_distilled_student, models):  # each extra student against the teacher
+            if name != "student":
+                costs[name].update(_against_teacher(costs["teacher"], costs[name]))
     report["efficiency"] = costs
     report["eval_samples"] = len(split.dataset)
     report["metric"] = kind.metric
     return report
+
+
+def _against_teacher(teacher: dict, student: dict) -> dict:
+    """A student's speed-ups and size as the teacher's multiple."""
+    return {"speedup_batch1": round(teacher["latency_ms_batch1"] / student["latency_ms_batch1"], 3),
+            "speedup_batch32": round(teacher["latency_ms_batch32"] / student["latency_ms_batch32"], 3),
+            "param_ratio": round(student["params"] / teacher["params"], 4)}
 
 
 def balanced_draws(config: JobConfig, languages: list[str]) -> Callable[[int], np.ndarray] | None:

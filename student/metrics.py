@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -149,8 +149,8 @@ def bootstrap_intervals(
 
     ``correct[model][i]`` is what the model got right on test row i: 1 or 0 for a sentence, the number
     of words tagged right for a tagger's sentence, whose scored words are ``units[i]`` (default 1 each).
-    Models named "student", "ablation" and "teacher" are compared; a comparison whose models are
-    missing is left out. Each language's rows are resampled with replacement ``resamples`` times, the
+    Models are compared as ``comparisons_of`` pairs them (the student with "ablation" and "teacher", an
+    extra student X with "ablation:X" and "teacher"); a comparison whose models are missing is left out. Each language's rows are resampled with replacement ``resamples`` times, the
     same draw for every model (a paired bootstrap: what the models share, the difficulty of the rows
     drawn, cancels), by a generator seeded with ``seed`` and the language, so a language's interval
     does not depend on which others are evaluated. An interval is the percentile interval holding
@@ -172,11 +172,7 @@ def bootstrap_intervals(
     if (units < 0).any():
         raise ValueError("a test row cannot hold fewer than 0 units (sentences, or scored words of a tagged sentence)")
 
-    comparisons = {}
-    if "student" in correct and "ablation" in correct:
-        comparisons["student_minus_ablation"] = lambda acc: acc["student"] - acc["ablation"]
-    if "student" in correct and "teacher" in correct:
-        comparisons["retention"] = lambda acc: _ratio_or_nan(acc["student"], acc["teacher"])
+    comparisons = comparisons_of(list(correct))
 
     def accuracies(rows: np.ndarray) -> dict[str, np.ndarray]:
         """Each model's accuracy on the rows (the last axis), for every resample at once."""
@@ -201,6 +197,36 @@ def bootstrap_intervals(
     language_average = {name: _interval(statistic(averaged(point)), statistic(averaged(resampled)), level)
                         for name, statistic in comparisons.items()}
     return {"per_language": per_language, "language_average": language_average}
+
+
+def ablation_name(student: str) -> str:
+    """The hard-label ablation of a student: "ablation" for the main student, "ablation:X" for extra student X."""
+    return "ablation" if student == "student" else f"ablation:{student}"
+
+
+def comparison_names(student: str) -> tuple[str, str]:
+    """The interval keys of a student's lead over its ablation and of its retention."""
+    if student == "student":
+        return "student_minus_ablation", "retention"
+    return f"{student}_minus_ablation", f"{student}_retention"
+
+
+def is_distilled_student(name: str) -> bool:
+    """A model of the evaluation that a teacher distilled (not the teacher, another teacher or an ablation)."""
+    return name != "teacher" and not name.startswith(("teacher:", "ablation"))
+
+
+def comparisons_of(models: Sequence[str]) -> dict[str, Callable[[dict], np.ndarray]]:
+    """{interval key: statistic of the models' accuracies} for every distilled student among ``models``."""
+    comparisons = {}
+    for student in filter(is_distilled_student, models):
+        minus, kept = comparison_names(student)
+        ablation = ablation_name(student)
+        if ablation in models:
+            comparisons[minus] = lambda acc, s=student, a=ablation: acc[s] - acc[a]
+        if "teacher" in models:
+            comparisons[kept] = lambda acc, s=student: _ratio_or_nan(acc[s], acc["teacher"])
+    return comparisons
 
 
 def _ratio_or_nan(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
