@@ -145,7 +145,7 @@ def fidelity(logits: torch.Tensor, source: str) -> dict:
 
 
 # Zipf exponents: 1.1 is heavy-tailed (top-32 holds about half the mass), 1.5 is peaked like a
-# trained LM on an easy token. Neither is a real model: the e5 teacher has no LM head (see README).
+# trained LM on an easy token. Neither is a real model: the e5 teacher has no LM head (see docs/tasks.md).
 ZIPF_EXPONENTS = (1.1, 1.5)
 
 

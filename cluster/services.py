@@ -175,7 +175,7 @@ def _claim(client: redis.Redis, config: JobConfig) -> JobOwnership:
     except redis.exceptions.NoPermissionError as exc:
         raise RedisCheckFailed(
             f"the Redis user may not write the job's keys ({keys.pattern}): {exc}; grant it that prefix "
-            "(see README, Security), or set transport.username"
+            "(see docs/security.md), or set transport.username"
         ) from None
 
 

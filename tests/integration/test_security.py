@@ -257,7 +257,7 @@ def test_a_redis_url_from_the_environment_is_checked_too(tmp_path, capsys, monke
 
 @pytest.mark.slow
 def test_a_job_runs_as_a_redis_user_confined_to_its_key_prefix(tmp_path, local_ray):
-    """The README's ACL recipe: the job's user can touch nothing but ``polydistill:<job_id>:*``, and
+    """The ACL recipe of docs/security.md: the job's user can touch nothing but ``polydistill:<job_id>:*``, and
     its password reaches every process from transport.password_file."""
     with PrivateRedisServer(password=SECRET) as server:
         admin = connect(server.url)
