@@ -238,6 +238,7 @@ class UnlabelledConfig(_Strict):
 
 class DataConfig(_Strict):
     path: str = Field(description="A SIB-200 style folder (<lang>/<split>.tsv), a data file or folder, or a hub dataset.")
+    licence: str | None = Field(default=None, description="The data's licence, as the students' model cards state it.")
     text_column: str = "text"
     label_column: str | None = "category"
     language_column: str | None = None

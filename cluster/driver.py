@@ -175,6 +175,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                     stage_seconds["compress"] = _lap(started, stage_seconds)
             report["stage_seconds"] = stage_seconds
             report["total_seconds"] = round(time.perf_counter() - started, 2)
+            _write_model_cards(report, config)
             _write_report(report, out_dir)
         except KeyboardInterrupt:
             # Ctrl-C before distilling began or after it ended (a second one while it stopped is _distill's).
@@ -525,6 +526,14 @@ def _task_report(config: JobConfig, plan: dict, training: dict, pools: dict) -> 
             "teacher_pool": pools.get("teacher" if name == "main" else name),
         }
     return report
+
+
+def _write_model_cards(report: dict, config: JobConfig) -> None:
+    """A model card beside every student, and the config that made it (no secrets), which the card names."""
+    from polydistill.student.model_card import write_model_cards
+
+    for card in write_model_cards(report, config):
+        save_job_config(config, card.parent)
 
 
 def _write_report(report: dict, out_dir: Path) -> None:
