@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
                         "$POLYDISTILL_REDIS_PASSWORD)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    export = commands.add_parser("export", help="write a saved student as ONNX (float and int8) that onnxruntime "
+                                 "runs without polydistill")
+    export.add_argument("folder", help="the student's folder (e.g. OUTPUT/student)")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the format to write (onnx)")
+    export.add_argument("--output", help="where to write it (default: FOLDER/onnx)")
+    export.add_argument("--no-int8", action="store_true", help="the float graph only")
+
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API); prints its id")
     _add_config_arguments(submit)
     submit.add_argument("--output", help="output directory on the cluster (overrides output_dir)")
@@ -124,6 +131,8 @@ def _main(args: argparse.Namespace) -> int:
         from polydistill.cluster.tune import run_tune_command
 
         return run_tune_command(args)
+    if args.command == "export":
+        return _export(args)
     if args.command in _JOB_COMMANDS:
         return _job_command(args)
     try:
@@ -149,6 +158,20 @@ def _main(args: argparse.Namespace) -> int:
 
 
 _JOB_COMMANDS = ("submit", "status", "logs", "stop", "scale")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from polydistill.student.onnx_export import ExportError, export_classifier_onnx
+
+    try:
+        done = export_classifier_onnx(args.folder, args.output, int8=not args.no_int8)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{done.float_path} (largest logit difference from torch {done.float_max_abs_diff:.2e})")
+    if done.int8_path is not None:
+        print(f"{done.int8_path} (int8 weights; largest logit difference from torch {done.int8_max_abs_diff:.2e})")
+    return 0
 
 
 def _version() -> str:
