@@ -96,13 +96,10 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         add_confidence_intervals(report, results, split.dataset.with_format(None)["language"][:])
     if costs:
         costs["latency_sample"] = describe_latency_sample(split)
-        costs["speedup_batch1"] = round(costs["teacher"]["latency_ms_batch1"] / costs["student"]["latency_ms_batch1"], 3)
-        costs["speedup_batch32"] = round(
-            costs["teacher"]["latency_ms_batch32"] / costs["student"]["latency_ms_batch32"], 3
-        )
-        costs["param_ratio"] = round(costs["student"]["params"] / costs["teacher"]["params"], 4)
+        # The main student's ratios sit at the top of the section, each extra student's in its own entry.
+        costs.update(_against_teacher(costs["teacher"], costs["student"]))
         costs["disk_ratio"] = round(costs["student"]["disk_bytes"] / costs["teacher"]["disk_bytes"], 4)
-        for name in filter(is_distilled_student, models):  # each extra student against the teacher
+        for name in filter(is_distilled_student, models):
             if name != "student":
                 costs[name].update(_against_teacher(costs["teacher"], costs[name]))
     report["efficiency"] = costs

@@ -150,8 +150,8 @@ def bootstrap_intervals(
     ``correct[model][i]`` is what the model got right on test row i: 1 or 0 for a sentence, the number
     of words tagged right for a tagger's sentence, whose scored words are ``units[i]`` (default 1 each).
     Models are compared as ``comparisons_of`` pairs them (the student with "ablation" and "teacher", an
-    extra student X with "ablation:X" and "teacher"); a comparison whose models are missing is left out. Each language's rows are resampled with replacement ``resamples`` times, the
-    same draw for every model (a paired bootstrap: what the models share, the difficulty of the rows
+    extra student X with "ablation:X" and "teacher"); a comparison whose models are missing is left out.
+    Each language's rows are resampled with replacement ``resamples`` times, the same draw for every model (a paired bootstrap: what the models share, the difficulty of the rows
     drawn, cancels), by a generator seeded with ``seed`` and the language, so a language's interval
     does not depend on which others are evaluated. An interval is the percentile interval holding
     ``level`` of the resampled statistics, beside the statistic on the rows themselves ("estimate").

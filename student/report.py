@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from polydistill.student.metrics import retention as retention_ratio
 from polydistill.student.report_students import (
     distilled_students,
+    has_extra_students,
     plot_accuracy_vs_size,
     student_summaries,
     student_view,
@@ -248,13 +249,14 @@ def format_students_table(report: Mapping) -> str:
     """Every student of the teacher beside the teacher and the ablations: size, speed, mean score over
     languages, retention and lead over the student's own ablation with their intervals. Empty unless the
     job trained extra students."""
-    if len(distilled_students(report)) < 2:
+    if not has_extra_students(report):
         return ""
     header = ["model", "parameters", "share of teacher", "speed-up, batch 32", "mean over languages",
               "retention [95% CI]", "− its ablation, points [95% CI]", "weakest language (retention)"]
-    teacher_params = next((s["params"] for s in student_summaries(report) if s["role"] == "teacher"), None)
+    summaries = student_summaries(report)
+    teacher_params = next((s["params"] for s in summaries if s["role"] == "teacher"), None)
     rows = []
-    for summary in student_summaries(report):
+    for summary in summaries:
         kept, weakest = summary.get("retention"), summary.get("weakest_language")
         rows.append([
             summary["model"], _integer(summary["params"]), _percent(_ratio(summary["params"], teacher_params)),
@@ -562,9 +564,9 @@ def render_markdown(report: Mapping) -> str:
         table = format_language_table(task) if name != "main" else ""
         if table:
             sections.append(f"## Task {name} ({task.get('task')}, weight {task.get('weight')})\n\n" + table)
-    students_table = format_students_table(report)
-    if students_table:
-        sections.append("## Students\n\n" + students_table + "\n\n![Accuracy against size](accuracy_vs_size.png)")
+    if has_extra_students(report):
+        sections.append("## Students\n\n" + format_students_table(report)
+                        + "\n\n![Accuracy against size](accuracy_vs_size.png)")
         for name in distilled_students(report)[1:]:
             sections.append(f"### Student {name} by language\n\n" + format_language_table(student_view(report, name)))
     teachers_table = format_teachers_table(report)
@@ -599,7 +601,7 @@ def write_report(report: Mapping, out_dir: Path) -> list[Path]:
     written = [markdown_path]
     if report.get("per_language"):
         written.append(plot_language_accuracy(report, out_dir / "per_language_accuracy.png"))
-    if format_students_table(report):
+    if has_extra_students(report):
         written.append(plot_accuracy_vs_size(report, out_dir / "accuracy_vs_size.png"))
     if report.get("loss_history"):
         written.append(plot_training_loss(report["loss_history"], out_dir / "training_loss.png"))

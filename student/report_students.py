@@ -23,6 +23,11 @@ def distilled_students(report: Mapping) -> list[str]:
     return sorted(filter(is_distilled_student, averages), key=lambda name: (name != "student", name))
 
 
+def has_extra_students(report: Mapping) -> bool:
+    """The evaluation scored more than the main student: the report gets its Students section and plot."""
+    return len(distilled_students(report)) > 1
+
+
 def student_view(report: Mapping, name: str) -> dict:
     """The report's per-language and overall sections with student ``name`` in the main student's place
     (and its ablation in the ablation's), so the main student's language table can show it."""

@@ -74,19 +74,28 @@ def test_data_without_translations_is_refused_with_what_to_change():
         translation_swaps(lonely, 1.0, 0)
 
 
-def tiny(tmp_path: Path, *overrides: str):
+def tiny_job(tmp_path: Path, *overrides: str):
+    """tiny.yaml on 30 training rows in each of English and French, with a Redis URL nothing listens on."""
     return load_config(EXAMPLES / "tiny.yaml", [
         f"transport.redis_url={NO_REDIS}", "data.languages=[eng_Latn, fra_Latn]", "data.limit_per_language=30",
-        "data.augment={translation_swaps: 0.5}", *overrides,
+        *overrides,
     ], output_dir=str(tmp_path / "out"))
 
 
-def test_the_feeder_sends_the_views_and_the_ablation_split_has_none(tmp_path):
-    config = tiny(tmp_path)
+def feeder_and_training_split(config, tmp_path: Path):
+    """The job's feeder over a random-weight teacher, and the training split fine-tuning and the ablation read."""
     train = load_job_split(config.data, config.data.train_split)
     teacher_dir = materialize_random_teacher(config.teacher, train.label_names, train.dataset["text"],
                                              tmp_path / "teacher", config.training.seed)
-    feeder = Feeder(config, str(teacher_dir), NO_REDIS)
+    return Feeder(config, str(teacher_dir), NO_REDIS), train
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return tiny_job(tmp_path, "data.augment={translation_swaps: 0.5}", *overrides)
+
+
+def test_the_feeder_sends_the_views_and_the_ablation_split_has_none(tmp_path):
+    feeder, train = feeder_and_training_split(tiny(tmp_path), tmp_path)
     assert len(train.dataset) == 60 and (np.asarray(train.dataset["label"]) >= 0).all()
     assert len(feeder.rows) == 90 and (feeder.rows.labels[60:] == -1).all()
     assert feeder.plan().samples_per_epoch == 90

@@ -1,16 +1,11 @@
 """Every distilled student carries a model card: the hub header, the recipe, its own per-language table
 against the teacher and its ablation, size and speed, how to load it, and the data's licence."""
 
-import sys
-from pathlib import Path
-
 import yaml
 
 from polydistill.cluster.config import JobConfig
 from polydistill.student.model_card import card_languages, render_model_card, write_model_cards
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_report_students import _report  # noqa: E402  (the synthetic two-student report)
+from tests.unit.test_report_students import _report  # the synthetic two-student report
 
 
 def _config(**data) -> JobConfig:

@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from polydistill.actors.feeder import Feeder
-from polydistill.cluster.config import ConfigError, UnlabelledConfig, load_config
-from polydistill.storage.job_data import load_job_split
+from polydistill.cluster.config import ConfigError, UnlabelledConfig
 from polydistill.storage.unlabelled import append_unlabelled, load_unlabelled
-from polydistill.student.build import materialize_random_teacher
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-NO_REDIS = "redis://127.0.0.1:1/0"
+from tests.unit.test_augmentation import EXAMPLES, feeder_and_training_split, tiny_job
 
 
 def test_rows_join_after_the_training_rows_unlabelled_with_no_sentence():
@@ -44,19 +39,14 @@ def test_a_tsv_file_and_a_tatoeba_folder_both_give_text_and_language(tmp_path):
 
 
 def tiny(tmp_path: Path, *overrides: str):
-    return load_config(EXAMPLES / "tiny.yaml", [
-        f"transport.redis_url={NO_REDIS}", "data.languages=[eng_Latn, fra_Latn]", "data.limit_per_language=30",
-        "data.unlabelled={path: ./data/tatoeba, languages: [fra, deu], limit_per_language: 5}", *overrides,
-    ], output_dir=str(tmp_path / "out"))
+    return tiny_job(tmp_path, "data.unlabelled={path: ./data/tatoeba, languages: [fra, deu], limit_per_language: 5}",
+                    *overrides)
 
 
 def test_the_feeder_sends_the_text_and_the_ablation_split_has_none(tmp_path):
     config = tiny(tmp_path)
     assert Path(config.data.unlabelled.path).is_absolute()  # ./ is relative to the config file
-    train = load_job_split(config.data, config.data.train_split)
-    teacher_dir = materialize_random_teacher(config.teacher, train.label_names, train.dataset["text"],
-                                             tmp_path / "teacher", config.training.seed)
-    feeder = Feeder(config, str(teacher_dir), NO_REDIS)
+    feeder, train = feeder_and_training_split(config, tmp_path)
     assert len(train.dataset) == 60 and (np.asarray(train.dataset["label"]) >= 0).all()
     assert len(feeder.rows) == 70 and (feeder.rows.labels[60:] == -1).all()
     assert feeder.plan().samples_per_language == {"eng_Latn": 30, "fra_Latn": 30, "fra": 5, "deu": 5}
