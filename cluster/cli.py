@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="where to write it (default: FOLDER/onnx)")
     export.add_argument("--no-int8", action="store_true", help="the float graph only")
 
+    push = commands.add_parser("push", help="upload a saved student and its model card to a model hub repository "
+                               "(huggingface_hub; token from HF_TOKEN or a stored login)")
+    push.add_argument("folder", help="the student's folder (e.g. OUTPUT/student)")
+    push.add_argument("--repo-id", required=True, help="OWNER/NAME of the repository (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API); prints its id")
     _add_config_arguments(submit)
     submit.add_argument("--output", help="output directory on the cluster (overrides output_dir)")
@@ -133,6 +139,8 @@ def _main(args: argparse.Namespace) -> int:
         return run_tune_command(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "push":
+        return _push(args)
     if args.command in _JOB_COMMANDS:
         return _job_command(args)
     try:
@@ -171,6 +179,21 @@ def _export(args: argparse.Namespace) -> int:
     print(f"{done.float_path} (largest logit difference from torch {done.float_max_abs_diff:.2e})")
     if done.int8_path is not None:
         print(f"{done.int8_path} (int8 weights; largest logit difference from torch {done.int8_max_abs_diff:.2e})")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from polydistill.cluster.push import PushError, push_student
+
+    try:
+        url = push_student(args.folder, args.repo_id, private=args.private)
+    except PushError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # the hub unreachable, a token refused: one line, not a traceback
+        print(f"error: pushing {args.folder} to {args.repo_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(url)
     return 0
 
 
