@@ -579,6 +579,17 @@ class TrainingConfig(_Strict):
         description="bfloat16 runs forward passes under autocast (weights and optimiser stay float32): "
         "about 1.4x faster on CPUs with AVX512-BF16/AMX and on recent GPUs.",
     )
+    validate_each_epoch: bool = Field(
+        default=False,
+        description="Score the student on the dev split (data.dev_split; never the test split) at the end of every "
+        "epoch: per-language accuracy in report.json (validation), the log and the experiment tracker. "
+        "task sequence-classification.",
+    )
+    keep_best: bool = Field(
+        default=False,
+        description="With validate_each_epoch: the saved student is the epoch that scored best on dev, not the last "
+        "one; the ablation is chosen the same way.",
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -590,6 +601,42 @@ class EvaluationConfig(_Strict):
     latency: bool = Field(default=True, description="Measure CPU latency of teacher and student.")
     num_beams: int = Field(default=1, ge=1, le=16,
                            description="task seq2seq: beams when teacher and student translate the held-out rows.")
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking (cluster/tracking.py): the job's config, per-step losses, live progress,
+    the report's metrics per language and its plots, in the tracker users already have open."""
+
+    mlflow: bool = Field(default=False, description="Log the job as an MLflow run (needs polydistill[tracking]).")
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="An MLflow tracking server or store URI; default: sqlite:///<output_dir>/mlflow.db. No "
+        "credentials in it: MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN where it runs.",
+    )
+    experiment: str = Field(default="polydistill", min_length=1, description="The MLflow experiment's name.")
+    run_name: str | None = Field(default=None, description="The MLflow run's name; default: the job id.")
+    tensorboard: bool = Field(
+        default=False, description="Write TensorBoard event files (needs polydistill[tracking]).")
+    tensorboard_dir: str | None = Field(default=None, description="Default: <output_dir>/tensorboard.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow or self.tensorboard
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, uri: str | None) -> str | None:
+        # A URI travels in job.yaml, the report, actors' arguments and a submitted job's entrypoint, and MLflow
+        # prints it in its errors: credentials go where MLflow itself reads them, on each node.
+        if uri is not None:
+            parts = urlsplit(uri)
+            query = {key.lower() for key, _ in parse_qsl(parts.query)}
+            if parts.password is not None or query & {"password", "token", "access_token"}:
+                raise ValueError("tracking.mlflow_tracking_uri carries a credential, which would be shown in job.yaml, "
+                                 "the report and the job's entrypoint: give the URI without it and set "
+                                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                                 "in the environment instead")
+        return uri
 
 
 class CompressStageConfig(_Strict):
@@ -606,6 +653,12 @@ class CompressStageConfig(_Strict):
         default=True,
         description="quantize: also store the embedding tables (word, position, token-type) as 8-bit per row "
         "(float scale and zero point per row); false: dynamic int8 of the Linear layers only, embeddings float32.",
+    )
+    export: Literal["onnx"] | None = Field(
+        default=None,
+        description="onnx: also write the stage's model as ONNX in <stage>/onnx (a pruned model at its real shapes; "
+        "a quantize stage as an int8 graph, onnxruntime's dynamic quantisation) with its tokenizer, loadable by "
+        "onnxruntime without polydistill, and score it there: accuracy and latency in that runtime join the row.",
     )
 
 
@@ -713,6 +766,7 @@ class JobConfig(_Strict):
         default=None, description="Prune / recover / quantise the distilled student after evaluation; null: don't."
     )
     knowledge_cache: KnowledgeCacheConfig = KnowledgeCacheConfig()
+    tracking: TrackingConfig = TrackingConfig()
     extra_students: list[ExtraStudentConfig] = Field(
         default_factory=list,
         description="More students distilled from the same teacher pass: the teacher computes each batch once "
@@ -817,6 +871,23 @@ class JobConfig(_Strict):
     def _task_kind_settings(self) -> "JobConfig":
         """The data layouts and settings the job's task kind allows (its spec: cluster/task_specs/)."""
         check_task_settings(self)
+        return self
+
+    @model_validator(mode="after")
+    def _validation_settings(self) -> "JobConfig":
+        training, data = self.training, self.data
+        if training.keep_best and not training.validate_each_epoch:
+            raise ValueError("training.keep_best keeps the epoch that scored best on dev: set "
+                             "training.validate_each_epoch: true as well")
+        if training.validate_each_epoch and self.task != "sequence-classification":
+            raise ValueError(f"training.validate_each_epoch scores classifiers; task {self.task} is scored after the "
+                             "run only: set it to false")
+        if training.keep_best and data.eval_split == data.dev_split:
+            raise ValueError(f"training.keep_best would choose the epoch on data.eval_split ({data.eval_split!r}), the "
+                             "rows the report reads: give data.dev_split another split")
+        if training.keep_best and self.extra_tasks:
+            raise ValueError("training.keep_best chooses an epoch by the main task's dev score alone, which would "
+                             "leave the extra tasks' heads at another epoch than the encoder: drop it with extra_tasks")
         return self
 
     @model_validator(mode="after")

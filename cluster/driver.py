@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +27,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
-from polydistill.cluster.config import JobConfig, with_redis_password
+from polydistill.cluster.config import ConfigError, JobConfig, with_redis_password
 from polydistill.cluster.dead_letters import outcome_with_dead_letters, samples_dead_lettered
 from polydistill.cluster.prepare import check_student_contract, prepare_alignment_targets, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
+from polydistill.cluster.tracking import JobTracking, tracked
 from polydistill.cluster.recovery import LongCall, StopOverdue, Supervisor
 from polydistill.cluster.report_schema import Report
 from polydistill.cluster.resume import save_job_config
@@ -54,7 +56,8 @@ from polydistill.storage.ownership import JobOwnership, delete_job_keys
 from polydistill.storage.knowledge_cache import is_complete
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job
-from polydistill.storage.job_data import load_job_split
+from polydistill.storage.job_data import has_own_split, load_job_split
+from polydistill.student.token_inputs import check_students_read_alike
 from polydistill.student.metrics import ablation_name
 from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
 from polydistill.student.teacher_gate import read_teacher_record
@@ -89,9 +92,11 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
     distilling_began = resume
     samples_expected = None  # known once distilling has ended
     held = nullcontext(redis_service) if redis_service is not None else job_redis(config)
-    with InterruptStops() as interrupt, held as redis_service:
+    tracking = JobTracking.open(config, out_dir) if config.tracking.enabled else JobTracking([])
+    with tracked(tracking), InterruptStops() as interrupt, held as redis_service:
         try:
             train = load_job_split(config.data, config.data.train_split)
+            check_before_models(config)
             teacher_dirs = prepare_teachers(config, out_dir, train, show_progress)
             teacher_dir = teacher_dirs["teacher"]
             check_teachers(config, teacher_dirs, train)
@@ -125,7 +130,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
                 distilling_began = True
                 result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
-                                  task_dirs)
+                                  task_dirs, tracking.progress)
                 stage_seconds["distill"] = _lap(started, stage_seconds)
                 report = _report(config, result, train.label_names)
                 samples_expected = report["samples_expected"]
@@ -153,6 +158,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 report["stage_seconds"] = stage_seconds
                 report["total_seconds"] = report["wall_seconds"]
                 _write_report(report, out_dir)
+                tracking.finish(report, out_dir)
                 raise _stopped(config, out_dir, result["stopped_by"], interrupt.stop_requested,
                                samples_expected=report["samples_expected"], report=report)
             if config.data.eval_split:
@@ -177,6 +183,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             report["total_seconds"] = round(time.perf_counter() - started, 2)
             _write_model_cards(report, config)
             _write_report(report, out_dir)
+            tracking.finish(report, out_dir)
         except KeyboardInterrupt:
             # Ctrl-C before distilling began or after it ended (a second one while it stopped is _distill's).
             raise _stopped(config, out_dir, STOPPED_BY_INTERRUPT, interrupted=True, samples_expected=samples_expected,
@@ -184,6 +191,19 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
     if outcome == "failed":
         raise JobFailed(f"accounting mismatch: {'; '.join(shortfall)}; see {out_dir / 'report.json'}")
     return report
+
+
+def check_before_models(config: JobConfig) -> None:
+    """What would otherwise fail only once the actors start, refused before any model is built or fine-tuned."""
+    data = config.data
+    if config.training.validate_each_epoch and not data.dev_from_train and not has_own_split(data, data.dev_split):
+        raise ConfigError(f"training.validate_each_epoch scores the student on data.dev_split ({data.dev_split!r}), "
+                          f"which {data.path} does not have: set data.dev_from_train: true to carve it from the "
+                          "training split, or name a split the data has")
+    try:
+        check_students_read_alike(config)  # else the feeder refuses, after the teacher's fine-tuning
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _stopped(config: JobConfig, out_dir: Path, stopped_by: str, interrupted: bool, *,
@@ -268,8 +288,10 @@ class _JobActors:
 
 def _distill(redis_service: JobRedis, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], out_dir: Path,
              show_progress: bool, interrupt: InterruptStops, resume: bool = False,
-             task_dirs: dict[str, Path] | None = None) -> dict:
-    """``task_dirs``: a multi-task job's extra tasks' teacher folders by task.
+             task_dirs: dict[str, Path] | None = None, on_progress: Callable[[dict[str, str]], None] | None = None
+             ) -> dict:
+    """``task_dirs``: a multi-task job's extra tasks' teacher folders by task; ``on_progress`` also gets
+    the student's progress hash whenever the display does (live experiment tracking).
 
     From the moment the job's keys are fresh, Ctrl-C asks the job to stop (``interrupt``). A second
     Ctrl-C, or students that do not stop within the grace period, end every actor at once."""
@@ -280,7 +302,7 @@ def _distill(redis_service: JobRedis, teacher_dirs: dict[str, Path], init_dirs: 
     interrupt.arm(lambda: stop_from_signal(config, redis_url, STOPPED_BY_INTERRUPT))
     try:
         return _run_actors(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume,
-                           task_dirs or {}, keys, streams, redis_service.ownership, job, interrupt)
+                           task_dirs or {}, keys, streams, redis_service.ownership, job, interrupt, on_progress)
     except (KeyboardInterrupt, StopOverdue) as reason:
         interrupt.disarm()  # a press now would write into the keys about to be removed
         log.log(logging.WARNING if isinstance(reason, StopOverdue) else logging.INFO,
@@ -295,7 +317,8 @@ def _distill(redis_service: JobRedis, teacher_dirs: dict[str, Path], init_dirs: 
 
 def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dict[str, Path], redis_url: str,
                 out_dir: Path, show_progress: bool, resume: bool, task_dirs: dict[str, Path], keys: JobKeys,
-                streams: JobStreams, ownership: JobOwnership, job: _JobActors, interrupt: InterruptStops) -> dict:
+                streams: JobStreams, ownership: JobOwnership, job: _JobActors, interrupt: InterruptStops,
+                on_progress: Callable[[dict[str, str]], None] | None = None) -> dict:
     """Starts the job's actors (each recorded in ``job`` as it starts), watches them to the end, collects
     their counters and removes the job's keys."""
     teacher_dir = teacher_dirs["teacher"]
@@ -359,7 +382,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     for call in helpers:
         call.issue()
 
-    with ProgressDisplay(expected, enabled=show_progress) as display:
+    with ProgressDisplay(expected, enabled=show_progress, listener=on_progress) as display:
         try:
             summaries = supervisor.wait(helpers, display.update)
             training = summaries["student"]
@@ -492,6 +515,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "student_path": training["student_path"],
         "final_loss": training["final_loss"],
         "loss_history": training["loss_history"],
+        "validation": training.get("validation") or [],
+        "kept_epoch": training.get("kept_epoch"),
         "wire_bytes_per_sample": training.get("wire_bytes_per_sample"),
         "wire_bytes_per_sample_by_part": training.get("wire_bytes_per_sample_by_part"),
         "pseudo_labels": training.get("pseudo_labels"),
@@ -500,7 +525,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "extra_students": {
             name: {key: summary.get(key) for key in ("samples_distilled", "samples_per_epoch", "batches_applied",
                                                      "duplicates_dropped", "steps", "final_loss", "student_path",
-                                                     "wall_seconds", "wait_seconds", "compute_seconds")}
+                                                     "wall_seconds", "wait_seconds", "compute_seconds",
+                                                     "validation", "kept_epoch", "loss_history")}
             for name, summary in result.get("extra_students", {}).items()
         },
         "labels": label_names,

@@ -4,6 +4,7 @@ the steps of the supervised stages that run in the driver's process (teacher fin
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -23,10 +24,16 @@ def progress_bar(total: int, description: str, unit: str, enabled: bool = True) 
 
 
 class ProgressDisplay:
-    def __init__(self, total: int, enabled: bool = True, description: str = "distilling"):
+    """The distilling bar; ``listener`` (experiment tracking) sees every progress update too."""
+
+    def __init__(self, total: int, enabled: bool = True, description: str = "distilling",
+                 listener: Callable[[dict[str, str]], None] | None = None):
         self.bar = progress_bar(total, description, "sample", enabled)
+        self.listener = listener
 
     def update(self, progress: dict[str, str]) -> None:
+        if self.listener is not None:
+            self.listener(progress)
         samples = int(float(progress.get("samples", 0)))
         if samples > self.bar.n:
             self.bar.update(samples - self.bar.n)

@@ -154,6 +154,10 @@ class Report(BaseModel):
     student_init: Section = {}
     final_loss: float | None = None
     loss_history: list[dict[str, int | float | None]] = []
+    # training.validate_each_epoch: the student's dev score after each completed epoch ({epoch, step, accuracy,
+    # per_language}); kept_epoch: the epoch training.keep_best saved as the student (null: the last one).
+    validation: list[Section] = []
+    kept_epoch: int | None = None
     wire_bytes_per_sample: float | None = None
     wire_bytes_per_sample_by_part: dict[str, float] | None = None
     pseudo_labels: Section | None = None

@@ -66,6 +66,7 @@ from pydantic import (
 from polydistill.cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
 from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 from polydistill.cluster.failures import exit_status_of, failure_line
+from polydistill.cluster.tracking import local_mlflow_store
 
 log = logging.getLogger(__name__)
 
@@ -611,6 +612,17 @@ def cache_overrides(config: JobConfig, default_dir: Path) -> tuple[list[str], st
     return ["knowledge_cache.enabled=true", f"knowledge_cache.dir={yaml_value(folder)}"], folder
 
 
+def shared_tracking(config: JobConfig, out: Path) -> list[str]:
+    """With tracking on, every trial logs into one place: the search's own MLflow store and TensorBoard
+    folder (unless the job names others), one run and one event folder per trial."""
+    sets = []
+    if config.tracking.mlflow and config.tracking.mlflow_tracking_uri is None:
+        sets.append(f"tracking.mlflow_tracking_uri={yaml_value(local_mlflow_store(out)[0])}")
+    if config.tracking.tensorboard and config.tracking.tensorboard_dir is None:
+        sets.append(f"tracking.tensorboard_dir={yaml_value(str(out / 'tensorboard'))}")
+    return sets
+
+
 def shared_teacher(config: JobConfig, folder: Path) -> list[str]:
     """Overrides that give every trial the same teacher checkpoint, built once here.
 
@@ -691,6 +703,9 @@ def _tune_trial(sample: dict, *, job_path: str, base: list[str], secret: list[st
     overrides = trial_overrides(sample)
     try:
         config = load_config(job_path, [*base, *overrides, *secret, f"job_id={tag}-{name}"], output_dir=str(out_dir))
+        if config.tracking.tensorboard_dir:  # each trial's events in a folder of its own (its MLflow run: its job id)
+            config = config.model_copy(update={"tracking": config.tracking.model_copy(
+                update={"tensorboard_dir": str(Path(config.tracking.tensorboard_dir) / name)})})
         report = run_job(config, show_progress=False)
         metrics = trial_metrics(report)
         if metrics["params"] is None:  # evaluation.latency: false leaves efficiency empty; size is cheap
@@ -779,7 +794,7 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
     for stale in ("trials", "warmup"):  # a rerun into the same folder replaces its trials (the cache stays)
         shutil.rmtree(out / stale, ignore_errors=True)
     cache_sets, cache_dir = cache_overrides(config, out / "knowledge_cache")
-    base = [*base, *shared_teacher(config, out / "teacher"), *cache_sets]
+    base = [*base, *shared_teacher(config, out / "teacher"), *cache_sets, *shared_tracking(config, out)]
     started = time.perf_counter()
     rows, warmup = _run_trials(job_path, base, tune_config, out, config, fill_cache=cache_dir is not None)
 

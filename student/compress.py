@@ -37,7 +37,8 @@ from polydistill.cluster.config import CompressStageConfig, DistillConfig, check
 from polydistill.storage import wire
 from polydistill.storage.job_data import TokenizedSplit
 from polydistill.student.efficiency import count_parameters, disk_bytes
-from polydistill.student.scoring import efficiency, quality
+from polydistill.student.onnx_export import OnnxRuntimeClassifier, export_model_onnx
+from polydistill.student.scoring import efficiency, latency, quality
 from polydistill.student.losses import combine_losses
 from polydistill.student.metrics import retention
 from polydistill.student.objectives import label_terms, loss_weights
@@ -131,7 +132,27 @@ def run_stages(
             measured, model_dir, size = model, stage_dir, disk_bytes(stage_dir)
         rows.append(_measure(stage, measured, model_dir, size, count_parameters(model), eval_rows, pad_id,
                              num_labels, teacher_quality, details))
+        if stage.export == "onnx":
+            tokenizer_dir = student_dir if stage.kind == "measure" else stage_dir
+            details["onnx"] = _onnx_runtime_row(model, tokenizer_dir, stage_dir / "onnx", stage.kind == "quantize",
+                                                eval_rows, pad_id, num_labels, teacher_quality)
     return rows
+
+
+def _onnx_runtime_row(model: nn.Module, tokenizer_dir: Path, onnx_dir: Path, int8: bool, eval_rows: TokenizedSplit,
+                      pad_id: int, num_labels: int, teacher: Mapping) -> dict:
+    """The stage's model as the ONNX graph it ships as (int8 for a quantize stage), scored in onnxruntime."""
+    export = export_model_onnx(model, tokenizer_dir, onnx_dir, int8=int8)
+    shipped = export.int8_path if int8 else export.float_path
+    runtime_model = OnnxRuntimeClassifier(shipped)
+    scores = quality(runtime_model, eval_rows, pad_id, num_labels)
+    accuracy = scores["overall"]["accuracy"]
+    return {"file": str(shipped.relative_to(onnx_dir.parent)), "disk_bytes": shipped.stat().st_size,
+            "max_abs_diff": export.int8_max_abs_diff if int8 else export.float_max_abs_diff,
+            "accuracy": accuracy, "retention": retention(accuracy, teacher["overall"]["accuracy"]),
+            "per_language_accuracy": {language: metrics["accuracy"]
+                                      for language, metrics in scores["per_language"].items()},
+            **latency(runtime_model, eval_rows, pad_id)}
 
 
 def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantized: bool,

@@ -7,6 +7,8 @@ each, with the student's retention of the teacher's score.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +32,10 @@ from polydistill.student.metrics import (
 )
 # The scorers live in student/scoring.py, below the task kinds that use them.
 from polydistill.student.scoring import describe_latency_sample
-from polydistill.student.supervised import train_supervised
+from polydistill.student.supervised import DevStopping, train_supervised
 from polydistill.student.task_kinds import task_kind
 from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest
+from polydistill.student.validation import NEVER_STOP, DevValidation, label_names_of
 
 __all__ = ["add_confidence_intervals", "evaluate_job", "side_by_side", "train_ablation"]
 
@@ -135,14 +138,23 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
         model.get_input_embeddings().weight.requires_grad_(False)
     rows = tokenize_split(train.dataset, tokenizer, config.data.max_length)
     training = config.training
+    draws = balanced_draws(config, rows.languages)
+    dev = None
+    if training.keep_best:  # chosen as the distilled student is: the epoch that scores best on dev
+        samples_per_epoch = len(rows) if draws is None else len(draws(0))
+        dev = DevStopping(DevValidation(config, student_init_dir, label_names_of(model)),
+                          every_steps=math.ceil(samples_per_epoch / training.batch_size), patience=NEVER_STOP)
     train_supervised(
         model, rows, pad_token_id(tokenizer),
         epochs=training.epochs, batch_size=training.batch_size, lr=training.lr,
         weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="ablation: hard labels only", show_progress=show_progress,
         bf16=use_bf16(config.training.precision == "bfloat16", "cpu", "training.precision"),
-        epoch_draws=balanced_draws(config, rows.languages),
+        epoch_draws=draws, dev=dev,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if dev is not None:  # what was chosen, beside the weights
+        (out_dir / "validation.json").write_text(json.dumps(
+            {"curve": dev.curve, "kept_step": dev.state.best_step}, indent=2) + "\n", encoding="utf-8")
     return out_dir

@@ -11,7 +11,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from polydistill.student.quantize import export_onnx, onnx_max_abs_diff, onnx_unavailable_reason
 
@@ -42,7 +44,7 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path | None = N
     reason = onnx_unavailable_reason()
     if reason:
         raise ExportError(reason)
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -50,12 +52,20 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path | None = N
     architectures = AutoConfig.from_pretrained(model_dir).architectures or []
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ExportError(f"{model_dir}: ONNX export covers sequence classifiers; this model is {architectures or 'unnamed'}")
-    out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    return export_model_onnx(model, model_dir, Path(out_dir) if out_dir is not None else model_dir / "onnx", int8=int8)
+
+
+def export_model_onnx(model: torch.nn.Module, model_dir: Path, out_dir: Path, *, int8: bool) -> OnnxExport:
+    """Exports a classifier in memory (a pruned one at its real, smaller shapes too) with the tokenizer and
+    config files of ``model_dir``, each graph checked against ``model``."""
+    from transformers import AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sample = dict(tokenizer(list(CHECK_TEXTS), padding=True, return_tensors="pt"))
     sample = {name: sample[name].to(torch.int64) for name in ("input_ids", "attention_mask")}
+    model.eval()
     float_path = export_onnx(model, sample, out_dir / FLOAT_FILE)
     for name in KEPT_FILES:
         if (model_dir / name).is_file():
@@ -68,3 +78,21 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path | None = N
         quantize_dynamic(str(float_path), str(int8_path), weight_type=QuantType.QInt8)
         int8_diff = onnx_max_abs_diff(model, int8_path, sample)
     return OnnxExport(out_dir, float_path, int8_path, onnx_max_abs_diff(model, float_path, sample), int8_diff)
+
+
+class OnnxRuntimeClassifier(torch.nn.Module):
+    """An ONNX classifier run by onnxruntime behind the call a transformers classifier answers
+    (``model(input_ids=..., attention_mask=...).logits``), so that the same scoring and latency code
+    measures it in the runtime it ships for. It has no torch parameters."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        import onnxruntime
+
+        self.path = Path(path)
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids.numpy().astype(np.int64),
+                                                  "attention_mask": attention_mask.numpy().astype(np.int64)})
+        return SequenceClassifierOutput(logits=torch.from_numpy(logits))

@@ -206,13 +206,18 @@ def format_stages_table(report: Mapping) -> str:
     if not stages:
         return ""
     header = ["Stage", "Kind", "Params", "Disk (MB)", "Latency b1 (ms)", "Latency b32 (ms)", "Accuracy", "Retention"]
-    rows = [
-        [str(stage.get("name")), str(stage.get("kind", "")), _integer(stage.get("params")),
-         _megabytes(None if stage.get("disk_bytes") is None else stage["disk_bytes"] / BYTES_PER_MB),
-         _milliseconds(stage.get("latency_ms_batch1")), _milliseconds(stage.get("latency_ms_batch32")),
-         _percent(stage.get("accuracy")), _percent(stage.get("retention"))]
-        for stage in stages
-    ]
+    rows = []
+    for stage in stages:
+        rows.append([str(stage.get("name")), str(stage.get("kind", "")), _integer(stage.get("params")),
+                     _megabytes(None if stage.get("disk_bytes") is None else stage["disk_bytes"] / BYTES_PER_MB),
+                     _milliseconds(stage.get("latency_ms_batch1")), _milliseconds(stage.get("latency_ms_batch32")),
+                     _percent(stage.get("accuracy")), _percent(stage.get("retention"))])
+        shipped = (stage.get("details") or {}).get("onnx")
+        if shipped:  # the same stage as the ONNX graph it ships as, measured in onnxruntime
+            rows.append([f"{stage.get('name')} → {shipped['file']}", "onnxruntime", _integer(stage.get("params")),
+                         _megabytes(shipped["disk_bytes"] / BYTES_PER_MB), _milliseconds(shipped["latency_ms_batch1"]),
+                         _milliseconds(shipped["latency_ms_batch32"]), _percent(shipped["accuracy"]),
+                         _percent(shipped["retention"])])
     return _markdown_table(header, rows)
 
 
@@ -587,9 +592,26 @@ def render_markdown(report: Mapping) -> str:
     stages_table = format_stages_table(report)
     if stages_table:
         sections.append("## Compression stages\n\n" + stages_table)
+    validation_table = format_validation_table(report)
+    if validation_table:
+        sections.append("## Dev accuracy by epoch\n\n" + validation_table)
     if report.get("loss_history"):
         sections.append("## Training loss\n\n![Training loss](training_loss.png)")
     return "\n\n".join(sections) + "\n"
+
+
+def format_validation_table(report: Mapping) -> str:
+    """training.validate_each_epoch: each student's dev accuracy after each epoch, the kept one marked."""
+    students = {"student": report, **{name: section for name, section in (report.get("extra_students") or {}).items()}}
+    rows = []
+    for name, section in students.items():
+        for score in section.get("validation") or []:
+            kept = " (kept)" if section.get("kept_epoch") == score["epoch"] else ""
+            rows.append([name, str(score["epoch"] + 1) + kept, str(score["step"]), _percent(score["accuracy"]),
+                         _percent(min(score["per_language"].values(), default=None))])
+    if not rows:
+        return ""
+    return _markdown_table(["Student", "Epoch", "Step", "Dev accuracy", "Weakest language"], rows)
 
 
 def write_report(report: Mapping, out_dir: Path) -> list[Path]:

@@ -38,16 +38,18 @@ LATENCY_SEED = 0
 def predict(model, rows: TokenizedSplit, pad_id: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Predicted label per row; rows are batched by length so padding costs little."""
     model.eval()
+    first = next(model.parameters(), None)  # a model on a GPU (a student scored mid-training); none: onnxruntime
+    device = first.device if first is not None else torch.device("cpu")
     order = np.argsort(rows.lengths, kind="stable")
     predictions = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
         logits = model(
-            input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-            attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+            input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(device),
+            attention_mask=torch.from_numpy(attention_mask.astype(np.int64)).to(device),
         ).logits
-        predictions[index] = logits.argmax(-1).numpy()
+        predictions[index] = logits.argmax(-1).cpu().numpy()
     return predictions
 
 
@@ -117,19 +119,28 @@ def _model_inputs(token_ids: list[np.ndarray], pad_id: int) -> dict[str, torch.T
     }
 
 
-def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
-    """Size, latency on the rows of `latency_sample`, and the model's tokens per row in each language."""
+def latency(model, rows: TokenizedSplit, pad_id: int) -> dict:
+    """Latency at batch 1 and 32 on the rows of `latency_sample` (any model answering
+    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call)."""
     sample = latency_sample(rows.languages)
     batch1 = measure_latency_per_row(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample],
                                      repeats=3, warmup=3)
     batch32 = measure_latency(model, _model_inputs([rows.token_ids[i] for i in sample], pad_id),
                               batch_size=32, repeats=5, warmup=1)
     return {
-        **count_parameters(model),
-        "disk_bytes": disk_bytes(model_dir),
         "latency_ms_batch1": round(batch1["latency_ms"], 3),
         "latency_ms_batch32": round(batch32["latency_ms"], 3),
         "samples_per_s_batch32": round(batch32["samples_per_s"], 1),
+    }
+
+
+def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
+    """Size, latency on the rows of `latency_sample`, and the model's tokens per row in each language."""
+    sample = latency_sample(rows.languages)
+    return {
+        **count_parameters(model),
+        "disk_bytes": disk_bytes(model_dir),
+        **latency(model, rows, pad_id),
         "latency_sample_mean_tokens": round(float(np.mean([len(rows.token_ids[i]) for i in sample])), 2),
         "mean_tokens_per_row": mean_tokens_per_language(rows.lengths, rows.languages),
     }

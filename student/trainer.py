@@ -55,8 +55,18 @@ from polydistill.student.heads import main_head, tie_task_heads
 from polydistill.student.objectives import Counts, StudentRunner, served_counts, task_head, task_loss
 from polydistill.student.precision import use_bf16
 from polydistill.student.strategy import SingleWorker, StepStrategy
+from polydistill.student.supervised import StoppingState, after_dev_score
 from polydistill.student.task_kinds import task_kind
 from polydistill.student.token_inputs import reads_own_token_ids
+from polydistill.student.validation import (
+    NEVER_STOP,
+    DevValidation,
+    best_weights_file,
+    epochs_to_validate,
+    label_names_of,
+    load_weights,
+    trainable_weights,
+)
 from polydistill.student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 
 log = logging.getLogger(__name__)
@@ -89,6 +99,10 @@ class TrainingState:
     steps_skipped_nonfinite: int = 0
     nonfinite_in_row: int = 0
     last_finite_loss: float = math.nan
+    # training.validate_each_epoch: one dev score per completed epoch ({epoch, step, accuracy, per_language}),
+    # and where the best of them stands (after_dev_score's state, as a dict).
+    validation: list[dict] = field(default_factory=list)
+    best_validation: dict = field(default_factory=dict)
 
     def count_wire(self, payload_bytes: int, parts: dict[str, int]) -> None:
         self.wire_bytes += payload_bytes
@@ -178,6 +192,9 @@ class StudentTrainer:
         self.state = TrainingState()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.resumed_from_step: int | None = None
+        self.dev = (DevValidation(config, self.init_dir, label_names_of(self.model))
+                    if training.validate_each_epoch else None)
+        self._best_weights: dict[str, Tensor] | None = None
         if self.checkpoint_dir is not None:
             self.resume()
         self.strategy: StepStrategy = (
@@ -235,9 +252,40 @@ class StudentTrainer:
         if values is not None and self.strategy.leads:
             self.log(round_.knowledge.work.epoch, values)
         stepped = self.state.optimizer_steps > stepped_before  # a skipped (non-finite) batch takes no step
+        if self.dev is not None and self.strategy.leads:
+            self.validate_completed_epochs()
         if self.strategy.leads and stepped and self.state.optimizer_steps % self.config.training.checkpoint_every == 0:
             self.checkpoint()
         return True
+
+    def validate_completed_epochs(self) -> None:
+        """Scores the student on dev for each epoch the ledger has just completed; keeps the best weights."""
+        for epoch in epochs_to_validate(self.ledger, (score["epoch"] for score in self.state.validation)):
+            accuracy, per_language = self.dev(self.model)
+            self.state.validation.append({"epoch": epoch, "step": self.state.step, "accuracy": accuracy,
+                                          "per_language": per_language})
+            best, _ = after_dev_score(StoppingState(**self.state.best_validation), epoch, accuracy, NEVER_STOP)
+            self.state.best_validation = asdict(best)
+            log.info("student %s: dev accuracy %.4f after epoch %d (best %.4f, epoch %d)", self.name, accuracy,
+                     epoch, best.best_score, best.best_step)
+            if self.config.training.keep_best and best.best_step == epoch:
+                self._best_weights = trainable_weights(self.model)
+                self.keep_best_on_disk(epoch)
+
+    def keep_best_on_disk(self, epoch: int) -> None:
+        """A restarted student keeps the best epoch's weights too: they are written under the epoch's name,
+        then a checkpoint records the score, then older epochs' files go (a kill between the steps leaves
+        the file the checkpoint names)."""
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / best_weights_file(epoch)
+        torch.save(self._best_weights, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        self.checkpoint()
+        for older in self.checkpoint_dir.glob(best_weights_file("*")):
+            if older != path:
+                older.unlink(missing_ok=True)
 
     def step(self, knowledge: wire.Knowledge | None) -> dict[str, float] | None:
         """forward → loss → backward on this worker's batch (None: a data-parallel worker without one this
@@ -356,6 +404,12 @@ class StudentTrainer:
                 "models' widths changed); resume with the job's own config (OUTPUT/job.yaml)"
             ) from None
         self.model.load_state_dict(model_state)
+        if self.config.training.keep_best and state.best_validation:
+            best_file = self.checkpoint_dir / best_weights_file(state.best_validation["best_step"])
+            if not best_file.is_file():
+                raise CheckpointError(f"{where} names dev's best epoch {state.best_validation['best_step']} but "
+                                      f"{best_file.name} is missing; resume with the run's whole output folder")
+            self._best_weights = torch.load(best_file, map_location=self.device)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         restore_rng(checkpoint.torch_rng, checkpoint.rng)
@@ -371,8 +425,13 @@ class StudentTrainer:
         # Training-only settings (attention dropout off for attention distillation) do not follow the student.
         for key, value in self._training_only.items():
             setattr(self.model.config, key, value)
+        if self._best_weights is not None:  # training.keep_best: the epoch that scored best on dev
+            load_weights(self.model, self._best_weights)
         self.model.save_pretrained(self.student_dir)
         AutoTokenizer.from_pretrained(self.init_dir).save_pretrained(self.student_dir)
+        portable_files = task_kind(self.config.task).portable_files
+        if portable_files is not None:
+            portable_files(self.student_dir, self.config)
         for name, head in self.task_heads.items():  # each task's head with the shared encoder: a model of its own
             head.model.save_pretrained(task_folder(self.student_dir, name))
             AutoTokenizer.from_pretrained(self.init_dir).save_pretrained(task_folder(self.student_dir, name))
@@ -393,6 +452,9 @@ class StudentTrainer:
             "compute_seconds": round(self.state.compute_seconds, 3),
             "student_path": str(self.student_dir),
             "resumed_from_step": self.resumed_from_step,
+            "validation": self.state.validation,
+            "kept_epoch": (self.state.best_validation.get("best_step")
+                           if self._best_weights is not None else None),
             "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite,
             "chunk_batches_given_up": self.consumer.batches_given_up,
             "wire_bytes_per_sample": self._per_sample(self.state.wire_bytes),

@@ -96,6 +96,9 @@ class TaskKind:
     # autocast_bf16) -> knowledge.
     teacher_knowledge: Callable[..., wire.Knowledge] = forward_pass_knowledge
     work_tokens: WorkTokensOf = padded_tokens  # how the feeder builds a work batch's tokens
+    # Files a saved student of this kind needs beyond the HF checkpoint, for stock libraries to load it as
+    # the report measured it: (the student's folder, the job) -> None.
+    portable_files: Callable[[Path, JobConfig], None] | None = None
 
     @property
     def name(self) -> str:

@@ -7,10 +7,14 @@ retrieval in both directions (student/retrieval.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
+from transformers import AutoConfig
 
+from polydistill.cluster.config import JobConfig
 from polydistill.cluster.task_specs.sentence_embedding import SPEC
 from polydistill.storage import wire
 from polydistill.storage.job_data import TokenizedSplit
@@ -25,6 +29,7 @@ from polydistill.student.objectives import (
     no_labels,
 )
 from polydistill.student.retrieval import retrieval_quality
+from polydistill.student.sentence_transformers_files import write_sentence_transformers_files
 from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest, TaskKind, scored_on_rows
 
 
@@ -59,9 +64,16 @@ def score_retrieval(held_out: HeldOut, tested: ModelUnderTest, rows: TokenizedSp
     return retrieval_quality(tested.model, rows, pad_id)
 
 
+def sentence_transformers_files(folder: Path, config: JobConfig) -> None:
+    """``SentenceTransformer(folder)`` embeds as retrieval was scored: mean pooling, then L2 normalisation."""
+    hidden_size = AutoConfig.from_pretrained(folder).hidden_size  # DistilBERT-style configs call it `dim`
+    write_sentence_transformers_files(folder, hidden_size, config.data.max_length)
+
+
 KIND = TaskKind(
     spec=SPEC,
     objective=Objective(labels=no_labels, forward=pair_forward, loss=sentence_embedding_loss),
     evaluate=scored_on_rows(score_retrieval),
     metric="bitext retrieval accuracy",
+    portable_files=sentence_transformers_files,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoModel
 
@@ -39,6 +40,23 @@ def test_embedding_example_distils_both_sides_and_reports_retrieval(tmp_path, re
     assert encoder.config.num_hidden_layers == 2 and encoder.config.hidden_size == 64
     # Embeddings, no classes: 128 fp16 values a sample plus the batch itself.
     assert report["wire_bytes_per_sample_by_part"]["embeddings"] == 256
+    same_embeddings_in_sentence_transformers(Path(report["student_path"]), config.data.max_length)
+
+
+def same_embeddings_in_sentence_transformers(student: Path, max_length: int) -> None:
+    """The saved student is a sentence-transformers model embedding as retrieval was scored."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from polydistill.student.retrieval import embed
+
+    texts = ["The cat sat on the mat.", "Le chat est assis sur le tapis.", "Paka ameketi kwenye mkeka."]
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    token_ids = [np.array(tokenizer(text, truncation=True, max_length=max_length)["input_ids"]) for text in texts]
+    ours = embed(AutoModel.from_pretrained(student), token_ids, tokenizer.pad_token_id)
+    theirs = SentenceTransformer(str(student), device="cpu").encode(texts, convert_to_numpy=True)
+    assert theirs.shape == ours.shape
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
 def test_embedding_task_refuses_class_losses_and_needs_parallel_data(tmp_path):

@@ -100,6 +100,22 @@ def oversized_outgoing_message(tmp_path):
     wire.encode(wire.Knowledge(work=work, teacher_id="t", soft=wire.SoftLabels.full(huge)))
 
 
+def extra_student_with_another_vocabulary(tmp_path):
+    from polydistill.cluster.driver import check_before_models
+
+    check_before_models(load_config(TINY, [
+        "student.trim_vocabulary=true", "student.vocab_min_count=2",
+        "extra_students=[{name: small, trim_vocabulary: true, vocab_min_count: 16}]"]))
+
+
+def validation_without_a_dev_split(tmp_path):
+    from polydistill.cluster.driver import check_before_models
+
+    data = _sib(tmp_path, b"index_id\tcategory\ttext\n1\tsports\tok\n")  # a training split, no dev split
+    check_before_models(load_config(TINY, [f"data.path={data}", "data.languages=[eng_Latn]",
+                                           "training.validate_each_epoch=true"]))
+
+
 CASES = [
     (invalid_yaml, ConfigError, "not valid YAML"),
     (wrong_value_type, ConfigError, "training.batch_size"),
@@ -115,6 +131,8 @@ CASES = [
     (newer_schema_version, wire.WireVersionError, "upgrade polydistill"),
     (oversized_message, wire.WireError, "exceeds the limit"),
     (oversized_outgoing_message, wire.WireError, "distill.top_k"),
+    (extra_student_with_another_vocabulary, ConfigError, "extra student 'small' reads its own token ids"),
+    (validation_without_a_dev_split, ConfigError, "set data.dev_from_train: true"),
 ]
 
 

@@ -24,6 +24,7 @@ from polydistill.cluster.tune import (
     pareto_front,
     plot_pareto,
     run_tune,
+    shared_tracking,
     trial_bundles,
     trial_metrics,
     trial_overrides,
@@ -287,6 +288,17 @@ def test_cache_overrides_only_where_the_job_config_has_a_cache(tmp_path, monkeyp
         assert cache_overrides(own, tmp_path / "cache")[1] == str((tmp_path / "mine").resolve())
     monkeypatch.setattr("polydistill.cluster.tune.cache_supported", lambda: False)
     assert cache_overrides(config, tmp_path / "cache") == ([], None)
+
+
+def test_with_tracking_on_every_trial_logs_into_the_searchs_store(tmp_path):
+    assert shared_tracking(load_config(TINY), tmp_path) == []
+    config = load_config(TINY, ["tracking.mlflow=true", "tracking.tensorboard=true"])
+    sets = shared_tracking(config, tmp_path)
+    tracked = load_config(TINY, ["tracking.mlflow=true", "tracking.tensorboard=true", *sets]).tracking
+    assert tracked.mlflow_tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracked.tensorboard_dir == str(tmp_path / "tensorboard")
+    own = load_config(TINY, ["tracking.mlflow=true", "tracking.mlflow_tracking_uri=http://mlflow:5000"])
+    assert shared_tracking(own, tmp_path) == []
 
 
 # --------------------------------------------------------------------------- selection on dev, test read once

@@ -1,0 +1,60 @@
+"""Per-epoch dev validation and keep_best: which epochs are due, the settings that cannot work
+together, and how the report shows the scores."""
+
+from __future__ import annotations
+
+import pytest
+
+from polydistill.cluster.config import ConfigError, validate_config
+from polydistill.storage.ledger import EpochLedger
+from polydistill.student.report import format_validation_table
+from polydistill.student.validation import best_weights_file, epochs_to_validate
+
+
+def ledger_with(applied: dict[int, set[int]]) -> EpochLedger:
+    return EpochLedger(batches_per_epoch=3, epochs=3, applied=applied)
+
+
+def test_an_epoch_is_due_once_every_batch_of_it_is_applied_and_only_once():
+    assert epochs_to_validate(ledger_with({0: {0, 1}}), []) == []
+    assert epochs_to_validate(ledger_with({0: {0, 1, 2}, 1: {0}}), []) == [0]
+    assert epochs_to_validate(ledger_with({0: {0, 1, 2}, 1: {0}}), [0]) == []
+    # Interleaved at the boundary: epoch 1 completes before epoch 0's last batch arrives.
+    assert epochs_to_validate(ledger_with({0: {0, 1}, 1: {0, 1, 2}}), []) == [1]
+    assert epochs_to_validate(ledger_with({0: {0, 1, 2}, 1: {0, 1, 2}, 2: {0, 1, 2}}), [1]) == [0, 2]
+
+
+def test_best_weight_files_are_named_by_epoch():
+    assert best_weights_file(2) == "best_weights.epoch2.pt"
+    assert best_weights_file("*") == "best_weights.epoch*.pt"
+
+
+def config(training: dict, task: str | None = None, data: dict | None = None):
+    raw = {"teacher": {"model": "random"}, "data": {"path": "/data", **(data or {})}, "training": training}
+    if task:  # a language-model task, with the settings it needs
+        raw.update(task=task, distill={"top_k": 16})
+    return validate_config(raw)
+
+
+@pytest.mark.parametrize(("training", "task", "data", "words"), [
+    ({"keep_best": True}, None, None, "set training.validate_each_epoch: true as well"),
+    ({"validate_each_epoch": True}, "masked-lm", {"label_column": None}, "task masked-lm is scored after the run only"),
+    ({"validate_each_epoch": True, "keep_best": True}, None, {"eval_split": "dev"},
+     "would choose the epoch on data.eval_split ('dev'), the rows the report reads"),
+])
+def test_settings_that_cannot_work_are_refused_naming_the_fix(training, task, data, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        config(training, task, data)
+    assert config({"validate_each_epoch": True, "keep_best": True}).training.keep_best
+
+
+def test_the_report_table_marks_the_kept_epoch_and_shows_the_weakest_language():
+    scores = [{"epoch": 0, "step": 10, "accuracy": 0.70, "per_language": {"eng": 0.8, "yor": 0.55}},
+              {"epoch": 1, "step": 20, "accuracy": 0.74, "per_language": {"eng": 0.82, "yor": 0.61}}]
+    table = format_validation_table({"validation": scores, "kept_epoch": 1,
+                                     "extra_students": {"tiny": {"validation": scores[:1], "kept_epoch": None}}})
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+    assert rows[0] == ["Student", "Epoch", "Step", "Dev accuracy", "Weakest language"]
+    assert rows[2:] == [["student", "1", "10", "70.0%", "55.0%"], ["student", "2 (kept)", "20", "74.0%", "61.0%"],
+                        ["tiny", "1", "10", "70.0%", "55.0%"]]
+    assert format_validation_table({"validation": []}) == ""
