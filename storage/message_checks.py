@@ -31,8 +31,29 @@ class ModelLimits:
     @classmethod
     def of(cls, model_config) -> "ModelLimits":
         """The limits of a Hugging Face model's config (its ``vocab_size`` and ``max_position_embeddings``)."""
-        positions = getattr(model_config, "max_position_embeddings", None)
-        return cls(int(model_config.vocab_size), int(positions) if positions else None)
+        return cls(int(model_config.vocab_size), usable_positions(model_config))
+
+
+# RoBERTa-style models number positions from the padding id + 1: XLM-R's 514 position embeddings hold 512 tokens.
+POSITIONS_AFTER_PADDING_ID = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod"}
+
+
+def usable_positions(model_config) -> int | None:
+    """The longest row (in tokens) a model reads; None when its positions are not bounded."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    if getattr(model_config, "model_type", None) in POSITIONS_AFTER_PADDING_ID:
+        return int(positions) - (int(getattr(model_config, "pad_token_id", None) or 0) + 1)
+    return int(positions)
+
+
+def check_max_length(max_length: int, model_config, model: str) -> None:
+    """Refuse, before any text is read, a data.max_length longer than the model's rows."""
+    positions = usable_positions(model_config)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"data.max_length is {max_length}, but the {model} reads rows of at most {positions} tokens "
+                         f"(max_position_embeddings): set data.max_length to {positions} or less")
 
 
 def check_token_ids(ids: np.ndarray, limits: ModelLimits, where: str, *, model: str) -> None:

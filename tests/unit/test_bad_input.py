@@ -116,6 +116,15 @@ def validation_without_a_dev_split(tmp_path):
                                            "training.validate_each_epoch=true"]))
 
 
+def rows_longer_than_the_teacher_reads(tmp_path):
+    from polydistill.cluster.prepare import _check_max_length
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+               max_position_embeddings=128).save_pretrained(tmp_path / "teacher")
+    _check_max_length(load_config(TINY, ["data.max_length=1024"]), tmp_path / "teacher")
+
+
 CASES = [
     (invalid_yaml, ConfigError, "not valid YAML"),
     (wrong_value_type, ConfigError, "training.batch_size"),
@@ -133,6 +142,8 @@ CASES = [
     (oversized_outgoing_message, wire.WireError, "distill.top_k"),
     (extra_student_with_another_vocabulary, ConfigError, "extra student 'small' reads its own token ids"),
     (validation_without_a_dev_split, ConfigError, "set data.dev_from_train: true"),
+    (rows_longer_than_the_teacher_reads, ConfigError, "data.max_length is 1024, but the teacher (random) reads rows "
+     "of at most 128 tokens (max_position_embeddings): set data.max_length to 128 or less"),
 ]
 
 

@@ -75,3 +75,15 @@ def test_batches_outside_the_plan_are_rejected(epoch, batch_id):
 
 def test_batches_inside_the_plan_pass():
     check_in_plan(1, 9, epochs=2, batches_per_epoch=10)
+
+
+def test_roberta_style_models_read_two_fewer_tokens_than_their_position_table():
+    from transformers import BertConfig, XLMRobertaConfig
+
+    from polydistill.storage.message_checks import check_max_length, usable_positions
+
+    assert usable_positions(XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert usable_positions(BertConfig(max_position_embeddings=512)) == 512
+    check_max_length(512, XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1), "teacher")
+    with pytest.raises(ValueError, match="set data.max_length to 512 or less"):
+        check_max_length(513, XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1), "teacher")
