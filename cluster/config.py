@@ -598,6 +598,12 @@ class EvaluationConfig(_Strict):
         description="Also train the student's architecture on hard labels alone (no teacher), from the "
         "same initialisation, so the report shows what distillation gained per language.",
     )
+    ablations_after_distillation: bool = Field(
+        default=False,
+        description="Train the ablations one after another once distillation has ended, each on every CPU core, "
+        "instead of beside it on one thread each. On a small machine with several students (extra_students) this "
+        "keeps fewer processes on the cores at once: caches stay warm and the teacher is not starved.",
+    )
     latency: bool = Field(default=True, description="Measure CPU latency of teacher and student.")
     num_beams: int = Field(default=1, ge=1, le=16,
                            description="task seq2seq: beams when teacher and student translate the held-out rows.")

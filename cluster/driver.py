@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -120,13 +121,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 # Every student gets its own: the same architecture and initialisation on hard labels alone.
                 init_dirs = {"student": student_init_dir, **extra_init}
                 ablation_refs = {}
-                if config.evaluation.ablation and config.data.eval_split:
-                    for name, init_dir in init_dirs.items():
-                        ablation = ablation_name(name)
-                        ablation_refs[ablation] = _ablation_task.options(num_cpus=0).remote(
-                            redis_service.config.for_student(name), str(init_dir),
-                            str(out_dir / ablation.replace(":", "-"))
-                        )
+                ablations_wanted = config.evaluation.ablation and config.data.eval_split
+                if ablations_wanted and not config.evaluation.ablations_after_distillation:
+                    ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir)
                 task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
                 distilling_began = True
                 result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
@@ -141,7 +138,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 if outcome == "stopped":
                     for ablation_ref in ablation_refs.values():  # the evaluation they are for will not run
                         ray.cancel(ablation_ref, force=True)
-                elif ablation_refs:
+                elif ablations_wanted:
+                    if config.evaluation.ablations_after_distillation:  # one at a time, every core each
+                        ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir, one_at_a_time=True)
                     ablation_dirs = {name: Path(folder) for name, folder in zip(
                         ablation_refs, ray.get(list(ablation_refs.values())))}
                     stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
@@ -234,13 +233,30 @@ def _lap(started: float, laps: dict[str, float]) -> float:
 
 
 @ray.remote
-def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str) -> str:
+def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str, threads: int = 1) -> str:
     from polydistill.cluster.quiet import quiet_libraries
     from polydistill.student.evaluate import train_ablation
 
     quiet_libraries()
     train = load_job_split(config.data, config.data.train_split)
-    return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False, threads=1))
+    return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False,
+                              threads=threads))
+
+
+def _start_ablations(config: JobConfig, init_dirs: dict[str, Path], out_dir: Path,
+                     one_at_a_time: bool = False) -> dict[str, ray.ObjectRef]:
+    """Every student's hard-label ablation as a Ray task: beside distillation on one thread each, or (once
+    distillation has ended) one after another, each waiting for the previous and using every core."""
+    refs: dict[str, ray.ObjectRef] = {}
+    for name, init_dir in init_dirs.items():
+        ablation = ablation_name(name)
+        folder = str(out_dir / ablation.replace(":", "-"))
+        threads = (os.cpu_count() or 1) if one_at_a_time else 1
+        refs[ablation] = _ablation_task.options(num_cpus=0).remote(config.for_student(name), str(init_dir), folder,
+                                                                   threads)
+        if one_at_a_time:
+            ray.wait([refs[ablation]], num_returns=1, timeout=None)
+    return refs
 
 
 def reset_job_streams(config: JobConfig, redis_url: str,

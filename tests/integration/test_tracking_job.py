@@ -29,6 +29,7 @@ def test_the_job_leaves_an_mlflow_run_and_tensorboard_events_with_dev_scores_per
         "data.limit_per_language=64", "training.epochs=2", "training.batch_size=16", "training.log_every=2",
         "tracking.mlflow=true", "tracking.tensorboard=true", "tracking.experiment=tiny-tracked",
         "training.validate_each_epoch=true", "training.keep_best=true", "evaluation.ablation=true",
+        "evaluation.ablations_after_distillation=true",
         "evaluation.latency=false", "data.dev_from_train=true",
     ], output_dir=str(tmp_path / "out"))
     report = run_job(config, show_progress=False)
