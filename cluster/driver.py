@@ -423,11 +423,11 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
         name: ray.get(supervisor.students[name].missing.remote(), timeout=30)
         for name, summary in summaries.items() if not summary["complete"]}
     teacher_stats = [stats for call in pool_calls for stats in supervisor.result_of(call, timeout_s=180)]
-    pool_summaries = {name: ray.get(pool.summary.remote(), timeout=30) for name, pool in pools.items()}
+    pool_summaries = {name: supervisor.ask(pool, "summary", f"teacher pool {name!r}") for name, pool in pools.items()}
     cache_report = None
     if cache is not None:
         cache_report = {"path": cache["path"], "key": cache["key"].digest, "read_from_start": from_cache,
-                        "batches_from_cache": ray.get(feeder.batches_from_cache.remote()),
+                        "batches_from_cache": supervisor.ask(feeder, "batches_from_cache", "feeder"),
                         "writer": supervisor.result_of(writer_call, timeout_s=180) if writer_call is not None
                         else None}
     batches_fed = supervisor.finish()

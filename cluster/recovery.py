@@ -357,6 +357,20 @@ class Supervisor:
                 raise RecoveryFailed(f"job {self.keys.job_id}: {cause}, and Ray did not restart it "
                                      f"({type(exc).__name__}: {exc})") from None
 
+    def ask(self, actor: ray.actor.ActorHandle, method: str, what: str, timeout_s: float = 30.0) -> Any:
+        """A control actor's answer once the job is ending. One killed just before (it had no long call left
+        to fail and tell the supervisor) is waited for while Ray restarts it, recorded as a recovery, and
+        asked again."""
+        try:
+            return ray.get(getattr(actor, method).remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError as exc:  # ActorUnavailableError too: restarting
+            cause = f"the {what} died while the job ended ({type(exc).__name__})"
+            self._check_recovery_budget(cause)
+            detected_at, started = time.time(), time.monotonic()
+            self._wait_for_restart(actor, cause)
+            self.recoveries.append(Recovery(cause, detected_at, time.monotonic() - started, 0, False, what))
+            return ray.get(getattr(actor, method).remote(), timeout=timeout_s)
+
     def result_of(self, call: LongCall, timeout_s: float) -> Any:
         """The long call's return value once the job is stopping; a call whose actor died meanwhile is
         issued once more, and the new incarnation returns at once (the stop flag is set)."""

@@ -12,7 +12,16 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.chaos import KINDS, OUTAGE_S, FaultRecord, judge, parse_kinds, plan_faults  # noqa: E402
+from benchmarks.chaos_plan import (  # noqa: E402
+    KINDS,
+    OUTAGE_S,
+    FaultRecord,
+    PlannedFault,
+    judge,
+    parse_kinds,
+    plan_faults,
+    same_student,
+)
 
 
 def test_the_same_seed_gives_the_same_schedule_and_another_seed_another():
@@ -76,10 +85,14 @@ def test_bad_requests_are_refused_with_a_reason():
 
 
 # -- the verdict --------------------------------------------------------------------------------
-def _report(*, steps=150, recoveries=(), teachers=3) -> dict:
-    return {"samples_distilled": 1200, "samples_expected": 1200, "samples_per_epoch": {"0": 400, "1": 400, "2": 400},
-            "epochs": 3, "batches_expected": 150, "batches_applied": 150, "batches_missing": 0, "student_steps": steps,
-            "duplicates_dropped": 2, "dead_letters": 0, "recoveries": list(recoveries),
+def _report(*, steps=150, recoveries=(), teachers=3, dead_letters=0, dead_batches=0) -> dict:
+    """A report of 3 epochs x 50 batches of 8; ``dead_batches`` of them dead-lettered in epoch 1."""
+    dead = 8 * dead_batches
+    return {"samples_distilled": 1200 - dead, "samples_expected": 1200,
+            "samples_per_epoch": {"0": 400, "1": 400 - dead, "2": 400}, "epochs": 3, "batches_expected": 150,
+            "batches_applied": 150 - dead_batches, "batches_missing": dead_batches, "student_steps": steps - dead_batches,
+            "samples_dead_lettered": {"MessageRejected: token ids": dead} if dead else {},
+            "duplicates_dropped": 2, "dead_letters": dead_letters, "recoveries": list(recoveries),
             "teachers": [{}] * teachers, "resumed_from_step": 40}
 
 
@@ -116,3 +129,79 @@ def test_a_batch_applied_twice_a_missing_recovery_or_a_fault_not_injected_fails(
     records[1].injected_at = records[1].seconds_into_job = None
     assert not judge(records, _report(recoveries=[_restart(student_at + 1)]), None, replicas=2)["ok"]
     assert not judge(_records(), None, "JobFailed: accounting mismatch", replicas=2)["ok"]
+
+
+def _injected(*kinds: str, poison_messages: int = 0) -> list[FaultRecord]:
+    return [FaultRecord(PlannedFault(i + 1, kind, 30 + 10 * i), injected_at=100.0 + 10 * i, seconds_into_job=10.0 * i,
+                        poison_messages=poison_messages if kind.startswith("poison") else 0)
+            for i, kind in enumerate(kinds)]
+
+
+def _control_restart(actor: str, at: float) -> dict:
+    return {"cause": f"the {actor} died (ActorDiedError)", "detected_at": at, "seconds": 2.0, "batches_refed": 3,
+            "student_restarted": False, "actor_restarted": actor}
+
+
+def test_a_killed_control_actor_is_survived_only_with_its_restart_in_the_report():
+    records = _injected("pool", "feeder", "cache-writer")
+    restarts = [_control_restart("teacher pool 'teacher'", 101.0), _control_restart("feeder", 111.0),
+                _control_restart("cache writer", 121.0)]
+    assert judge(records, _report(recoveries=restarts), None, replicas=2)["ok"]
+    missing_feeder = judge(records, _report(recoveries=[restarts[0], restarts[2]]), None, replicas=2)
+    assert not missing_feeder["ok"]
+    assert [f["why_not"] for f in missing_feeder["faults"]] == [None, "no feeder restart followed the kill", None]
+
+
+def test_bad_messages_dead_lettered_with_their_samples_keep_the_accounting_exact():
+    records = _injected("poison-work", "poison-knowledge", poison_messages=3)
+    # One planned batch swapped for a bad copy: its 8 samples dead-lettered, the rest distilled once.
+    result = judge(records, _report(dead_letters=5, dead_batches=1), None, replicas=2)
+    assert result["ok"], result
+    figures = result["accounting"]
+    assert figures["samples_distilled"] + figures["samples_dead_lettered"] == figures["samples_expected"]
+    assert figures["duplicates_applied"] == 0
+
+
+def test_dead_letters_without_bad_messages_or_lost_samples_fail_the_accounting():
+    # A dead letter nobody wrote bad: a good batch was refused.
+    assert not judge(_injected("teacher"), _report(dead_letters=1, teachers=4), None, replicas=2)["ok"]
+    # Samples neither distilled nor dead-lettered.
+    lost = _report(dead_letters=3)
+    lost["samples_distilled"] -= 8
+    assert not judge(_injected("poison-work", poison_messages=3), lost, None, replicas=2)["ok"]
+    # Bad messages that were not dead-lettered (and no Redis emptied after them to explain it).
+    assert "not dead-lettered" in str(judge(_injected("poison-work", poison_messages=3), _report(), None, 2)["faults"])
+
+
+def test_a_student_counts_as_the_same_within_two_standard_errors():
+    # 408 rows at about 50 %: the standard error of a difference is 3.5 points, the tolerance 6.9.
+    close = same_student(0.52, 0.49, rows=408)
+    assert close["equal"] and abs(close["tolerance"] - 0.0686) < 1e-3
+    assert not same_student(0.40, 0.49, rows=408)["equal"]
+    assert same_student(0.49, 0.49, rows=408)["difference"] == 0
+
+
+def test_a_control_actors_restart_noticed_after_later_faults_still_answers_its_kill():
+    # The cache writer's death is noticed only after the feeder and the pool were killed too.
+    records = _injected("cache-writer", "feeder", "pool")
+    restarts = [_control_restart("teacher pool 'teacher'", 125.0), _control_restart("cache writer", 126.0),
+                _control_restart("feeder", 127.0)]
+    result = judge(records, _report(recoveries=restarts), None, replicas=2)
+    assert result["ok"], result["faults"]
+    assert [f["recoveries"][0]["actor_restarted"] for f in result["faults"]] == [
+        "cache writer", "feeder", "teacher pool 'teacher'"]
+
+
+def test_a_killed_replica_counts_as_replaced_when_the_pool_itself_was_restarted():
+    records = _injected("teacher", "pool")
+    report = _report(teachers=2, recoveries=[_control_restart("teacher pool 'teacher'", 115.0)])
+    assert not judge(records, report, None, replicas=2)["ok"]
+    report["teacher_pool"] = {"restarted": True, "replicas_lost_with_pool": ["teacher-1"]}
+    assert judge(records, report, None, replicas=2)["ok"]
+
+
+def test_a_control_actor_killed_after_its_work_was_done_counts_when_ray_restarted_it():
+    records = _injected("feeder")
+    assert not judge(records, _report(), None, replicas=2)["ok"]
+    assert judge(records, _report(), None, replicas=2, ray_restarts={"FeederActor": 1})["ok"]
+    assert not judge(records, _report(), None, replicas=2, ray_restarts={"TeacherPoolActor": 1})["ok"]
