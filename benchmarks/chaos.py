@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.chaos_faults import kill_actor_process, poison_knowledge, poison_work  # noqa: E402
+from benchmarks.chaos_faults import NothingToKill, kill_actor_process, poison_knowledge, poison_work  # noqa: E402
 from benchmarks.chaos_plan import (  # noqa: E402
     KILLED_ACTOR,
     KINDS,
@@ -117,6 +117,9 @@ class ChaosMonkey(threading.Thread):
             record.seconds_into_job = round(record.injected_at - self.job_started, 2)
             try:
                 record.detail = self.inject(record)
+            except NothingToKill as exc:  # late in the job: nothing left to hit
+                record.injected_at = record.seconds_into_job = None
+                record.skipped, record.detail = True, f"skipped: {exc}"
             except Exception as exc:  # recorded; the fault then counts as not survived
                 record.injected_at = record.seconds_into_job = None
                 record.error = f"injection failed: {type(exc).__name__}: {exc}"
@@ -254,14 +257,16 @@ def run(args: argparse.Namespace) -> dict:
     by_kind: dict[str, dict[str, int]] = {}
     for outcome in runs:
         for kind, tally in outcome["survived_by_kind"].items():
-            total = by_kind.setdefault(kind, {"planned": 0, "injected": 0, "survived": 0})
+            total = by_kind.setdefault(kind, {"planned": 0, "injected": 0, "survived": 0, "skipped": 0})
             for field in total:
                 total[field] += tally[field]
     same = all(r["same_student"] and r["same_student"]["equal"] for r in runs)
     ok = reference["ok"] and all(r["ok"] for r in runs) and same
-    tallies = ", ".join(f"{kind} {t['survived']}/{t['planned']}" for kind, t in by_kind.items())
+    tallies = ", ".join(f"{kind} {t['survived']}/{t['injected']}" for kind, t in by_kind.items())
+    skipped = sum(t["skipped"] for t in by_kind.values())
     verdict = (f"{'PASS' if ok else 'FAIL'}: {survived}/{injected} injected faults survived over {len(runs)} runs "
-               f"({tallies}); students {'all' if same else 'not all'} equal to the fault-free run's")
+               f"({tallies}); students {'all' if same else 'not all'} equal to the fault-free run's"
+               + (f"; {skipped} skipped (nothing alive to hit)" if skipped else ""))
     return {
         "verdict": verdict, "ok": ok, "seed": args.seed, "runs": runs, "reference": reference,
         "survived_by_kind": by_kind,

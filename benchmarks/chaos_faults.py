@@ -20,6 +20,10 @@ PAST_ANY_POSITIONS = 4096  # rows longer than the positions of the models this s
 TEMPLATE_WAIT_S = 30.0  # how long a poison fault waits for a message to copy
 
 
+class NothingToKill(RuntimeError):
+    """No live actor of the class: its work was done (replicas end with the feed), so the fault has no target."""
+
+
 def kill_actor_process(class_name: str, rng: random.Random) -> str:
     """SIGKILLs the worker process of one live actor of ``class_name`` in this Ray session."""
     from ray._private import state  # the integration tests use the same view of live actors
@@ -28,7 +32,7 @@ def kill_actor_process(class_name: str, rng: random.Random) -> str:
                     if info["ActorClassName"] == class_name and info["State"] == "ALIVE"),
                    key=lambda info: info["Pid"])
     if not alive:
-        raise RuntimeError(f"no live {class_name} to kill")
+        raise NothingToKill(f"no live {class_name} to kill")
     victim = rng.choice(alive)
     os.kill(victim["Pid"], signal.SIGKILL)
     return f"SIGKILL pid {victim['Pid']} ({len(alive)} {class_name} alive)"

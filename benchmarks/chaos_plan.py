@@ -78,6 +78,7 @@ class FaultRecord:
     detail: str = ""
     error: str | None = None
     poison_messages: int = 0  # bad messages written (poison kinds)
+    skipped: bool = False  # nothing alive to hit (a replica that had finished its work): no fault, no blame
 
 
 def accounting(report: dict, poison_messages: int = 0) -> dict:
@@ -155,7 +156,7 @@ def attribute_recoveries(injected: list[FaultRecord], recoveries: list[dict]) ->
 
 
 def _why_not_survived(record: FaultRecord, mine: list[dict], report: dict, replaced: bool,
-                      dead_letters_kept: bool, restarted_by_ray: bool) -> str:
+                      restarted_by_ray: bool) -> str:
     kind = record.planned.kind
     if kind == "student" and not any(r["student_restarted"] for r in mine):
         return "no student restart followed the kill"
@@ -168,8 +169,9 @@ def _why_not_survived(record: FaultRecord, mine: list[dict], report: dict, repla
     if (kind in RESTARTED_AS and not restarted_by_ray
             and not any((r.get("actor_restarted") or "").startswith(RESTARTED_AS[kind]) for r in mine)):
         return f"no {RESTARTED_AS[kind]} restart followed the kill"
-    if kind in POISON_MESSAGES and dead_letters_kept and report["dead_letters"] == 0:
-        return "the bad messages were not dead-lettered"
+    # Bad messages need not be read at all: written after the last planned batch, or dropped when a
+    # recovery re-feeds the work stream, they go with the job's keys. Read, they must be dead-lettered,
+    # which the accounting checks (dead letters only for bad messages, every sample once).
     return ""
 
 
@@ -190,39 +192,43 @@ def judge(records: list[FaultRecord], report: dict | None, job_error: str | None
     # A restarted pool starts every replica anew (the old ones' figures go with it): that replaces a killed one too.
     pool_restarted = bool(report and (report.get("teacher_pool") or {}).get("restarted"))
     replaced = report is not None and (pool_restarted or len(report["teachers"]) >= replicas + teacher_kills)
-    emptied_at = [r.injected_at for r in injected if r.planned.kind == "redis-empty"]
 
     faults = []
     for record in records:
-        if record.injected_at is None:
+        if record.skipped:
+            why = ""
+        elif record.injected_at is None:
             why = record.error or "not injected (the job ended first)"
         elif not exact:
             why = job_error or "the job's accounting is not exact"
         else:
-            kept = not any(at > record.injected_at for at in emptied_at)
             kind = record.planned.kind
             kills = sum(1 for r in injected if r.planned.kind == kind)
             restarted = kind in RESTARTED_AS and ray_restarts.get(KILLED_ACTOR[kind], 0) >= kills
-            why = _why_not_survived(record, caused[record.planned.index], report, replaced, kept, restarted)
+            why = _why_not_survived(record, caused[record.planned.index], report, replaced, restarted)
         faults.append({**asdict(record.planned), "seconds_into_job": record.seconds_into_job,
                        "batches_at_injection": record.batches_at_injection, "detail": record.detail,
-                       "poison_messages": record.poison_messages, "survived": not why, "why_not": why or None,
+                       "poison_messages": record.poison_messages, "skipped": record.skipped,
+                       "survived": not why and not record.skipped, "why_not": why or None,
                        "recoveries": caused[record.planned.index]})
 
     by_kind: dict[str, dict[str, int]] = {}
     for fault in faults:
-        tally = by_kind.setdefault(fault["kind"], {"planned": 0, "injected": 0, "survived": 0})
+        tally = by_kind.setdefault(fault["kind"], {"planned": 0, "injected": 0, "survived": 0, "skipped": 0})
         tally["planned"] += 1
         tally["injected"] += fault["seconds_into_job"] is not None
         tally["survived"] += fault["survived"]
+        tally["skipped"] += fault["skipped"]
     survived = sum(f["survived"] for f in faults)
-    ok = survived == len(faults) and exact
-    kinds_text = ", ".join(f"{kind} {t['survived']}/{t['planned']}" for kind, t in by_kind.items())
+    skipped = sum(f["skipped"] for f in faults)
+    ok = survived + skipped == len(faults) and exact
+    kinds_text = ", ".join(f"{kind} {t['survived']}/{t['planned'] - t['skipped']}" for kind, t in by_kind.items())
     if ok:
-        verdict = f"PASS: {survived}/{len(faults)} faults survived ({kinds_text}), nothing lost or applied twice"
+        verdict = (f"PASS: {survived}/{len(faults) - skipped} faults survived ({kinds_text}), nothing lost or applied twice"
+                   + (f"; {skipped} skipped (nothing alive to hit)" if skipped else ""))
     else:
         problem = job_error or ("accounting not exact" if not exact else "a fault was not survived")
-        verdict = f"FAIL: {survived}/{len(faults)} faults survived ({kinds_text}); {problem}"
+        verdict = f"FAIL: {survived}/{len(faults) - skipped} faults survived ({kinds_text}); {problem}"
     return {"ok": ok, "verdict": verdict, "faults": faults, "survived_by_kind": by_kind,
             "accounting": figures, "unattributed_recoveries": unattributed}
 
