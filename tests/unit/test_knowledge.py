@@ -358,7 +358,7 @@ def test_knowledge_bytes_by_part():
 
 def test_unlabelled_text_takes_the_classes_of_a_trained_teacher(tmp_path, teacher_dir):
     config = validate_config({"teacher": {"model": str(teacher_dir)},
-                              "data": {"path": str(tmp_path), "label_column": None, "eval_split": None},
+                              "data": {"path": str(tmp_path), "label_column": None, "eval_split": None, "max_length": 32},
                               "distill": {"pseudo_label_threshold": 0.5}})
     unlabelled = JobSplit(dataset=None, label_names=[], cleaning={})
     assert prepare_teacher(config, tmp_path, unlabelled) == Path(teacher_dir)
