@@ -20,7 +20,9 @@ What can go wrong, and what notices it::
 
 Batches dead-lettered (a poison message: actors/teacher.py, student/consumer.py) are never re-fed;
 when a probe finds that every batch still missing was dead-lettered, the job is done and the driver
-stops it: it ends completed with dead letters (cluster/dead_letters.py).
+stops it: it ends completed with dead letters (cluster/dead_letters.py). Missing batches that no dead
+letter names were lost in flight and are fed again, whatever other batches were dead-lettered; only a
+dead letter that names no batch at all may be one of them, and then the job is stopped.
 
 A job that is stopping (its stop flag set, by the driver or from outside: cluster/stopping.py) is
 neither probed nor recovered: its students are leaving with what they have. They get
@@ -138,19 +140,24 @@ def watch(observation: Observation, state: WatchState, now: float, quiet_s: floa
     return Verdict("probe", f"nothing queued or in flight for {quiet_s:g} s and the feed is done"), WatchState(now)
 
 
-def judge_probe(missing: int, dead_letters: int, missing_dead_lettered: int = 0) -> Verdict:
+def judge_probe(missing: int, unnamed_dead_letters: int, missing_dead_lettered: int = 0) -> Verdict:
     """After a probe: the students miss ``missing`` batches although nothing is in flight, of which
-    ``missing_dead_lettered`` are named by one of the ``dead_letters``."""
+    ``missing_dead_lettered`` are named by a dead letter; ``unnamed_dead_letters`` dead letters name no
+    batch (a message too broken to say which batch it was, or one lost with Redis before it was read).
+
+    A dead letter that names some other batch (a bad copy beside the plan, an epoch outside it) says
+    nothing about the missing ones: those were lost in flight and are fed again."""
     if missing == 0:
         return Verdict("wait")  # the student is about to return
     if missing_dead_lettered == missing:
         # Every batch still missing was dead-lettered with its reason: re-feeding one would only fail
         # again, and the job is done (cluster/dead_letters.py: completed with dead letters).
         return Verdict("finish", f"the {missing} batches still missing were dead-lettered")
-    if dead_letters > missing_dead_lettered:
+    if unnamed_dead_letters > 0:
         # Dead letters that name no batch may be the missing ones: end the job, whose report then shows
         # what is missing and why.
-        return Verdict("stop", f"{missing} batches missing and {dead_letters} messages dead-lettered")
+        return Verdict("stop", f"{missing} batches missing and {unnamed_dead_letters} dead-lettered messages "
+                               "that name no batch")
     return Verdict("recover", f"{missing - missing_dead_lettered} batches were lost in flight (Redis restarted "
                    "from an older snapshot?)")
 
@@ -305,9 +312,10 @@ class Supervisor:
             verdict, self._state = watch(observation, self._state, time.monotonic())
             if verdict.action == "probe":
                 missing = self._missing()
-                dead = self.dead_lettered_batches() if dead_letters else self.dead_lettered
-                verdict = judge_probe(len(missing), self.dead_letters_lost + dead_letters,
-                                      sum(1 for pair in missing if pair in dead))
+                records = self.streams.read_dead_letters() if dead_letters else []
+                self.dead_lettered.update(dead_lettered_batches(records))
+                unnamed = self.dead_letters_lost + sum(1 for record in records if record.batch is None)
+                verdict = judge_probe(len(missing), unnamed, sum(1 for pair in missing if pair in self.dead_lettered))
                 if verdict.action == "stop":
                     log.error("stopping the job: %s (see %s)", verdict.reason, self.keys.dead_letter_stream)
                     request_stop(self.streams.client, self.keys, STOPPED_BY_DRIVER)

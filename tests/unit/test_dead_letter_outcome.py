@@ -65,17 +65,17 @@ def test_every_student_must_add_up():
     assert outcome_with_dead_letters("failed", both, missing, DEAD) == COMPLETED_WITH_DEAD_LETTERS
 
 
-# (missing, dead letters, missing batches that a dead letter names) -> the probe's action
+# (missing, dead letters that name no batch, missing batches that a dead letter names) -> the probe's action
 PROBES = [
     (0, 3, 0, "wait"),
-    (2, 2, 2, "finish"),
-    (2, 5, 2, "finish"),  # more dead letters than missing batches: garbage beside the plan
-    (3, 2, 2, "recover"),  # one batch lost in flight besides: re-fed (dead-lettered ones are not)
+    (2, 0, 2, "finish"),
+    (2, 3, 2, "finish"),  # every missing batch is accounted for, whatever else was dead-lettered
+    (3, 0, 2, "recover"),  # one batch lost in flight besides: re-fed (dead-lettered ones are not)
     (1, 1, 0, "stop"),  # a dead letter that names no batch may be the missing one
-    (4, 0, 0, "recover"),
+    (4, 0, 0, "recover"),  # dead letters that name other batches (bad copies beside the plan) do not count
 ]
 
 
-@pytest.mark.parametrize("missing, dead_letters, named, action", PROBES)
-def test_judge_probe(missing, dead_letters, named, action):
-    assert judge_probe(missing, dead_letters, named).action == action
+@pytest.mark.parametrize("missing, unnamed, named, action", PROBES)
+def test_judge_probe(missing, unnamed, named, action):
+    assert judge_probe(missing, unnamed, named).action == action

@@ -37,11 +37,11 @@ def test_probe_only_after_a_quiet_period_and_then_at_most_every_period():
 
 
 def test_probe_results():
-    assert judge_probe(missing=0, dead_letters=3).action == "wait"
-    lost = judge_probe(missing=4, dead_letters=0)
+    assert judge_probe(missing=0, unnamed_dead_letters=3).action == "wait"
+    lost = judge_probe(missing=4, unnamed_dead_letters=0)
     assert lost.action == "recover" and "4 batches were lost" in lost.reason
-    poisoned = judge_probe(missing=1, dead_letters=1)
-    assert poisoned.action == "stop" and "dead-lettered" in poisoned.reason
+    poisoned = judge_probe(missing=1, unnamed_dead_letters=1)
+    assert poisoned.action == "stop" and "name no batch" in poisoned.reason
 
 
 def test_delivery_limit():
