@@ -155,12 +155,20 @@ def attribute_recoveries(injected: list[FaultRecord], recoveries: list[dict]) ->
     return caused, unattributed
 
 
+def _during_a_recovery(record: FaultRecord, recoveries: list[dict]) -> bool:
+    """Whether the fault struck while a recovery was under way: that recovery's reset (fresh streams, groups
+    and run marker, then a re-feed of what the students lack) comes after it and repairs a Redis emptied
+    before it; one emptied after the reset loses the new run marker, which the driver then notices."""
+    return any(r["detected_at"] <= record.injected_at <= r["detected_at"] + r["seconds"] for r in recoveries)
+
+
 def _why_not_survived(record: FaultRecord, mine: list[dict], report: dict, replaced: bool,
                       restarted_by_ray: bool) -> str:
     kind = record.planned.kind
     if kind == "student" and not any(r["student_restarted"] for r in mine):
         return "no student restart followed the kill"
-    if kind == "redis-empty" and not any("Redis lost" in r["cause"] for r in mine):
+    if (kind == "redis-empty" and not any("Redis lost" in r["cause"] for r in mine)
+            and not _during_a_recovery(record, report["recoveries"])):
         return "the driver did not notice the lost data"
     if kind == "teacher" and not replaced:
         return "the pool did not replace every killed replica"

@@ -214,3 +214,16 @@ def test_a_fault_with_nothing_alive_to_hit_is_skipped_not_failed():
     result = judge(records, _report(teachers=2), None, replicas=2, ray_restarts={"FeederActor": 1})
     assert result["ok"] and "1 skipped" in result["verdict"]
     assert result["survived_by_kind"]["teacher"] == {"planned": 1, "injected": 0, "survived": 0, "skipped": 1}
+
+
+def test_redis_emptied_while_a_recovery_is_under_way_is_repaired_by_that_recovery():
+    # The feeder died at 100 s and its recovery ran until 110 s; Redis was emptied at 110 s, before the
+    # recovery's reset rebuilt the streams and the run marker: there was nothing left for the driver to notice.
+    records = _injected("feeder", "redis-empty")
+    feeder = {**_control_restart("feeder", 100.5), "seconds": 10.0}
+    assert judge(records, _report(recoveries=[feeder]), None, replicas=2)["ok"]
+    # Emptied after that recovery had ended, with no recovery of its own: not noticed, not survived.
+    short = {**feeder, "seconds": 2.0}
+    result = judge(records, _report(recoveries=[short]), None, replicas=2)
+    assert not result["ok"]
+    assert [f["why_not"] for f in result["faults"]] == [None, "the driver did not notice the lost data"]
