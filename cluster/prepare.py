@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from polydistill.cluster.config import ConfigError, JobConfig
@@ -29,6 +30,7 @@ from polydistill.storage.teacher_splits import TeacherSplits, teacher_splits
 from polydistill.student.architecture import ModelSetupError
 from polydistill.student.build import build_student, check_classifier_labels, materialize_random_teacher, model_class
 from polydistill.student.contract import check_contract, save_teacher_config
+from polydistill.student.devices import CPU
 from polydistill.student.dev_scores import (
     CLASSIFICATION_TASKS,
     accuracy_by_language,
@@ -60,7 +62,8 @@ log = logging.getLogger(__name__)
 RANDOM_WEIGHTS_MARKER = "polydistill_random_weights"
 
 
-def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool = True) -> Path:
+def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool = True,
+                    device: torch.device = CPU) -> Path:
     """The directory every teacher replica loads: built, fine-tuned or used as given, then checked on
     the dev split. Raises ``WeakTeacherError`` (exit status 2) when a classifier does not beat the
     baselines by ``teacher.min_margin``, unless ``teacher.allow_weak``. Writes what fine-tuning and the
@@ -82,7 +85,7 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_prog
         _check_max_length(config, teacher_dir)  # before fine-tuning reads a row
         if config.teacher.finetune_epochs > 0:  # the config allows it for labelled classification only
             teacher_dir, fine_tuning = ensure_finetuned_teacher(config, source, splits,
-                                                                default_cache_root() / "finetuned", show_progress)
+                                                                default_cache_root() / "finetuned", show_progress, device)
         if train.label_names:  # unlabelled text (data.label_column: null) takes the teacher's classes as they are
             check_classifier_labels(AutoConfig.from_pretrained(teacher_dir), train.label_names, "teacher.model")
     record = {"teacher_path": str(teacher_dir), "teacher_model": config.teacher.model, "fine_tuning": fine_tuning,
@@ -95,7 +98,7 @@ def prepare_teacher(config: JobConfig, out_dir: Path, train: JobSplit, show_prog
         write_teacher_record(out_dir, record)
         return teacher_dir
     verdict, baselines, record["gate"] = gate_teacher(config, teacher_dir, splits, show_progress,
-                                                      _chosen_dev_scores(fine_tuning))
+                                                      _chosen_dev_scores(fine_tuning), device)
     record["seconds"] = round(time.perf_counter() - started, 2)
     write_teacher_record(out_dir, record)
     if record["gate"]["status"] == "refused":
@@ -124,13 +127,14 @@ def _check_max_length(config: JobConfig, teacher_dir: Path) -> None:
 
 
 def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits, show_progress: bool = True,
-                 teacher_scores: DevScores | None = None) -> tuple[GateVerdict, dict[str, DevScores], dict]:
+                 teacher_scores: DevScores | None = None,
+                 device: torch.device = CPU) -> tuple[GateVerdict, dict[str, DevScores], dict]:
     """The teacher and the baselines scored on the same dev rows, the gate's verdict on them, and the
     record of it all for the report. ``teacher_scores``: the teacher's, when already measured on these rows."""
     started = time.perf_counter()
     if teacher_scores is None:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-        teacher = model_class(config.task).from_pretrained(teacher_dir)
+        teacher = model_class(config.task).from_pretrained(teacher_dir).to(device)
         dev_rows = tokenize_split(splits.dev.dataset, tokenizer, config.data.max_length)
         teacher_scores = accuracy_by_language(config.task, teacher, dev_rows, pad_token_id(tokenizer),
                                               splits.train.label_names)
@@ -138,7 +142,8 @@ def gate_teacher(config: JobConfig, teacher_dir: Path, splits: TeacherSplits, sh
     baselines = {MAJORITY: majority_scores}
     if config.evaluation.ablation:
         student, student_tokenizer = initial_student(config, teacher_dir)
-        baselines[HARD_LABEL_STUDENT] = hard_label_baseline(config, student, student_tokenizer, splits, show_progress)
+        baselines[HARD_LABEL_STUDENT] = hard_label_baseline(config, student.to(device), student_tokenizer, splits,
+                                                            show_progress)
     verdict = judge_teacher(teacher_scores, baselines, config.teacher.min_margin)
     allow_weak = config.teacher.allow_weak
     if allow_weak is None:  # random weights exist to exercise the pipeline, not to teach

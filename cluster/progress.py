@@ -9,17 +9,36 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 
+class _Lines:
+    """A stream for tqdm off a terminal: each redraw becomes a line of its own. tqdm redraws with a
+    carriage return and no newline, which a log (CI, a Ray task's output forwarded to the driver,
+    `polydistill logs`) would show as one endless line, or not at all until the bar closes."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress_bar(total: int, description: str, unit: str, enabled: bool = True) -> tqdm:
-    """On a terminal the bar redraws in place; in a log (CI, `polydistill logs`) it prints a line
-    every 10 s instead of thousands of carriage returns. Its remaining time is for ``total``."""
+    """On a terminal the bar redraws in place; in a log (CI, `polydistill logs`, a heavy stage's Ray
+    task) it prints a line every 10 s instead. Its remaining time is for ``total``."""
+    terminal = sys.stderr.isatty()
     return tqdm(
         total=total,
         desc=description,
         unit=unit,
         disable=not enabled,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-        dynamic_ncols=True,
-        file=sys.stderr,
+        mininterval=0.5 if terminal else 10.0,
+        dynamic_ncols=terminal,
+        ncols=None if terminal else 100,
+        file=sys.stderr if terminal else _Lines(sys.stderr),
     )
 
 

@@ -53,6 +53,7 @@ class TeacherFineTuning(_Declared):
     dev_accuracy: float
     curve: list[DevPoint]
     seconds: float  # the fine-tuning's wall time, when it ran (a reused teacher ran in an earlier job)
+    device: str = "cpu"  # where it ran: "cuda" when its stage was given a GPU (cluster/stages.py)
     reused: bool  # taken from the fine-tuning cache instead of trained by this job
 
 
@@ -148,6 +149,8 @@ class Report(BaseModel):
     wall_seconds: float
     total_seconds: float | None = None
     stage_seconds: dict[str, float] = {}
+    # Where each heavy stage's Ray task ran (cluster/stages.py): {stage: {node_id, node_ip, device, threads, seconds}}.
+    stage_placement: dict[str, Section] = {}
     student_seconds: StudentSeconds
     # The student and how it learnt.
     student_path: str

@@ -70,8 +70,10 @@ def prepare_task_heads(config: JobConfig, student_init_dir: Path, task_teachers:
         check_contract(config.for_task(section.name), teacher_config, head.config)
 
 
-def evaluate_tasks(config: JobConfig, task_teachers: dict[str, tuple[Path, JobSplit]], student_dir: Path) -> dict:
-    """Every extra task's student head and teacher side by side on that task's held-out data."""
+def evaluate_tasks(config: JobConfig, task_teachers: dict[str, tuple[Path, JobSplit]], student_dir: Path,
+                   **placement) -> dict:
+    """Every extra task's student head and teacher side by side on that task's held-out data; ``placement``:
+    the threads and device of the evaluation stage (student/evaluate.py ``evaluate_job``)."""
     from polydistill.student.evaluate import evaluate_job
 
     results = {}
@@ -81,5 +83,5 @@ def evaluate_tasks(config: JobConfig, task_teachers: dict[str, tuple[Path, JobSp
             continue
         teacher_dir, train = task_teachers[section.name]
         results[section.name] = evaluate_job(seen_as, teacher_dir, task_folder(student_dir, section.name),
-                                             train.label_names)
+                                             train.label_names, **placement)
     return results

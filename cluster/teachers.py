@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from polydistill.cluster.config import JobConfig
@@ -18,6 +19,7 @@ from polydistill.cluster.prepare import prepare_teacher
 from polydistill.storage.job_data import JobSplit
 from polydistill.student.build import check_classifier_labels
 from polydistill.student.contract import ContractError
+from polydistill.student.devices import CPU
 
 
 def reading_main_ids(seen_as: JobConfig, main_teacher_dir: Path, seed_offset: int) -> JobConfig:
@@ -34,10 +36,11 @@ def same_tokenizer(teacher_dir: Path, main_vocab: dict[str, int]) -> bool:
     return AutoTokenizer.from_pretrained(teacher_dir).get_vocab() == main_vocab
 
 
-def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool = True) -> dict[str, Path]:
-    """Every teacher's directory, the main teacher first. An extra teacher routed to some languages
-    is fine-tuned (when asked) on those languages only: a specialist."""
-    dirs = {"teacher": prepare_teacher(config, out_dir, train, show_progress)}
+def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool = True,
+                     device: torch.device = CPU) -> dict[str, Path]:
+    """Every teacher's directory, the main teacher first, fine-tuned and checked on ``device``. An extra
+    teacher routed to some languages is fine-tuned (when asked) on those languages only: a specialist."""
+    dirs = {"teacher": prepare_teacher(config, out_dir, train, show_progress, device)}
     for index, extra in enumerate(config.extra_teachers):
         seen_as = config.for_teacher(extra.name)
         if extra.languages is not None:
@@ -47,7 +50,8 @@ def prepare_teachers(config: JobConfig, out_dir: Path, train: JobSplit, show_pro
         else:
             train_for = train
         seen_as = reading_main_ids(seen_as, dirs["teacher"], index + 1)
-        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for, show_progress)
+        dirs[extra.name] = prepare_teacher(seen_as, out_dir / "teachers" / extra.name, train_for, show_progress,
+                                           device)
     return dirs
 
 

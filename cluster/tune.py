@@ -667,7 +667,13 @@ def trial_bundles(config: JobConfig) -> list[dict[str, float]]:
     for name in config.student_names:
         student = config.for_student(name).student
         actors.append(bundle(student.num_cpus, student.num_gpus, student.resources))
-    return [{}, *(actor for actor in actors if actor)]  # an actor that asks for nothing needs no bundle
+    bundles = [{}, *(actor for actor in actors if actor)]  # an actor that asks for nothing needs no bundle
+    # The heavy stages (cluster/stages.py) run while no actor does, in an actor's bundle when theirs fits one.
+    for stage in (config.finetune_resources, config.evaluation_resources):
+        wanted = bundle(stage.num_cpus, stage.num_gpus, stage.resources)
+        if wanted and not any(all(held.get(key, 0.0) >= value for key, value in wanted.items()) for held in bundles):
+            bundles.append(wanted)
+    return bundles
 
 
 def check_space(job_path: Path, base: list[str], tune_config: TuneConfig) -> None:

@@ -44,10 +44,11 @@ def teacher_logits(model, rows: TokenizedSplit, pad_id: int, batch_size: int = E
 
 
 def compress_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_names: list[str],
-                 out_dir: Path) -> dict:
+                 out_dir: Path, threads: int | None = None) -> dict:
+    """On CPU, where int8 dynamic quantisation and the ONNX runtime the stages ship for run."""
     settings = config.compress
     started = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     train = load_job_split(config.data, config.data.train_split, label_names=label_names)
     held_out = load_job_split(config.data, config.data.eval_split, label_names=label_names)
     calibration = train.dataset

@@ -16,6 +16,7 @@ from polydistill.student.scoring import quality, tagging_quality
 from polydistill.student.precision import use_bf16
 from polydistill.student.supervised import DevScorer, train_supervised
 from polydistill.student.teacher_gate import DevScores
+from polydistill.student.devices import model_device
 
 CLASSIFICATION_TASKS = ("sequence-classification", "token-classification")
 
@@ -90,7 +91,7 @@ def hard_label_baseline(config: JobConfig, student: PreTrainedModel, tokenizer, 
         epochs=min(BASELINE_EPOCHS, BASELINE_MAX_STEPS / batches_per_epoch), batch_size=training.batch_size,
         lr=training.lr, weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="teacher gate: short hard-label student", show_progress=show_progress,
-        bf16=use_bf16(training.precision == "bfloat16", "cpu", "training.precision"),
+        bf16=use_bf16(training.precision == "bfloat16", model_device(student).type, "training.precision"),
     )
     dev_rows = tokenize_split(splits.dev.dataset, tokenizer, config.data.max_length)
     return accuracy_by_language(config.task, student, dev_rows, pad_id, splits.train.label_names)

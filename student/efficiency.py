@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from polydistill.student.devices import model_device
+
 ModelInputs = Mapping[str, Tensor]
 InputsFactory = Callable[[int], ModelInputs]
 
@@ -79,11 +81,6 @@ def _batch_of(inputs: ModelInputs | InputsFactory, batch_size: int) -> dict[str,
     return {name: tensor[rows] for name, tensor in inputs.items()}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def measure_latency(
     model: nn.Module,
     inputs: ModelInputs | InputsFactory,
@@ -107,7 +104,7 @@ def measure_latency(
             "need batch_size >= 1, repeats >= 1, warmup >= 0; "
             f"got {batch_size}, {repeats}, {warmup}"
         )
-    device = _model_device(model)
+    device = model_device(model)
     batch = {name: tensor.to(device) for name, tensor in _batch_of(inputs, batch_size).items()}
     # CUDA launches are asynchronous: without a sync the clock stops before the work does.
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -21,6 +21,7 @@ from polydistill.cluster.config import JobConfig
 from polydistill.storage.balancing import balanced_epoch_draws
 from polydistill.storage.job_data import JobSplit, load_job_split, pad_token_id, tokenize_split
 from polydistill.student.build import model_class
+from polydistill.student.devices import CPU
 from polydistill.student.precision import use_bf16
 from polydistill.student.metrics import (
     BOOTSTRAP_RESAMPLES,
@@ -77,10 +78,11 @@ def add_confidence_intervals(report: dict, results: dict[str, dict], languages: 
 
 
 def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_names: list[str],
-                 extra_models: dict[str, Path] | None = None) -> dict:
+                 extra_models: dict[str, Path] | None = None, *, threads: int | None = None,
+                 device: torch.device = CPU) -> dict:
     """Every model scored on the same held-out rows, each read through its own tokenizer
-    (a student with a trimmed vocabulary has its own)."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    (a student with a trimmed vocabulary has its own), on ``device``, where latency is measured too."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     kind = task_kind(config.task)
     split = load_job_split(config.data, config.data.eval_split, label_names=label_names)
     held_out = HeldOut(config, split, label_names)
@@ -88,7 +90,8 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     results, costs = {}, {}
     for name, model_dir in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        tested = ModelUnderTest(model_class(config.task).from_pretrained(model_dir), tokenizer, Path(model_dir))
+        model = model_class(config.task).from_pretrained(model_dir).to(device)
+        tested = ModelUnderTest(model, tokenizer, Path(model_dir))
         with_costs = (name == "teacher" or is_distilled_student(name)) and config.evaluation.latency
         # The teacher comes first; the models after it are scored against it too where the kind compares them.
         results[name], costs_of = kind.evaluate(held_out, tested, results.get("teacher"), with_costs)
@@ -99,6 +102,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         add_confidence_intervals(report, results, split.dataset.with_format(None)["language"][:])
     if costs:
         costs["latency_sample"] = describe_latency_sample(split)
+        costs["device"] = device.type
         # The main student's ratios sit at the top of the section, each extra student's in its own entry.
         costs.update(_against_teacher(costs["teacher"], costs["student"]))
         costs["disk_ratio"] = round(costs["student"]["disk_bytes"] / costs["teacher"]["disk_bytes"], 4)
@@ -128,12 +132,13 @@ def balanced_draws(config: JobConfig, languages: list[str]) -> Callable[[int], n
 
 
 def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, train: JobSplit,
-                   show_progress: bool = True, threads: int | None = None) -> Path:
+                   show_progress: bool = True, threads: int | None = None,
+                   device: torch.device = CPU) -> Path:
     """The student's architecture and initialisation trained on hard labels alone, same data and
     schedule as the distilled student: the report's baseline for what the teacher added."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(student_init_dir)
-    model = model_class(config.task).from_pretrained(student_init_dir)
+    model = model_class(config.task).from_pretrained(student_init_dir).to(device)
     if config.student.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     rows = tokenize_split(train.dataset, tokenizer, config.data.max_length)
@@ -149,7 +154,7 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
         epochs=training.epochs, batch_size=training.batch_size, lr=training.lr,
         weight_decay=training.weight_decay, seed=training.seed, warmup_ratio=training.warmup_ratio,
         description="ablation: hard labels only", show_progress=show_progress,
-        bf16=use_bf16(config.training.precision == "bfloat16", "cpu", "training.precision"),
+        bf16=use_bf16(config.training.precision == "bfloat16", device.type, "training.precision"),
         epoch_draws=draws, dev=dev,
     )
     model.save_pretrained(out_dir)

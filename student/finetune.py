@@ -28,6 +28,7 @@ from polydistill.storage.job_data import JobSplit, pad_token_id, tokenize_split
 from polydistill.storage.teacher_splits import TeacherSplits
 from polydistill.student.build import label_maps, model_class
 from polydistill.student.dev_scores import dev_scorer
+from polydistill.student.devices import CPU
 from polydistill.student.precision import use_bf16
 from polydistill.student.supervised import DevStopping, train_supervised
 
@@ -72,7 +73,7 @@ def recipe_digest(recipe: dict) -> str:
 
 
 def ensure_finetuned_teacher(config: JobConfig, source: str, splits: TeacherSplits, cache_root: Path,
-                             show_progress: bool = True) -> tuple[Path, dict]:
+                             show_progress: bool = True, device: torch.device = CPU) -> tuple[Path, dict]:
     """The fine-tuned copy of ``source`` under ``cache_root``, keyed by its recipe so that a second run
     reuses it, and what its fine-tuning recorded (dev curve, chosen step, seconds)."""
     recipe = finetune_recipe(config, source, splits)
@@ -84,7 +85,7 @@ def ensure_finetuned_teacher(config: JobConfig, source: str, splits: TeacherSpli
         if cached.get("recipe") == recipe:
             return teacher_dir, {**cached["fine_tuning"], "reused": True}
     staging = cache_root / f".teacher-{digest}.{os.getpid()}"
-    fine_tuning = finetune_teacher(config, source, splits, staging, show_progress)
+    fine_tuning = finetune_teacher(config, source, splits, staging, show_progress, device)
     (staging / FINETUNED_MARKER).write_text(json.dumps({"recipe": recipe, "fine_tuning": fine_tuning},
                                                        sort_keys=True) + "\n", encoding="utf-8")
     shutil.rmtree(teacher_dir, ignore_errors=True)
@@ -93,15 +94,15 @@ def ensure_finetuned_teacher(config: JobConfig, source: str, splits: TeacherSpli
 
 
 def finetune_teacher(config: JobConfig, source: str, splits: TeacherSplits, out_dir: Path,
-                     show_progress: bool = True) -> dict:
-    """Fine-tunes ``source`` on ``splits.train``, choosing the checkpoint on ``splits.dev``, and saves
-    it to ``out_dir``; returns the dev curve, the chosen step and the stage's wall time."""
+                     show_progress: bool = True, device: torch.device = CPU) -> dict:
+    """Fine-tunes ``source`` on ``splits.train`` on ``device``, choosing the checkpoint on ``splits.dev``, and
+    saves it to ``out_dir``; returns the dev curve, the chosen step and the stage's wall time."""
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     teacher, training = config.teacher, config.training
     label_names = splits.train.label_names
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = model_class(config.task).from_pretrained(source, **label_maps(label_names))
+    model = model_class(config.task).from_pretrained(source, **label_maps(label_names)).to(device)
     # Frozen input embeddings: for a 250k-piece vocabulary they are most of the parameters, and
     # a few thousand labelled sentences cannot improve them; it also shrinks the optimiser state.
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -126,7 +127,7 @@ def finetune_teacher(config: JobConfig, source: str, splits: TeacherSplits, out_
         dev=dev,
         description="fine-tuning teacher",
         show_progress=show_progress,
-        bf16=use_bf16(training.precision == "bfloat16", "cpu", "training.precision"),
+        bf16=use_bf16(training.precision == "bfloat16", device.type, "training.precision"),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -147,4 +148,5 @@ def finetune_teacher(config: JobConfig, source: str, splits: TeacherSplits, out_
         "dev_accuracy": chosen["accuracy"],
         "curve": dev.curve,
         "seconds": round(time.perf_counter() - started, 2),
+        "device": device.type,
     }

@@ -32,6 +32,7 @@ import torch
 
 from polydistill.storage.job_data import TokenizedSplit, pad_rows
 from polydistill.student.lm_losses import next_token_nll
+from polydistill.student.devices import model_device
 
 # Rows per forward pass are chosen so that one batch's logits stay near this many floats
 # (a 250k-piece vocabulary makes [rows, L, V] large quickly).
@@ -51,6 +52,7 @@ def next_token_stats(model, rows: TokenizedSplit, pad_id: int) -> tuple[np.ndarr
     """Per row: summed NLL of its predicted tokens, how many of those the model ranked first, and its
     top-1 prediction at each of them. Rows are batched by length."""
     model.eval()
+    device = model_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else \
         model.config.vocab_size
     order = np.argsort(rows.lengths, kind="stable")
@@ -64,16 +66,16 @@ def next_token_stats(model, rows: TokenizedSplit, pad_id: int) -> tuple[np.ndarr
         index = order[start : start + take]
         start += take
         input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
-        ids = torch.from_numpy(input_ids.astype(np.int64))
-        mask = torch.from_numpy(attention_mask.astype(np.int64))
+        ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
+        mask = torch.from_numpy(attention_mask.astype(np.int64)).to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         nll, counted = next_token_nll(logits, ids, mask)
         top1 = logits[:, :-1].argmax(-1)
         hits = (top1 == ids[:, 1:]) & counted
-        nll_sum[index] = torch.where(counted, nll.double(), torch.zeros((), dtype=torch.float64)).sum(-1).numpy()
-        correct[index] = hits.sum(-1).numpy()
+        nll_sum[index] = torch.where(counted, nll.double(), torch.zeros((), dtype=torch.float64)).sum(-1).cpu().numpy()
+        correct[index] = hits.sum(-1).cpu().numpy()
         for row, i in enumerate(index):
-            predictions[i] = top1[row][counted[row]].to(torch.int32).numpy()
+            predictions[i] = top1[row][counted[row]].to(torch.int32).cpu().numpy()
     return nll_sum, correct, predictions
 
 
@@ -83,6 +85,7 @@ def masked_token_stats(model, rows: TokenizedSplit, pad_id: int,
     """As ``next_token_stats`` for a masked LM: ``masking(i)`` gives row i's corrupted ids and labels
     (``storage.masking``); the masked positions are the ones predicted and counted."""
     model.eval()
+    device = model_device(model)
     masked = [masking(i) for i in range(len(rows))]
     order = np.argsort(rows.lengths, kind="stable")
     nll_sum = np.zeros(len(rows), dtype=np.float64)
@@ -94,16 +97,16 @@ def masked_token_stats(model, rows: TokenizedSplit, pad_id: int,
         labels = np.full(input_ids.shape, -100, dtype=np.int64)
         for row, i in enumerate(index):
             labels[row, : len(masked[i][1])] = masked[i][1]
-        logits = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-                       attention_mask=torch.from_numpy(attention_mask.astype(np.int64))).logits.float()
-        target = torch.from_numpy(labels)
+        logits = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(device),
+                       attention_mask=torch.from_numpy(attention_mask.astype(np.int64)).to(device)).logits.float()
+        target = torch.from_numpy(labels).to(device)
         counted = target != -100
         nll = -torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         top1 = logits.argmax(-1)
-        nll_sum[index] = torch.where(counted, nll.double(), torch.zeros((), dtype=torch.float64)).sum(-1).numpy()
-        correct[index] = ((top1 == target) & counted).sum(-1).numpy()
+        nll_sum[index] = torch.where(counted, nll.double(), torch.zeros((), dtype=torch.float64)).sum(-1).cpu().numpy()
+        correct[index] = ((top1 == target) & counted).sum(-1).cpu().numpy()
         for row, i in enumerate(index):
-            predictions[i] = top1[row][counted[row]].to(torch.int32).numpy()
+            predictions[i] = top1[row][counted[row]].to(torch.int32).cpu().numpy()
     return nll_sum, correct, predictions
 
 

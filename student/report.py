@@ -301,7 +301,8 @@ def _latency_sample_line(report: Mapping) -> str:
     languages = sample.get("rows_per_language") or {}
     lengths = [f"{role} {_decimal(efficiency.get(role, {}).get('latency_sample_mean_tokens'), 1)}"
                for role in ("teacher", "student") if efficiency.get(role, {}).get("latency_sample_mean_tokens")]
-    line = (f"Latency measured on {sample.get('rows')} held-out rows drawn evenly from {len(languages)} languages "
+    device = "a GPU" if efficiency.get("device") == "cuda" else "the CPU"
+    line = (f"Latency measured on {device}, on {sample.get('rows')} held-out rows drawn evenly from {len(languages)} languages "
             f"(seed {sample.get('seed')}, the same rows every run): batch 32 on all of them at once, batch 1 on "
             "each alone (the mean of the rows).")
     return line + (f" Mean tokens per row of that sample: {', '.join(lengths)}." if lengths else "")

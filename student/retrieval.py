@@ -14,6 +14,7 @@ import torch
 
 from polydistill.storage.job_data import TokenizedSplit, pad_rows
 from polydistill.student.losses import mean_pool
+from polydistill.student.devices import model_device
 
 EMBED_BATCH = 64
 
@@ -22,15 +23,17 @@ EMBED_BATCH = 64
 def embed(model, token_ids: list[np.ndarray], pad_id: int, batch_size: int = EMBED_BATCH) -> np.ndarray:
     """Mean-pooled last hidden states, L2-normalised, one row per text (batched by length)."""
     model.eval()
+    device = model_device(model)
     lengths = np.array([len(ids) for ids in token_ids])
     order = np.argsort(lengths, kind="stable")
     out = None
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         input_ids, mask = pad_rows([token_ids[i] for i in index], pad_id)
-        mask_t = torch.from_numpy(mask.astype(np.int64))
-        states = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)), attention_mask=mask_t).last_hidden_state
-        pooled = torch.nn.functional.normalize(mean_pool(states.float(), mask_t), dim=-1).numpy()
+        mask_t = torch.from_numpy(mask.astype(np.int64)).to(device)
+        states = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(device),
+                       attention_mask=mask_t).last_hidden_state
+        pooled = torch.nn.functional.normalize(mean_pool(states.float(), mask_t), dim=-1).cpu().numpy()
         if out is None:
             out = np.empty((len(token_ids), pooled.shape[1]), dtype=np.float32)
         out[index] = pooled

@@ -25,6 +25,7 @@ from polydistill.student.efficiency import (
 )
 from polydistill.student.metrics import classification_metrics, per_language_metrics
 from polydistill.student.token_metrics import tagging_metrics
+from polydistill.student.devices import model_device
 
 EVAL_BATCH = 64
 # Latency is measured on this many held-out rows spread evenly over the languages, drawn with this
@@ -38,8 +39,7 @@ LATENCY_SEED = 0
 def predict(model, rows: TokenizedSplit, pad_id: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Predicted label per row; rows are batched by length so padding costs little."""
     model.eval()
-    first = next(model.parameters(), None)  # a model on a GPU (a student scored mid-training); none: onnxruntime
-    device = first.device if first is not None else torch.device("cpu")
+    device = model_device(model)  # a GPU (a student scored mid-training, a stage given one); onnxruntime: the CPU
     order = np.argsort(rows.lengths, kind="stable")
     predictions = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(order), batch_size):
@@ -69,14 +69,15 @@ def tagging_quality(model, rows: TokenizedSplit, pad_id: int, label_names: list[
                     batch_size: int = EVAL_BATCH) -> dict:
     """A tagger scored per word (each word's prediction from its first sub-token), per language."""
     model.eval()
+    device = model_device(model)
     order = np.argsort(rows.lengths, kind="stable")
     predicted: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(rows)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         input_ids, attention_mask = pad_rows([rows.token_ids[i] for i in index], pad_id)
-        logits = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-                       attention_mask=torch.from_numpy(attention_mask.astype(np.int64))).logits
-        best = logits.argmax(-1).numpy()
+        logits = model(input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(device),
+                       attention_mask=torch.from_numpy(attention_mask.astype(np.int64)).to(device)).logits
+        best = logits.argmax(-1).cpu().numpy()
         for row, i in enumerate(index):
             word_ids = [None if w < 0 else int(w) for w in rows.word_ids[i]]
             predicted[i] = token_predictions_to_words(word_ids, best[row, : len(word_ids)], len(rows.word_tags[i]))

@@ -1,4 +1,4 @@
-"""Plain supervised training on labelled batches, in this process.
+"""Plain supervised training on labelled batches, in this process (a Ray task of its stage: cluster/stages.py).
 
 Three stages need it: fine-tuning a pretrained teacher on the task (stopped on a dev split), the
 short hard-label run of the student that the teacher gate compares with, and the ablation that
@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, get_constant_schedule, get_linear_sche
 from polydistill.cluster.progress import progress_bar
 from polydistill.storage.batch_plan import plan_epoch_batches
 from polydistill.storage.job_data import TokenizedSplit, pad_labels, pad_rows
+from polydistill.student.devices import model_device
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def train_supervised(
     bf16: bool = False,
     epoch_draws: Callable[[int], np.ndarray] | None = None,
 ) -> list[dict]:
-    """Cross-entropy training over length-grouped batches; returns the loss history.
+    """Cross-entropy training over length-grouped batches, on the device the model is on; returns the
+    loss history.
 
     ``epoch_draws(epoch)``: the rows a balanced epoch draws (``data.balance``), the same draws the
     feeder sends the teachers, so a hard-label baseline sees the distilled student's data.
@@ -124,6 +126,7 @@ def train_supervised(
     of the whole budget and decays to 0 at its end, so an early stop leaves the rate where it was.
     """
     torch.manual_seed(seed)
+    device = model_device(model)  # the caller puts the model where it trains
     samples_per_epoch = len(rows) if epoch_draws is None else len(epoch_draws(0))
     batches_per_epoch = math.ceil(samples_per_epoch / batch_size)
     total_steps = max(1, round(epochs * batches_per_epoch))
@@ -150,11 +153,11 @@ def train_supervised(
                 # A tagger learns each word's tag on its first sub-token (-100 elsewhere: ignored by the loss).
                 labels = (rows.labels[index] if rows.token_labels is None
                           else pad_labels([rows.token_labels[i] for i in index], input_ids.shape[1]))
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = model(
-                        input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-                        attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
-                        labels=torch.from_numpy(labels),
+                        input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(device),
+                        attention_mask=torch.from_numpy(attention_mask.astype(np.int64)).to(device),
+                        labels=torch.from_numpy(labels).to(device),
                     ).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

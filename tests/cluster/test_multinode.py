@@ -52,7 +52,9 @@ from polydistill.storage.keys import (
 )
 from polydistill.student.trainer import StudentTrainer
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
+# The stage placement test runs in the README's tier (the issue of heavy stages on the head node must not
+# come back unnoticed); the pool drills are heavy.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TEACHER_SLOTS = 2  # per teacher node: 2 nodes hold the pool's maximum of 4 replicas
@@ -169,6 +171,7 @@ def assert_exact(report: dict) -> None:
     assert report["dead_letters"] in (0, [], None, {}), report["dead_letters"]
 
 
+@pytest.mark.heavy
 def test_replicas_run_on_teacher_nodes_and_the_student_on_its_node(sim_cluster, redis_server, redis_client,
                                                                    tmp_path):
     config = job_config(tmp_path, redis_server.url, "mn-place", "data.limit_per_language=200",
@@ -197,6 +200,32 @@ def test_replicas_run_on_teacher_nodes_and_the_student_on_its_node(sim_cluster, 
           + ", ".join(f"{t['replica_id']} {t['samples']} samples" for t in report["teachers"]))
 
 
+def test_heavy_stages_run_on_the_nodes_that_offer_what_they_ask_for(sim_cluster, redis_server, tmp_path):
+    """Preparing the teacher asks for a teacher slot, the ablation, evaluation and compression for the
+    student's slot (the default: the student's resources); each Ray task lands on such a node, none on
+    the head, where the driver runs, and the report says where each ran."""
+    config = job_config(tmp_path, redis_server.url, "mn-stages", "data.limit_per_language=64",
+                        "training.batch_size=16", "teacher.replicas=1", "data.eval_split=test",
+                        "teacher.finetune_resources={num_cpus: 1, resources: {teacher_slot: 1}}",
+                        "evaluation.ablation=true", "evaluation.latency=false",
+                        "compress={stages: [{name: distil, kind: measure}, {name: int8, kind: quantize}]}")
+    report = run_job(config, show_progress=False)
+
+    assert_exact(report)
+    where = report["stage_placement"]
+    assert set(where) == {"prepare_teacher", "ablation", "evaluate", "compress"}, where
+    head = sim_cluster.cluster.head_node.node_id
+    assert where["prepare_teacher"]["node_id"] in sim_cluster.teacher_nodes, (where, sim_cluster)
+    for stage in ("ablation", "evaluate", "compress"):
+        assert where[stage]["node_id"] == sim_cluster.student_node, (stage, where, sim_cluster)
+    assert head not in {entry["node_id"] for entry in where.values()}
+    assert {entry["device"] for entry in where.values()} == {"cpu"}  # no GPU asked for
+    # The stages did their work there: the ablation was scored beside the student, compression left its rows.
+    assert "ablation" in report["overall"]["language_average"]
+    assert [row["name"] for row in report["stages"]] == ["distil", "int8"]
+
+
+@pytest.mark.heavy
 def test_pool_shrinks_for_a_slow_student_and_grows_on_teacher_nodes_for_a_fast_one(
     sim_cluster, redis_server, redis_client, tmp_path
 ):
@@ -330,6 +359,7 @@ def test_pool_shrinks_for_a_slow_student_and_grows_on_teacher_nodes_for_a_fast_o
           "teachers: " + ", ".join(f"{s['replica_id']} {s['samples']}" for s in stats))
 
 
+@pytest.mark.heavy
 def test_manual_scale_during_a_run_loses_and_duplicates_no_sample(
     sim_cluster, redis_server, redis_client, tmp_path, monkeypatch
 ):

@@ -244,6 +244,9 @@ def test_trial_bundles_reserve_every_actor_of_the_job():
     assert trial_bundles(load_config(TINY)) == [{}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 1.0}]
     scaled = load_config(TINY, ["teacher.autoscaling={min_replicas: 1, max_replicas: 3}", "student.num_cpus=0"])
     assert trial_bundles(scaled) == [{}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}]
+    # A heavy stage runs in an actor's bundle when it fits one (no actor runs beside it), else in one of its own.
+    staged = load_config(TINY, ["evaluation.resources={num_cpus: 2}", "teacher.finetune_resources={num_cpus: 1}"])
+    assert trial_bundles(staged) == [{}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 1.0}, {"CPU": 2.0}]
 
 
 def test_trial_metrics_read_the_job_report():

@@ -1,0 +1,138 @@
+"""The heavy stages of a job as Ray tasks, so that the driver only orchestrates.
+
+On a cluster the driver lives on the head node, which ``ray_cluster.yaml`` keeps free of work: preparing
+the teacher (fine-tuning it, the teacher gate), the hard-label ablations, the evaluation of every model
+and compression each run as a Ray task that asks for the resources the config names
+(``JobConfig.finetune_resources``: the teacher replicas' by default; ``JobConfig.evaluation_resources``:
+the student's), on the GPU Ray gives the task when it asks for one (student/devices.py), with as many
+torch threads as ``threads`` says (every core of its node by default, as in one process before).
+
+Every stage answers with its result and where it ran (``StagePlacement``): the report's
+``stage_placement`` section names the node and device of each, and the Ray dashboard shows each task
+under its stage's name. The stages read and write the job's output directory, which on several nodes
+must be storage they all share, as the checkpoints already require (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from polydistill.cluster.config import JobConfig, StageResources
+from polydistill.storage.job_data import JobSplit, load_job_split
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """Where a stage ran: the Ray node (its id and address), the torch device, its threads, and how long."""
+
+    node_id: str
+    node_ip: str
+    device: str
+    threads: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stage_options(name: str, resources: StageResources, *, gpus: bool = True, num_cpus: float | None = None) -> dict:
+    """The Ray task options of a stage. ``gpus=False``: a stage that runs on CPU whatever it is given
+    (compression) asks for no GPU; ``num_cpus``: what the stage claims instead of ``resources.num_cpus``."""
+    return {
+        "name": f"polydistill:{name}",
+        "num_cpus": resources.num_cpus if num_cpus is None else num_cpus,
+        "num_gpus": resources.num_gpus if gpus else 0,
+        "resources": dict(resources.resources),
+        "max_retries": 0,  # a stage that failed would fail the same way again; the driver reports it
+    }
+
+
+@ray.remote
+def _stage_task(function: Callable[..., Any], args: tuple, kwargs: dict, num_gpus: float,
+                threads: int | None) -> tuple[Any, StagePlacement]:
+    import torch
+
+    from polydistill.cluster.quiet import quiet_libraries
+    from polydistill.student.devices import stage_device
+
+    quiet_libraries()
+    started = time.perf_counter()
+    device = stage_device(num_gpus)
+    threads = threads or os.cpu_count() or 1  # Ray sets OMP_NUM_THREADS to the task's CPUs; the config decides
+    torch.set_num_threads(threads)
+    result = function(*args, **kwargs, device=device, threads=threads)
+    context = ray.get_runtime_context()
+    node_ip = ray.util.get_node_ip_address()
+    return result, StagePlacement(context.get_node_id(), node_ip, device.type, threads,
+                                  round(time.perf_counter() - started, 2))
+
+
+def submit_stage(name: str, function: Callable[..., Any], *args: Any, resources: StageResources, gpus: bool = True,
+                 num_cpus: float | None = None, **kwargs: Any) -> ray.ObjectRef:
+    """Starts ``function(*args, **kwargs, device=..., threads=...)`` as the Ray task of stage ``name``."""
+    options = stage_options(name, resources, gpus=gpus, num_cpus=num_cpus)
+    return _stage_task.options(**options).remote(function, args, kwargs, options["num_gpus"], resources.threads)
+
+
+def stage_result(ref: ray.ObjectRef) -> tuple[Any, StagePlacement]:
+    """A stage's result and placement; the stage's own error as it was raised (a refused teacher, a config
+    error: what the user must change, not a Ray traceback). Ctrl-C cancels the stage and passes on."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause
+        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        raise
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+
+
+def run_stage(name: str, function: Callable[..., Any], *args: Any, resources: StageResources, gpus: bool = True,
+              **kwargs: Any) -> tuple[Any, StagePlacement]:
+    """Runs stage ``name`` as a Ray task and waits for it."""
+    return stage_result(submit_stage(name, function, *args, resources=resources, gpus=gpus, **kwargs))
+
+
+# -- the stages: each takes the device and threads its task was given -----------------------------------
+def prepare_teachers_stage(config: JobConfig, out_dir: Path, train: JobSplit, show_progress: bool, *,
+                           device, threads: int) -> dict[str, Path]:
+    from polydistill.cluster.teachers import prepare_teachers
+
+    return prepare_teachers(config, out_dir, train, show_progress, device)
+
+
+def ablation_stage(config: JobConfig, student_init_dir: str, out_dir: str, *, device, threads: int) -> str:
+    from polydistill.student.evaluate import train_ablation
+
+    train = load_job_split(config.data, config.data.train_split)
+    return str(train_ablation(config, Path(student_init_dir), Path(out_dir), train, show_progress=False,
+                              threads=threads, device=device))
+
+
+def evaluate_stage(config: JobConfig, teacher_dir: Path, student_dir: Path, label_names: list[str],
+                   extra_models: dict[str, Path], task_teachers: dict[str, tuple[Path, JobSplit]], *,
+                   device, threads: int) -> tuple[dict, dict[str, dict]]:
+    """The job's held-out evaluation of every model, and each extra task's."""
+    from polydistill.cluster.tasks import evaluate_tasks
+    from polydistill.student.evaluate import evaluate_job
+
+    report = evaluate_job(config, teacher_dir, student_dir, label_names, extra_models, threads=threads,
+                          device=device)
+    tasks = evaluate_tasks(config, task_teachers, student_dir, threads=threads, device=device) if task_teachers else {}
+    return report, tasks
+
+
+def compress_stage(config: JobConfig, teacher_dir: Path, student_dir: Path, label_names: list[str], out_dir: Path, *,
+                   device, threads: int) -> dict:
+    from polydistill.student.compress_job import compress_job
+
+    return compress_job(config, teacher_dir, student_dir, label_names, out_dir, threads=threads)

@@ -1,0 +1,50 @@
+"""Heavy stages as Ray tasks (cluster/stages.py) on a local Ray: the result and where it ran come back,
+the stage gets the threads it asked for, and a stage's own error reaches the driver as itself (what
+the user must change), not wrapped in a Ray traceback. Placement across nodes: tests/cluster/test_multinode.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import ray
+
+from polydistill.cluster.config import ConfigError, StageResources
+from polydistill.cluster.stages import run_stage, stage_options
+
+pytestmark = pytest.mark.integration
+
+# The stage functions below live in this test module, which Ray's workers cannot import: send them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _threads_and_device(label: str, *, device, threads: int) -> tuple[str, str, int]:
+    import torch
+
+    return label, device.type, torch.get_num_threads()
+
+
+def _refuses(*, device, threads: int) -> None:
+    raise ConfigError("data.max_length is 1024, longer than the teacher's 512 positions: set it to 512 at most")
+
+
+def test_a_stage_returns_its_result_and_where_it_ran(local_ray):
+    result, where = run_stage("probe", _threads_and_device, "x", resources=StageResources(num_cpus=1, threads=2))
+    assert result == ("x", "cpu", 2)
+    assert where.node_id == ray.get_runtime_context().get_node_id()  # the only node here
+    assert where.device == "cpu" and where.threads == 2 and where.seconds >= 0
+
+
+def test_a_stages_own_error_reaches_the_driver_unwrapped(local_ray):
+    with pytest.raises(ConfigError, match="set it to 512 at most") as caught:
+        run_stage("refuses", _refuses, resources=StageResources(num_cpus=1))
+    assert not isinstance(caught.value, ray.exceptions.RayError)
+
+
+def test_stage_options_name_the_task_and_ask_for_what_the_config_says():
+    asked = StageResources(num_cpus=2, num_gpus=1, resources={"trainer": 1})
+    assert stage_options("evaluate", asked) == {"name": "polydistill:evaluate", "num_cpus": 2, "num_gpus": 1,
+                                                "resources": {"trainer": 1}, "max_retries": 0}
+    # Compression runs on CPU whatever it is given; an ablation beside distillation claims no CPU.
+    assert stage_options("compress", asked, gpus=False)["num_gpus"] == 0
+    assert stage_options("ablation", asked, num_cpus=0)["num_cpus"] == 0
