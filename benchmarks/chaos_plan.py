@@ -220,13 +220,7 @@ def judge(records: list[FaultRecord], report: dict | None, job_error: str | None
                        "survived": not why and not record.skipped, "why_not": why or None,
                        "recoveries": caused[record.planned.index]})
 
-    by_kind: dict[str, dict[str, int]] = {}
-    for fault in faults:
-        tally = by_kind.setdefault(fault["kind"], {"planned": 0, "injected": 0, "survived": 0, "skipped": 0})
-        tally["planned"] += 1
-        tally["injected"] += fault["seconds_into_job"] is not None
-        tally["survived"] += fault["survived"]
-        tally["skipped"] += fault["skipped"]
+    by_kind = tally_by_kind(faults)
     survived = sum(f["survived"] for f in faults)
     skipped = sum(f["skipped"] for f in faults)
     ok = survived + skipped == len(faults) and exact
@@ -239,6 +233,18 @@ def judge(records: list[FaultRecord], report: dict | None, job_error: str | None
         verdict = f"FAIL: {survived}/{len(faults) - skipped} faults survived ({kinds_text}); {problem}"
     return {"ok": ok, "verdict": verdict, "faults": faults, "survived_by_kind": by_kind,
             "accounting": figures, "unattributed_recoveries": unattributed}
+
+
+def tally_by_kind(faults: list[dict]) -> dict[str, dict[str, int]]:
+    """Per fault kind: how many were planned, injected, survived and skipped (``judge``'s fault entries)."""
+    by_kind: dict[str, dict[str, int]] = {}
+    for fault in faults:
+        tally = by_kind.setdefault(fault["kind"], {"planned": 0, "injected": 0, "survived": 0, "skipped": 0})
+        tally["planned"] += 1
+        tally["injected"] += fault["seconds_into_job"] is not None
+        tally["survived"] += fault["survived"]
+        tally["skipped"] += fault["skipped"]
+    return by_kind
 
 
 def same_student(accuracy: float, reference: float, rows: int) -> dict:
