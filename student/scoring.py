@@ -120,10 +120,11 @@ def _model_inputs(token_ids: list[np.ndarray], pad_id: int) -> dict[str, torch.T
     }
 
 
-def latency(model, rows: TokenizedSplit, pad_id: int) -> dict:
+def latency(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None) -> dict:
     """Latency at batch 1 and 32 on the rows of `latency_sample` (any model answering
-    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call)."""
-    sample = latency_sample(rows.languages)
+    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call); ``sample``:
+    those rows, when the caller has drawn them already."""
+    sample = latency_sample(rows.languages) if sample is None else sample
     batch1 = measure_latency_per_row(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample],
                                      repeats=3, warmup=3)
     batch32 = measure_latency(model, _model_inputs([rows.token_ids[i] for i in sample], pad_id),
@@ -141,7 +142,7 @@ def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dic
     return {
         **count_parameters(model),
         "disk_bytes": disk_bytes(model_dir),
-        **latency(model, rows, pad_id),
+        **latency(model, rows, pad_id, sample),
         "latency_sample_mean_tokens": round(float(np.mean([len(rows.token_ids[i]) for i in sample])), 2),
         "mean_tokens_per_row": mean_tokens_per_language(rows.lengths, rows.languages),
     }
