@@ -13,6 +13,7 @@ counted in ``dead_letters`` only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 BatchKey = tuple[int, int]  # (epoch, batch id)
 
@@ -27,6 +28,36 @@ def dead_lettered_batches(records: Iterable) -> dict[BatchKey, tuple[str, int]]:
         if record.batch is not None:
             batches.setdefault(tuple(record.batch), (record.reason, record.samples))
     return batches
+
+
+@dataclass
+class DeadLetterBook:
+    """What the driver knows of the job's dead letters, kept across Redis data losses (no I/O: the
+    supervisor feeds it what it reads). A dead letter that names a batch explains that batch alone; one
+    that names none, or one lost with Redis before it was read, might explain any missing batch."""
+
+    named: dict[BatchKey, tuple[str, int]] = field(default_factory=dict)
+    lost: int = 0  # records that went with Redis's data
+    unnamed_lost: int = 0  # of which might have named any batch: read and naming none, or never read
+    read: int = 0  # records of the current dead-letter stream read so far
+    unnamed_read: int = 0  # of which name no batch
+
+    def read_stream(self, records: Sequence) -> None:
+        """The whole current dead-letter stream, as just read (``DeadLetterRecord``s)."""
+        self.read = len(records)
+        self.unnamed_read = sum(1 for record in records if record.batch is None)
+        self.named.update(dead_lettered_batches(records))
+
+    def stream_lost(self, seen: int) -> None:
+        """Redis lost its data, with the ``seen`` records its dead-letter stream last held."""
+        self.lost += seen
+        self.unnamed_lost += self.unnamed_read + max(0, seen - self.read)
+        self.read = self.unnamed_read = 0
+
+    @property
+    def unnamed(self) -> int:
+        """Dead letters that might be any missing batch."""
+        return self.unnamed_lost + self.unnamed_read
 
 
 def samples_dead_lettered(dead: Mapping[BatchKey, tuple[str, int]], missing: Iterable[Sequence[int]]) -> dict[str, int]:

@@ -35,7 +35,7 @@ from polydistill.cluster.tracking import JobTracking, tracked
 from polydistill.cluster.recovery import LongCall, StopOverdue, Supervisor
 from polydistill.cluster.report_schema import Report
 from polydistill.cluster.resume import save_job_config
-from polydistill.cluster.services import JobRedis, job_redis, ray_for
+from polydistill.cluster.services import JobRedis, job_redis, ray_for, stop_job_on_sigterm
 from polydistill.cluster.stopping import (
     STOPPED_BY_DRIVER,
     STOPPED_BY_INTERRUPT,
@@ -51,10 +51,12 @@ from polydistill.cluster.stopping import (
 )
 from polydistill.cluster.stages import (
     ablation_stage,
+    check_stage_resources,
     compress_stage,
     evaluate_stage,
     prepare_teachers_stage,
     run_stage,
+    runs_beside_actors,
     stage_result,
     submit_stage,
 )
@@ -107,7 +109,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
         try:
             train = load_job_split(config.data, config.data.train_split)
             check_before_models(config)
-            on_ray.enter_context(ray_for(redis_service))  # the heavy stages are Ray tasks too
+            if on_ray.enter_context(ray_for(redis_service)):  # the heavy stages are Ray tasks too
+                check_stage_resources(config, ray.cluster_resources())
             teacher_dirs = _stage("prepare_teacher", placement, prepare_teachers_stage, config, out_dir, train,
                                   show_progress, resources=config.finetune_resources)
             teacher_dir = teacher_dirs["teacher"]
@@ -132,10 +135,14 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             init_dirs = {"student": student_init_dir, **extra_init}
             ablation_refs = {}
             ablations_wanted = config.evaluation.ablation and config.data.eval_split
-            if ablations_wanted and not config.evaluation.ablations_after_distillation:
+            # A GPU or a custom resource is the student's while it trains: an ablation asking for one waits.
+            ablations_after = (config.evaluation.ablations_after_distillation
+                               or not runs_beside_actors(config.evaluation_resources))
+            if ablations_wanted and not ablations_after:
                 ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir)
             task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
             distilling_began = True
+            stop_job_on_sigterm(redis_service)  # from now on SIGTERM stops the job cleanly, resumable
             result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
                               task_dirs, tracking.progress)
             stage_seconds["distill"] = _lap(started, stage_seconds)
@@ -149,7 +156,7 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 for ablation_ref in ablation_refs.values():  # the evaluation they are for will not run
                     ray.cancel(ablation_ref, force=True)
             elif ablations_wanted:
-                if config.evaluation.ablations_after_distillation:  # one at a time, every core each
+                if ablations_after:  # one at a time, with the threads their resources name (every core by default)
                     ablation_refs = _start_ablations(redis_service.config, init_dirs, out_dir, one_at_a_time=True)
                 for name, ref in ablation_refs.items():
                     folder, where = stage_result(ref)

@@ -1,5 +1,6 @@
 """Progress bars: samples distilled (fed from the progress hash the student writes to Redis), and
-the steps of the supervised stages that run in the driver's process (teacher fine-tuning, baselines)."""
+the steps of the supervised stages (teacher fine-tuning, baselines), which run as Ray tasks
+(cluster/stages.py) whose output Ray forwards to the driver line by line."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ import ray
 import redis
 
 from polydistill.cluster.config import JobConfig
-from polydistill.cluster.dead_letters import dead_lettered_batches
+from polydistill.cluster.dead_letters import DeadLetterBook
 from polydistill.cluster.stopping import STOPPED_BY_DRIVER, JobFailed, request_stop
 from polydistill.storage.keys import CONTROL_FEED_GENERATION, CONTROL_RUN, CONTROL_STOP, TEACHER_GROUP, JobKeys
 from polydistill.storage.streams import JobStreams
@@ -228,9 +228,8 @@ class Supervisor:
         self.feed_ref: ray.ObjectRef | None = None
         self.batches_fed = 0
         self.feeds_lost = 0  # feed calls whose feeder died: the batches they enqueued are not in batches_fed
-        self.dead_letters_lost = 0  # counted before Redis lost its data
+        self.dead_letter_book = DeadLetterBook()
         self._dead_letters_seen = 0
-        self.dead_lettered: dict[tuple[int, int], tuple[str, int]] = {}
         self.recoveries: list[Recovery] = []
         self._state = WatchState()
 
@@ -312,10 +311,10 @@ class Supervisor:
             verdict, self._state = watch(observation, self._state, time.monotonic())
             if verdict.action == "probe":
                 missing = self._missing()
-                records = self.streams.read_dead_letters() if dead_letters else []
-                self.dead_lettered.update(dead_lettered_batches(records))
-                unnamed = self.dead_letters_lost + sum(1 for record in records if record.batch is None)
-                verdict = judge_probe(len(missing), unnamed, sum(1 for pair in missing if pair in self.dead_lettered))
+                if dead_letters:
+                    self.dead_lettered_batches()
+                book = self.dead_letter_book
+                verdict = judge_probe(len(missing), book.unnamed, sum(1 for pair in missing if pair in book.named))
                 if verdict.action == "stop":
                     log.error("stopping the job: %s (see %s)", verdict.reason, self.keys.dead_letter_stream)
                     request_stop(self.streams.client, self.keys, STOPPED_BY_DRIVER)
@@ -426,7 +425,7 @@ class Supervisor:
         if self._marker_present():
             self.dead_lettered_batches()
         else:
-            self.dead_letters_lost += self._dead_letters_seen
+            self.dead_letter_book.stream_lost(self._dead_letters_seen)
             self._dead_letters_seen = 0
         # 1. Stop the feed call in progress (before the reset, so that it adds nothing afterwards).
         self.generation += 1
@@ -440,7 +439,7 @@ class Supervisor:
         self._reset()
         # 4-5. Re-enqueue exactly what the students have not learnt, less the batches dead-lettered: fed
         # again, they would only fail again.
-        missing = [pair for pair in self._missing() if pair not in self.dead_lettered]
+        missing = [pair for pair in self._missing() if pair not in self.dead_letter_book.named]
         if restarted_actor == "feeder":  # a call made while Ray is still restarting it fails at once
             self._wait_for_restart(self.feeder, cause)
         self.feed_ref = self.feeder.feed.remote(missing, self.generation)
@@ -471,10 +470,10 @@ class Supervisor:
             return 0
 
     def dead_letters(self) -> int:
-        return self.dead_letters_lost + int(self.streams.client.xlen(self.keys.dead_letter_stream))
+        return self.dead_letter_book.lost + int(self.streams.client.xlen(self.keys.dead_letter_stream))
 
     def dead_lettered_batches(self) -> dict[tuple[int, int], tuple[str, int]]:
         """(epoch, batch) -> (reason, samples) of every batch a dead letter has named so far; kept across a
         Redis data loss, which takes the dead-letter stream with it."""
-        self.dead_lettered.update(dead_lettered_batches(self.streams.read_dead_letters()))
-        return dict(self.dead_lettered)
+        self.dead_letter_book.read_stream(self.streams.read_dead_letters())
+        return dict(self.dead_letter_book.named)

@@ -195,14 +195,17 @@ def logical_cpus_needed(config: JobConfig) -> float:
     actor waiting for a slot until the student's stall timeout."""
     students = sum(student.num_cpus * student.workers for student in (config.student, *config.extra_students))
     teachers = (config.teacher, *config.extra_teachers, *(task.teacher for task in config.extra_tasks))
-    return sum(teacher.replicas * teacher.num_cpus for teacher in teachers) + students
+    actors = sum(teacher.replicas * teacher.num_cpus for teacher in teachers) + students
+    # The heavy stages (cluster/stages.py) run while no actor does: the largest of them must fit too.
+    return max(actors, config.finetune_resources.num_cpus, config.evaluation_resources.num_cpus)
 
 
 @contextmanager
-def ray_for(job: JobRedis) -> Iterator[None]:
-    """Joins the Ray cluster named by RAY_ADDRESS (or already initialised); otherwise starts a local one."""
+def ray_for(job: JobRedis) -> Iterator[bool]:
+    """Joins the Ray cluster named by RAY_ADDRESS (or already initialised); otherwise starts a local one.
+    Yields whether it started a local Ray (whose resources are all there will ever be)."""
     if ray.is_initialized():
-        yield
+        yield False
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
@@ -212,9 +215,8 @@ def ray_for(job: JobRedis) -> Iterator[None]:
         cpus = max(float(os.cpu_count() or 1), logical_cpus_needed(job.config))
         ray.init(num_cpus=int(-(-cpus // 1)), include_dashboard=None, log_to_driver=True,
                  configure_logging=True, logging_level=logging.WARNING)
-    stop_job_on_sigterm(job)  # after ray.init, which installs its own SIGTERM handler (exit at once)
     try:
-        yield
+        yield not os.environ.get("RAY_ADDRESS")
     finally:
         ray.shutdown()
 
@@ -223,6 +225,8 @@ def stop_job_on_sigterm(job: JobRedis) -> None:
     """Makes SIGTERM (``polydistill stop``, ``ray job stop``) set the job's stop flag instead of
     killing the driver: the students checkpoint, the actors exit and the driver winds down as after
     a normal end, reporting the job stopped (Ray waits RAY_JOB_STOP_WAIT_TIME_S before SIGKILL).
+    Installed when distilling begins (after ray.init, which installs its own SIGTERM handler: exit at
+    once, which before then is the right answer, since the stop flag is only read while distilling).
     Only with a configured Redis (a private one dies with the driver anyway), and only from the main
     thread (Python's rule)."""
     if job.private or threading.current_thread() is not threading.main_thread():

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from polydistill.cluster.config import JobConfig, StageResources
+from polydistill.cluster.config import ConfigError, JobConfig, StageResources
+from polydistill.cluster.failures import exit_status_of
 from polydistill.storage.job_data import JobSplit, load_job_split
 
 
@@ -87,13 +88,37 @@ def stage_result(ref: ray.ObjectRef) -> tuple[Any, StagePlacement]:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as error:
-        cause = error.cause
-        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
-            raise cause from None
+        # A refused teacher, a bad config or input: the one line the command line prints. Anything else is
+        # a bug, raised with the worker's traceback (the RayTaskError's text).
+        if exit_status_of(error.cause) is not None:
+            raise error.cause from None
         raise
     except KeyboardInterrupt:
         ray.cancel(ref, force=True)
         raise
+
+
+def runs_beside_actors(resources: StageResources) -> bool:
+    """Whether a stage with these resources can run while the job's actors hold theirs: one that asks
+    for no GPU and no custom resource claims only (zero) CPU beside them (the ablations, on one thread)."""
+    return resources.num_gpus == 0 and not resources.resources
+
+
+def check_stage_resources(config: JobConfig, offered: Mapping[str, float]) -> None:
+    """Refuses, before any stage waits forever, a stage resource the Ray this job started does not offer
+    (``offered``: ``ray.cluster_resources()`` of a local Ray; a cluster's autoscaler may add nodes later)."""
+    stages = (("teacher.finetune_resources", config.teacher.finetune_resources, config.finetune_resources,
+               "teacher.num_gpus / teacher.resources"),
+              ("evaluation.resources", config.evaluation.resources, config.evaluation_resources,
+               "student.num_gpus / student.resources"))
+    for setting, given, resources, default_from in stages:
+        wanted = {"GPU": resources.num_gpus, **resources.resources}
+        short = {key: value for key, value in wanted.items() if value > offered.get(key, 0.0)}
+        if short:
+            what = ", ".join(f"{key} {value:g} (offered: {offered.get(key, 0.0):g})" for key, value in short.items())
+            source = setting if given is not None else f"{setting} (by default {default_from})"
+            raise ConfigError(f"{source} asks for {what}, which the local Ray on this machine does not have: "
+                              "ask for less, or run on a Ray cluster that offers it (RAY_ADDRESS)")
 
 
 def run_stage(name: str, function: Callable[..., Any], *args: Any, resources: StageResources, gpus: bool = True,

@@ -97,8 +97,7 @@ def finetune_teacher(config: JobConfig, source: str, splits: TeacherSplits, out_
                      show_progress: bool = True, device: torch.device = CPU) -> dict:
     """Fine-tunes ``source`` on ``splits.train`` on ``device``, choosing the checkpoint on ``splits.dev``, and
     saves it to ``out_dir``; returns the dev curve, the chosen step and the stage's wall time."""
-    started = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()  # on the caller's torch threads (a stage sets them: cluster/stages.py)
     teacher, training = config.teacher, config.training
     label_names = splits.train.label_names
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from polydistill.cluster.dead_letters import (
+    DeadLetterBook,
     COMPLETED_WITH_DEAD_LETTERS,
     dead_lettered_batches,
     outcome_with_dead_letters,
@@ -79,3 +80,18 @@ PROBES = [
 @pytest.mark.parametrize("missing, unnamed, named, action", PROBES)
 def test_judge_probe(missing, unnamed, named, action):
     assert judge_probe(missing, unnamed, named).action == action
+
+
+def test_the_dead_letter_book_keeps_what_names_a_batch_across_a_redis_data_loss():
+    book = DeadLetterBook()
+    book.read_stream([DeadLetterRecord(IDS, "knowledge", (1002, 33), 8), DeadLetterRecord(IDS, "knowledge", (2, 33), 8)])
+    assert book.unnamed == 0 and set(book.named) == {(1002, 33), (2, 33)}
+    # Redis loses its data: the two records read went with it (their batches stay known), and one written
+    # since the last read, never read, might have named any batch.
+    book.stream_lost(seen=3)
+    assert book.lost == 3 and book.unnamed == 1 and set(book.named) == {(1002, 33), (2, 33)}
+    # A missing batch lost in flight beside those is fed again only while no dead letter could be it.
+    assert judge_probe(1, DeadLetterBook(named=dict(book.named)).unnamed, 0).action == "recover"
+    assert judge_probe(1, book.unnamed, 0).action == "stop"
+    book.read_stream([DeadLetterRecord("message.raw: not a msgpack message", "work", None, 0)])
+    assert book.unnamed == 2
