@@ -111,7 +111,10 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             check_before_models(config)
             if on_ray.enter_context(ray_for(redis_service)):  # the heavy stages are Ray tasks too
                 check_stage_resources(config, ray.cluster_resources())
-            teacher_dirs = _stage("prepare_teacher", placement, prepare_teachers_stage, config, out_dir, train,
+            # What the stage tasks receive, as the actors do: no password (a task's arguments show in Ray's
+            # state API and dashboard), which no stage needs.
+            safe = redis_service.config
+            teacher_dirs = _stage("prepare_teacher", placement, prepare_teachers_stage, safe, out_dir, train,
                                   show_progress, resources=config.finetune_resources)
             teacher_dir = teacher_dirs["teacher"]
             check_teachers(config, teacher_dirs, train)
@@ -185,14 +188,14 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 extra.update({f"teacher:{name}": path for name, path in teacher_dirs.items() if name != "teacher"})
                 extra.update(ablation_dirs)
                 evaluation, task_evaluations = _stage(
-                    "evaluate", placement, evaluate_stage, config, teacher_dir, Path(report["student_path"]),
+                    "evaluate", placement, evaluate_stage, safe, teacher_dir, Path(report["student_path"]),
                     train.label_names, extra, task_teachers, resources=config.evaluation_resources)
                 report.update(evaluation)
                 for name, task_evaluation in task_evaluations.items():
                     report["tasks"][name].update(task_evaluation)
                 stage_seconds["evaluate"] = _lap(started, stage_seconds)
                 if config.compress is not None:  # prune / recover / quantise: a report row per stage
-                    report.update(_stage("compress", placement, compress_stage, config, teacher_dir,
+                    report.update(_stage("compress", placement, compress_stage, safe, teacher_dir,
                                          Path(report["student_path"]), train.label_names, out_dir / "compress",
                                          resources=config.evaluation_resources, gpus=False))
                     stage_seconds["compress"] = _lap(started, stage_seconds)
