@@ -15,7 +15,9 @@ must be storage they all share, as the checkpoints already require (docs/cluster
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -55,15 +57,29 @@ def stage_options(name: str, resources: StageResources, *, gpus: bool = True, nu
     }
 
 
+def log_like_the_driver(level: int) -> None:
+    """In a stage's worker, the project's log records at the driver's level (``--verbose``: INFO, such as
+    each dev score of fine-tuning) go to stderr, which Ray forwards to the driver; a Ray worker's root
+    logger has no handler, and Python's last resort prints warnings only."""
+    logger = logging.getLogger("polydistill")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 @ray.remote
 def _stage_task(function: Callable[..., Any], args: tuple, kwargs: dict, num_gpus: float,
-                threads: int | None) -> tuple[Any, StagePlacement]:
+                threads: int | None, log_level: int) -> tuple[Any, StagePlacement]:
     import torch
 
     from polydistill.cluster.quiet import quiet_libraries
     from polydistill.student.devices import stage_device
 
     quiet_libraries()
+    log_like_the_driver(log_level)
     started = time.perf_counter()
     device = stage_device(num_gpus)
     threads = threads or os.cpu_count() or 1  # Ray sets OMP_NUM_THREADS to the task's CPUs; the config decides
@@ -79,7 +95,9 @@ def submit_stage(name: str, function: Callable[..., Any], *args: Any, resources:
                  num_cpus: float | None = None, **kwargs: Any) -> ray.ObjectRef:
     """Starts ``function(*args, **kwargs, device=..., threads=...)`` as the Ray task of stage ``name``."""
     options = stage_options(name, resources, gpus=gpus, num_cpus=num_cpus)
-    return _stage_task.options(**options).remote(function, args, kwargs, options["num_gpus"], resources.threads)
+    log_level = logging.getLogger("polydistill").getEffectiveLevel()
+    return _stage_task.options(**options).remote(function, args, kwargs, options["num_gpus"], resources.threads,
+                                                 log_level)
 
 
 def stage_result(ref: ray.ObjectRef) -> tuple[Any, StagePlacement]:

@@ -24,7 +24,9 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Pa
     # for a vocabulary that only serves smoke runs.
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1)
+    # No progress: its bars print blank lines into logs (a stage's Ray output), and it takes a second.
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+                                        show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from polydistill.cluster.config import ConfigError, StageResources
-from polydistill.cluster.stages import run_stage, stage_options
+from polydistill.cluster.stages import log_like_the_driver, run_stage, stage_options
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +48,19 @@ def test_stage_options_name_the_task_and_ask_for_what_the_config_says():
     # Compression runs on CPU whatever it is given; an ablation beside distillation claims no CPU.
     assert stage_options("compress", asked, gpus=False)["num_gpus"] == 0
     assert stage_options("ablation", asked, num_cpus=0)["num_cpus"] == 0
+
+
+def test_a_stage_logs_at_the_drivers_level(capfd):
+    import logging
+
+    logger = logging.getLogger("polydistill")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    try:
+        logger.handlers.clear()
+        log_like_the_driver(logging.INFO)  # as in a stage's worker, whose root logger has no handler
+        logging.getLogger("polydistill.student.supervised").info("fine-tuning teacher: step 132/526: dev 80.1%")
+        assert "INFO polydistill.student.supervised: fine-tuning teacher: step 132/526: dev 80.1%" in capfd.readouterr().err
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]
+        logger.propagate = saved[2]
