@@ -1,8 +1,8 @@
 """Teacher and student measured side by side on the same held-out data, per language.
 
 Quality (as the job's task kind scores it: accuracy and macro precision/recall/F1, bitext retrieval,
-perplexity, chrF) and efficiency (parameters, size on disk, CPU latency) go into one report section
-each, with the student's retention of the teacher's score.
+perplexity, chrF) and efficiency (parameters, size on disk, latency on the device the evaluation
+runs on) go into one report section each, with the student's retention of the teacher's score.
 """
 
 from __future__ import annotations
