@@ -115,7 +115,8 @@ class Feeder:
             request = teacher_contract(self.config, self.teacher_dir)
             self.cache_key = CacheKey(
                 teacher=hash_files(self.teacher_dir),
-                contract=contract_fingerprint(request, self.config.distill.top_k, self.config.teacher.inference_dtype),
+                contract=contract_fingerprint(request, self.config.distill.top_k, self.config.teacher.inference_dtype,
+                                               self.config.distill.wire_codec),
                 data=hash_rows(self.rows.sample_ids, self.rows.token_ids),
             )
             root = Path(settings.dir) if settings.dir else default_cache_root() / "knowledge"
@@ -223,7 +224,7 @@ class Feeder:
                 while taken < min(len(pending), max(1, limit - entries)) and (taken == 0 or size < limit_bytes):
                     batch_id, rows = pending[taken]
                     work = self.work_batch(epoch, batch_id, rows)
-                    payload = wire.encode(cache.knowledge_for(work) if cache else work)
+                    payload = wire.encode(cache.knowledge_for(work) if cache else work, self.config.distill.wire_codec)
                     self.streams.add(stream, payload, pipeline=pipe)
                     size += len(payload)
                     taken += 1

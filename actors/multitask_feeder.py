@@ -100,6 +100,6 @@ class MultiTaskFeeder:
                                                   max_bytes=transport.max_work_backlog_bytes,
                                                   timeout_s=transport.backpressure_timeout_s, should_stop=should_stop):
                     return sent
-                self.streams.add(stream, wire.encode(work))
+                self.streams.add(stream, wire.encode(work, self.config.distill.wire_codec))
                 sent += 1
         return sent

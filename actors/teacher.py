@@ -154,8 +154,9 @@ class TeacherReplica:
         whole batches, since a later teacher adds its vote to the batch and a chunk of a chunk
         could not be gathered again."""
         if self.stage.index + 1 < self.stage.count:
-            return [wire.encode(knowledge)]
-        return knowledge_messages(knowledge, self.config.distill.knowledge_message_bytes or wire.MAX_MESSAGE_BYTES)
+            return [wire.encode(knowledge, self.config.distill.wire_codec)]
+        return knowledge_messages(knowledge, self.config.distill.knowledge_message_bytes or wire.MAX_MESSAGE_BYTES,
+                                  self.config.distill.wire_codec)
 
     def serve(self, should_stop: Callable[[], bool]) -> dict:
         """Processes work until told to stop; returns this replica's counters."""

@@ -162,6 +162,8 @@ class Report(BaseModel):
     validation: list[Section] = []
     kept_epoch: int | None = None
     wire_bytes_per_sample: float | None = None
+    # What the student holds once a message is decoded, by part; packed parts (distill.value_bits,
+    # feature_bits) take fewer bytes on the wire, which wire_bytes_per_sample counts.
     wire_bytes_per_sample_by_part: dict[str, float] | None = None
     pseudo_labels: Section | None = None
     knowledge_cache: Section | None = None

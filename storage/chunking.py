@@ -203,9 +203,11 @@ def _take_array(array: np.ndarray, spec: schema.Spec, rows: slice, tokens: slice
     return array[rows, tokens] if tokens is not None and spec.runs_along_tokens(array) else array[rows]
 
 
-def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_BYTES) -> list[bytes]:
+def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_BYTES,
+                       codec: wire.WireCodec | None = None) -> list[bytes]:
     """The encoded message(s) of one batch's knowledge, each at most ``limit`` bytes: one message
-    when it fits, else chunks tagged ``chunk i/K`` in order (see the module docstring)."""
+    when it fits, else chunks tagged ``chunk i/K`` in order (see the module docstring). ``codec``: as for
+    ``wire.encode``; the sizes planned are those of version 1, which no codec exceeds."""
     if limit > wire.MAX_MESSAGE_BYTES:
         raise ValueError(f"a message limit of {limit:,} bytes exceeds the wire's {wire.MAX_MESSAGE_BYTES:,}")
     n_arrays = sum(1 for _ in schema.arrays(knowledge))
@@ -218,7 +220,7 @@ def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_
     pieces = plan_pieces(work.n_samples, work.seq_len, bytes_per_sample(knowledge), budget,
                          windowable=windowable(knowledge))
     if len(pieces) == 1:
-        payloads = [wire.encode(knowledge)]
+        payloads = [wire.encode(knowledge, codec)]
     elif is_chunk(knowledge):
         # Tags do not nest: a chunk of a chunk would be gathered as a chunk of its batch, and rows lost.
         raise ChunkError(f"the knowledge of {knowledge.teacher_id!r} is one chunk of a batch already and would "
@@ -228,7 +230,7 @@ def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_
         seconds = knowledge.teacher_seconds / len(pieces)
         payloads = [
             wire.encode(slice_knowledge(knowledge, piece, chunk_teacher_id(knowledge.teacher_id, i, len(pieces)),
-                                        seconds))
+                                        seconds), codec)
             for i, piece in enumerate(pieces, start=1)
         ]
     too_big = max(len(payload) for payload in payloads)

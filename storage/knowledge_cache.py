@@ -55,6 +55,7 @@ import msgpack
 import numpy as np
 
 from polydistill.storage import schema, wire
+from polydistill.storage.wire_codec import WireCodec
 from polydistill.storage.masking import IGNORE
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,11 @@ def input_hash(token_ids: np.ndarray) -> bytes:
     return hashlib.blake2b(tokens, digest_size=INPUT_HASH_BYTES).digest()
 
 
-def contract_fingerprint(request: object, top_k: int | None, inference_dtype: str) -> str:
-    return json.dumps({"request": asdict(request), "top_k": top_k, "dtype": inference_dtype}, sort_keys=True)
+def contract_fingerprint(request: object, top_k: int | None, inference_dtype: str, codec: WireCodec) -> str:
+    """What the cached knowledge depends on besides the teacher and the rows: the records hold it as the
+    teachers sent it, packed by the job's codec."""
+    return json.dumps({"request": asdict(request), "top_k": top_k, "dtype": inference_dtype,
+                       "codec": asdict(codec)}, sort_keys=True)
 
 
 # -- the plan: which samples a cache holds ------------------------------------------------------

@@ -345,17 +345,53 @@ def nbytes_by_part(message: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------- #
 
 
-def write_body(message: Any) -> dict[str, Any]:
+class ArrayWriter:
+    """How arrays are written into a message's map. This one (schema version 1) puts each array's bytes
+    in the map itself; ``storage/frame.py`` writes version 2, with the bytes after the map."""
+
+    def array(self, array: np.ndarray) -> dict[str, Any]:
+        return pack_array(array)
+
+    def features(self, array: np.ndarray) -> dict[str, Any]:
+        """An array of a layer map (hidden states, attention maps)."""
+        return self.array(array)
+
+    def packed_variant(self, message: Any, variant: str) -> tuple[str, dict[str, Any]] | None:
+        """(wire variant, map) of a message variant this writer packs in a form of its own, or None."""
+        return None
+
+
+class ArrayReader:
+    """How arrays are read from a message's map: the counterpart of ``ArrayWriter``."""
+
+    def array(self, packed: Any, where: str) -> np.ndarray:
+        return unpack_array(packed, where)
+
+    def packed_variant(self, cls: type, variant: str, body: dict, where: str) -> tuple[str, dict[str, Any]] | None:
+        """(declared variant, field values) of a packed variant's map, or None if this reader knows none."""
+        return None
+
+
+INLINE_WRITER = ArrayWriter()
+INLINE_READER = ArrayReader()
+
+
+def write_body(message: Any, writer: ArrayWriter = INLINE_WRITER) -> dict[str, Any]:
     """The msgpack map of a message: its declared fields under their wire keys."""
     declared = declared_fields(type(message))
     body: dict[str, Any] = {}
     variant = _variant_of(message, declared)
+    packed = writer.packed_variant(message, variant) if variant is not None else None
+    if packed is not None:
+        variant, body = packed[0], dict(packed[1])
     if variant is not None:
         body[VARIANT_KEY] = variant
     for name, spec in declared:
         value = getattr(message, name)
-        if (spec.variant is None or spec.variant == variant) and not (spec.added and value is None):
-            body[spec.key or name] = _write_value(value, spec)
+        if spec.variant is not None and (packed is not None or spec.variant != variant):
+            continue
+        if not (spec.added and value is None):
+            body[spec.key or name] = _write_value(value, spec, writer)
     return body
 
 
@@ -366,18 +402,18 @@ def _variant_of(message: Any, declared: tuple[tuple[str, Spec], ...]) -> str | N
     return next(iter(used), None)
 
 
-def _write_value(value: Any, spec: Spec) -> Any:
+def _write_value(value: Any, spec: Spec, writer: ArrayWriter) -> Any:
     if value is None or spec.kind in SHARED_KINDS:
         return value
     if spec.kind is Kind.TEXTS:
         return list(value)
     if spec.kind is Kind.LAYERS:
-        return [[layer, pack_array(array)] for layer, array in value.items()]
+        return [[layer, writer.features(array)] for layer, array in value.items()]
     if spec.kind is Kind.MESSAGE:
-        return write_body(value)
+        return write_body(value, writer)
     if spec.kind is Kind.MESSAGES:
-        return [write_body(item) for item in value]
-    return pack_array(value)
+        return [write_body(item, writer) for item in value]
+    return writer.array(value)
 
 
 def pack_array(array: np.ndarray) -> dict[str, Any]:
@@ -397,24 +433,26 @@ def pack_array(array: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 
 
-def read_body(cls: type, body: dict, where: str) -> Any:
+def read_body(cls: type, body: dict, where: str, reader: ArrayReader = INLINE_READER) -> Any:
     """The message of class ``cls`` in a msgpack map; keys it does not declare are ignored."""
     declared = declared_fields(cls)
     variants = sorted({spec.variant for _, spec in declared if spec.variant})
-    variant = None
+    variant, values = None, {}
     if variants:
         variant = get(body, VARIANT_KEY, str, where)
-        if variant not in variants:
+        packed = None if variant in variants else reader.packed_variant(cls, variant, body, where)
+        if packed is not None:
+            variant, values = packed
+        elif variant not in variants:
             raise WireError(f"{where}.{VARIANT_KEY}: unknown {cls.__name__} kind {variant!r} "
                             f"(expected {' or '.join(repr(known) for known in variants)})")
-    values = {}
     for name, spec in declared:
-        if spec.variant is None or spec.variant == variant:
-            values[name] = _read_value(body, spec.key or name, spec, where)
+        if spec.variant is None or (spec.variant == variant and name not in values):
+            values[name] = _read_value(body, spec.key or name, spec, where, reader)
     return cls(**values)
 
 
-def _read_value(body: dict, key: str, spec: Spec, where: str) -> Any:
+def _read_value(body: dict, key: str, spec: Spec, where: str, reader: ArrayReader) -> Any:
     kind = spec.kind
     if spec.added and key not in body:
         return None
@@ -427,22 +465,22 @@ def _read_value(body: dict, key: str, spec: Spec, where: str) -> Any:
     if kind is Kind.TEXTS:
         return tuple(value)
     if kind is Kind.LAYERS:
-        return _read_layers(value, f"{where}.{key}")
+        return _read_layers(value, f"{where}.{key}", reader)
     if kind is Kind.MESSAGE:
-        return read_body(spec.message, value, f"{where}.{key}")
+        return read_body(spec.message, value, f"{where}.{key}", reader)
     if kind is Kind.MESSAGES:
-        return tuple(_read_item(spec.message, item, f"{where}.{key}[{position}]")
+        return tuple(_read_item(spec.message, item, f"{where}.{key}[{position}]", reader)
                      for position, item in enumerate(value))
-    return unpack_array(value, f"{where}.{key}")
+    return reader.array(value, f"{where}.{key}")
 
 
-def _read_item(cls: type, item: Any, where: str) -> Any:
+def _read_item(cls: type, item: Any, where: str, reader: ArrayReader) -> Any:
     if not isinstance(item, dict):
         raise WireError(f"{where}: expected a map, got {type(item).__name__}")
-    return read_body(cls, item, where)
+    return read_body(cls, item, where, reader)
 
 
-def _read_layers(pairs: list, where: str) -> dict[int, np.ndarray]:
+def _read_layers(pairs: list, where: str, reader: ArrayReader) -> dict[int, np.ndarray]:
     layers: dict[int, np.ndarray] = {}
     for position, pair in enumerate(pairs):
         name = f"{where}[{position}]"
@@ -451,7 +489,7 @@ def _read_layers(pairs: list, where: str) -> dict[int, np.ndarray]:
             raise WireError(f"{name}: expected a [layer index, array] pair")
         if pair[0] in layers:
             raise WireError(f"{name}: layer {pair[0]} appears twice")
-        layers[pair[0]] = unpack_array(pair[1], name)
+        layers[pair[0]] = reader.array(pair[1], name)
     return layers
 
 
@@ -472,12 +510,12 @@ def get(body: dict, key: str, types: type | tuple[type, ...], where: str, *, opt
     return value
 
 
-def unpack_array(packed: Any, where: str) -> np.ndarray:
+def array_layout(packed: Any, where: str) -> tuple[np.dtype, list[int], int]:
+    """(little-endian dtype, shape, byte count) of an array map; the caller checks the bytes, then ``check_axes``."""
     if not isinstance(packed, dict):
         raise WireError(f"{where}: expected an array map, got {type(packed).__name__}")
     dtype_name = get(packed, "dtype", str, where)
     shape = get(packed, "shape", list, where)
-    raw = get(packed, "raw", bytes, where)
     if dtype_name not in _WIRE_DTYPES:
         raise WireError(f"{where}.dtype: {dtype_name!r} is not a wire dtype (allowed: {sorted(_WIRE_DTYPES)})")
     if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
@@ -485,15 +523,26 @@ def unpack_array(packed: Any, where: str) -> np.ndarray:
     dtype = np.dtype(dtype_name).newbyteorder("<")
     # Python integers: np.prod in int64 wraps (a shape of [2**32, 2**32] multiplies to 0), so a tiny
     # payload could claim an empty array of an absurd shape and fail later, outside the wire's errors.
-    expected_bytes = math.prod(shape) * dtype.itemsize
-    if len(raw) != expected_bytes:
-        raise WireError(
-            f"{where}.raw: {len(raw)} bytes, but shape {shape} of {dtype_name} needs {expected_bytes} (truncated?)"
-        )
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def check_axes(shape: list[int], where: str) -> None:
+    """Refuse shapes numpy would refuse, once the bytes are known to match them."""
     if len(shape) > _MAX_ARRAY_AXES:
         raise WireError(f"{where}.shape: {len(shape)} axes, more than the {_MAX_ARRAY_AXES} any message field has")
     if max(shape, default=0) > _MAX_AXIS_LENGTH:
         # Beside an axis of length 0 the bytes match whatever the others claim; numpy refuses such shapes.
         raise WireError(f"{where}.shape: {shape} has an axis longer than {_MAX_AXIS_LENGTH:,}")
+
+
+def unpack_array(packed: Any, where: str) -> np.ndarray:
+    """An array whose bytes travel in its map (``raw``), as version 1 writes it."""
+    dtype, shape, expected_bytes = array_layout(packed, where)
+    raw = get(packed, "raw", bytes, where)
+    if len(raw) != expected_bytes:
+        raise WireError(
+            f"{where}.raw: {len(raw)} bytes, but shape {shape} of {dtype.name} needs {expected_bytes} (truncated?)"
+        )
+    check_axes(shape, where)
     # A read-only view on the unpacked bytes: no copy of the payload.
     return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -404,7 +404,8 @@ def _xreadgroup_entries(reply: Any) -> list[tuple[str, dict | None]]:
 
 
 def _group_errors(stream: str, group: str) -> Any:
-    """Turns Redis' NOGROUP reply into GroupMissing, which callers handle (wait for the driver)."""
+    """Turns Redis' NOGROUP reply into GroupMissing, which callers handle (wait for the driver); so too
+    UNBLOCKED, the reply of a read that was waiting on the stream when it was deleted."""
     return _GroupErrors(stream, group)
 
 
@@ -416,7 +417,7 @@ class _GroupErrors:
         return None
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
-        if isinstance(error, redis.ResponseError) and str(error).startswith("NOGROUP"):
+        if isinstance(error, redis.ResponseError) and str(error).startswith(("NOGROUP", "UNBLOCKED")):
             raise GroupMissing(
                 f"consumer group {self.group!r} of stream {self.stream} does not exist (Redis lost its data, "
                 "or the job's streams were reset)"

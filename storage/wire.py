@@ -4,16 +4,26 @@ Every message is a msgpack map carrying ``v`` (the schema version) and ``kind``
 ("work" or "knowledge"). Each message class below declares its fields once, on the
 dataclass itself (``storage/schema.py`` says how): encoding, decoding, the type and
 dtype checks, byte counts and chunking (``storage/chunking.py``) all follow from
-that declaration, so a new field is added in one place. Arrays travel as
-``{dtype, shape, raw}`` and decode to read-only ``np.frombuffer`` views of the
-unpacked message. Nothing here uses pickle: a message is data, never code.
+that declaration, so a new field is added in one place. Nothing here uses pickle: a
+message is data, never code.
+
+Two framings of that map:
+- version 1: arrays travel inside the map as ``{dtype, shape, raw}`` (``encode(msg)``);
+- version 2: the map is a header followed by the arrays' bytes (``storage/frame.py``),
+  which the decoder reads in place, and knowledge may be packed as a ``WireCodec`` asks
+  (``storage/knowledge_codec.py``: top-k soft labels in 8 or 16 bits a value and
+  bit-packed class ids, features in int8). Every sender of a job writes version 2
+  (``encode(msg, codec)``, the codec from ``distill.value_bits``/``feature_bits``).
+Either way, decoded arrays are read-only ``np.frombuffer`` views of the received bytes,
+except packed ones, which are rebuilt.
 
 Compatibility rules:
 - A reader accepts every version up to its own ``SCHEMA_VERSION`` and rejects newer
   ones with ``WireVersionError`` (upgrade the reading side).
 - Adding an optional field does not need a version bump: readers ignore keys they
   do not know. Renaming, removing or re-typing a field does.
-- tests/unit/test_wire_compat.py keeps payloads written by version 1, which must decode.
+- tests/unit/test_wire_compat.py keeps payloads written by version 1, which must decode,
+  and ``encode(msg)`` still writes version 1.
 
 Two kinds of error, kept apart on purpose (see DESIGN.md, "protocol logic"):
 ``WireError`` means the peer sent garbage, and the message is dead-lettered;
@@ -32,8 +42,11 @@ from typing import Union
 import msgpack
 import numpy as np
 
+from polydistill.storage.frame import encode_frame, is_frame, split_frame
+from polydistill.storage.wire_codec import WireCodec
 from polydistill.storage.schema import (
     HALF,
+    INLINE_READER,
     HALF_OR_SINGLE,
     SINGLE,
     WireError,
@@ -57,11 +70,12 @@ from polydistill.storage.schema import (
 
 __all__ = [
     "KIND_KNOWLEDGE", "KIND_WORK", "MAX_MESSAGE_BYTES", "SCHEMA_VERSION", "SOFT_FULL", "SOFT_TOPK", "Knowledge",
-    "Message", "SoftLabels", "TeacherVote", "WireError", "WireVersionError", "WorkBatch", "decode", "encode",
+    "Message", "SoftLabels", "TeacherVote", "WireCodec", "WireError", "WireVersionError", "WorkBatch", "decode",
+    "encode",
     "knowledge_nbytes", "topk_soft_labels",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # One message must stay far below Redis' 512 MB bulk-string limit and fit comfortably in a
 # consumer's memory; a batch of hidden states that needs more should be split or reduced.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -337,11 +351,16 @@ _CLASSES: dict[str, type] = {KIND_WORK: WorkBatch, KIND_KNOWLEDGE: Knowledge}
 _KINDS = {cls: kind for kind, cls in _CLASSES.items()}
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message, codec: WireCodec | None = None) -> bytes | bytearray:
+    """The message's bytes: version 2 (``storage/frame.py``) packed as ``codec`` says, or with no codec
+    version 1, which every reader since the first one decodes."""
     kind = _KINDS.get(type(msg))
     if kind is None:
         raise TypeError(f"encode() takes a WorkBatch or Knowledge, got {type(msg).__name__}")
-    data = msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, **write_body(msg)}, use_bin_type=True)
+    if codec is None:
+        data = msgpack.packb({"v": 1, "kind": kind, **write_body(msg)}, use_bin_type=True)
+    else:
+        data = encode_frame({"v": SCHEMA_VERSION, "kind": kind}, msg, codec)
     if len(data) > MAX_MESSAGE_BYTES:
         raise WireError(
             f"a {kind} message of {len(data):,} bytes exceeds the limit of {MAX_MESSAGE_BYTES:,} bytes: "
@@ -356,11 +375,16 @@ def decode(data: bytes) -> Message:
     if len(data) > MAX_MESSAGE_BYTES:
         # Checked before unpacking, so a hostile or broken peer cannot make us allocate without bound.
         raise WireError(f"message of {len(data):,} bytes exceeds the limit of {MAX_MESSAGE_BYTES:,} bytes")
-    try:
-        top = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # ValueError covers ExtraData, FormatError, StackError and bad UTF-8.
-        raise WireError(f"not a msgpack message ({type(exc).__name__}: {exc})") from exc
+    if is_frame(data):
+        top, reader = split_frame(data)
+        lowest = 2
+    else:
+        try:
+            top = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # ValueError covers ExtraData, FormatError, StackError and bad UTF-8.
+            raise WireError(f"not a msgpack message ({type(exc).__name__}: {exc})") from exc
+        reader, lowest = INLINE_READER, 1
     if not isinstance(top, dict):
         raise WireError(f"expected a msgpack map at the top level, got {type(top).__name__}")
 
@@ -370,11 +394,11 @@ def decode(data: bytes) -> Message:
             f"message uses wire schema version {version}, but this build of polydistill reads "
             f"versions up to {SCHEMA_VERSION}; upgrade polydistill on the reading side"
         )
-    if version < 1:
-        raise WireError(f"message.v: expected a schema version >= 1, got {version}")
+    if version < lowest:
+        raise WireError(f"message.v: expected a schema version >= {lowest} in this framing, got {version}")
 
     kind = get(top, "kind", str, "message")
     cls = _CLASSES.get(kind)
     if cls is None:
         raise WireError(f"message.kind: unknown kind {kind!r} (expected one of {sorted(_CLASSES)})")
-    return read_body(cls, top, kind)
+    return read_body(cls, top, kind, reader)

@@ -46,6 +46,9 @@ LAYER_OF = {
     "polydistill.cluster.exit_codes": "schema",
     "polydistill.storage.wire": "schema",
     "polydistill.storage.schema": "schema",  # how a wire message declares its fields
+    "polydistill.storage.frame": "schema",  # wire schema version 2's framing
+    "polydistill.storage.knowledge_codec": "schema",  # packed top-k and int8 features, pure numpy
+    "polydistill.storage.wire_codec": "schema",  # the codec's settings, without numpy
     "polydistill.storage.keys": "schema",
     "polydistill.storage.ledger": "schema",
     "polydistill.storage.delivery": "schema",
