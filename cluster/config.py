@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from polydistill.cluster.autoscaling import PoolScalingConfig
 from polydistill.cluster.task_specs import check_task_settings, task_spec
+from polydistill.storage.wire_codec import WireCodec
 
 # Read for the Redis password when no source is configured (``with_redis_password``).
 DEFAULT_PASSWORD_ENV = "POLYDISTILL_REDIS_PASSWORD"
@@ -421,11 +422,28 @@ class DistillConfig(_Strict):
     )
     num_beams: int = Field(default=4, ge=1, le=16,
                            description="seq2seq_target teacher: beams of the teacher's search.")
+    value_bits: Literal[8, 16, 32] = Field(
+        default=16,
+        description="Top-k soft labels on the wire (storage/knowledge_codec.py): 16 sends each kept class's "
+        "log-probability in 16 bits (KL to the float32 teacher about 1e-8 nats a token), 8 in a companded 8-bit "
+        "scale, unary-coded (about 2 bits a value; KL about 3e-4 nats), 32 the float32 logits as computed. Class ids "
+        "travel in as many bits as the vocabulary needs (18 for 250k) with 8 and 16.",
+    )
+    feature_bits: Literal[8, 16] = Field(
+        default=16,
+        description="Hidden states and attention maps on the wire: 16 as float16, 8 as int8 with one float32 "
+        "scale per row (half the bytes; a relative error of about 0.4 % of each row's largest value).",
+    )
     knowledge_message_bytes: int | None = Field(
         default=None, ge=4096, le=64 * 1024 * 1024,
         description="Knowledge of a batch that would take more than this many bytes travels as several messages "
         "(storage/chunking.py); null: the wire's limit (64 MiB, storage/wire.py MAX_MESSAGE_BYTES).",
     )
+
+    @property
+    def wire_codec(self) -> WireCodec:
+        """How the job's senders pack knowledge on the wire."""
+        return WireCodec(value_bits=self.value_bits, feature_bits=self.feature_bits)
 
     @model_validator(mode="after")
     def _some_loss(self) -> "DistillConfig":
@@ -496,6 +514,12 @@ class TransportConfig(_Strict):
     max_work_backlog: int = Field(default=32, ge=1, description="Work batches waiting for teachers.")
     max_knowledge_backlog: int = Field(default=32, ge=1, description="Knowledge messages waiting for students.")
     block_ms: int = Field(default=200, ge=1, le=60_000)
+    prefetch: int = Field(
+        default=2, ge=0, le=64,
+        description="Knowledge messages a student reads and decodes ahead, in a thread beside its training step "
+        "(student/prefetch.py), so that the step never waits on Redis or decoding; 0 reads each one when the step "
+        "before it is done. Data-parallel students read in step with each other and ignore it.",
+    )
     reclaim_idle_ms: int = Field(default=60_000, ge=100, description="Reclaim work a consumer held this long.")
     backpressure_timeout_s: float = Field(default=600, gt=0)
     reconnect_timeout_s: float = Field(

@@ -361,26 +361,37 @@ class KnowledgeConsumer:
 
     # -- reading ------------------------------------------------------------------------------
     def read(self) -> list[Entry]:
-        """This consumer's unacknowledged messages (looked at every few seconds), else the next new one.
+        """This consumer's unacknowledged messages (looked at every few seconds), else the next new one."""
+        self.expire_held()
+        return self.read_own_pending() or self.read_new()
 
-        Of its own pending messages, the chunks it holds or gave up are left out: they would tell
-        ``decide`` nothing new, and a caller must not take them for progress."""
+    def expire_held(self) -> None:
+        """Gives up held chunks that waited too long or take too much room (``give_up_stale``)."""
         self.buffer, given_up = give_up_stale(self.buffer, time.monotonic(), self.chunk_limits)
         self._report(given_up)
-        entries = []
-        if time.monotonic() - self._own_pending_read > OWN_PENDING_EVERY_S:
-            self._own_pending_read = time.monotonic()
-            entries = [(entry_id, payload) for entry_id, payload in
-                       self.streams.read_pending(self.stream, self.group, self.consumer, count=OWN_PENDING_COUNT)
-                       if not self.buffer.has_entry(entry_id)]
-        return entries or self.read_new()
 
-    def read_new(self) -> list[Entry]:
-        """The next message no consumer of the group has had, waiting up to ``transport.block_ms``."""
+    def read_own_pending(self) -> list[Entry]:
+        """This consumer's unacknowledged messages, every ``OWN_PENDING_EVERY_S`` (else none). The chunks it
+        holds or gave up are left out: they would tell ``decide`` nothing new, and must not be taken for
+        progress."""
+        if time.monotonic() - self._own_pending_read <= OWN_PENDING_EVERY_S:
+            return []
+        self._own_pending_read = time.monotonic()
+        return [(entry_id, payload) for entry_id, payload in
+                self.streams.read_pending(self.stream, self.group, self.consumer, count=OWN_PENDING_COUNT)
+                if not self.buffer.has_entry(entry_id)]
+
+    def read_new(self, *, counts_as_waiting: bool = True) -> list[Entry]:
+        """The next message no consumer of the group has had, waiting up to ``transport.block_ms``.
+        ``counts_as_waiting``: the time spent counts as the student's waiting (not when read ahead)."""
         started = time.perf_counter()
         entries = self.streams.read(self.stream, self.group, self.consumer, count=1, block_ms=self.block_ms)
-        self._waited_s += time.perf_counter() - started
+        if counts_as_waiting:
+            self.count_waiting(time.perf_counter() - started)
         return entries
+
+    def count_waiting(self, seconds: float) -> None:
+        self._waited_s += seconds
 
     def take_waited_seconds(self) -> float:
         """Seconds spent waiting for new messages since the last call."""
@@ -395,10 +406,13 @@ class KnowledgeConsumer:
                                            should_stop=should_stop)
 
     # -- deciding -----------------------------------------------------------------------------
-    def receive(self, entry_id, payload: bytes) -> Learn | None:
+    def receive(self, entry_id, payload: bytes, message: wire.Message | wire.WireError | None = None) -> Learn | None:
         """One delivered message through ``decide``: a batch to learn from is returned (``done`` follows
-        the step); duplicates, held chunks and garbage are dealt with here."""
-        decision, buffer = decide(entry_id, decode(payload), len(payload), job_id=self.keys.job_id,
+        the step); duplicates, held chunks and garbage are dealt with here. ``message``: the payload
+        decoded already (read ahead), else it is decoded here."""
+        if message is None:
+            message = decode(payload)
+        decision, buffer = decide(entry_id, message, len(payload), job_id=self.keys.job_id,
                                   ledger=self.ledger, buffer=self.buffer, now=time.monotonic(),
                                   limits=self.chunk_limits, inputs=self.inputs)
         self._warn_of_regathering(buffer)

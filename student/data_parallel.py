@@ -190,3 +190,6 @@ class DataParallel:
     def summary(self, optimizer_steps: int) -> dict:
         return {"data_parallel": {"workers": self.world_size, "rank": self.rank, "samples_read": self.samples_read,
                                   "optimizer_steps": optimizer_steps}}
+
+    def close(self) -> None:
+        """Nothing runs beside the loop: the workers read in step with each other."""

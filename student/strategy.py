@@ -16,6 +16,7 @@ from torch import nn
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import Entry, GroupMissing
 from polydistill.student.consumer import KnowledgeConsumer, Round, StallError
+from polydistill.student.prefetch import Prefetcher
 
 
 class StepStrategy(Protocol):
@@ -39,24 +40,30 @@ class StepStrategy(Protocol):
     def summary(self, optimizer_steps: int) -> dict:
         """What the end-of-training summary adds for this strategy."""
 
+    def close(self) -> None:
+        """Releases what the strategy runs beside the loop (a reading thread); called when training ends."""
+
 
 class SingleWorker:
-    """One worker: every new batch it reads is one optimiser step on its own gradients."""
+    """One worker: every new batch it reads is one optimiser step on its own gradients. With ``prefetch``
+    > 0 the next messages are read and decoded ahead in a thread (``student/prefetch.py``)."""
 
     leads = True
 
-    def __init__(self, consumer: KnowledgeConsumer, stall_timeout_s: float):
+    def __init__(self, consumer: KnowledgeConsumer, stall_timeout_s: float, prefetch: int = 0):
         self.consumer = consumer
         self.stall_timeout_s = stall_timeout_s
+        self.prefetcher = Prefetcher(consumer, prefetch) if prefetch > 0 else None
         self.stopped = False
         self._last_message: float | None = None  # the stall clock starts with the first fetch
 
     def fetch(self, should_stop: Callable[[], bool]) -> list[Entry]:
         if should_stop():
             self.stopped = True
+            self.close()
             return []
         try:
-            entries = self.consumer.read()
+            entries = self.consumer.read() if self.prefetcher is None else self.prefetcher.next()
         except GroupMissing as exc:
             self.stopped = not self.consumer.wait_for_group(exc, should_stop)
             return []
@@ -71,8 +78,14 @@ class SingleWorker:
         return entries
 
     def agree(self, entry_id: str, payload: bytes) -> Round:
-        learn = self.consumer.receive(entry_id, payload)
+        decoded = None if self.prefetcher is None else self.prefetcher.take_decoded(entry_id)
+        learn = self.consumer.receive(entry_id, payload, decoded)
         return Round() if learn is None else Round.of(learn)
+
+    def close(self) -> None:
+        """Stops reading ahead; what was read ahead and not handled stays pending for this consumer."""
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
 
     def combine_gradients(self, parameters: list[nn.Parameter]) -> int:
         return 1

@@ -198,7 +198,7 @@ class StudentTrainer:
         if self.checkpoint_dir is not None:
             self.resume()
         self.strategy: StepStrategy = (
-            SingleWorker(self.consumer, training.stall_timeout_s) if world_size == 1 else
+            SingleWorker(self.consumer, training.stall_timeout_s, config.transport.prefetch) if world_size == 1 else
             DataParallel(self.consumer, rank, world_size, rendezvous, self.device,
                          [*self.model.parameters(), *self.projections.parameters()], training.stall_timeout_s))
 
@@ -222,9 +222,12 @@ class StudentTrainer:
         acknowledged then stays pending for a resumed run); then a last checkpoint and the student."""
         self.model.train()
         started = time.perf_counter()
-        while not self.ledger.complete and not self.strategy.stopped:
-            for entry_id, payload in self.fetch(should_stop):
-                self.apply(entry_id, payload)
+        try:
+            while not self.ledger.complete and not self.strategy.stopped:
+                for entry_id, payload in self.fetch(should_stop):
+                    self.apply(entry_id, payload)
+        finally:
+            self.strategy.close()
         if self.strategy.leads:
             self.checkpoint()
             self.save()
