@@ -200,6 +200,28 @@ class TimedStudent(StudentTrainer):
         self.between_epochs = between_epochs
         self.paused_seconds = 0.0
         self.paused_cpu_seconds = 0.0
+        # What the loop spends on transport per applied batch: fetching (waiting included), agreeing on
+        # what a message is (decoding it when it was not read ahead) and acknowledging it.
+        self.transport_seconds: list[float] = []
+        self._transport = 0.0
+        self.strategy.agree = self._timed(self.strategy.agree)
+        self.consumer.done = self._timed(self.consumer.done)
+
+    def _timed(self, method: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._transport += time.perf_counter() - started
+        return timed
+
+    def fetch(self, should_stop=lambda: False):
+        started = time.perf_counter()
+        try:
+            return super().fetch(should_stop)
+        finally:
+            self._transport += time.perf_counter() - started
 
     def _mark(self) -> Mark:
         return Mark(time.perf_counter() - self.paused_seconds, self.ledger.batches_applied,
@@ -220,6 +242,8 @@ class TimedStudent(StudentTrainer):
         before = self.ledger.batches_applied
         super().apply(entry_id, payload)
         if self.ledger.batches_applied != before:
+            self.transport_seconds.append(self._transport)
+            self._transport = 0.0
             self.marks.append(self._mark())
             applied = self.ledger.batches_applied
             per_epoch = self.ledger.batches_per_epoch
@@ -287,6 +311,8 @@ def run_pipeline(config: JobConfig, teacher_dir: Path, student_init_dir: Path, r
         "samples_per_epoch": plan.samples_per_epoch,
         "teacher_fill_seconds": teacher_wall,
         "step_cpu_seconds": student.step_cpu_seconds[plan.batches_per_epoch:],  # after epoch 0
+        "transport_seconds": student.transport_seconds[plan.batches_per_epoch:],
+        "prefetch": config.transport.prefetch,
     }
 
 
@@ -384,6 +410,10 @@ def measure(settings: PaceSettings, redis_url: str, log=print) -> dict:
             "no_teacher_samples_per_s_compared": alone_rate,
             "inline_seconds_per_epoch_compared": inline_epoch,
             "step_cpu_over_alone": ratio(median(run["step_cpu_seconds"]), alone_step_cpu),
+            # The loop's transport (fetch with its waiting, decode unless read ahead, acknowledgement) per
+            # batch ÷ the same step with no teacher, steady epochs; transport.prefetch says who read ahead.
+            "transport_share_of_step": ratio(median(run["transport_seconds"]), alone_step),
+            "prefetch": run["prefetch"],
             # Samples per CPU-second of the student's thread, pipeline ÷ alone: the pace it would keep
             # with a core of its own and teachers that keep up (blocking reads use no CPU).
             "cpu_retention": ratio(median([w.samples / w.cpu_seconds for w in steady]),
@@ -450,6 +480,9 @@ def measure(settings: PaceSettings, redis_url: str, log=print) -> dict:
         "step_cpu_over_alone": head["step_cpu_over_alone"],
         "teacher_forward_over_inline": head["teacher_forward_over_inline"],
         "student_wait_share": head["wait_share"],
+        "student_pace_retention_cached": by_setup["teachers_ahead"]["retention"] if "teachers_ahead" in by_setup else None,
+        "transport_share_of_step_cached": (by_setup["teachers_ahead"]["transport_share_of_step"]
+                                           if "teachers_ahead" in by_setup else None),
         "student_step_seconds": alone_step,
         "inline_teacher_forward_seconds": median(inline.teacher_seconds),
         "realistic_knowledge": baselines.realistic_knowledge(),

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from benchmarks import fanout_cache, pace, transport, wire_size
+    from benchmarks import capacity, fanout_cache, pace, transport, wire_size
     from polydistill.storage.redis_server import PrivateRedisServer
 
     machine = machine_info()
@@ -118,13 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         moved = transport.measure(transport.QUICK if args.quick else transport.FULL, server.url,
                                   paced["realistic_knowledge"], paced["student_step_seconds"],
                                   paced["inline_teacher_forward_seconds"], log)
+        served = capacity.measure(server.url, 1.5 if args.quick else 5.0, log)
     wire = wire_size.measure(32 if args.quick else 96, log)
 
     headline = {
         "student_pace_retention": paced["student_pace_retention"],
+        "student_pace_retention_cached": paced["student_pace_retention_cached"],
         "inline_over_pipeline_time": paced["inline_over_pipeline_time"],
-        "transport_share_of_step": moved["transport_share_of_step"],
+        "transport_share_of_step": paced["transport_share_of_step_cached"],
         "topk32_wire_ratio": wire["topk32_wire_ratio"],
+        "topk128_bytes_per_token": wire["topk128_bytes_per_token"],
+        "topk128_kl_v1_vs_v2": wire["topk128_kl_v1_vs_v2_8bit"],
+        "codec_over_memcpy_1mb": moved["sizes"]["1MB"]["v2"]["codec_over_memcpy_throughput"],
         "fanout": shared["fanout"],
         "cache_speedup": shared["cache_speedup"],
     }
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "transport": moved,
         "wire": wire,
         "fanout_and_cache": shared,
+        "capacity": served,
     }
     headline_setup = next(iter(paced["retention_by_setup"]))
     secondary = [
@@ -160,8 +166,21 @@ def main(argv: list[str] | None = None) -> int:
                       "a replica's forward beside the student ÷ the same forward alone: CPU lost to sharing cores"),
         secondary_row("retention, teachers ahead", paced["retention_by_setup"].get("teachers_ahead"),
                       "as student_pace_retention, but the stream was filled before the student started"),
-        secondary_row("codec ÷ memcpy throughput, 1 MB", moved["sizes"]["1MB"]["codec_over_memcpy_throughput"],
-                      "wire.encode + wire.decode GB/s ÷ numpy copy GB/s of the same bytes"),
+        secondary_row("codec ÷ memcpy throughput, 1 MB, wire v1", moved["sizes"]["1MB"]["codec_over_memcpy_throughput"],
+                      "as codec_over_memcpy_1mb, version 1 (arrays inside the msgpack map)"),
+        secondary_row("decode ÷ memcpy throughput, hidden states 1 MB", moved["sizes"]["1MB"]["v2_hidden_states"][
+                      "decode_over_memcpy_throughput"], "wire.decode of a v2 message of fp16 hidden states ÷ numpy copy"),
+        secondary_row("decode ÷ memcpy throughput, hidden states 4 MB", moved["sizes"]["4MB"]["v2_hidden_states"][
+                      "decode_over_memcpy_throughput"], "as above, 4 MB"),
+        secondary_row("top-128 bytes per token, wire v1", wire["topk128_v1_bytes_per_token"],
+                      "float32 values and int32 ids, as version 1 sends them"),
+        secondary_row("KL v1 ‖ v2 16-bit, top-128 (nats/token)", wire["topk128_kl_v1_vs_v2_16bit"],
+                      "distill.value_bits 16 (the default): mean per token, worst of the two logit shapes"),
+        secondary_row("transport ÷ step, read in the loop", moved["transport_share_of_step"],
+                      "decode + Redis round trip of the job's message ÷ the step: what reading ahead takes off the loop"),
+        secondary_row("transport ÷ step, teachers beside the student",
+                      paced["details"]["pipeline_by_setup"][headline_setup]["transport_share_of_step"],
+                      "as transport_share_of_step in the co-located run: there fetching includes waiting for teachers"),
         secondary_row("Redis round trip ÷ redis-benchmark, 1 MB",
                       moved["sizes"]["1MB"]["round_trip_over_redis_benchmark_throughput"],
                       "XADD + XREADGROUP + XACK/XDEL via JobStreams ÷ redis-benchmark SET + GET, GB/s"),

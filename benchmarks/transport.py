@@ -1,8 +1,11 @@
 """Transport: the codec and the Redis round trip per knowledge message, against references.
 
-For each message size the same bytes go through four paths, timed in the same run:
+For each message size the same bytes go through these paths, timed in the same run:
 - ``wire.encode`` + ``wire.decode`` of a language-modelling knowledge message (top-32 soft labels
-  per token, as a teacher of a masked/causal LM would send them);
+  per token, as a teacher of a masked/causal LM would send them), in wire schema version 1 and in
+  version 2 (float32 values, so the same bytes; and packed in 16 bits, as jobs send it by default);
+- ``wire.decode`` of a version-2 message of hidden states (float16, width 384), which reads its
+  arrays in place;
 - a Redis round trip through ``JobStreams``: XADD, XREADGROUP, XACK + XDEL (``ack_and_delete``);
 - ``redis-benchmark`` SET + GET of a value of the same size on the same server, one client;
 - a plain numpy copy of the same number of bytes (the memcpy ceiling).
@@ -72,6 +75,23 @@ def lm_knowledge(target_bytes: int, seed: int = 0) -> wire.Knowledge:
     return wire.Knowledge(work=work, teacher_id="bench", soft=soft, teacher_seconds=0.01)
 
 
+HIDDEN_WIDTH = 384
+
+
+def hidden_knowledge(target_bytes: int, seed: int = 0) -> wire.Knowledge:
+    """A knowledge message of about ``target_bytes`` of float16 hidden states, n × 128 tokens × 384."""
+    tokens = max(1, target_bytes // (2 * HIDDEN_WIDTH))
+    seq_len = min(128, tokens)
+    n = max(1, round(tokens / seq_len))
+    rng = np.random.default_rng(seed)
+    work = wire.WorkBatch(job_id="bench-transport", epoch=0, batch_id=0, sample_ids=np.arange(n, dtype=np.int64),
+                          languages=tuple("eng_Latn" for _ in range(n)),
+                          input_ids=rng.integers(5, LM_VOCAB, size=(n, seq_len), dtype=np.int32),
+                          attention_mask=np.ones((n, seq_len), dtype=np.uint8))
+    hidden = rng.normal(size=(n, seq_len, HIDDEN_WIDTH)).astype(np.float16)
+    return wire.Knowledge(work=work, teacher_id="bench", hidden_states={6: hidden}, teacher_seconds=0.01)
+
+
 def _time_batches(fn: Callable[[], None], messages: int, repeats: int) -> list[float]:
     """Seconds per message for each repeat of ``messages`` calls."""
     fn()  # warm-up
@@ -126,6 +146,13 @@ def redis_benchmark_set_get(redis_url: str, size: int, seconds: float) -> dict:
             "set_get_gbps": gbps(size, round_trip)}
 
 
+def _codec_times(knowledge: wire.Knowledge, codec: wire.WireCodec, messages: int, repeats: int) -> dict:
+    payload = bytes(wire.encode(knowledge, codec))
+    encode = _time_batches(lambda: wire.encode(knowledge, codec), messages, repeats)
+    decode = _time_batches(lambda: wire.decode(payload), messages, repeats)
+    return {"bytes": len(payload), "encode_s": median(encode), "decode_s": median(decode)}
+
+
 def memcpy_seconds(n_bytes: int, repeats: int) -> list[float]:
     source = np.random.default_rng(1).integers(0, 255, size=n_bytes, dtype=np.uint8)
     target = np.empty_like(source)
@@ -148,6 +175,12 @@ def measure(settings: TransportSettings, redis_url: str, realistic: wire.Knowled
             messages = int(min(settings.max_messages_per_repeat, max(3, settings.bytes_per_repeat // size)))
             encode = _time_batches(lambda: wire.encode(knowledge), messages, settings.repeats)
             decode = _time_batches(lambda: wire.decode(payload), messages, settings.repeats)
+            v2 = _codec_times(knowledge, wire.WireCodec(value_bits=32), messages, settings.repeats)
+            packed16 = _codec_times(knowledge, wire.WireCodec(value_bits=16), messages, settings.repeats)
+            hidden = hidden_knowledge(target)
+            hidden_payload = bytes(wire.encode(hidden, wire.WireCodec()))
+            hidden_decode = _time_batches(lambda: wire.decode(hidden_payload), messages, settings.repeats)
+            hidden_copy = memcpy_seconds(len(hidden_payload), settings.repeats)
             redis_rt = _time_batches(lambda: round_trip(payload), messages, settings.repeats)
             copy = memcpy_seconds(size, settings.repeats)
             reference = redis_benchmark_set_get(redis_url, size, settings.redis_benchmark_seconds)
@@ -167,6 +200,15 @@ def measure(settings: TransportSettings, redis_url: str, realistic: wire.Knowled
                 "redis_benchmark": reference,
             }
             entry["codec_over_memcpy_throughput"] = ratio(entry["codec_encode_decode_gbps"], entry["memcpy_gbps"])
+            entry["v2"] = {**v2, "codec_over_memcpy_throughput": ratio(gbps(size, v2["encode_s"] + v2["decode_s"]),
+                                                                       entry["memcpy_gbps"])}
+            entry["v2_packed_16bit"] = {
+                **packed16, "v1_bytes_per_s_encode_decode": gbps(size, packed16["encode_s"] + packed16["decode_s"]),
+                "note": "throughput counts the version-1 bytes of the same message: what the packing costs per byte "
+                        "it would otherwise send"}
+            entry["v2_hidden_states"] = {
+                "bytes": len(hidden_payload), "decode_s": median(hidden_decode), "memcpy_s": median(hidden_copy),
+                "decode_over_memcpy_throughput": ratio(median(hidden_copy), median(hidden_decode))}
             entry["round_trip_over_redis_benchmark_throughput"] = ratio(
                 entry["redis_round_trip_gbps"], reference.get("set_get_gbps"))
             sizes[label] = entry

@@ -1,13 +1,16 @@
 """Wire size per token of each kind of knowledge, and how faithful top-k soft labels are.
 
 Sizes are measured, not computed: a knowledge message with and without the part in question is
-encoded with ``wire.encode`` and the difference divided by the tokens it covers, so msgpack's
-framing is included. int8 hidden states are the one exception (the wire schema v1 carries
-hidden states as float16 only); their size is computed and flagged.
+encoded with ``wire.encode`` and the difference divided by the tokens it covers, so the framing is
+included. Version 1 (float32 values, int32 ids) and version 2's packed forms (``distill.value_bits``
+8 and 16, ``distill.feature_bits`` 8) side by side; the packed top-k sizes depend on the values, so
+they are measured on the peaked (Zipf) logits below, in a message of ``PACKED_TOKENS`` tokens (a
+batch of 8 × 128) so that the per-message framing weighs what it weighs in a real job.
 
 Fidelity is KL(full teacher ‖ teacher rebuilt from top-k) per token, with the rebuild that
 ``student.losses.soft_label_kl_topk`` assumes: the k sent classes exact, the rest of the mass
-(known from ``topk_logsumexp``) spread evenly over the other classes.
+(known from ``topk_logsumexp``) spread evenly over the other classes. The packed forms' own loss is
+KL(the k + 1 buckets a version-1 message gives ‖ those version 2 gives), per token.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from benchmarks.summary import median, ratio
 from polydistill.storage import wire
+from polydistill.storage.knowledge_codec import bucket_log_probs
 
 VOCAB = 250_002  # XLM-R / multilingual-e5 vocabulary, the "250k vocabulary" of the issue
 TOKENS = 16
@@ -33,10 +37,10 @@ def _work(tokens: int) -> wire.WorkBatch:
     )
 
 
-def _bytes_per_token(tokens: int, **parts) -> float:
+def _bytes_per_token(tokens: int, codec: wire.WireCodec | None = None, **parts) -> float:
     work = _work(tokens)
-    bare = len(wire.encode(wire.Knowledge(work=work, teacher_id="t")))
-    full = len(wire.encode(wire.Knowledge(work=work, teacher_id="t", **parts)))
+    bare = len(wire.encode(wire.Knowledge(work=work, teacher_id="t"), codec))
+    full = len(wire.encode(wire.Knowledge(work=work, teacher_id="t", **parts), codec))
     return (full - bare) / tokens
 
 
@@ -56,16 +60,52 @@ def sizes(tokens: int = TOKENS, vocab: int = VOCAB) -> dict:
     for width in HIDDEN_WIDTHS:
         hidden = rng.normal(size=(1, tokens, width)).astype(np.float16)
         per_token[f"hidden{width}_fp16_per_layer"] = _bytes_per_token(tokens, hidden_states={0: hidden})
-        per_token[f"hidden{width}_int8_per_layer_computed"] = float(width + 4)  # + one fp32 scale per token
+        per_token[f"hidden{width}_int8_per_layer"] = _bytes_per_token(tokens, wire.WireCodec(feature_bits=8),
+                                                                      hidden_states={0: hidden})
     full = per_token["full_fp16_logits"]
     return {
         "vocab": vocab,
         "tokens_per_message": tokens,
         "bytes_per_token": per_token,
         "full_fp16_over": {name: ratio(full, size) for name, size in per_token.items() if name != "full_fp16_logits"},
-        "note": "int8 hidden states are computed (H bytes + a fp32 scale per token): wire schema v1 carries "
-                "hidden states as float16 only. TeacherReplica.compute sends top-k values as float32 today.",
+        "note": "version 1 (encode without a codec) except int8 hidden states, which version 2 carries "
+                "(distill.feature_bits 8); packed top-k sizes are under packed_topk",
     }
+
+
+PACKED_TOKENS = 1024
+PACKED_BITS = (8, 16)
+
+
+def packed_topk(logits: torch.Tensor, ks: tuple[int, ...] = KS) -> dict:
+    """Bytes per token of top-k soft labels in version 1 and packed in version 2 (8 and 16 value bits), and
+    KL(v1 buckets ‖ v2 buckets) per token; the rows are repeated to a message of ``PACKED_TOKENS`` tokens."""
+    exact = wire.topk_soft_labels(logits.numpy(), max(ks))
+    repeats = -(-PACKED_TOKENS // exact.n_samples)
+    out: dict = {}
+    for k in ks:
+        rows = wire.SoftLabels(topk_values=exact.topk_values[:, :k], topk_indices=exact.topk_indices[:, :k],
+                               topk_logsumexp=exact.topk_logsumexp)
+        tiled = wire.SoftLabels(**{name: np.tile(getattr(rows, name), (repeats,) + (1,) * (getattr(rows, name).ndim - 1))
+                                   [None, :PACKED_TOKENS] for name in ("topk_values", "topk_indices", "topk_logsumexp")})
+        entry = {"v1_fp32_values": _bytes_per_token(PACKED_TOKENS, None, soft=tiled)}
+        for bits in PACKED_BITS:
+            entry[f"v2_{bits}bit"] = _bytes_per_token(PACKED_TOKENS, wire.WireCodec(value_bits=bits), soft=tiled)
+            message = wire.Knowledge(work=_work(rows.n_samples), teacher_id="t",
+                                     soft=wire.SoftLabels(**{name: getattr(rows, name)[None] for name in
+                                                             ("topk_values", "topk_indices", "topk_logsumexp")}))
+            rebuilt = wire.decode(bytes(wire.encode(message, wire.WireCodec(value_bits=bits)))).soft
+            kl = _bucket_kl(rows.topk_values, rows.topk_logsumexp, rebuilt.topk_values[0], rebuilt.topk_logsumexp[0])
+            entry[f"kl_v1_vs_v2_{bits}bit_nats_per_token"] = {"median": median(kl.tolist()), "mean": float(kl.mean()),
+                                                             "max": float(kl.max())}
+        out[f"top{k}"] = entry
+    return out
+
+
+def _bucket_kl(values_p, lse_p, values_q, lse_q) -> np.ndarray:
+    log_p, log_q = bucket_log_probs(values_p, lse_p), bucket_log_probs(values_q, lse_q)
+    p = np.exp(log_p)
+    return np.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -141,7 +181,8 @@ def _describe(logits: torch.Tensor) -> dict:
 def fidelity(logits: torch.Tensor, source: str) -> dict:
     kl = {f"top{k}_T{t:g}_{precision}values": {"median": median(v.tolist()), "mean": float(v.mean())}
           for (k, t, precision), v in rebuild_kl(logits).items()}
-    return {"source": source, "teacher_at_T1": _describe(logits), "kl_full_vs_topk_nats_per_token": kl}
+    return {"source": source, "teacher_at_T1": _describe(logits), "kl_full_vs_topk_nats_per_token": kl,
+            "packed_topk": packed_topk(logits)}
 
 
 # Zipf exponents: 1.1 is heavy-tailed (top-32 holds about half the mass), 1.5 is peaked like a
@@ -171,4 +212,13 @@ def measure(rows: int, log=print) -> dict:
     per_token = result["sizes"]["bytes_per_token"]
     result["topk32_wire_ratio"] = ratio(per_token["full_fp16_logits"], per_token["top32_fp32_values"])
     result["topk32_fp16_wire_ratio"] = ratio(per_token["full_fp16_logits"], per_token["top32_fp16_values"])
+    # The headline figures of the packed form: its size on the peaked logits, and the worst of the two
+    # logit shapes' mean KL against version 1.
+    packed = {name: entry["packed_topk"]["top128"] for name, entry in result["fidelity"].items()}
+    result["topk128_bytes_per_token"] = max(entry["v2_8bit"] for entry in packed.values())
+    result["topk128_v1_bytes_per_token"] = max(entry["v1_fp32_values"] for entry in packed.values())
+    result["topk128_kl_v1_vs_v2_8bit"] = max(entry["kl_v1_vs_v2_8bit_nats_per_token"]["mean"]
+                                             for entry in packed.values())
+    result["topk128_kl_v1_vs_v2_16bit"] = max(entry["kl_v1_vs_v2_16bit_nats_per_token"]["mean"]
+                                              for entry in packed.values())
     return result

@@ -24,6 +24,7 @@ row of the last axis (``max |x| / 127``), which halves them again.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,20 +49,35 @@ MAX_LEVEL_8 = 255
 
 
 def pack_fixed_width(values: np.ndarray, width: int) -> np.ndarray:
-    """Non-negative integers below 2**width, ``width`` bits each, most significant first, end to end."""
+    """Non-negative integers below 2**width in ``width`` bits each: one plane per whole byte (the lowest
+    byte of every value, then the next byte of every value, ...), then the remaining high bits of every
+    value end to end. Planes and a short bit stream keep both directions to whole-array numpy operations."""
     flat = np.ascontiguousarray(values, dtype=np.uint32).reshape(-1)
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint32)
-    bits = ((flat[:, None] >> shifts) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1))
+    whole, rest = divmod(width, 8)
+    parts = [(flat >> np.uint32(8 * plane)).astype(np.uint8) for plane in range(whole)]
+    if rest:
+        high = flat >> np.uint32(8 * whole)
+        bits = np.empty((flat.size, rest), np.uint8)
+        for column in range(rest):
+            bits[:, column] = (high >> np.uint32(rest - 1 - column)) & 1
+        parts.append(np.packbits(bits.reshape(-1)))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
 def unpack_fixed_width(packed: np.ndarray, width: int, count: int, where: str) -> np.ndarray:
     """The ``count`` integers ``pack_fixed_width`` wrote, as uint32."""
-    expected = math.ceil(count * width / 8)
+    whole, rest = divmod(width, 8)
+    expected = count * whole + math.ceil(count * rest / 8)
     if packed.size != expected:
         raise WireError(f"{where}: {packed.size} bytes, but {count} values of {width} bits need {expected}")
-    bits = np.unpackbits(packed, count=count * width).reshape(count, width).astype(np.uint32)
-    return bits @ (np.uint32(1) << np.arange(width - 1, -1, -1, dtype=np.uint32))
+    values = np.zeros(count, np.uint32)
+    for plane in range(whole):
+        values |= packed[plane * count: (plane + 1) * count].astype(np.uint32) << np.uint32(8 * plane)
+    if rest:
+        bits = np.unpackbits(packed[whole * count:], count=count * rest).reshape(count, rest)
+        for column in range(rest):
+            values |= bits[:, column].astype(np.uint32) << np.uint32(8 * whole + rest - 1 - column)
+    return values
 
 
 def pack_unary_rows(levels: np.ndarray) -> np.ndarray:
@@ -90,33 +106,38 @@ def unpack_unary_rows(packed: np.ndarray, rows: int, k: int, where: str) -> np.n
 # --------------------------------------------------------------------------- #
 
 
-def _segments_8() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def to_levels(nats: np.ndarray, value_bits: int) -> np.ndarray:
+    """Levels of ``-log p`` (>= 0; NaN and +inf as the last level)."""
+    # float32 is precise enough for 8-bit levels (a tenth of a nat), not for 16-bit ones.
+    precision = np.float64 if value_bits == 16 else np.float32
+    nats = np.nan_to_num(np.asarray(nats, dtype=precision), nan=np.inf, posinf=np.inf)
+    nats = np.maximum(nats, precision(0))
+    if value_bits == 16:
+        return np.rint(np.minimum(nats, Y_MAX_16) * (65535 / Y_MAX_16)).astype(np.uint16)
+    # The segments follow each other: a value's level is the levels it climbs through in each one.
+    level = np.zeros(nats.shape, np.float32)
+    ends = [start for start, _ in COMPANDER_8[1:]] + [np.inf]
+    for (start, width), end in zip(COMPANDER_8, ends):
+        level += np.clip(nats - np.float32(start), 0, np.float32(end - start)) / np.float32(width)
+    return np.minimum(np.rint(level), MAX_LEVEL_8).astype(np.uint8)
+
+
+@functools.cache
+def _level_table(value_bits: int) -> np.ndarray:
+    """The ``-log p`` of every level, float64: decoding is one lookup per value."""
+    levels = np.arange(2**value_bits, dtype=np.float64)
+    if value_bits == 16:
+        return levels * (Y_MAX_16 / 65535)
     starts = np.array([start for start, _ in COMPANDER_8])
     widths = np.array([width for _, width in COMPANDER_8])
     first_levels = np.concatenate([[0.0], np.cumsum(np.diff(starts) / widths[:-1])])
-    return starts, widths, first_levels
-
-
-def to_levels(nats: np.ndarray, value_bits: int) -> np.ndarray:
-    """Levels of ``-log p`` (>= 0; NaN and +inf as the last level)."""
-    nats = np.nan_to_num(np.asarray(nats, dtype=np.float64), nan=np.inf, posinf=np.inf)
-    nats = np.maximum(nats, 0.0)
-    if value_bits == 16:
-        return np.rint(np.minimum(nats, Y_MAX_16) * (65535 / Y_MAX_16)).astype(np.uint16)
-    starts, widths, first_levels = _segments_8()
-    segment = np.searchsorted(starts, np.minimum(nats, 1e9), side="right") - 1
-    level = first_levels[segment] + (np.minimum(nats, 1e9) - starts[segment]) / widths[segment]
-    return np.minimum(np.rint(level), MAX_LEVEL_8).astype(np.uint8)
+    segment = np.searchsorted(first_levels, levels, side="right") - 1
+    return starts[segment] + (levels - first_levels[segment]) * widths[segment]
 
 
 def from_levels(levels: np.ndarray, value_bits: int) -> np.ndarray:
     """The ``-log p`` (nats, float64) each level stands for."""
-    levels = np.asarray(levels, dtype=np.float64)
-    if value_bits == 16:
-        return levels * (Y_MAX_16 / 65535)
-    starts, widths, first_levels = _segments_8()
-    segment = np.searchsorted(first_levels, levels, side="right") - 1
-    return starts[segment] + (levels - first_levels[segment]) * widths[segment]
+    return _level_table(value_bits)[np.asarray(levels)]
 
 
 # --------------------------------------------------------------------------- #

@@ -356,6 +356,7 @@ class KnowledgeConsumer:
         self.chunk_limits = chunk_limits or ChunkLimits.of(TransportConfig())
         self.inputs = inputs
         self.batches_given_up = 0
+        self.defer_acks: Callable[[tuple], None] | None = None
         self._waited_s = 0.0
         self._own_pending_read = 0.0  # so the first read looks at this consumer's pending messages
 
@@ -470,6 +471,15 @@ class KnowledgeConsumer:
         self.acknowledge(round_.entry_ids)
 
     def acknowledge(self, entry_ids) -> None:
+        """Acknowledges (and deletes) the entries, or hands them to ``defer_acks`` when a reading thread sends
+        acknowledgements with its reads (``student/prefetch.py``): later is safe, since the ledger, not Redis'
+        acknowledgements, says what was learnt."""
+        if self.defer_acks is not None and entry_ids:
+            self.defer_acks(tuple(entry_ids))
+            return
+        self.acknowledge_now(entry_ids)
+
+    def acknowledge_now(self, entry_ids) -> None:
         # After a reset of the streams (Redis lost its data) the ack finds no group: a no-op.
         if not entry_ids:
             return

@@ -6,9 +6,12 @@ decode add to every step, however fast the teachers are. ``Prefetcher`` runs ``X
 finds the next batch decoded when its step ends (socket reads and numpy release the GIL).
 
 What stays in the loop's thread, so that nothing here shares state with it: deciding what a
-message is (``student/consumer.py``), the chunk buffer, the ledger and every acknowledgement. A
-message read ahead is pending under this consumer like one read in the loop: a student killed with
-messages in the queue leaves them pending, delivered again as today.
+message is (``student/consumer.py``), the chunk buffer and the ledger. A message read ahead is
+pending under this consumer like one read in the loop: a student killed with messages in the queue
+leaves them pending, delivered again as today. The loop's acknowledgements are sent by the thread
+too, all those of a step in one call before its next read: acknowledging later than the step is
+safe (a student killed in between gets the batch again, and its ledger drops it), and the loop then
+never waits on Redis at all. Stopping sends what is left.
 
 The thread is the consumer's only reader, of its own pending entries too, and it never hands the
 loop an entry twice: it skips pending entries it has read before. The loop finishes an entry in its
@@ -40,6 +43,8 @@ class Prefetcher:
         self.consumer, self.depth = consumer, depth
         self._ready: queue.Queue = queue.Queue(maxsize=depth)
         self._read_before: set = set()  # the reading thread's own
+        self._acks: queue.SimpleQueue = queue.SimpleQueue()  # entry ids the loop has finished with
+        consumer.defer_acks = self._acks.put
         self._decoded: dict[Any, wire.Message | wire.WireError] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,10 +74,12 @@ class Prefetcher:
         return self._decoded.pop(entry_id, None)
 
     def stop(self) -> None:
+        """Stops the thread and sends the acknowledgements it had not sent yet."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.consumer.block_ms / 1000 + 5)
         self._thread = None
+        self._send_acks()
 
     # -- the reading thread ---------------------------------------------------------------------
     def _start(self) -> None:
@@ -86,6 +93,7 @@ class Prefetcher:
     def _read_ahead(self) -> None:
         try:
             while not self._stop.is_set():
+                self._send_acks()
                 entries = ([entry for entry in self.consumer.read_own_pending() if entry[0] not in self._read_before]
                            or self.consumer.read_new(counts_as_waiting=False))
                 self._read_before.update(entry_id for entry_id, _ in entries)
@@ -100,4 +108,13 @@ class Prefetcher:
                 self._ready.put(item, timeout=_PUT_EVERY_S)
                 return
             except queue.Full:
-                continue
+                self._send_acks()  # the loop is stepping: acknowledge what it finished meanwhile
+
+    def _send_acks(self) -> None:
+        entry_ids: list = []
+        while True:
+            try:
+                entry_ids.extend(self._acks.get_nowait())
+            except queue.Empty:
+                break
+        self.consumer.acknowledge_now(entry_ids)

@@ -4,6 +4,7 @@ waits is counted, and what was read ahead but not handled stays pending when the
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -120,5 +121,24 @@ def test_what_an_earlier_run_left_pending_is_handed_on_once(consumer):
         for _ in range(10):
             handed += [entry_id for entry_id, payload in worker.fetch(lambda: False)]
         assert handed.count(entry) == 1 and len(handed) == 2  # the pending one once, then the new one
+    finally:
+        worker.close()
+
+
+def test_the_thread_sends_the_loops_acknowledgements_the_loop_never_waits_for_them(consumer):
+    for batch_id in range(2):
+        consumer.streams.add(consumer.stream, wire.encode(knowledge(consumer.keys.job_id, batch_id)))
+    worker = SingleWorker(consumer, stall_timeout_s=10, prefetch=2)
+    senders = []
+    send = consumer.acknowledge_now
+    consumer.acknowledge_now = lambda entry_ids: (senders.append(threading.get_ident()) if entry_ids else None,
+                                                  send(entry_ids))
+    try:
+        (entry_id, payload), = worker.fetch(lambda: False)
+        consumer.done(worker.agree(entry_id, payload))
+        deadline = time.monotonic() + 5
+        while pending(consumer) != 1 and time.monotonic() < deadline:  # the second is read ahead, not finished
+            time.sleep(0.01)
+        assert pending(consumer) == 1 and senders and threading.get_ident() not in senders
     finally:
         worker.close()
