@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "topk32_wire_ratio": wire["topk32_wire_ratio"],
         "topk128_bytes_per_token": wire["topk128_bytes_per_token"],
         "topk128_kl_v1_vs_v2": wire["topk128_kl_v1_vs_v2_8bit"],
-        "codec_over_memcpy_1mb": moved["sizes"]["1MB"]["v2"]["codec_over_memcpy_throughput"],
+        "codec_over_memcpy_1mb": moved["sizes"]["1MB"]["v2_hidden_states"]["decode_over_memcpy_throughput"],
         "fanout": shared["fanout"],
         "cache_speedup": shared["cache_speedup"],
     }
@@ -166,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                       "a replica's forward beside the student ÷ the same forward alone: CPU lost to sharing cores"),
         secondary_row("retention, teachers ahead", paced["retention_by_setup"].get("teachers_ahead"),
                       "as student_pace_retention, but the stream was filled before the student started"),
-        secondary_row("codec ÷ memcpy throughput, 1 MB, wire v1", moved["sizes"]["1MB"]["codec_over_memcpy_throughput"],
-                      "as codec_over_memcpy_1mb, version 1 (arrays inside the msgpack map)"),
-        secondary_row("decode ÷ memcpy throughput, hidden states 1 MB", moved["sizes"]["1MB"]["v2_hidden_states"][
-                      "decode_over_memcpy_throughput"], "wire.decode of a v2 message of fp16 hidden states ÷ numpy copy"),
         secondary_row("decode ÷ memcpy throughput, hidden states 4 MB", moved["sizes"]["4MB"]["v2_hidden_states"][
-                      "decode_over_memcpy_throughput"], "as above, 4 MB"),
+                      "decode_over_memcpy_throughput"], "as codec_over_memcpy_1mb, a 4 MB message"),
+        secondary_row("encode + decode ÷ memcpy, 1 MB top-32, wire v2", moved["sizes"]["1MB"]["v2"][
+                      "codec_over_memcpy_throughput"], "wire.encode + wire.decode GB/s ÷ numpy copy GB/s, float32 values"),
+        secondary_row("encode + decode ÷ memcpy, 1 MB top-32, wire v1", moved["sizes"]["1MB"]["codec_over_memcpy_throughput"],
+                      "the same in version 1 (arrays inside the msgpack map)"),
         secondary_row("top-128 bytes per token, wire v1", wire["topk128_v1_bytes_per_token"],
                       "float32 values and int32 ids, as version 1 sends them"),
         secondary_row("KL v1 ‖ v2 16-bit, top-128 (nats/token)", wire["topk128_kl_v1_vs_v2_16bit"],

@@ -50,7 +50,7 @@ _MEANINGS = {
     "topk32_wire_ratio": "bytes/token of full fp16 logits (250k vocab) ÷ top-32 soft labels in wire v1",
     "topk128_bytes_per_token": "top-128 of a 250k vocabulary, wire v2 with distill.value_bits 8, peaked logits",
     "topk128_kl_v1_vs_v2": "KL(k+1 buckets from v1 ‖ from v2, 8 bits) nats per token, mean, worst logit shape",
-    "codec_over_memcpy_1mb": "wire v2 encode + decode GB/s of a 1 MB top-32 message ÷ numpy copy GB/s",
+    "codec_over_memcpy_1mb": "wire v2 decode GB/s of a 1 MB message of fp16 hidden states ÷ numpy copy GB/s",
     "fanout": "K students from one teacher pass ÷ K separate runs",
     "cache_speedup": "epoch from the knowledge cache ÷ epoch with teacher recomputation",
 }

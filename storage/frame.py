@@ -39,6 +39,8 @@ from polydistill.storage.schema import (
     check_axes,
     declared_fields,
     get,
+    little_endian,
+    wire_array,
     write_body,
 )
 from polydistill.storage.wire_codec import WireCodec
@@ -69,17 +71,17 @@ class FrameWriter(ArrayWriter):
         self.size = 0
 
     def array(self, array: np.ndarray) -> dict[str, Any]:
-        little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        little, name = wire_array(array)
         at = _aligned(self.size)
         self.segments.append((at, little))
         self.size = at + little.nbytes
-        return {"dtype": little.dtype.name, "shape": list(little.shape), "at": at}
+        return {"dtype": name, "shape": list(little.shape), "at": at}
 
     def features(self, array: np.ndarray) -> dict[str, Any]:
         if self.codec.feature_bits == 16 or array.ndim == 0:
             return self.array(array)
         values, scale = quantise_rows(array)
-        return {"dtype": array.dtype.name, "shape": list(array.shape), "int8": self.array(values),
+        return {"dtype": little_endian(array.dtype)[1], "shape": list(array.shape), "int8": self.array(values),
                 "scale": self.array(scale)}
 
     def packed_variant(self, message: Any, variant: str) -> tuple[str, dict[str, Any]] | None:

@@ -416,13 +416,33 @@ def _write_value(value: Any, spec: Spec, writer: ArrayWriter) -> Any:
     return writer.array(value)
 
 
+@functools.cache
+def little_endian(dtype: np.dtype) -> tuple[np.dtype, str]:
+    """(the little-endian form of a dtype, its wire name); cached: numpy's dtype names cost microseconds,
+    and a message has a dozen arrays."""
+    little = dtype.newbyteorder("<")
+    return little, little.name
+
+
+@functools.cache
+def _wire_dtype(name: str) -> np.dtype:
+    return np.dtype(name).newbyteorder("<")
+
+
+def wire_array(array: np.ndarray) -> tuple[np.ndarray, str]:
+    """The array as it travels (little-endian, C-contiguous; on x86/ARM hosts usually itself) and its dtype's
+    wire name."""
+    little, name = little_endian(array.dtype)
+    if array.dtype != little:
+        array = array.astype(little)
+    return np.ascontiguousarray(array), name
+
+
 def pack_array(array: np.ndarray) -> dict[str, Any]:
-    # The wire is little-endian; on x86/ARM hosts this is a no-op.
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    contiguous = np.ascontiguousarray(little)
+    contiguous, name = wire_array(array)
     # msgpack packs any C-contiguous buffer directly, avoiding a tobytes() copy.
     return {
-        "dtype": contiguous.dtype.name,
+        "dtype": name,
         "shape": list(contiguous.shape),
         "raw": memoryview(contiguous),
     }
@@ -520,7 +540,7 @@ def array_layout(packed: Any, where: str) -> tuple[np.dtype, list[int], int]:
         raise WireError(f"{where}.dtype: {dtype_name!r} is not a wire dtype (allowed: {sorted(_WIRE_DTYPES)})")
     if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
         raise WireError(f"{where}.shape: expected non-negative integers, got {shape!r}")
-    dtype = np.dtype(dtype_name).newbyteorder("<")
+    dtype = _wire_dtype(dtype_name)
     # Python integers: np.prod in int64 wraps (a shape of [2**32, 2**32] multiplies to 0), so a tiny
     # payload could claim an empty array of an absurd shape and fail later, outside the wire's errors.
     return dtype, shape, math.prod(shape) * dtype.itemsize

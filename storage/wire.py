@@ -336,10 +336,20 @@ class Knowledge:
 
 
 def knowledge_nbytes(knowledge: Knowledge) -> dict[str, int]:
-    """Payload bytes of a knowledge message by part (the rest of its encoded size is msgpack framing):
+    """Payload bytes of a knowledge message by part, as decoded (packed parts take fewer on the wire):
     "work" (every array of the work batch), "soft" (soft labels and several teachers' votes),
-    "hidden_states", "attentions", "embeddings" and "target_ids"; each key is there, 0 when empty."""
-    return nbytes_by_part(knowledge)
+    "hidden_states", "attentions", "embeddings" and "target_ids"; each key is there, 0 when empty.
+
+    Counted once per message and kept on it (messages are immutable): a student's reading thread
+    counts while it decodes, so the training loop only looks the figures up."""
+    counted = knowledge.__dict__.get(_NBYTES)
+    if counted is None:
+        counted = nbytes_by_part(knowledge)
+        object.__setattr__(knowledge, _NBYTES, counted)
+    return dict(counted)
+
+
+_NBYTES = "_nbytes_by_part"
 
 
 # --------------------------------------------------------------------------- #

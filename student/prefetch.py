@@ -98,7 +98,10 @@ class Prefetcher:
                            or self.consumer.read_new(counts_as_waiting=False))
                 self._read_before.update(entry_id for entry_id, _ in entries)
                 for entry_id, payload in entries:
-                    self._put((entry_id, payload, decode(payload)))
+                    message = decode(payload)
+                    if isinstance(message, wire.Knowledge):
+                        wire.knowledge_nbytes(message)  # counted here, looked up by the loop
+                    self._put((entry_id, payload, message))
         except BaseException as exc:  # Redis lost its data or is gone: the loop handles it as without prefetch
             self._put(exc)
 

@@ -12,6 +12,7 @@ from tests.integration.test_pipeline import tiny_config
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.mark.heavy
 def test_two_workers_share_the_stream_and_learn_every_sample_once(tmp_path, redis_server, local_ray):
     config = tiny_config(tmp_path, redis_server.url, "student.workers=2", "student.num_cpus=0.5",
                          "data.eval_split=null")

@@ -96,6 +96,7 @@ def test_ctrl_c_stops_the_job_with_a_checkpoint_and_one_line(tmp_path, redis_ser
     assert left == [], f"the interrupted job left keys behind: {left}"
 
 
+@pytest.mark.heavy  # the first press's drill stays in the README's tier
 def test_a_second_ctrl_c_ends_at_once(tmp_path, redis_server):
     finished, ended_s, left = interrupted_run(tmp_path, redis_server.url, presses=2)
     print(f"\n[ctrl-c x2] exit {finished.returncode} {ended_s:.1f} s after the first press; stderr:\n{finished.stderr}")

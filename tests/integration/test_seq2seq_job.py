@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_seq2seq.yaml"
 
 
-@pytest.mark.parametrize("target", ["reference", "teacher"])
+# Sequence-level distillation (the teacher's own beams) is the heavier variant: the heavy tier runs it.
+@pytest.mark.parametrize("target", ["reference", pytest.param("teacher", marks=pytest.mark.heavy)])
 def test_seq2seq_example(target, tmp_path, redis_server, redis_client, local_ray):
     config = load_config(EXAMPLE, [
         f"transport.redis_url={redis_server.url}", "data.limit_per_language=48", "data.parallel_test_rows=16",
