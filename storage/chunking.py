@@ -207,7 +207,8 @@ def knowledge_messages(knowledge: wire.Knowledge, limit: int = wire.MAX_MESSAGE_
                        codec: wire.WireCodec | None = None) -> list[bytes]:
     """The encoded message(s) of one batch's knowledge, each at most ``limit`` bytes: one message
     when it fits, else chunks tagged ``chunk i/K`` in order (see the module docstring). ``codec``: as for
-    ``wire.encode``; the sizes planned are those of version 1, which no codec exceeds."""
+    ``wire.encode``; the sizes planned are those of version 1, which no codec exceeds (int8 features
+    fall back to float16 for rows too short to gain)."""
     if limit > wire.MAX_MESSAGE_BYTES:
         raise ValueError(f"a message limit of {limit:,} bytes exceeds the wire's {wire.MAX_MESSAGE_BYTES:,}")
     n_arrays = sum(1 for _ in schema.arrays(knowledge))

@@ -20,6 +20,7 @@ arrays alike, whatever the sender's codec was.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -48,6 +49,10 @@ from polydistill.storage.wire_codec import WireCodec
 MAGIC = b"PDW2"
 _PREFIX = len(MAGIC) + 4
 ALIGNMENT = 16
+
+# Unpacking a top-k entry builds about this many bytes of arrays along the way (levels, log-probabilities
+# in float64, ids, values).
+TOPK_REBUILT_BYTES_PER_ENTRY = 48
 
 TOPK_VARIANT = "topk"
 PACKED_TOPK_VARIANT = "topk_packed"
@@ -78,7 +83,8 @@ class FrameWriter(ArrayWriter):
         return {"dtype": name, "shape": list(little.shape), "at": at}
 
     def features(self, array: np.ndarray) -> dict[str, Any]:
-        if self.codec.feature_bits == 16 or array.ndim == 0:
+        # Rows of 4 values or fewer would take more as int8 plus a float32 scale than as they are.
+        if self.codec.feature_bits == 16 or array.ndim == 0 or array.shape[-1] <= 4:
             return self.array(array)
         values, scale = quantise_rows(array)
         return {"dtype": little_endian(array.dtype)[1], "shape": list(array.shape), "int8": self.array(values),
@@ -113,16 +119,36 @@ def encode_frame(top: dict[str, Any], message: Any, codec: WireCodec) -> bytearr
     return writer.frame({**top, **body})
 
 
+# What a frame's packed parts may be rebuilt into, at most: this many times its array bytes (8-bit top-k
+# rebuilds about 40 bytes of arrays per 2.5 bytes sent), and never less than REBUILT_FLOOR. Offsets may
+# point several arrays at the same bytes (views, free), so without a budget a small frame of int8
+# features could ask for any amount of memory.
+REBUILT_PER_BYTE = 24
+REBUILT_FLOOR = 64 * 1024 * 1024
+
+
 class FrameReader(ArrayReader):
-    """Reads arrays as views into a frame's array section."""
+    """Reads arrays as views into a frame's array section, and rebuilds packed ones within a budget."""
 
     def __init__(self, arrays: memoryview):
         self.arrays = arrays
+        self.rebuild_budget = max(REBUILT_FLOOR, REBUILT_PER_BYTE * len(arrays))
+
+    def _rebuild(self, nbytes: int, where: str) -> None:
+        self.rebuild_budget -= nbytes
+        if self.rebuild_budget < 0:
+            raise WireError(f"{where}: rebuilding the packed arrays would take more than {REBUILT_PER_BYTE} times the "
+                            f"message's bytes (a packed array's offsets repeat, or its shape is not what was sent)")
 
     def array(self, packed: Any, where: str) -> np.ndarray:
         dtype, shape, nbytes = array_layout(packed, where)
         if "int8" in packed:
+            check_axes(shape, where)
+            self._rebuild(3 * nbytes, where)  # the output and a float32 copy on the way
             return self._int8(packed, dtype, shape, where)
+        return self._plain(packed, dtype, shape, nbytes, where)
+
+    def _plain(self, packed: dict, dtype: np.dtype, shape: list[int], nbytes: int, where: str) -> np.ndarray:
         at = get(packed, "at", int, where)
         if at < 0 or at + nbytes > len(self.arrays):
             raise WireError(f"{where}.at: {nbytes} bytes at {at} run past the message's "
@@ -133,8 +159,8 @@ class FrameReader(ArrayReader):
         return np.frombuffer(self.arrays, dtype=dtype, count=nbytes // dtype.itemsize, offset=at).reshape(shape)
 
     def _int8(self, packed: dict, dtype: np.dtype, shape: list[int], where: str) -> np.ndarray:
-        values = self.array(get(packed, "int8", dict, where), f"{where}.int8")
-        scale = self.array(get(packed, "scale", dict, where), f"{where}.scale")
+        values = self._inner(get(packed, "int8", dict, where), f"{where}.int8")
+        scale = self._inner(get(packed, "scale", dict, where), f"{where}.scale")
         if values.dtype != np.int8 or list(values.shape) != shape:
             raise WireError(f"{where}.int8: expected int8 of shape {shape}, got {values.dtype} {list(values.shape)}")
         if scale.dtype != np.float32 or list(scale.shape) != shape[:-1]:
@@ -142,12 +168,22 @@ class FrameReader(ArrayReader):
                             f"{scale.dtype} {list(scale.shape)}")
         return dequantise_rows(values, scale, dtype)
 
+    def _inner(self, packed: dict, where: str) -> np.ndarray:
+        """A plain array inside a packed one: never packed itself."""
+        dtype, shape, nbytes = array_layout(packed, where)
+        if "int8" in packed:
+            raise WireError(f"{where}: the arrays of a packed array travel as they are")
+        return self._plain(packed, dtype, shape, nbytes, where)
+
     def packed_variant(self, cls: type, variant: str, body: dict, where: str) -> tuple[str, dict[str, Any]] | None:
         if variant != PACKED_TOPK_VARIANT or not set(_TOPK_FIELDS) <= {name for name, _ in declared_fields(cls)}:
             return None
-        arrays = {name: self.array(get(body, name, dict, where), f"{where}.{name}")
+        arrays = {name: self._inner(get(body, name, dict, where), f"{where}.{name}")
                   for name in ("indices", "levels", "rest")}
-        rebuilt = unpack_topk(get(body, "shape", list, where), get(body, "value_bits", int, where),
+        shape = get(body, "shape", list, where)
+        if len(shape) in (2, 3) and all(isinstance(dim, int) for dim in shape):  # else unpack_topk says what is wrong
+            self._rebuild(TOPK_REBUILT_BYTES_PER_ENTRY * math.prod(max(dim, 1) for dim in shape), where)
+        rebuilt = unpack_topk(shape, get(body, "value_bits", int, where),
                               get(body, "index_bits", int, where), **arrays, where=where)
         return TOPK_VARIANT, dict(zip(_TOPK_FIELDS, rebuilt))
 

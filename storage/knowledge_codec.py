@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from polydistill.storage.schema import WireError
+from polydistill.storage.schema import WireError, check_axes
 from polydistill.storage.wire_codec import WireCodec
 
 __all__ = ["WireCodec", "pack_topk", "unpack_topk", "quantise_rows", "dequantise_rows", "bucket_log_probs"]
@@ -160,6 +160,8 @@ def pack_topk(values: np.ndarray, indices: np.ndarray, logsumexp: np.ndarray, va
     shape = list(values.shape)
     k = shape[-1]
     rows = math.prod(shape[:-1])
+    if k < 1:
+        raise WireError("SoftLabels: a top-k of k = 0 carries nothing to pack")
     if indices.size and int(indices.min()) < 0:
         raise WireError("SoftLabels.topk_indices: class ids must be non-negative")
     index_bits = max(1, int(indices.max()).bit_length()) if indices.size else 1
@@ -191,6 +193,7 @@ def unpack_topk(shape: list, value_bits: int, index_bits: int, indices: np.ndarr
         raise WireError(f"{where}.index_bits: expected 1 to 31, got {index_bits!r}")
     if len(shape) not in (2, 3) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise WireError(f"{where}.shape: expected [n, k] or [n, L, k], got {shape!r}")
+    check_axes(shape, where)
     k, rows = shape[-1], math.prod(shape[:-1])
     if k < 1:
         raise WireError(f"{where}.shape: k must be at least 1, got {shape!r}")

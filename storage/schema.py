@@ -61,6 +61,7 @@ VARIANT_KEY = "kind"
 # No declared field has more axes (attention maps: [n, heads, L, L]); numpy refuses more than 64.
 _MAX_ARRAY_AXES = 8
 _MAX_AXIS_LENGTH = 2**31 - 1
+_MAX_ELEMENTS_BESIDE_EMPTY = 2**40
 
 
 class WireError(ValueError):
@@ -538,6 +539,8 @@ def array_layout(packed: Any, where: str) -> tuple[np.dtype, list[int], int]:
     shape = get(packed, "shape", list, where)
     if dtype_name not in _WIRE_DTYPES:
         raise WireError(f"{where}.dtype: {dtype_name!r} is not a wire dtype (allowed: {sorted(_WIRE_DTYPES)})")
+    if len(shape) > _MAX_ARRAY_AXES:  # before anything walks the list: a header may carry millions of axes
+        raise WireError(f"{where}.shape: {len(shape)} axes, more than the {_MAX_ARRAY_AXES} any message field has")
     if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
         raise WireError(f"{where}.shape: expected non-negative integers, got {shape!r}")
     dtype = _wire_dtype(dtype_name)
@@ -553,6 +556,9 @@ def check_axes(shape: list[int], where: str) -> None:
     if max(shape, default=0) > _MAX_AXIS_LENGTH:
         # Beside an axis of length 0 the bytes match whatever the others claim; numpy refuses such shapes.
         raise WireError(f"{where}.shape: {shape} has an axis longer than {_MAX_AXIS_LENGTH:,}")
+    if math.prod(max(dim, 1) for dim in shape) > _MAX_ELEMENTS_BESIDE_EMPTY:
+        # numpy sizes an empty array as if its zero axes were 1, and refuses it when that is too big.
+        raise WireError(f"{where}.shape: {shape} is too large an array, even empty")
 
 
 def unpack_array(packed: Any, where: str) -> np.ndarray:

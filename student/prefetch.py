@@ -5,8 +5,9 @@ decode add to every step, however fast the teachers are. ``Prefetcher`` runs ``X
 ``wire.decode`` in a thread of its own, up to ``transport.prefetch`` messages ahead, so the loop
 finds the next batch decoded when its step ends (socket reads and numpy release the GIL).
 
-What stays in the loop's thread, so that nothing here shares state with it: deciding what a
-message is (``student/consumer.py``), the chunk buffer and the ledger. A message read ahead is
+What stays in the loop's thread: deciding what a message is (``student/consumer.py``), the chunk
+buffer and the ledger; the thread only reads which entries the buffer holds (an immutable value the
+loop replaces). A message read ahead is
 pending under this consumer like one read in the loop: a student killed with messages in the queue
 leaves them pending, delivered again as today. The loop's acknowledgements are sent by the thread
 too, all those of a step in one call before its next read: acknowledging later than the step is
@@ -54,7 +55,8 @@ class Prefetcher:
         """The next message read ahead, waiting up to ``transport.block_ms`` for one. Raises what stopped the
         reading thread (Redis lost the group, or is gone for longer than the consumer retries)."""
         self.consumer.expire_held()
-        self._start()
+        if self._thread is None:
+            self._start()
         started = time.perf_counter()
         try:
             item = self._ready.get(timeout=self.consumer.block_ms / 1000)
@@ -63,7 +65,9 @@ class Prefetcher:
         finally:
             self.consumer.count_waiting(time.perf_counter() - started)
         if isinstance(item, BaseException):
-            self._thread = None  # the next call starts a fresh one, once the caller has dealt with this
+            # The thread ended with this; the next call starts a fresh one, once the caller has dealt with it.
+            self._thread.join()
+            self._thread = None
             raise item
         entry_id, payload, message = item
         self._decoded[entry_id] = message
@@ -83,8 +87,6 @@ class Prefetcher:
 
     # -- the reading thread ---------------------------------------------------------------------
     def _start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._read_ahead, name=f"prefetch-{self.consumer.consumer}",
                                         daemon=True)
@@ -120,4 +122,10 @@ class Prefetcher:
                 entry_ids.extend(self._acks.get_nowait())
             except queue.Empty:
                 break
-        self.consumer.acknowledge_now(entry_ids)
+        try:
+            self.consumer.acknowledge_now(entry_ids)
+        except BaseException:
+            self._acks.put(tuple(entry_ids))  # sent again by the next thread, or by stop()
+            raise
+        # An acknowledged entry never comes back as pending: no need to remember having read it.
+        self._read_before.difference_update(entry_ids)

@@ -67,6 +67,7 @@ def test_every_batch_comes_once_in_order_decoded_ahead(consumer):
         worker.close()
     assert all(isinstance(message, wire.Knowledge) for message in decoded_ahead) and len(decoded_ahead) == BATCHES
     assert consumer.ledger.duplicates_dropped == 0 and pending(consumer) == 0
+    assert not worker.prefetcher._read_before  # acknowledged entries are forgotten: the set does not grow
 
 
 def test_the_reading_thread_stays_ahead_of_a_slow_step_and_the_wait_is_the_loops(consumer):
@@ -107,6 +108,8 @@ def test_redis_losing_its_data_reaches_the_loop_and_reading_starts_again(consume
                 consumer.done(round_)
                 learnt += [batch.batch_id for batch in round_.learnt]
         assert learnt == [1]
+        readers = [thread for thread in threading.enumerate() if thread.name == "prefetch-student" and thread.is_alive()]
+        assert len(readers) == 1  # the thread that ended with the error was not restarted twice
     finally:
         worker.close()
 

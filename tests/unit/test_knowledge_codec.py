@@ -135,3 +135,8 @@ def test_an_unknown_codec_setting_is_refused():
         WireCodec(value_bits=4)
     with pytest.raises(ValueError, match="feature_bits must be one of"):
         WireCodec(feature_bits=32)
+
+
+def test_a_top_k_of_nothing_is_refused_when_packed():
+    with pytest.raises(wire.WireError, match="k = 0"):
+        codec.pack_topk(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.int32), np.zeros(2, np.float32), 8)

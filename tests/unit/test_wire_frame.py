@@ -104,3 +104,67 @@ def test_a_packed_top_k_that_lies_about_its_sizes_is_a_wire_error():
 def test_version_1_is_still_what_encode_writes_without_a_codec():
     data = wire.encode(every_work_field())
     assert not frame.is_frame(data) and msgpack.unpackb(data)["v"] == 1
+
+
+def _hidden_frame(layers: list) -> bytes:
+    """A knowledge frame whose hidden_states are the given [layer, array map] pairs, over one int8 region."""
+    message = wire.Knowledge(work=every_work_field(), teacher_id="t",
+                             hidden_states={0: np.ones((2, 3, 64), np.float16)})
+    data = bytes(wire.encode(message, WireCodec(feature_bits=8)))
+    header, reader = frame.split_frame(data)
+    header["hidden_states"] = layers(header["hidden_states"][0][1])
+    head = msgpack.packb(header, use_bin_type=True)
+    rebuilt = frame.MAGIC + len(head).to_bytes(4, "little") + head
+    return rebuilt + b"\0" * (frame._aligned(len(rebuilt)) - len(rebuilt)) + bytes(reader.arrays)
+
+
+def test_int8_maps_inside_int8_maps_are_refused_not_recursed_into():
+    def nested(packed):
+        inner = packed
+        for _ in range(700):
+            inner = {"dtype": "int8", "shape": [2, 3, 64], "int8": inner, "scale": packed["scale"]}
+        return [[0, inner]]
+    with pytest.raises(wire.WireError, match="travel as they are"):
+        wire.decode(_hidden_frame(nested))
+
+
+def test_int8_layers_sharing_their_bytes_cannot_ask_for_unbounded_memory():
+    def many(packed):
+        huge = dict(packed, dtype="float64")
+        return [[layer, huge] for layer in range(200_000)]
+    with pytest.raises(wire.WireError, match="rebuilding the packed arrays"):
+        wire.decode(_hidden_frame(many))
+
+
+@pytest.mark.parametrize("shape", [[0, 2**31 - 1, 2**31 - 1, 2**31 - 1], [2**64 - 1] * 200_000])
+def test_absurd_shapes_are_wire_errors_in_both_versions(shape):
+    import time
+
+    started = time.perf_counter()
+    for encode_with in (None, WireCodec()):
+        data = bytes(wire.encode(every_work_field(), encode_with))
+        if frame.is_frame(data):
+            header, reader = frame.split_frame(data)
+            header["labels"] = {"dtype": "float64", "shape": shape, "at": 0}
+            head = msgpack.packb(header, use_bin_type=True)
+            bad = frame.MAGIC + len(head).to_bytes(4, "little") + head
+            bad += b"\0" * (frame._aligned(len(bad)) - len(bad)) + bytes(reader.arrays)
+        else:
+            body = msgpack.unpackb(data)
+            body["labels"] = {"dtype": "float64", "shape": shape, "raw": b""}
+            bad = msgpack.packb(body, use_bin_type=True)
+        with pytest.raises(wire.WireError):
+            wire.decode(bad)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_packed_top_k_of_an_absurd_shape_is_a_wire_error():
+    data = bytes(wire.encode(every_knowledge_field(), WireCodec(value_bits=8)))
+    for shape in ([0, 2**62], [2**62, 0, 4], [2, 2, 0]):
+        header, reader = frame.split_frame(data)
+        header["soft"]["shape"] = shape
+        head = msgpack.packb(header, use_bin_type=True)
+        bad = frame.MAGIC + len(head).to_bytes(4, "little") + head
+        bad += b"\0" * (frame._aligned(len(bad)) - len(bad)) + bytes(reader.arrays)
+        with pytest.raises(wire.WireError):
+            wire.decode(bad)
