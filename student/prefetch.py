@@ -45,7 +45,7 @@ class Prefetcher:
         self._ready: queue.Queue = queue.Queue(maxsize=depth)
         self._read_before: set = set()  # the reading thread's own
         self._acks: queue.SimpleQueue = queue.SimpleQueue()  # entry ids the loop has finished with
-        consumer.defer_acks = self._acks.put
+        consumer.defer_acks = self._acknowledge
         self._decoded: dict[Any, wire.Message | wire.WireError] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,6 +72,14 @@ class Prefetcher:
         entry_id, payload, message = item
         self._decoded[entry_id] = message
         return [(entry_id, payload)]
+
+    def _acknowledge(self, entry_ids: tuple) -> None:
+        """The loop's acknowledgements: sent by the reading thread while it runs, else at once (a caller that
+        hands the loop messages itself, or a loop between a thread's error and the next one)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._acks.put(entry_ids)
+        else:
+            self.consumer.acknowledge_now(entry_ids)
 
     def take_decoded(self, entry_id) -> wire.Message | wire.WireError | None:
         """The decoded message of an entry ``next`` returned (None for one it did not read ahead)."""
