@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.summary import median, ratio
 from polydistill.storage import wire
-from polydistill.storage.knowledge_codec import bucket_log_probs
+from polydistill.storage.knowledge_codec import bucket_kl
 
 VOCAB = 250_002  # XLM-R / multilingual-e5 vocabulary, the "250k vocabulary" of the issue
 TOKENS = 16
@@ -95,17 +95,12 @@ def packed_topk(logits: torch.Tensor, ks: tuple[int, ...] = KS) -> dict:
                                      soft=wire.SoftLabels(**{name: getattr(rows, name)[None] for name in
                                                              ("topk_values", "topk_indices", "topk_logsumexp")}))
             rebuilt = wire.decode(bytes(wire.encode(message, wire.WireCodec(value_bits=bits)))).soft
-            kl = _bucket_kl(rows.topk_values, rows.topk_logsumexp, rebuilt.topk_values[0], rebuilt.topk_logsumexp[0])
+            kl = bucket_kl(rows.topk_values, rows.topk_logsumexp, rebuilt.topk_values[0], rebuilt.topk_logsumexp[0])
             entry[f"kl_v1_vs_v2_{bits}bit_nats_per_token"] = {"median": median(kl.tolist()), "mean": float(kl.mean()),
                                                              "max": float(kl.max())}
         out[f"top{k}"] = entry
     return out
 
-
-def _bucket_kl(values_p, lse_p, values_q, lse_q) -> np.ndarray:
-    log_p, log_q = bucket_log_probs(values_p, lse_p), bucket_log_probs(values_q, lse_q)
-    p = np.exp(log_p)
-    return np.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 # --------------------------------------------------------------------------- fidelity

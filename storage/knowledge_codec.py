@@ -32,7 +32,7 @@ import numpy as np
 from polydistill.storage.schema import WireError, check_axes
 from polydistill.storage.wire_codec import WireCodec
 
-__all__ = ["WireCodec", "pack_topk", "unpack_topk", "quantise_rows", "dequantise_rows", "bucket_log_probs"]
+__all__ = ["WireCodec", "pack_topk", "unpack_topk", "quantise_rows", "dequantise_rows", "bucket_log_probs", "bucket_kl"]
 
 # Log-probabilities below -Y_MAX_16 nats (p < 1e-21) travel as -Y_MAX_16.
 Y_MAX_16 = 48.0
@@ -152,6 +152,15 @@ def bucket_log_probs(values: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
     rest = np.log(np.clip(1.0 - kept_mass, 0.0, None), where=kept_mass < 1.0,
                   out=np.full(kept_mass.shape, -np.inf))
     return np.concatenate([kept, rest[..., None]], axis=-1)
+
+
+def bucket_kl(values_p: np.ndarray, logsumexp_p: np.ndarray, values_q: np.ndarray,
+              logsumexp_q: np.ndarray) -> np.ndarray:
+    """KL(p ‖ q) per row between the k + 1 buckets of two top-k forms of the same classes: how much
+    a packed form lost against the exact one."""
+    log_p, log_q = bucket_log_probs(values_p, logsumexp_p), bucket_log_probs(values_q, logsumexp_q)
+    p = np.exp(log_p)
+    return np.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def pack_topk(values: np.ndarray, indices: np.ndarray, logsumexp: np.ndarray, value_bits: int) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from polydistill.storage import knowledge_codec as codec
 from polydistill.storage import wire
-from polydistill.storage.knowledge_codec import WireCodec, bucket_log_probs
+from polydistill.storage.knowledge_codec import WireCodec, bucket_kl
 from polydistill.student.losses import soft_label_kl_topk
 
 VOCAB = 250_002
@@ -25,10 +25,7 @@ def zipf_logits(rows: int, exponent: float, vocab: int = VOCAB, seed: int = 0) -
 
 def kl_rebuilt(exact: wire.SoftLabels, rebuilt: wire.SoftLabels) -> np.ndarray:
     """KL(k + 1 buckets of the exact top-k ‖ those of the rebuilt one), per row."""
-    log_p = bucket_log_probs(exact.topk_values, exact.topk_logsumexp)
-    log_q = bucket_log_probs(rebuilt.topk_values, rebuilt.topk_logsumexp)
-    p = np.exp(log_p)
-    return np.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    return bucket_kl(exact.topk_values, exact.topk_logsumexp, rebuilt.topk_values, rebuilt.topk_logsumexp)
 
 
 def round_trip(soft: wire.SoftLabels, value_bits: int) -> tuple[wire.SoftLabels, int]:

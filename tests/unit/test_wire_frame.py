@@ -1,18 +1,25 @@
 """Wire schema version 2's framing: the same messages as version 1, arrays read in place, and a frame
 that lies about itself is dead-lettered, not a crash."""
 
+import time
+
 import msgpack
 import numpy as np
 import pytest
 
-from polydistill.storage import frame, wire
+from polydistill.storage import frame, schema, wire
 from polydistill.storage.knowledge_codec import WireCodec
 from tests.unit.test_wire_compat import every_knowledge_field, every_work_field
 
 
-def arrays_of(message) -> dict:
-    from polydistill.storage import schema
+def reframe(header: dict, reader: frame.FrameReader) -> bytes:
+    """A version-2 frame of an edited header over the same array bytes."""
+    head = msgpack.packb(header, use_bin_type=True)
+    prefix = frame.MAGIC + len(head).to_bytes(4, "little") + head
+    return prefix + b"\0" * (frame._aligned(len(prefix)) - len(prefix)) + bytes(reader.arrays)
 
+
+def arrays_of(message) -> dict:
     return {str(i): array for i, array in enumerate(schema.arrays(message))}
 
 
@@ -58,9 +65,7 @@ def _frame_with(header_change, payload_cut: int = 0) -> bytes:
     data = bytes(wire.encode(every_work_field(), WireCodec()))
     header, reader = frame.split_frame(data)
     header_change(header)
-    head = msgpack.packb(header, use_bin_type=True)
-    rebuilt = frame.MAGIC + len(head).to_bytes(4, "little") + head
-    rebuilt += b"\0" * (frame._aligned(len(rebuilt)) - len(rebuilt)) + bytes(reader.arrays)
+    rebuilt = reframe(header, reader)
     return rebuilt[: len(rebuilt) - payload_cut]
 
 
@@ -94,9 +99,7 @@ def test_a_packed_top_k_that_lies_about_its_sizes_is_a_wire_error():
     data = bytes(wire.encode(knowledge, WireCodec(value_bits=8)))
     header, reader = frame.split_frame(data)
     header["soft"]["index_bits"] = 40
-    head = msgpack.packb(header, use_bin_type=True)
-    bad = frame.MAGIC + len(head).to_bytes(4, "little") + head
-    bad += b"\0" * (frame._aligned(len(bad)) - len(bad)) + bytes(reader.arrays)
+    bad = reframe(header, reader)
     with pytest.raises(wire.WireError, match="index_bits"):
         wire.decode(bad)
 
@@ -113,9 +116,7 @@ def _hidden_frame(layers: list) -> bytes:
     data = bytes(wire.encode(message, WireCodec(feature_bits=8)))
     header, reader = frame.split_frame(data)
     header["hidden_states"] = layers(header["hidden_states"][0][1])
-    head = msgpack.packb(header, use_bin_type=True)
-    rebuilt = frame.MAGIC + len(head).to_bytes(4, "little") + head
-    return rebuilt + b"\0" * (frame._aligned(len(rebuilt)) - len(rebuilt)) + bytes(reader.arrays)
+    return reframe(header, reader)
 
 
 def test_int8_maps_inside_int8_maps_are_refused_not_recursed_into():
@@ -138,17 +139,13 @@ def test_int8_layers_sharing_their_bytes_cannot_ask_for_unbounded_memory():
 
 @pytest.mark.parametrize("shape", [[0, 2**31 - 1, 2**31 - 1, 2**31 - 1], [2**64 - 1] * 200_000])
 def test_absurd_shapes_are_wire_errors_in_both_versions(shape):
-    import time
-
     started = time.perf_counter()
     for encode_with in (None, WireCodec()):
         data = bytes(wire.encode(every_work_field(), encode_with))
         if frame.is_frame(data):
             header, reader = frame.split_frame(data)
             header["labels"] = {"dtype": "float64", "shape": shape, "at": 0}
-            head = msgpack.packb(header, use_bin_type=True)
-            bad = frame.MAGIC + len(head).to_bytes(4, "little") + head
-            bad += b"\0" * (frame._aligned(len(bad)) - len(bad)) + bytes(reader.arrays)
+            bad = reframe(header, reader)
         else:
             body = msgpack.unpackb(data)
             body["labels"] = {"dtype": "float64", "shape": shape, "raw": b""}
@@ -163,8 +160,6 @@ def test_a_packed_top_k_of_an_absurd_shape_is_a_wire_error():
     for shape in ([0, 2**62], [2**62, 0, 4], [2, 2, 0]):
         header, reader = frame.split_frame(data)
         header["soft"]["shape"] = shape
-        head = msgpack.packb(header, use_bin_type=True)
-        bad = frame.MAGIC + len(head).to_bytes(4, "little") + head
-        bad += b"\0" * (frame._aligned(len(bad)) - len(bad)) + bytes(reader.arrays)
+        bad = reframe(header, reader)
         with pytest.raises(wire.WireError):
             wire.decode(bad)
