@@ -140,7 +140,9 @@ def test_the_thread_sends_the_loops_acknowledgements_the_loop_never_waits_for_th
         (entry_id, payload), = worker.fetch(lambda: False)
         consumer.done(worker.agree(entry_id, payload))
         deadline = time.monotonic() + 5
-        while pending(consumer) != 1 and time.monotonic() < deadline:  # the second is read ahead, not finished
+        # Until the acknowledgement was sent and the second message is read ahead, not finished (pending 1 also
+        # holds, for a moment, before the thread has read the second one).
+        while not (senders and pending(consumer) == 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert pending(consumer) == 1 and senders and threading.get_ident() not in senders
     finally:
