@@ -630,6 +630,13 @@ class TrainingConfig(_Strict):
         description="With validate_each_epoch: the saved student is the epoch that scored best on dev, not the last "
         "one; the ablation is chosen the same way.",
     )
+    patience: int | None = Field(
+        default=None, ge=1,
+        description="With keep_best: stop once this many epochs in a row brought no new best dev score. The epochs "
+        "planned after are not distilled (an epoch a batch of which was applied already is finished first, so every "
+        "epoch learnt is whole); the report says after which epoch training stopped. The ablation stops by the "
+        "same rule. None: every planned epoch is trained.",
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -938,6 +945,12 @@ class JobConfig(_Strict):
         if training.keep_best and data.eval_split == data.dev_split:
             raise ValueError(f"training.keep_best would choose the epoch on data.eval_split ({data.eval_split!r}), the "
                              "rows the report reads: give data.dev_split another split")
+        if training.patience is not None and not training.keep_best:
+            raise ValueError("training.patience stops training when dev stops improving, and the student kept must "
+                             "then be the best epoch, not the last: set training.keep_best: true as well")
+        if training.patience is not None and any(s.workers > 1 for s in (self.student, *self.extra_students)):
+            raise ValueError("training.patience: data-parallel workers (student.workers > 1) do not stop early yet; "
+                             "drop training.patience or train the student on one worker")
         if training.keep_best and self.extra_tasks:
             raise ValueError("training.keep_best chooses an epoch by the main task's dev score alone, which would "
                              "leave the extra tasks' heads at another epoch than the encoder: drop it with extra_tasks")

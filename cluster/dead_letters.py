@@ -83,12 +83,13 @@ def outcome_with_dead_letters(outcome: str, report: Mapping, missing_batches: Ma
     if outcome != "failed" or not missing_batches:
         return outcome
     expected = report["samples_expected"]
-    distilled = {"student": report["samples_distilled"],
-                 **{name: extra["samples_distilled"] for name, extra in report.get("extra_students", {}).items()}}
-    for name, samples in distilled.items():
+    distilled = {"student": (report["samples_distilled"], expected),
+                 **{name: (extra["samples_distilled"], extra.get("samples_expected", expected))
+                    for name, extra in report.get("extra_students", {}).items()}}
+    for name, (samples, wanted) in distilled.items():
         missing = [(int(epoch), int(batch)) for epoch, batch in missing_batches.get(name, ())]
         if any(pair not in dead for pair in missing):
             return outcome  # a batch lost without a dead letter: the accounting is not exact
-        if samples + sum(samples_dead_lettered(dead, missing).values()) != expected:
+        if samples + sum(samples_dead_lettered(dead, missing).values()) != wanted:
             return outcome
     return COMPLETED_WITH_DEAD_LETTERS

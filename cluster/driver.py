@@ -508,15 +508,17 @@ def _drain_knowledge_stream(streams: JobStreams, keys: JobKeys, timeout_s: float
 
 def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
     plan, training = result["plan"], result["training"]
-    expected = plan["samples_per_epoch"] * plan["epochs"]
+    # Early stopping (training.patience) shortens a student's plan: what it must have learnt is its kept epochs.
+    epochs = training.get("epochs_trained") or plan["epochs"]
+    expected = plan["samples_per_epoch"] * epochs
     return {
         "job_id": config.resolved_job_id,
         "samples_expected": expected,
         "samples_distilled": training["samples_distilled"],
         "samples_per_epoch": training["samples_per_epoch"],
-        "batches_expected": plan["batches_per_epoch"] * plan["epochs"],
+        "batches_expected": plan["batches_per_epoch"] * epochs,
         "batches_applied": training["batches_applied"],
-        "batches_missing": plan["batches_per_epoch"] * plan["epochs"] - training["batches_applied"],
+        "batches_missing": plan["batches_per_epoch"] * epochs - training["batches_applied"],
         "batches_fed": result["batches_fed"],
         # Feed calls whose feeder died: what they had enqueued is not in batches_fed (the recovery re-fed
         # whatever the students missed, and their ledgers dropped any second copy).
@@ -536,6 +538,8 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "samples_dead_lettered": samples_dead_lettered(result["dead_lettered"],
                                                        result["missing_batches"].get("student", ())),
         "epochs": plan["epochs"],
+        "epochs_trained": epochs,
+        "stopped_early": training.get("stopped_early"),
         "teacher_replicas": config.teacher.replicas,  # the starting size; teacher_pool has how it changed
         "teacher_pool": result.get("teacher_pool"),
         "teachers": result["teachers"],
@@ -560,10 +564,11 @@ def _report(config: JobConfig, result: dict, label_names: list[str]) -> dict:
         "knowledge_cache": result.get("knowledge_cache"),
         # Students that learnt from the same teacher pass: each must have seen every sample once.
         "extra_students": {
-            name: {key: summary.get(key) for key in ("samples_distilled", "samples_per_epoch", "batches_applied",
-                                                     "duplicates_dropped", "steps", "final_loss", "student_path",
-                                                     "wall_seconds", "wait_seconds", "compute_seconds",
-                                                     "validation", "kept_epoch", "loss_history")}
+            name: {"samples_expected": plan["samples_per_epoch"] * (summary.get("epochs_trained") or plan["epochs"]),
+                   **{key: summary.get(key) for key in (
+                       "samples_distilled", "samples_per_epoch", "batches_applied", "duplicates_dropped", "steps",
+                       "final_loss", "student_path", "wall_seconds", "wait_seconds", "compute_seconds", "validation",
+                       "kept_epoch", "epochs_trained", "stopped_early", "loss_history")}}
             for name, summary in result.get("extra_students", {}).items()
         },
         "labels": label_names,

@@ -130,7 +130,11 @@ class Report(BaseModel):
     # Samples of the planned batches that were dead-lettered and never distilled, by the dead letter's
     # reason: samples_distilled + their sum = samples_expected in a job completed with dead letters.
     samples_dead_lettered: dict[str, int] = {}
-    epochs: int
+    epochs: int  # planned
+    # training.patience: the epochs the student learnt (samples_expected counts them), and when dev stopped
+    # improving ({after_epoch, patience, last_epoch}; null: every planned epoch was trained).
+    epochs_trained: int | None = None
+    stopped_early: Section | None = None
     data_parallel: Section | None = None
     resumed_from_step: int | None = None
     steps_skipped_nonfinite: int = 0

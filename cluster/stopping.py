@@ -66,12 +66,13 @@ def accounting_shortfall(report: Mapping, missing_batches: Mapping[str, Sequence
 
     ``missing_batches``: by student, the (epoch, batch) pairs it never applied."""
     expected = report["samples_expected"]
-    distilled = {"student": report["samples_distilled"],
-                 **{name: extra["samples_distilled"] for name, extra in report.get("extra_students", {}).items()}}
+    distilled = {"student": (report["samples_distilled"], expected),
+                 **{name: (extra["samples_distilled"], extra.get("samples_expected", expected))
+                    for name, extra in report.get("extra_students", {}).items()}}
     shortfall = []
-    for name, samples in distilled.items():
-        if samples != expected:
-            phrase = f"student {name!r} distilled {samples} samples, {expected} expected"
+    for name, (samples, wanted) in distilled.items():
+        if samples != wanted:
+            phrase = f"student {name!r} distilled {samples} samples, {wanted} expected"
             if missing_batches.get(name):
                 phrase += f" (never applied: {_batch_list(missing_batches[name])})"
             shortfall.append(phrase)

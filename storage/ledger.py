@@ -3,6 +3,9 @@
 Redis delivers at least once (a reclaimed or re-enqueued batch can arrive twice), so the
 student decides from this ledger whether a knowledge message is new. The ledger is plain data,
 saved with every student checkpoint, so it survives the loss of Redis itself.
+
+Early stopping shortens the plan (``end_after``): the epochs after the last one kept are not learnt,
+their messages are dropped as past the end, and "complete" and "missing" speak of the kept epochs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,28 @@ class EpochLedger:
     applied: dict[int, set[int]] = field(default_factory=dict)
     samples: dict[int, int] = field(default_factory=dict)
     duplicates_dropped: int = 0
+    # Early stopping: the last epoch of the plan that is learnt (None: every planned epoch).
+    last_epoch: int | None = None
+    past_end_dropped: int = 0
+
+    @property
+    def epochs_kept(self) -> int:
+        return self.epochs if self.last_epoch is None else self.last_epoch + 1
+
+    def is_past_end(self, epoch: int) -> bool:
+        return epoch >= self.epochs_kept
+
+    def end_after(self, epoch: int) -> int:
+        """Keeps epochs up to ``epoch`` and any later one a batch of which was applied already (an epoch
+        is learnt whole or not at all); returns the last epoch kept. The plan only ever shortens."""
+        if not 0 <= epoch < self.epochs:
+            raise LedgerError(f"cannot end after epoch {epoch}: the plan has epochs 0 to {self.epochs - 1}")
+        last = max([epoch, *(e for e, done in self.applied.items() if done)])
+        self.last_epoch = min(last, self.epochs_kept - 1)
+        return self.last_epoch
+
+    def count_past_end(self) -> None:
+        self.past_end_dropped += 1
 
     def is_applied(self, epoch: int, batch_id: int) -> bool:
         return batch_id in self.applied.get(epoch, ())
@@ -32,6 +57,9 @@ class EpochLedger:
                 f"batch {batch_id} of epoch {epoch} is outside the plan "
                 f"({self.epochs} epochs x {self.batches_per_epoch} batches)"
             )
+        if self.is_past_end(epoch):
+            raise LedgerError(f"batch {batch_id} of epoch {epoch} is past the end of the shortened plan "
+                              f"(training stopped early after epoch {self.last_epoch})")
         done = self.applied.setdefault(epoch, set())
         if batch_id in done:
             self.duplicates_dropped += 1
@@ -53,13 +81,14 @@ class EpochLedger:
 
     @property
     def complete(self) -> bool:
-        return self.batches_applied == self.epochs * self.batches_per_epoch
+        kept = sum(len(self.applied.get(epoch, ())) for epoch in range(self.epochs_kept))
+        return kept == self.epochs_kept * self.batches_per_epoch
 
     def missing(self) -> list[tuple[int, int]]:
         """Every (epoch, batch) not yet applied: what must be re-enqueued after Redis lost its data."""
         return [
             (epoch, batch_id)
-            for epoch in range(self.epochs)
+            for epoch in range(self.epochs_kept)
             for batch_id in range(self.batches_per_epoch)
             if not self.is_applied(epoch, batch_id)
         ]
@@ -71,6 +100,8 @@ class EpochLedger:
             "applied": {str(epoch): sorted(done) for epoch, done in self.applied.items()},
             "samples": {str(epoch): n for epoch, n in self.samples.items()},
             "duplicates_dropped": self.duplicates_dropped,
+            "last_epoch": self.last_epoch,
+            "past_end_dropped": self.past_end_dropped,
         }
 
     @classmethod
@@ -81,4 +112,6 @@ class EpochLedger:
             applied={int(epoch): set(done) for epoch, done in data["applied"].items()},
             samples={int(epoch): int(n) for epoch, n in data["samples"].items()},
             duplicates_dropped=int(data["duplicates_dropped"]),
+            last_epoch=None if data.get("last_epoch") is None else int(data["last_epoch"]),
+            past_end_dropped=int(data.get("past_end_dropped", 0)),
         )

@@ -9,6 +9,8 @@ ledger, the chunks held so far (``ChunkBuffer``), the clock and the buffer's lim
   reassembled): train on it, then ``done`` records it and acknowledges its entries together;
 - ``Duplicate``: a batch the ledger already has, or a second copy of a chunk held: count it,
   acknowledge it (and drop any chunks held for a batch already learnt);
+- ``PastEnd``: a batch of an epoch the student no longer learns (it stopped early, ``EpochLedger.end_after``):
+  count it and acknowledge it, with any chunks held for it;
 - ``Hold``: a chunk whose siblings are still on their way: keep it, unacknowledged, so a student
   that dies now leaves the whole batch pending (``storage/chunking.py``);
 - ``Redelivered``: a chunk entry held already (or given up), delivered again from this consumer's
@@ -159,6 +161,11 @@ class Duplicate:
 
 
 @dataclass(frozen=True)
+class PastEnd:
+    entry_ids: tuple
+
+
+@dataclass(frozen=True)
 class Hold:
     given_up: tuple[GivenUp, ...] = ()  # batches let go to make room for this chunk
 
@@ -198,7 +205,7 @@ class StudentInputs:
         check_token_ids(ids, self.limits, f"WorkBatch.{self.ids_field}", model="student")
 
 
-Decision = Learn | Duplicate | Hold | Redelivered | DeadLetter
+Decision = Learn | Duplicate | PastEnd | Hold | Redelivered | DeadLetter
 
 
 def garbage(message: wire.Message | wire.WireError, job_id: str, ledger: EpochLedger | None = None,
@@ -231,6 +238,8 @@ def decide(entry_id, message: wire.Message | wire.WireError, payload_bytes: int,
     if refused is not None:
         return refused, buffer
     key = (message.work.epoch, message.work.batch_id)
+    if ledger.is_past_end(key[0]):
+        return PastEnd((entry_id, *buffer.entries_of(key))), buffer.without(key)
     learnt = ledger.is_applied(*key)
     # A whole batch, or any part of one learnt already, settles every entry of the batch held or given up.
     if learnt:
@@ -427,6 +436,10 @@ class KnowledgeConsumer:
                 with self._ledger_lock:
                     self.ledger.count_duplicate()
                 self.acknowledge(entry_ids)
+            case PastEnd(entry_ids):
+                with self._ledger_lock:
+                    self.ledger.count_past_end()
+                self.acknowledge(entry_ids)
             case DeadLetter(reason, batch):
                 self._dead_letter(entry_id, payload, reason, batch)
         return None
@@ -498,6 +511,11 @@ class KnowledgeConsumer:
         """Every (epoch, batch) not learnt yet: what the driver must (re-)feed."""
         with self._ledger_lock:
             return self.ledger.missing()
+
+    def end_after(self, epoch: int) -> int:
+        """Early stopping: the plan ends with ``epoch`` (``EpochLedger.end_after``); the last epoch kept."""
+        with self._ledger_lock:
+            return self.ledger.end_after(epoch)
 
     def ledger_state(self) -> dict:
         with self._ledger_lock:

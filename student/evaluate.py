@@ -145,10 +145,11 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
     training = config.training
     draws = balanced_draws(config, rows.languages)
     dev = None
-    if training.keep_best:  # chosen as the distilled student is: the epoch that scores best on dev
+    if training.keep_best:  # chosen (and stopped, with training.patience) as the distilled student is
         samples_per_epoch = len(rows) if draws is None else len(draws(0))
         dev = DevStopping(DevValidation(config, student_init_dir, label_names_of(model)),
-                          every_steps=math.ceil(samples_per_epoch / training.batch_size), patience=NEVER_STOP)
+                          every_steps=math.ceil(samples_per_epoch / training.batch_size),
+                          patience=training.patience or NEVER_STOP)
     train_supervised(
         model, rows, pad_token_id(tokenizer),
         epochs=training.epochs, batch_size=training.batch_size, lr=training.lr,
@@ -161,5 +162,5 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
     tokenizer.save_pretrained(out_dir)
     if dev is not None:  # what was chosen, beside the weights
         (out_dir / "validation.json").write_text(json.dumps(
-            {"curve": dev.curve, "kept_step": dev.state.best_step}, indent=2) + "\n", encoding="utf-8")
+            {"curve": dev.curve, "kept_step": dev.state.best_step, "stopped_early": dev.stopped_early}, indent=2) + "\n", encoding="utf-8")
     return out_dir

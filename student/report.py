@@ -595,7 +595,7 @@ def render_markdown(report: Mapping) -> str:
         sections.append("## Compression stages\n\n" + stages_table)
     validation_table = format_validation_table(report)
     if validation_table:
-        sections.append("## Dev accuracy by epoch\n\n" + validation_table)
+        sections.append("## Dev accuracy by epoch\n\n" + validation_table + early_stopping_lines(report))
     if report.get("loss_history"):
         sections.append("## Training loss\n\n![Training loss](training_loss.png)")
     return "\n\n".join(sections) + "\n"
@@ -613,6 +613,15 @@ def format_validation_table(report: Mapping) -> str:
     if not rows:
         return ""
     return _markdown_table(["Student", "Epoch", "Step", "Dev accuracy", "Weakest language"], rows)
+
+
+def early_stopping_lines(report: Mapping) -> str:
+    """training.patience: one line per student that stopped before its planned epochs."""
+    students = {"student": report, **{name: section for name, section in (report.get("extra_students") or {}).items()}}
+    lines = [f"- {name} stopped early: no new best dev score in {stopped['patience']} epochs after epoch "
+             f"{stopped['after_epoch'] + 1}; trained {stopped['last_epoch'] + 1} of {report['epochs']} planned epochs"
+             for name, section in students.items() if (stopped := section.get("stopped_early"))]
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def write_report(report: Mapping, out_dir: Path) -> list[Path]:

@@ -103,6 +103,8 @@ class TrainingState:
     # and where the best of them stands (after_dev_score's state, as a dict).
     validation: list[dict] = field(default_factory=list)
     best_validation: dict = field(default_factory=dict)
+    # training.patience: {after_epoch, patience, last_epoch} once dev stopped improving, else empty.
+    stopped_early: dict = field(default_factory=dict)
 
     def count_wire(self, payload_bytes: int, parts: dict[str, int]) -> None:
         self.wire_bytes += payload_bytes
@@ -267,13 +269,26 @@ class StudentTrainer:
             accuracy, per_language = self.dev(self.model)
             self.state.validation.append({"epoch": epoch, "step": self.state.step, "accuracy": accuracy,
                                           "per_language": per_language})
-            best, _ = after_dev_score(StoppingState(**self.state.best_validation), epoch, accuracy, NEVER_STOP)
+            patience = self.config.training.patience or NEVER_STOP
+            best, stop = after_dev_score(StoppingState(**self.state.best_validation), epoch, accuracy, patience)
             self.state.best_validation = asdict(best)
             log.info("student %s: dev accuracy %.4f after epoch %d (best %.4f, epoch %d)", self.name, accuracy,
                      epoch, best.best_score, best.best_step)
+            if stop and not self.state.stopped_early:
+                self.end_early(epoch, patience)
             if self.config.training.keep_best and best.best_step == epoch:
                 self._best_weights = trainable_weights(self.model)
                 self.keep_best_on_disk(epoch)
+            elif stop:
+                self.checkpoint()  # a restarted student must not train the epochs dropped
+
+    def end_early(self, epoch: int, patience: int) -> None:
+        """Dev has not improved for ``patience`` epochs: the plan ends here (or with the next epoch, when a
+        batch of it was applied already); the batches of later epochs are acknowledged and dropped."""
+        last = self.consumer.end_after(epoch)
+        self.state.stopped_early = {"after_epoch": epoch, "patience": patience, "last_epoch": last}
+        log.info("student %s: no new best dev score in %d epochs; training ends after epoch %d of %d", self.name,
+                 patience, last, self.ledger.epochs)
 
     def keep_best_on_disk(self, epoch: int) -> None:
         """A restarted student keeps the best epoch's weights too: they are written under the epoch's name,
@@ -458,6 +473,8 @@ class StudentTrainer:
             "validation": self.state.validation,
             "kept_epoch": (self.state.best_validation.get("best_step")
                            if self._best_weights is not None else None),
+            "epochs_trained": self.ledger.epochs_kept,
+            "stopped_early": self.state.stopped_early or None,
             "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite,
             "chunk_batches_given_up": self.consumer.batches_given_up,
             "wire_bytes_per_sample": self._per_sample(self.state.wire_bytes),

@@ -23,6 +23,7 @@ from polydistill.student.consumer import (
     ImpossibleState,
     Learn,
     LearntBatch,
+    PastEnd,
     Redelivered,
     Round,
     StudentInputs,
@@ -174,6 +175,17 @@ def test_decide(entry_id, message, learnt, before, decision, after):
                        inputs=INPUTS)
     assert comparable(got) == comparable(decision)
     assert comparable(kept) == comparable(after)
+
+
+def test_a_batch_past_the_end_of_a_shortened_plan_is_dropped_with_the_chunks_held_for_it():
+    ledger = EpochLedger(batches_per_epoch=4, epochs=2)
+    late = dataclasses.replace(knowledge(), work=dataclasses.replace(knowledge().work, epoch=1))
+    assert comparable(decide("e", late, 10, job_id=JOB, ledger=ledger, buffer=EMPTY, now=NOW, limits=LIMITS,
+                             inputs=INPUTS)[0]) == comparable(Learn(late, ("e",), 10))
+    ledger.end_after(0)  # training stopped early after epoch 0
+    got, kept = decide("e", late, 10, job_id=JOB, ledger=ledger, buffer=ChunkBuffer({(1, BATCH): held_batch({1: "c1"})}, {}),
+                       now=NOW, limits=LIMITS, inputs=INPUTS)
+    assert got == PastEnd(("e", "c1")) and kept == EMPTY
 
 
 def test_decide_leaves_its_inputs_as_they_were():

@@ -65,6 +65,14 @@ def test_shortfall_names_the_student_the_counts_and_the_batches_it_never_applied
                          "2 of 50 batches missing"]
 
 
+def test_a_student_that_stopped_early_is_held_to_its_own_kept_epochs():
+    shortened = report(extra={"small": 240})
+    shortened["extra_students"]["small"]["samples_expected"] = 240  # dev stopped improving: 3 of 5 epochs
+    assert accounting_shortfall(shortened) == []
+    shortened["extra_students"]["small"]["samples_distilled"] = 232
+    assert accounting_shortfall(shortened) == ["student 'small' distilled 232 samples, 240 expected"]
+
+
 def test_shortfall_names_doubled_samples_extra_students_tasks_and_dead_letters():
     tasks = {"main": {"samples_distilled": 300, "samples_expected": 300},
              "ner": {"samples_distilled": 90, "samples_expected": 100}}

@@ -7,7 +7,7 @@ import pytest
 
 from polydistill.cluster.config import ConfigError, validate_config
 from polydistill.storage.ledger import EpochLedger
-from polydistill.student.report import format_validation_table
+from polydistill.student.report import early_stopping_lines, format_validation_table
 from polydistill.student.validation import best_weights_file, epochs_to_validate
 
 
@@ -41,11 +41,29 @@ def config(training: dict, task: str | None = None, data: dict | None = None):
     ({"validate_each_epoch": True}, "masked-lm", {"label_column": None}, "task masked-lm is scored after the run only"),
     ({"validate_each_epoch": True, "keep_best": True}, None, {"eval_split": "dev"},
      "would choose the epoch on data.eval_split ('dev'), the rows the report reads"),
+    ({"validate_each_epoch": True, "patience": 2}, None, None, "set training.keep_best: true as well"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_fix(training, task, data, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         config(training, task, data)
     assert config({"validate_each_epoch": True, "keep_best": True}).training.keep_best
+
+
+def test_early_stopping_is_refused_where_it_cannot_stop_every_worker():
+    raw = {"teacher": {"model": "random"}, "data": {"path": "/data"}, "student": {"workers": 2},
+           "training": {"validate_each_epoch": True, "keep_best": True, "patience": 1}}
+    with pytest.raises(ConfigError, match="data-parallel workers"):
+        validate_config(raw)
+    with pytest.raises(ConfigError, match="greater than or equal to 1"):
+        config({"validate_each_epoch": True, "keep_best": True, "patience": 0})
+
+
+def test_the_report_says_which_students_stopped_early_and_after_which_epoch():
+    report = {"epochs": 5, "stopped_early": {"after_epoch": 2, "patience": 2, "last_epoch": 2},
+              "extra_students": {"tiny": {"stopped_early": None}}}
+    assert early_stopping_lines(report) == ("\n\n- student stopped early: no new best dev score in 2 epochs after "
+                                            "epoch 3; trained 3 of 5 planned epochs")
+    assert early_stopping_lines({"epochs": 2}) == ""
 
 
 def test_the_report_table_marks_the_kept_epoch_and_shows_the_weakest_language():
