@@ -437,7 +437,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
     # Whether someone else stopped the job, read before the driver sets the flag for its own end.
     stopped_by = stop_requested_by(streams.client, keys)
     if writer is not None and stopped_by is None:
-        _drain_knowledge_stream(streams, keys)
+        _drain_knowledge_stream(streams, keys, sealed=lambda: is_complete(cache["path"]))
     request_stop(streams.client, keys, STOPPED_BY_DRIVER)
     # What a student that did not finish never applied, for an accounting mismatch to name.
     missing_batches = {} if stopped_from_outside(stopped_by) else {
@@ -499,10 +499,12 @@ def _end_at_once(job: _JobActors, streams: JobStreams, keys: JobKeys, ownership:
     return stopped_by
 
 
-def _drain_knowledge_stream(streams: JobStreams, keys: JobKeys, timeout_s: float = 120.0) -> None:
-    """The students are done; give the cache writer the time to read what they read before it."""
+def _drain_knowledge_stream(streams: JobStreams, keys: JobKeys, sealed: Callable[[], bool],
+                            timeout_s: float = 120.0) -> None:
+    """The students are done; give the cache writer the time to read what they read before it. Once the cache
+    is sealed the writer reads no more (a student that stopped early leaves later epochs' entries unread)."""
     deadline = time.monotonic() + timeout_s
-    while streams.backlog(keys.knowledge_stream) and time.monotonic() < deadline:
+    while streams.backlog(keys.knowledge_stream) and not sealed() and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -1,5 +1,6 @@
 """A real job whose dev score stops improving: training.patience ends the student's plan early, the
-accounting holds the student to the epochs it kept, and the ablation stops by the same rule."""
+accounting holds the student to the epochs it kept, the ablation stops by the same rule, and the
+knowledge cache is sealed without the driver waiting for the epochs nobody reads."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def test_a_student_whose_dev_score_stops_improving_ends_early_with_exact_account
         "training.validate_each_epoch=true", "training.keep_best=true", "training.patience=1",
         "evaluation.ablation=true", "evaluation.ablations_after_distillation=true",
         "evaluation.latency=false", "data.dev_from_train=true",
+        "knowledge_cache.enabled=true", f"knowledge_cache.dir={tmp_path / 'cache'}",
     ], output_dir=str(tmp_path / "out"))
     report = run_job(config, show_progress=False)
 
@@ -45,6 +47,8 @@ def test_a_student_whose_dev_score_stops_improving_ends_early_with_exact_account
     assert report["kept_epoch"] == 0
     assert "student stopped early: no new best dev score in 1 epochs after epoch 2" in (
         tmp_path / "out" / "report.md").read_text()
+
+    assert report["knowledge_cache"]["writer"]["sealed"]
 
     ablation = json.loads((tmp_path / "out" / "ablation" / "validation.json").read_text())
     assert ablation["stopped_early"] and len(ablation["curve"]) == 2
