@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from polydistill.cluster.services import JobRedis, job_redis, ray_for, stop_job_
 from polydistill.cluster.stopping import (
     STOPPED_BY_DRIVER,
     STOPPED_BY_INTERRUPT,
+    EndNow,
     InterruptStops,
     JobFailed,
     JobStopped,
@@ -83,8 +84,11 @@ def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]
 
 
 def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
-            redis_service: JobRedis | None = None) -> dict:
+            redis_service: JobRedis | None = None,
+            on_progress: Callable[[Mapping[str, str]], None] | None = None) -> dict:
     """Runs the job; ``resume=True`` continues from the student's checkpoint in the output directory.
+    ``on_progress`` is called with the student's progress hash whenever the driver reads it (a dev score after
+    each epoch among its fields, with training.validate_each_epoch); raising ``EndNow`` there ends the job at once.
 
     Raises ``JobStopped`` when the job was stopped before it completed (its report says "stopped"),
     ``JobFailed`` when it ran to its end without distilling every sample exactly once. Ctrl-C asks
@@ -146,8 +150,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             task_dirs = {name: folder for name, (folder, _) in task_teachers.items()}
             distilling_began = True
             stop_job_on_sigterm(redis_service)  # from now on SIGTERM stops the job cleanly, resumable
+            listeners = [tracking.progress, *([on_progress] if on_progress is not None else [])]
             result = _distill(redis_service, teacher_dirs, init_dirs, out_dir, show_progress, interrupt, resume,
-                              task_dirs, tracking.progress)
+                              task_dirs, lambda progress: [listen(progress) for listen in listeners])
             stage_seconds["distill"] = _lap(started, stage_seconds)
             report = _report(config, result, train.label_names)
             samples_expected = report["samples_expected"]
@@ -340,13 +345,14 @@ def _distill(redis_service: JobRedis, teacher_dirs: dict[str, Path], init_dirs: 
     try:
         return _run_actors(config, teacher_dirs, init_dirs, redis_url, out_dir, show_progress, resume,
                            task_dirs or {}, keys, streams, redis_service.ownership, job, interrupt, on_progress)
-    except (KeyboardInterrupt, StopOverdue) as reason:
+    except (KeyboardInterrupt, StopOverdue, EndNow) as reason:
         interrupt.disarm()  # a press now would write into the keys about to be removed
         log.log(logging.WARNING if isinstance(reason, StopOverdue) else logging.INFO,
                 "job %s: ending every actor at once (%s)", keys.job_id, str(reason) or "a second Ctrl-C")
         stopped_by = _end_at_once(job, streams, keys, redis_service.ownership)
         interrupted = interrupt.stop_requested or isinstance(reason, KeyboardInterrupt)
-        raise _stopped(config, out_dir, stopped_by or STOPPED_BY_INTERRUPT, interrupted,
+        stopped_by = stopped_by or (STOPPED_BY_DRIVER if isinstance(reason, EndNow) else STOPPED_BY_INTERRUPT)
+        raise _stopped(config, out_dir, stopped_by, interrupted,
                        samples_expected=job.samples_expected) from None
     finally:
         interrupt.disarm()
@@ -429,7 +435,7 @@ def _run_actors(config: JobConfig, teacher_dirs: dict[str, Path], init_dirs: dic
             for actor in job.actors():
                 ray.kill(actor)
             raise
-        except (KeyboardInterrupt, StopOverdue):
+        except (KeyboardInterrupt, StopOverdue, EndNow):
             raise  # the job ends at once (_distill)
         except BaseException:
             request_stop(streams.client, keys, STOPPED_BY_DRIVER)

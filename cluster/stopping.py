@@ -52,6 +52,11 @@ def stopped_from_outside(stopped_by: str | None) -> bool:
     return stopped_by is not None and stopped_by != STOPPED_BY_DRIVER
 
 
+class EndNow(Exception):
+    """Raised by a caller's progress listener (``run_job``'s ``on_progress``) to end the job at once: every actor
+    killed, the keys removed, ``JobStopped`` raised. A search's scheduler stopping a trial ends its job so."""
+
+
 def job_outcome(shortfall: Sequence[str], stopped_by: str | None) -> Outcome:
     """How a job ended, from what it failed to distil and who had set the stop flag before the driver.
 

@@ -66,7 +66,21 @@ from pydantic import (
 from polydistill.cluster.config import ConfigError, JobConfig, _format_validation_error, load_config
 from polydistill.cluster.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 from polydistill.cluster.failures import exit_status_of, failure_line
+from polydistill.cluster.stopping import JobStopped
 from polydistill.cluster.tracking import local_mlflow_store
+from polydistill.cluster.tune_schedule import (
+    METRIC,
+    RUNNING,
+    STOPPED,
+    TIME_ATTR,
+    SchedulerSettings,
+    TrialReporter,
+    asha_scheduler,
+    check_schedulable,
+    final_fields,
+    remove_keys_of_stopped_trials,
+)
+from polydistill.cluster.tune_schedule import trial_overrides as schedule_overrides  # noqa: I001 (a second name)
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +262,11 @@ class TuneConfig(_Strict):
         "config has knowledge_cache).",
     )
     time_budget_s: float | None = Field(default=None, gt=0, description="Start no trial after this long.")
+    scheduler: SchedulerSettings | None = Field(
+        default=None,
+        description="Stop bad trials early: {asha: {grace_period_epochs: 1, reduction_factor: 3}} compares the "
+        "trials' dev accuracy after each epoch (cluster/tune_schedule.py). None: every trial runs to its end.",
+    )
     set: list[str] = Field(
         default_factory=list, description="Overrides for every trial (and the warm-up), e.g. training.epochs=1."
     )
@@ -471,7 +490,9 @@ def format_tune_table(result: Mapping[str, Any]) -> str:
     lines = []
     for row in rows:
         marks = ("★" if row["trial"] == best else "") + ("◆" if row["trial"] in front else "")
-        if row.get("status") != "ok":
+        if row.get("status") == STOPPED:
+            knowledge = f"stopped after {_cell(row.get('epochs'))} epoch(s)"
+        elif row.get("status") != "ok":
             knowledge = "failed"
         else:
             knowledge = "cache" if row.get("knowledge_from_cache") else "teacher"
@@ -513,7 +534,11 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
         lines.append(f"knowledge cache {cache.get('dir')}: {len(cached)} of {len(finished)} finished trials read it")
     else:
         lines.append("knowledge cache: not available in this job config; every trial ran its teacher")
-    failed = [name for name, row in rows.items() if row.get("status") != "ok"]
+    stopped = [f"{name} ({_cell(row.get('epochs'))} epochs, dev {_percent(row.get(METRIC))})"
+               for name, row in rows.items() if row.get("status") == STOPPED]
+    if stopped:
+        lines.append(f"stopped early by the scheduler: {', '.join(stopped)}")
+    failed = [name for name, row in rows.items() if row.get("status") not in ("ok", STOPPED)]
     if failed:
         lines.append(f"failed trials: {', '.join(failed)} (errors in tune_report.json)")
     return lines
@@ -695,8 +720,9 @@ def check_space(job_path: Path, base: list[str], tune_config: TuneConfig) -> Non
 
 
 def _tune_trial(sample: dict, *, job_path: str, base: list[str], secret: list[str], trials_dir: str,
-                tag: str, cwd: str) -> None:
-    """One trial: the job with the sampled overrides, run to its report; reports the metrics."""
+                tag: str, cwd: str, scheduled: bool = False) -> None:
+    """One trial: the job with the sampled overrides, run to its report; reports the metrics. ``scheduled``:
+    its dev score after each epoch goes to Tune's scheduler as well, which may end the job early."""
     from ray import tune
 
     from polydistill.cluster.driver import run_job
@@ -712,11 +738,17 @@ def _tune_trial(sample: dict, *, job_path: str, base: list[str], secret: list[st
         if config.tracking.tensorboard_dir:  # each trial's events in a folder of its own (its MLflow run: its job id)
             config = config.model_copy(update={"tracking": config.tracking.model_copy(
                 update={"tensorboard_dir": str(Path(config.tracking.tensorboard_dir) / name)})})
-        report = run_job(config, show_progress=False)
+        reporter = TrialReporter(tune.report, config.training.epochs) if scheduled else None
+        try:
+            report = run_job(config, show_progress=False, on_progress=reporter)
+        except JobStopped:
+            if reporter is not None and reporter.stopped:
+                return  # the scheduler's decision: the trial's last result (status "running") says how far it got
+            raise
         metrics = trial_metrics(report)
         if metrics["params"] is None:  # evaluation.latency: false leaves efficiency empty; size is cheap
             metrics.update(_student_size(report["student_path"]))
-        tune.report({"status": "ok", "output_dir": str(out_dir), **metrics})
+        tune.report({"status": "ok", "output_dir": str(out_dir), **metrics, **final_fields(report)})
     except Exception as exc:  # an invalid combination, a failed job: the row says why, the search goes on
         log.exception("trial %s failed", name)
         tune.report({"status": "error", "output_dir": str(out_dir), "error": f"{type(exc).__name__}: {exc}"[:4000]})
@@ -742,6 +774,11 @@ def _row_from_result(result, order: int) -> dict[str, Any]:
         row[key] = _plain(metrics.get(key))
     if "knowledge_cache" in metrics:
         row["knowledge_cache"] = json.loads(metrics["knowledge_cache"])
+    if TIME_ATTR in metrics:  # with a scheduler: the epochs trained and the dev score after the last of them
+        row["epochs"], row[METRIC] = _plain(metrics[TIME_ATTR]), _plain(metrics.get(METRIC))
+    if metrics.get("status") == RUNNING and result.error is None:
+        row["status"] = STOPPED  # by the scheduler, after row["epochs"] epochs: no final score
+        return row
     error = metrics.get("error") or (str(result.error)[:4000] if result.error is not None else None)
     if error or row["status"] != "ok":
         row["status"] = "error"
@@ -794,6 +831,9 @@ def run_tune(job_path: str | Path, tune_config: TuneConfig, output_dir: str | Pa
     test_split = config.data.eval_split
     selection = dev_selection(config)
     base = [*base, *selection.overrides]
+    if tune_config.scheduler is not None:
+        check_schedulable(config, tune_config.scheduler, tune_config.space.dimensions())
+        base = [*base, *schedule_overrides()]
     config = load_config(job_path, base)
     check_space(job_path, base, tune_config)
     out.mkdir(parents=True, exist_ok=True)
@@ -935,7 +975,14 @@ def _run_trials(job_path: Path, base: list[str], tune_config: TuneConfig, out: P
         warmup_metrics = None
         if fill_cache and tune_config.warmup:
             warmup_metrics = _warmup(job_path, base, secret, out / "warmup", f"{tag}-warmup")
-        return _search(job_path, base, secret, tune_config, out, tag, bundles), warmup_metrics
+        rows = _search(job_path, base, secret, tune_config, out, tag, bundles, config.training.epochs)
+        stopped = [f"{tag}-{row['trial']}" for row in rows if row["status"] == STOPPED]
+        if stopped and server is None:  # the search's own Redis goes with it; the user's keeps what is not removed
+            from polydistill.storage.streams import connect_job
+
+            remove_keys_of_stopped_trials(connect_job(redis_url, config.transport), stopped,
+                                          config.transport.namespace)
+        return rows, warmup_metrics
     finally:
         if server is not None:
             server.stop()
@@ -959,7 +1006,7 @@ def _warmup(job_path: Path, base: list[str], secret: list[str], out_dir: Path, j
 
 
 def _search(job_path: Path, base: list[str], secret: list[str], tune_config: TuneConfig, out: Path, tag: str,
-            bundles: list[dict[str, float]]) -> list[dict[str, Any]]:
+            bundles: list[dict[str, float]], epochs: int) -> list[dict[str, Any]]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
     # Tune's own result files (result.json, progress.csv) without its TensorBoard logger, which would
     # warn on every run that tensorboardX is not installed.
@@ -968,8 +1015,9 @@ def _search(job_path: Path, base: list[str], secret: list[str], tune_config: Tun
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search import BasicVariantGenerator
 
+    scheduled = tune_config.scheduler is not None
     trainable = tune.with_parameters(_tune_trial, job_path=str(job_path), base=base, secret=secret,
-                                     trials_dir=str(out / "trials"), tag=tag, cwd=os.getcwd())
+                                     trials_dir=str(out / "trials"), tag=tag, cwd=os.getcwd(), scheduled=scheduled)
 
     def trial_name(trial) -> str:
         return "trial_" + str(trial.trial_id).rsplit("_", 1)[-1]
@@ -982,6 +1030,7 @@ def _search(job_path: Path, base: list[str], secret: list[str], tune_config: Tun
             search_alg=BasicVariantGenerator(max_concurrent=tune_config.max_concurrent_trials,
                                              random_state=tune_config.seed),
             time_budget_s=tune_config.time_budget_s,
+            scheduler=asha_scheduler(tune_config.scheduler, epochs) if scheduled else None,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),

@@ -274,6 +274,8 @@ class StudentTrainer:
             self.state.best_validation = asdict(best)
             log.info("student %s: dev accuracy %.4f after epoch %d (best %.4f, epoch %d)", self.name, accuracy,
                      epoch, best.best_score, best.best_step)
+            if self.progress is not None:  # live: a search's scheduler (cluster/tune_schedule.py) reads it
+                self.progress({**self.progress_fields(), f"dev_accuracy_epoch_{epoch}": accuracy})
             if stop and not self.state.stopped_early:
                 self.end_early(epoch, patience)
             if self.config.training.keep_best and best.best_step == epoch:
@@ -369,9 +371,12 @@ class StudentTrainer:
         entry = {"step": self.state.step, "epoch": epoch, **{k: round(v, 5) for k, v in values.items()}}
         self.state.loss_history.append(entry)
         if self.progress is not None:
-            self.progress({"step": self.state.step, "samples": self.ledger.samples_applied, "loss": values["loss"],
-                           "batches": self.ledger.batches_applied,
-                           "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite})
+            self.progress(self.progress_fields())
+
+    def progress_fields(self) -> dict:
+        """What the student's progress hash says of it (``StudentActor`` writes it for the driver and the CLI)."""
+        return {"step": self.state.step, "samples": self.ledger.samples_applied, "loss": self.state.last_loss,
+                "batches": self.ledger.batches_applied, "steps_skipped_nonfinite": self.state.steps_skipped_nonfinite}
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self) -> None:

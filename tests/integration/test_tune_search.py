@@ -96,3 +96,28 @@ def test_two_trials_report_metrics_best_and_pareto_front(tmp_path, redis_server,
 
     # Nothing of any trial is left in the shared Redis.
     assert list(redis_client.scan_iter(match="polydistill:tune-*")) == []
+
+
+def test_asha_stops_the_trials_that_fall_behind_at_a_rung_and_leaves_nothing_in_redis(
+        tmp_path, redis_server, redis_client, local_ray):
+    # Seed 1 draws the learning rates in the order [3e-3, 1e-12, 1e-12]: the first trial learns, the two after it
+    # score the untrained student's dev accuracy after their first epoch, below the first's there, and stop.
+    search = {
+        "space": {"lr": {"choice": [3.0e-3, 1.0e-12]}},
+        "num_samples": 3, "seed": 1, "minimize": ["params"],
+        "scheduler": {"asha": {"grace_period_epochs": 1, "reduction_factor": 2}},
+        "set": ["teacher.replicas=1", "data.languages=[eng_Latn]", "data.limit_per_language=160",
+                "training.epochs=3", "training.batch_size=16", "evaluation.latency=false"],
+    }
+    result = run_tune(EXAMPLES / "tiny.yaml", validate_tune_config(search), tmp_path / "tune",
+                      [f"transport.redis_url={redis_server.url}"], show_table=False)
+
+    rows = {row["trial"]: row for row in result["trials"]}
+    learnt, *slow = rows.values()
+    assert learnt["config"]["training.lr"] == 3.0e-3 and learnt["status"] == "ok" and learnt["epochs"] == 3
+    assert [row["config"]["training.lr"] for row in slow] == [1.0e-12, 1.0e-12]
+    for row in slow:
+        assert row["status"] == "stopped" and row["epochs"] == 1 and row["dev_accuracy"] < learnt["dev_accuracy"]
+        assert row.get("accuracy") is None  # no final score: it cannot be chosen
+    assert result["best_trial"] == learnt["trial"] and result["tune_config"]["scheduler"]["asha"]["reduction_factor"] == 2
+    assert list(redis_client.scan_iter(match="polydistill:tune-*")) == []
