@@ -29,7 +29,7 @@ from polydistill.actors.pool import TeacherPoolActor
 from polydistill.actors.shells import CacheWriterActor, FeederActor, StudentActor
 from polydistill.cluster.config import ConfigError, JobConfig, StageResources, with_redis_password
 from polydistill.cluster.dead_letters import outcome_with_dead_letters, samples_dead_lettered
-from polydistill.cluster.prepare import check_student_contract, prepare_alignment_targets, prepare_student, student_dir
+from polydistill.cluster.prepare import check_student_contract, prepare_student, student_dir
 from polydistill.cluster.progress import ProgressDisplay
 from polydistill.cluster.tracking import JobTracking, tracked
 from polydistill.cluster.recovery import LongCall, StopOverdue, Supervisor
@@ -52,6 +52,7 @@ from polydistill.cluster.stopping import (
 )
 from polydistill.cluster.stages import (
     ablation_stage,
+    alignment_targets_stage,
     check_stage_resources,
     compress_stage,
     evaluate_stage,
@@ -60,8 +61,9 @@ from polydistill.cluster.stages import (
     runs_beside_actors,
     stage_result,
     submit_stage,
+    task_teachers_stage,
 )
-from polydistill.cluster.tasks import prepare_task_heads, prepare_task_teachers
+from polydistill.cluster.tasks import prepare_task_heads
 from polydistill.cluster.teachers import check_teachers
 from polydistill.storage.keys import CACHE_WRITER_GROUP, TEACHER_GROUP, JobKeys
 from polydistill.storage.ownership import JobOwnership, delete_job_keys
@@ -123,7 +125,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             teacher_dir = teacher_dirs["teacher"]
             check_teachers(config, teacher_dirs, train)
             stage_seconds["prepare_teacher"] = _lap(started, stage_seconds)
-            task_teachers = prepare_task_teachers(config, out_dir, teacher_dir) if config.extra_tasks else {}
+            task_teachers = (_stage("prepare_task_teachers", placement, task_teachers_stage, safe, out_dir, teacher_dir,
+                                    show_progress, resources=config.finetune_resources)
+                             if config.extra_tasks else {})
             student_init_dir, student_info = prepare_student(config, teacher_dir, out_dir, train)
             check_student_contract(config, teacher_dir, student_init_dir)
             if task_teachers:
@@ -133,7 +137,9 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                 extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
                 check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
             stage_seconds["prepare_student"] = _lap(started, stage_seconds)
-            if prepare_alignment_targets(config, teacher_dir, out_dir, train) is not None:
+            if config.distill.align_language is not None:  # the teacher's embeddings of one language's rows
+                _stage("alignment_targets", placement, alignment_targets_stage, safe, teacher_dir, out_dir,
+                       resources=config.finetune_resources)
                 stage_seconds["alignment_targets"] = _lap(started, stage_seconds)
             log.info("job %s: redis %s", config.resolved_job_id, redis_service.url)
             # The hard-label ablation needs no teacher, so it trains beside the pipeline on one thread

@@ -236,7 +236,8 @@ def _texts(split: JobSplit) -> list[str]:
     return columns["text"][:] + (columns["pair"][:] if "pair" in split.dataset.column_names else [])
 
 
-def prepare_alignment_targets(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit) -> Path | None:
+def prepare_alignment_targets(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit,
+                              device: torch.device = CPU) -> Path | None:
     """With ``distill.align_language``: the teacher's embedding of every training sentence in that language,
     saved where the feeder reads it (storage/alignment.py). One pass over one language's rows, a small
     share of a teacher epoch (701 of 16,824 rows on SIB-200)."""
@@ -249,7 +250,7 @@ def prepare_alignment_targets(config: JobConfig, teacher_dir: Path, out_dir: Pat
     pivot = train.dataset.select(rows)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     tokens = tokenize_split(pivot, tokenizer, config.data.max_length)
-    encoder = AutoModel.from_pretrained(teacher_dir)  # the classifier's encoder, without its head
+    encoder = AutoModel.from_pretrained(teacher_dir).to(device)  # the classifier's encoder, without its head
     vectors = embed(encoder, tokens.token_ids, pad_token_id(tokenizer)).astype("float16")
     table = AlignmentTable(language=language, index_ids=row_index_ids(pivot), vectors=vectors)
     path = table.save(out_dir)

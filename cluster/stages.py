@@ -1,8 +1,9 @@
 """The heavy stages of a job as Ray tasks, so that the driver only orchestrates.
 
 On a cluster the driver lives on the head node, which ``ray_cluster.yaml`` keeps free of work: preparing
-the teacher (fine-tuning it, the teacher gate), the hard-label ablations, the evaluation of every model
-and compression each run as a Ray task that asks for the resources the config names
+the teacher (fine-tuning it, the teacher gate), the extra tasks' teachers, the teacher's alignment targets
+(``distill.align_language``), the hard-label ablations, the evaluation of every model and compression each
+run as a Ray task that asks for the resources the config names
 (``JobConfig.finetune_resources``: the teacher replicas' by default; ``JobConfig.evaluation_resources``:
 the student's), on the GPU Ray gives the task when it asks for one (student/devices.py), with as many
 torch threads as ``threads`` says (every core of its node by default, as in one process before).
@@ -151,6 +152,21 @@ def prepare_teachers_stage(config: JobConfig, out_dir: Path, train: JobSplit, sh
     from polydistill.cluster.teachers import prepare_teachers
 
     return prepare_teachers(config, out_dir, train, show_progress, device)
+
+
+def task_teachers_stage(config: JobConfig, out_dir: Path, main_teacher_dir: Path, show_progress: bool, *,
+                        device, threads: int) -> dict[str, tuple[Path, JobSplit]]:
+    from polydistill.cluster.tasks import prepare_task_teachers
+
+    return prepare_task_teachers(config, out_dir, main_teacher_dir, show_progress, device)
+
+
+def alignment_targets_stage(config: JobConfig, teacher_dir: Path, out_dir: Path, *, device,
+                            threads: int) -> Path | None:
+    from polydistill.cluster.prepare import prepare_alignment_targets
+
+    train = load_job_split(config.data, config.data.train_split)
+    return prepare_alignment_targets(config, teacher_dir, out_dir, train, device)
 
 
 def ablation_stage(config: JobConfig, student_init_dir: str, out_dir: str, *, device, threads: int) -> str:

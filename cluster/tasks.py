@@ -1,6 +1,7 @@
 """Multi-task jobs (``extra_tasks``): one student encoder, a head per task, a teacher per task.
 
-Before anything starts: every extra task's teacher is prepared (built, fine-tuned or loaded) and
+Before anything starts: every extra task's teacher is prepared (built, fine-tuned or loaded; a Ray task
+with the teacher's stage resources, cluster/stages.py) and
 must read the main teacher's token ids (the student reads them all through one embedding); the
 student's head for each task is made on a copy of the student's initial encoder and saved under
 ``student_init/tasks/<task>``, so that a restarted student starts every head from the same point.
@@ -23,10 +24,12 @@ from polydistill.cluster.teachers import reading_main_ids, same_tokenizer
 from polydistill.storage.job_data import JobSplit, load_job_split
 from polydistill.student.build import TASKS_FOLDER, label_maps, model_class, task_folder
 from polydistill.student.contract import ContractError, check_contract, save_teacher_config
+from polydistill.student.devices import CPU
 
 
-def prepare_task_teachers(config: JobConfig, out_dir: Path, main_teacher_dir: Path) -> dict[str, tuple[Path, JobSplit]]:
-    """Each extra task's teacher folder and training split."""
+def prepare_task_teachers(config: JobConfig, out_dir: Path, main_teacher_dir: Path, show_progress: bool = True,
+                          device: torch.device = CPU) -> dict[str, tuple[Path, JobSplit]]:
+    """Each extra task's teacher folder and training split (fine-tuned, where its config asks, on ``device``)."""
     main_vocab = AutoTokenizer.from_pretrained(main_teacher_dir).get_vocab()
     prepared: dict[str, tuple[Path, JobSplit]] = {}
     for index, section in enumerate(config.extra_tasks):
@@ -34,7 +37,7 @@ def prepare_task_teachers(config: JobConfig, out_dir: Path, main_teacher_dir: Pa
         train = load_job_split(seen_as.data, seen_as.data.train_split)
         # The student reads every task's token ids through one embedding.
         seen_as = reading_main_ids(seen_as, main_teacher_dir, index + 1)
-        teacher_dir = prepare_teacher(seen_as, out_dir / TASKS_FOLDER / section.name, train)
+        teacher_dir = prepare_teacher(seen_as, out_dir / TASKS_FOLDER / section.name, train, show_progress, device)
         if not same_tokenizer(teacher_dir, main_vocab):
             raise ContractError(
                 f"extra_tasks[{index}].teacher ({section.name}) has another tokenizer than the main teacher: the "

@@ -37,6 +37,8 @@ def test_multitask_example(tmp_path, redis_server, redis_client, local_ray):
     assert tasks["tagging"]["metric"] == "word tagging accuracy" and "fra" in tasks["tagging"]["per_language"]
     assert tasks["embedding"]["metric"] == "bitext retrieval accuracy"
     assert "## Task tagging" in (tmp_path / "out" / "report.md").read_text()
+    # The extra tasks' teachers were prepared in a stage of their own, not in the driver.
+    assert {"prepare_teacher", "prepare_task_teachers", "evaluate"} <= set(report["stage_placement"])
 
     student = Path(report["student_path"])
     main = AutoModelForSequenceClassification.from_pretrained(student)

@@ -59,3 +59,4 @@ def test_token_level_knowledge_across_tokenizers_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="distill.hidden_weight"):
         tiny_config(tmp_path, "redis://127.0.0.1:1/0", "student.tokenizer=bert-base-multilingual-cased",
                     "distill.hidden_layers=uniform", "distill.hidden_weight=1")
+
