@@ -61,11 +61,17 @@ def finetune_recipe(config: JobConfig, source: str, splits: TeacherSplits) -> di
         "batch_size": training.batch_size,
         "weight_decay": training.weight_decay,
         "seed": training.seed,
+        "head_seed": head_seed(training.seed),  # absent from the key of teachers whose head was drawn unseeded
         "precision": training.precision,
         "max_length": config.data.max_length,
         "train_rows": content_hash(splits.train),
         "dev_rows": content_hash(splits.dev),
     }
+
+
+def head_seed(seed: int) -> int:
+    """The seed of a fine-tuned teacher's new classification head."""
+    return seed + 1
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -101,6 +107,9 @@ def finetune_teacher(config: JobConfig, source: str, splits: TeacherSplits, out_
     teacher, training = config.teacher, config.training
     label_names = splits.train.label_names
     tokenizer = AutoTokenizer.from_pretrained(source)
+    # The new classification head is drawn from torch's global generator: seeded here, the fine-tuned weights are
+    # the recipe's alone, not those of whatever ran before in this process (a stage's worker or the driver).
+    torch.manual_seed(head_seed(training.seed))
     model = model_class(config.task).from_pretrained(source, **label_maps(label_names)).to(device)
     # Frozen input embeddings: for a 250k-piece vocabulary they are most of the parameters, and
     # a few thousand labelled sentences cannot improve them; it also shrinks the optimiser state.

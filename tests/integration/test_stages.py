@@ -64,3 +64,35 @@ def test_a_stage_logs_at_the_drivers_level(capfd):
         logger.setLevel(saved[0])
         logger.handlers[:] = saved[1]
         logger.propagate = saved[2]
+
+
+def _finetune(config, source: str, splits, out_dir, *, device, threads: int) -> dict:
+    from polydistill.student.finetune import finetune_teacher
+
+    return finetune_teacher(config, source, splits, out_dir, show_progress=False, device=device)
+
+
+@pytest.mark.slow
+def test_fine_tuning_in_a_stage_gives_the_weights_it_gives_in_the_driver(tmp_path, local_ray):
+    """The stage move changes where the teacher is fine-tuned, not what comes out: the same recipe, on the same
+    machine and threads, gives bit-identical weights in a Ray task and in the driver's own process, whatever
+    the driver did with torch's generator before."""
+    import torch
+    from safetensors.torch import load_file
+
+    from polydistill.storage.job_data import load_job_split
+    from polydistill.storage.teacher_splits import teacher_splits
+    from tests.unit.test_finetune_cache import job, tiny_teacher, write_data
+
+    config = job(write_data(tmp_path / "data"), teacher={"finetune_epochs": 1, "finetune_lr": 1e-3}, max_length=16)
+    splits = teacher_splits(config.data, load_job_split(config.data, config.data.train_split))
+    source = tiny_teacher(splits.train, tmp_path / "pretrained", encoder_only=True)  # a new head is drawn
+    threads = 2
+    run_stage("finetune", _finetune, config, str(source), splits, tmp_path / "in-stage",
+              resources=StageResources(num_cpus=1, threads=threads))
+    torch.set_num_threads(threads)
+    torch.rand(1000)  # the driver's generator, moved on by whatever ran before
+    _finetune(config, str(source), splits, tmp_path / "in-driver", device=torch.device("cpu"), threads=threads)
+    in_stage, in_driver = (load_file(tmp_path / where / "model.safetensors") for where in ("in-stage", "in-driver"))
+    assert in_stage.keys() == in_driver.keys()
+    assert all(torch.equal(in_stage[name], in_driver[name]) for name in in_stage)

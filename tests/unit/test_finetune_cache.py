@@ -39,6 +39,23 @@ def job(data_path: Path, *, teacher: dict | None = None, **data) -> JobConfig:
     })
 
 
+def tiny_teacher(train, folder: Path, encoder_only: bool = False) -> Path:
+    """A small random BERT with a tokenizer trained on the rows: a stand-in for a pretrained checkpoint
+    (``encoder_only``: without a classification head, as pretrained encoders come)."""
+    tiny = TeacherConfig(model="random", vocab_size=100, config={
+        "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32})
+    materialize_random_teacher(tiny, train.label_names, train.dataset["text"], folder, seed=0)
+    if encoder_only:
+        from transformers import AutoModel, AutoTokenizer
+
+        encoder = folder.with_name(folder.name + "-encoder")
+        AutoModel.from_pretrained(folder).save_pretrained(encoder)
+        AutoTokenizer.from_pretrained(folder).save_pretrained(encoder)
+        return encoder
+    return folder
+
+
 def key(config: JobConfig, source: str = "some/teacher") -> str:
     train = load_job_split(config.data, config.data.train_split)
     return recipe_digest(finetune_recipe(config, source, teacher_splits(config.data, train)))
@@ -89,11 +106,7 @@ def test_fine_tuning_records_its_dev_curve_and_a_second_run_reuses_it(data, tmp_
     config = job(data, teacher={"finetune_epochs": 3, "finetune_eval_every": 0.5, "finetune_patience": 2,
                                 "finetune_lr": 1e-3}, max_length=16)
     train = load_job_split(config.data, config.data.train_split)
-    source = tmp_path / "pretrained"
-    tiny = TeacherConfig(model="random", vocab_size=100, config={
-        "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 32, "max_position_embeddings": 32})
-    materialize_random_teacher(tiny, train.label_names, train.dataset["text"], source, seed=0)
+    source = tiny_teacher(train, tmp_path / "pretrained")
     splits = teacher_splits(config.data, train)
     teacher_dir, record = ensure_finetuned_teacher(config, str(source), splits, tmp_path / "cache", show_progress=False)
     # 72 training rows, batch 8: 9 steps an epoch, scored every round(4.5) = 4 steps and at step 27, the last.
@@ -113,3 +126,17 @@ def test_fine_tuning_records_its_dev_curve_and_a_second_run_reuses_it(data, tmp_
     monkeypatch.setattr(finetune, "finetune_teacher", must_not_train)
     again, reused = ensure_finetuned_teacher(config, str(source), splits, tmp_path / "cache", show_progress=False)
     assert again == teacher_dir and reused == {**record, "reused": True}
+
+
+def test_the_fine_tuned_weights_are_the_recipes_whatever_ran_before_in_the_process(data, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    config = job(data, teacher={"finetune_epochs": 1, "finetune_lr": 1e-3}, max_length=16)
+    splits = teacher_splits(config.data, load_job_split(config.data, config.data.train_split))
+    source = tiny_teacher(splits.train, tmp_path / "pretrained", encoder_only=True)  # a new head is drawn
+    for run, draws in (("first", 0), ("second", 1000)):
+        torch.rand(draws)  # another caller's use of torch's generator before fine-tuning
+        finetune.finetune_teacher(config, str(source), splits, tmp_path / run, show_progress=False)
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("first", "second"))
+    assert all(torch.equal(first[name], second[name]) for name in first)
