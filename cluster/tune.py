@@ -78,7 +78,7 @@ from polydistill.cluster.tune_schedule import (
     asha_scheduler,
     check_schedulable,
     final_fields,
-    remove_keys_of_stopped_trials,
+    stopped_trial_sweeper,
 )
 from polydistill.cluster.tune_schedule import trial_overrides as schedule_overrides  # noqa: I001 (a second name)
 
@@ -537,7 +537,7 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
     stopped = [f"{name} ({_cell(row.get('epochs'))} epochs, dev {_percent(row.get(METRIC))})"
                for name, row in rows.items() if row.get("status") == STOPPED]
     if stopped:
-        lines.append(f"stopped early by the scheduler: {', '.join(stopped)}")
+        lines.append(f"stopped before their last epoch (the scheduler, or the time budget): {', '.join(stopped)}")
     failed = [name for name, row in rows.items() if row.get("status") not in ("ok", STOPPED)]
     if failed:
         lines.append(f"failed trials: {', '.join(failed)} (errors in tune_report.json)")
@@ -975,14 +975,7 @@ def _run_trials(job_path: Path, base: list[str], tune_config: TuneConfig, out: P
         warmup_metrics = None
         if fill_cache and tune_config.warmup:
             warmup_metrics = _warmup(job_path, base, secret, out / "warmup", f"{tag}-warmup")
-        rows = _search(job_path, base, secret, tune_config, out, tag, bundles, config.training.epochs)
-        stopped = [f"{tag}-{row['trial']}" for row in rows if row["status"] == STOPPED]
-        if stopped and server is None:  # the search's own Redis goes with it; the user's keeps what is not removed
-            from polydistill.storage.streams import connect_job
-
-            remove_keys_of_stopped_trials(connect_job(redis_url, config.transport), stopped,
-                                          config.transport.namespace)
-        return rows, warmup_metrics
+        return _search(job_path, base, secret, tune_config, out, tag, bundles, config, redis_url), warmup_metrics
     finally:
         if server is not None:
             server.stop()
@@ -990,6 +983,14 @@ def _run_trials(job_path: Path, base: list[str], tune_config: TuneConfig, out: P
             import ray
 
             ray.shutdown()
+
+
+def _redis_client(config: JobConfig, redis_url: str):
+    """A client of the search's Redis with the job's password (read where this runs, never from the report)."""
+    from polydistill.cluster.config import with_redis_password
+    from polydistill.storage.streams import connect_job
+
+    return connect_job(redis_url, with_redis_password(config).transport)
 
 
 def _warmup(job_path: Path, base: list[str], secret: list[str], out_dir: Path, job_id: str) -> dict[str, Any]:
@@ -1006,7 +1007,7 @@ def _warmup(job_path: Path, base: list[str], secret: list[str], out_dir: Path, j
 
 
 def _search(job_path: Path, base: list[str], secret: list[str], tune_config: TuneConfig, out: Path, tag: str,
-            bundles: list[dict[str, float]], epochs: int) -> list[dict[str, Any]]:
+            bundles: list[dict[str, float]], config: JobConfig, redis_url: str) -> list[dict[str, Any]]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
     # Tune's own result files (result.json, progress.csv) without its TensorBoard logger, which would
     # warn on every run that tensorboardX is not installed.
@@ -1015,12 +1016,21 @@ def _search(job_path: Path, base: list[str], secret: list[str], tune_config: Tun
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search import BasicVariantGenerator
 
-    scheduled = tune_config.scheduler is not None
-    trainable = tune.with_parameters(_tune_trial, job_path=str(job_path), base=base, secret=secret,
-                                     trials_dir=str(out / "trials"), tag=tag, cwd=os.getcwd(), scheduled=scheduled)
-
     def trial_name(trial) -> str:
         return "trial_" + str(trial.trial_id).rsplit("_", 1)[-1]
+
+    scheduled = tune_config.scheduler is not None
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
+    sweeper = None
+    if scheduled:
+        # A trial that fails reports no dev score; ASHA skips such a result, but Tune's strict check would end
+        # the whole search on it.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        sweeper = stopped_trial_sweeper(lambda: _redis_client(config, redis_url),
+                                        lambda trial: f"{tag}-{trial_name(trial)}", config.transport.namespace)
+        callbacks.append(sweeper)
+    trainable = tune.with_parameters(_tune_trial, job_path=str(job_path), base=base, secret=secret,
+                                     trials_dir=str(out / "trials"), tag=tag, cwd=os.getcwd(), scheduled=scheduled)
 
     tuner = tune.Tuner(
         tune.with_resources(trainable, tune.PlacementGroupFactory(bundles, strategy="PACK")),
@@ -1030,15 +1040,17 @@ def _search(job_path: Path, base: list[str], secret: list[str], tune_config: Tun
             search_alg=BasicVariantGenerator(max_concurrent=tune_config.max_concurrent_trials,
                                              random_state=tune_config.seed),
             time_budget_s=tune_config.time_budget_s,
-            scheduler=asha_scheduler(tune_config.scheduler, epochs) if scheduled else None,
+            scheduler=asha_scheduler(tune_config.scheduler, config.training.epochs) if scheduled else None,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(name=f"search-{tag}", storage_path=str(out / "ray_tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
+                                  callbacks=callbacks),
     )
     grid = tuner.fit()
+    if sweeper is not None:
+        sweeper.join()
     rows = [_row_from_result(result, order) for order, result in enumerate(grid)]
     return sorted(rows, key=lambda row: row["trial"])
 

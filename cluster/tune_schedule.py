@@ -151,3 +151,39 @@ def remove_keys_of_stopped_trials(client, job_ids: Iterable[str], namespace: str
     for job_id in left:
         log.warning("the keys of stopped trial job %s are still held; they go when its lease runs out", job_id)
     return left
+
+
+def stopped_trial_sweeper(connect: Callable[[], Any], job_id_of: Callable[[Any], str], namespace: str):
+    """A Tune callback that, as each trial stopped before its end completes, removes its job's keys in a
+    thread of the search's process once the job's lease has run out: Tune ends a stopped trial's process
+    about as soon as the job begins to end, often before the job removed its keys, and on a long search
+    the streams left behind would fill the Redis the other trials share. ``join`` waits for the sweeps."""
+    import threading
+
+    import redis
+    from ray.tune import Callback
+
+    class StoppedTrialSweeper(Callback):
+        def __init__(self):
+            self.threads: list[threading.Thread] = []
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if (trial.last_result or {}).get("status") != RUNNING:
+                return
+            thread = threading.Thread(target=self._sweep, args=(job_id_of(trial),), daemon=True,
+                                      name="polydistill-sweep")
+            thread.start()
+            self.threads.append(thread)
+
+        def _sweep(self, job_id: str) -> None:
+            try:
+                remove_keys_of_stopped_trials(connect(), [job_id], namespace)
+            except redis.RedisError as exc:  # the search's result matters more than a leftover key
+                log.warning("could not remove the keys of stopped trial job %s: %s", job_id, exc)
+
+        def join(self, timeout_s: float = 2 * LEASE_S + 10) -> None:
+            deadline = time.monotonic() + timeout_s
+            for thread in self.threads:
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
+    return StoppedTrialSweeper()

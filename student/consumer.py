@@ -130,6 +130,15 @@ class ChunkBuffer:
         held = self.held.get(key)
         return (*(held.entry_ids if held is not None else ()), *self.given_up.get(key, ()))
 
+    def past_end(self, last_epoch: int) -> tuple["ChunkBuffer", tuple]:
+        """The buffer without the batches of epochs after ``last_epoch`` (the plan ended early), and their entries."""
+        keys = [key for key in {**self.held, **self.given_up} if key[0] > last_epoch]
+        buffer, entries = self, ()
+        for key in keys:
+            entries += buffer.entries_of(key)
+            buffer = buffer.without(key)
+        return buffer, entries
+
     def giving_up(self, key: BatchKey) -> "ChunkBuffer":
         batch = self.held[key]
         rest = {other: kept for other, kept in self.held.items() if other != key}
@@ -513,9 +522,15 @@ class KnowledgeConsumer:
             return self.ledger.missing()
 
     def end_after(self, epoch: int) -> int:
-        """Early stopping: the plan ends with ``epoch`` (``EpochLedger.end_after``); the last epoch kept."""
+        """Early stopping: the plan ends with ``epoch`` (``EpochLedger.end_after``); chunks held of later epochs
+        are acknowledged and let go (counted past the end). Returns the last epoch kept."""
         with self._ledger_lock:
-            return self.ledger.end_after(epoch)
+            last = self.ledger.end_after(epoch)
+            self.buffer, entries = self.buffer.past_end(last)
+            if entries:
+                self.ledger.count_past_end()
+        self.acknowledge(entries)
+        return last
 
     def ledger_state(self) -> dict:
         with self._ledger_lock:

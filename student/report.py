@@ -618,8 +618,9 @@ def format_validation_table(report: Mapping) -> str:
 def early_stopping_lines(report: Mapping) -> str:
     """training.patience: one line per student that stopped before its planned epochs."""
     students = {"student": report, **{name: section for name, section in (report.get("extra_students") or {}).items()}}
-    lines = [f"- {name} stopped early: no new best dev score in {stopped['patience']} epochs after epoch "
+    lines = [f"- {name} stopped early: no new best dev score in the {stopped['patience']} epoch(s) up to epoch "
              f"{stopped['after_epoch'] + 1}; trained {stopped['last_epoch'] + 1} of {report['epochs']} planned epochs"
+             + (" (the epoch under way was finished)" if stopped["last_epoch"] > stopped["after_epoch"] else "")
              for name, section in students.items() if (stopped := section.get("stopped_early"))]
     return "\n\n" + "\n".join(lines) if lines else ""
 

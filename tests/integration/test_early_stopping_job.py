@@ -45,7 +45,7 @@ def test_a_student_whose_dev_score_stops_improving_ends_early_with_exact_account
     assert report["batches_missing"] == 0 and report["duplicates_dropped"] == 0
     assert [score["epoch"] for score in report["validation"]] == list(range(trained))
     assert report["kept_epoch"] == 0
-    assert "student stopped early: no new best dev score in 1 epochs after epoch 2" in (
+    assert "student stopped early: no new best dev score in the 1 epoch(s) up to epoch 2" in (
         tmp_path / "out" / "report.md").read_text()
 
     assert report["knowledge_cache"]["writer"]["sealed"]

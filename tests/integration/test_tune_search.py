@@ -121,3 +121,17 @@ def test_asha_stops_the_trials_that_fall_behind_at_a_rung_and_leaves_nothing_in_
         assert row.get("accuracy") is None  # no final score: it cannot be chosen
     assert result["best_trial"] == learnt["trial"] and result["tune_config"]["scheduler"]["asha"]["reduction_factor"] == 2
     assert list(redis_client.scan_iter(match="polydistill:tune-*")) == []
+
+
+def test_under_asha_a_failing_trial_is_a_row_and_the_search_goes_on(tmp_path, local_ray):
+    # The failing trial's result carries no dev score, which Tune's strict metric check would end the search on.
+    search = {
+        "space": {"more": {"student.config.num_attention_heads": {"choice": [3]}}},
+        "num_samples": 1, "scheduler": {"asha": {"grace_period_epochs": 1, "reduction_factor": 2}},
+        "set": ["teacher.replicas=1", "data.languages=[eng_Latn]", "data.limit_per_language=64",
+                "training.epochs=2", "training.batch_size=16", "evaluation.latency=false"],
+    }
+    result = run_tune(EXAMPLES / "tiny.yaml", validate_tune_config(search), tmp_path / "tune", show_table=False)
+    [row] = result["trials"]
+    assert row["status"] == "error" and "not divisible by num_attention_heads 3" in row["error"]
+    assert result["best_trial"] is None and (tmp_path / "tune" / REPORT_JSON).is_file()

@@ -188,6 +188,13 @@ def test_a_batch_past_the_end_of_a_shortened_plan_is_dropped_with_the_chunks_hel
     assert got == PastEnd(("e", "c1")) and kept == EMPTY
 
 
+def test_chunks_held_of_epochs_past_a_shortened_plan_are_let_go_with_their_entries():
+    buffer = ChunkBuffer({(0, 1): held_batch({1: "a1"}), (2, 1): held_batch({1: "c1"})}, {(3, 0): ("d1", "d2")})
+    kept, entries = buffer.past_end(1)
+    assert set(kept.held) == {(0, 1)} and kept.given_up == {} and sorted(entries) == ["c1", "d1", "d2"]
+    assert buffer.past_end(3) == (buffer, ())
+
+
 def test_decide_leaves_its_inputs_as_they_were():
     ledger, before = EpochLedger(batches_per_epoch=4, epochs=1), held({1: "c1"})
     decide("c2", chunk(2), 10, job_id=JOB, ledger=ledger, buffer=before, now=NOW, limits=LIMITS)

@@ -106,5 +106,6 @@ def test_a_trial_the_scheduler_stopped_reads_as_stopped_not_failed():
     assert crashed["status"] == "error"
     result = {"trials": [row], "searched": ["training.lr"], "metric": "accuracy"}
     assert "stopped after 1 epoch(s)" in format_tune_table(result)
-    assert "stopped early by the scheduler: trial_00001 (1 epochs, dev 20.0%)" in summary_lines(result)
+    assert ("stopped before their last epoch (the scheduler, or the time budget): trial_00001 (1 epochs, dev 20.0%)"
+            in summary_lines(result))
     assert not any(line.startswith("failed trials") for line in summary_lines(result))

@@ -61,8 +61,10 @@ def test_early_stopping_is_refused_where_it_cannot_stop_every_worker():
 def test_the_report_says_which_students_stopped_early_and_after_which_epoch():
     report = {"epochs": 5, "stopped_early": {"after_epoch": 2, "patience": 2, "last_epoch": 2},
               "extra_students": {"tiny": {"stopped_early": None}}}
-    assert early_stopping_lines(report) == ("\n\n- student stopped early: no new best dev score in 2 epochs after "
-                                            "epoch 3; trained 3 of 5 planned epochs")
+    assert early_stopping_lines(report) == ("\n\n- student stopped early: no new best dev score in the 2 epoch(s) up "
+                                            "to epoch 3; trained 3 of 5 planned epochs")
+    report["stopped_early"]["last_epoch"] = 3
+    assert early_stopping_lines(report).endswith("trained 4 of 5 planned epochs (the epoch under way was finished)")
     assert early_stopping_lines({"epochs": 2}) == ""
 
 
