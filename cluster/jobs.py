@@ -70,6 +70,7 @@ from polydistill.storage.keys import (
     TEACHER_GROUP,
     TEACHER_STARTED,
     JobKeys,
+    dev_accuracies,
     parse_teacher_metric_field,
 )
 from polydistill.storage.streams import connect
@@ -366,6 +367,7 @@ def read_progress(client, keys: JobKeys) -> dict | None:
         "samples_per_epoch": per_epoch,
         "step": int(float(text.get("step", 0))),
         "loss": float(text["loss"]) if "loss" in text else None,
+        "dev_accuracy": dev_accuracies(text),  # [(epochs done, accuracy)], with training.validate_each_epoch
         "samples_per_s": float(text["samples_per_s"]) if "samples_per_s" in text else None,
         "teachers_wanted": int(pool[METRIC_TEACHERS_WANTED]) if METRIC_TEACHERS_WANTED in pool else None,
         "teachers_running": int(pool[METRIC_TEACHERS_RUNNING]) if METRIC_TEACHERS_RUNNING in pool else None,
@@ -416,6 +418,9 @@ def format_status(result: dict) -> str:
     rate = f"{progress['samples_per_s']:.1f} samples/s" if progress["samples_per_s"] is not None else "rate unknown"
     loss = f"loss {progress['loss']:.4f}" if progress["loss"] is not None else "no loss yet"
     lines.append(f"  student: {progress['samples']} samples ({epochs or 'none yet'}), step {progress['step']}, {loss}, {rate}")
+    if progress.get("dev_accuracy"):
+        scored = ", ".join(f"{accuracy:.1%} after epoch {epochs}" for epochs, accuracy in progress["dev_accuracy"])
+        lines.append(f"  dev accuracy: {scored}")
     override = f", manual override {progress['teachers_override']}" if progress["teachers_override"] is not None else ""
     lines.append(f"  teachers: {progress['teachers_running']} running / {progress['teachers_wanted']} wanted{override}"
                  f" ({progress['pool_reason'] or 'no decision yet'})")

@@ -20,7 +20,6 @@ unread until the chosen trial is scored on it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from polydistill.cluster.config import ConfigError, JobConfig
 from polydistill.cluster.stopping import EndNow
-from polydistill.storage.keys import JobKeys
+from polydistill.storage.keys import JobKeys, dev_accuracies
 from polydistill.storage.ownership import LEASE_S, OwnershipLost, delete_job_keys
 
 log = logging.getLogger(__name__)
@@ -85,22 +84,6 @@ def asha_scheduler(settings: SchedulerSettings, epochs: int):
                          reduction_factor=settings.asha.reduction_factor, stop_last_trials=False)
 
 
-def dev_scores(progress: Mapping[str, str]) -> list[tuple[int, float]]:
-    """(epochs done, dev accuracy then) for each epoch scored so far, in order, from a student's progress hash
-    (``dev_accuracy_epoch_<e>`` fields: the driver reads the hash now and then, and may see several new ones)."""
-    scores = []
-    for key, value in progress.items():
-        if not key.startswith(DEV_FIELD):
-            continue
-        try:
-            epoch, accuracy = int(key[len(DEV_FIELD):]), float(value)
-        except ValueError:
-            continue
-        if math.isfinite(accuracy):
-            scores.append((epoch + 1, accuracy))
-    return sorted(scores)
-
-
 class TrialReporter:
     """The trial's ``on_progress`` listener: reports each new dev score to Tune, in epoch order (not the last
     epoch's, which comes with the final result). Tune answers a stop with SystemExit inside the report; the
@@ -113,7 +96,7 @@ class TrialReporter:
         self.stopped = False
 
     def __call__(self, progress: Mapping[str, str]) -> None:
-        for epochs, accuracy in dev_scores(progress):
+        for epochs, accuracy in dev_accuracies(progress):
             if epochs <= self.epochs or epochs >= self.planned_epochs:
                 continue
             self.epochs = epochs

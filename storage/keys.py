@@ -7,8 +7,9 @@ pattern then silently misses keys.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +39,7 @@ METRIC_TEACHERS_RUNNING = "teachers_running"
 METRIC_POOL_REASON = "pool_reason"  # why the pool has the size it has (the policy's explanation)
 TEACHER_COUNTERS = ("batches", "samples", "busy_seconds")  # per replica, incremented with each batch
 TEACHER_STARTED = "started_at"  # per replica: wall time its serve loop began (it is loaded and ready)
+DEV_ACCURACY_PREFIX = "dev_accuracy_epoch_"  # + epoch: the student's dev score after it, in the progress hash
 
 
 def replica_stop_field(replica_id: str) -> str:
@@ -58,6 +60,27 @@ def parse_teacher_metric_field(field: str) -> tuple[str, str] | None:
     if len(parts) == 3 and parts[0] == "teacher" and parts[2] in (*TEACHER_COUNTERS, TEACHER_STARTED):
         return parts[1], parts[2]
     return None
+
+
+def dev_accuracy_field(epoch: int) -> str:
+    """Progress-hash field of the student's dev accuracy after ``epoch`` (training.validate_each_epoch)."""
+    return f"{DEV_ACCURACY_PREFIX}{int(epoch)}"
+
+
+def dev_accuracies(progress: Mapping[str, str]) -> list[tuple[int, float]]:
+    """(epochs done, dev accuracy after the last of them) for each ``dev_accuracy_field`` of a progress hash,
+    in epoch order; fields that do not parse, or hold no finite number, are left out."""
+    scores = []
+    for field, value in progress.items():
+        if not field.startswith(DEV_ACCURACY_PREFIX):
+            continue
+        try:
+            epoch, accuracy = int(field[len(DEV_ACCURACY_PREFIX):]), float(value)
+        except ValueError:
+            continue
+        if math.isfinite(accuracy):
+            scores.append((epoch + 1, accuracy))
+    return sorted(scores)
 
 
 def _check_name(value: object, what: str) -> str:

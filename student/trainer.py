@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from polydistill.cluster.config import JobConfig
 from polydistill.storage import wire
-from polydistill.storage.keys import JobKeys
+from polydistill.storage.keys import JobKeys, dev_accuracy_field
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import Entry, JobStreams, connect_job
 from polydistill.student.build import task_folder
@@ -275,7 +275,7 @@ class StudentTrainer:
             log.info("student %s: dev accuracy %.4f after epoch %d (best %.4f, epoch %d)", self.name, accuracy,
                      epoch, best.best_score, best.best_step)
             if self.progress is not None:  # live: a search's scheduler (cluster/tune_schedule.py) reads it
-                self.progress({**self.progress_fields(), f"dev_accuracy_epoch_{epoch}": accuracy})
+                self.progress({**self.progress_fields(), dev_accuracy_field(epoch): accuracy})
             if stop and not self.state.stopped_early:
                 self.end_early(epoch, patience)
             if self.config.training.keep_best and best.best_step == epoch:

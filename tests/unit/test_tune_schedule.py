@@ -15,9 +15,9 @@ from polydistill.cluster.tune_schedule import (
     TrialReporter,
     asha_scheduler,
     check_schedulable,
-    dev_scores,
     final_fields,
 )
+from polydistill.storage.keys import dev_accuracies
 
 ASHA = SchedulerSettings(asha={"grace_period_epochs": 1, "reduction_factor": 2})
 
@@ -29,7 +29,7 @@ ASHA = SchedulerSettings(asha={"grace_period_epochs": 1, "reduction_factor": 2})
     ({"dev_accuracy_epoch_0": "nan", "dev_accuracy_epoch_x": "0.7", "dev_accuracy_epoch_2": "?"}, []),
 ])
 def test_the_dev_scores_are_read_from_the_progress_hash_in_epoch_order(progress, seen):
-    assert dev_scores(progress) == seen
+    assert dev_accuracies(progress) == seen
 
 
 def test_each_new_dev_score_is_reported_once_in_order_but_not_the_last_epochs():
