@@ -74,6 +74,7 @@ from polydistill.storage.job_data import has_own_split, load_job_split
 from polydistill.student.token_inputs import check_students_read_alike
 from polydistill.student.metrics import ablation_name
 from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
+from polydistill.student.evaluate import ablation_validation
 from polydistill.student.teacher_gate import read_teacher_record
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
                     ablation_dirs[name] = Path(folder)
                     placement[name] = where.as_dict()
                 stage_seconds["ablation_after_distill"] = _lap(started, stage_seconds)
+                if curves := ablation_validation(ablation_dirs):
+                    report["ablation_validation"] = curves
             report["status"] = outcome
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             report["student_init"] = student_info

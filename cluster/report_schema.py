@@ -165,6 +165,9 @@ class Report(BaseModel):
     # per_language}); kept_epoch: the epoch training.keep_best saved as the student (null: the last one).
     validation: list[Section] = []
     kept_epoch: int | None = None
+    # The same for each hard-label ablation that scored dev: {name: {curve: [{step, epoch, accuracy, per_language}],
+    # kept_step, stopped_early}}.
+    ablation_validation: dict[str, Section] = {}
     wire_bytes_per_sample: float | None = None
     # What the student holds once a message is decoded, by part; packed parts (distill.value_bits,
     # feature_bits) take fewer bytes on the wire, which wire_bytes_per_sample counts.

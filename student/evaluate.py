@@ -38,7 +38,9 @@ from polydistill.student.task_kinds import task_kind
 from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest
 from polydistill.student.validation import NEVER_STOP, DevValidation, label_names_of
 
-__all__ = ["add_confidence_intervals", "evaluate_job", "side_by_side", "train_ablation"]
+__all__ = ["ablation_validation", "add_confidence_intervals", "evaluate_job", "side_by_side", "train_ablation"]
+
+ABLATION_VALIDATION_FILE = "validation.json"  # beside an ablation's weights, when it scored dev
 
 
 def side_by_side(results: dict[str, dict], primary: str = "accuracy") -> dict:
@@ -161,6 +163,17 @@ def train_ablation(config: JobConfig, student_init_dir: Path, out_dir: Path, tra
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if dev is not None:  # what was chosen, beside the weights
-        (out_dir / "validation.json").write_text(json.dumps(
+        (out_dir / ABLATION_VALIDATION_FILE).write_text(json.dumps(
             {"curve": dev.curve, "kept_step": dev.state.best_step, "stopped_early": dev.stopped_early}, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def ablation_validation(ablation_dirs: dict[str, Path]) -> dict[str, dict]:
+    """{ablation name: its dev curve, kept step and whether it stopped early} for the ablations that
+    scored dev (training.keep_best): the report shows them beside their students' epochs."""
+    found = {}
+    for name, folder in ablation_dirs.items():
+        path = Path(folder) / ABLATION_VALIDATION_FILE
+        if path.is_file():
+            found[name] = json.loads(path.read_text(encoding="utf-8"))
+    return found

@@ -602,7 +602,8 @@ def render_markdown(report: Mapping) -> str:
 
 
 def format_validation_table(report: Mapping) -> str:
-    """training.validate_each_epoch: each student's dev accuracy after each epoch, the kept one marked."""
+    """training.validate_each_epoch: each student's dev accuracy after each epoch, the kept one marked, and
+    (training.keep_best) each hard-label ablation's, chosen by the same rule."""
     students = {"student": report, **{name: section for name, section in (report.get("extra_students") or {}).items()}}
     rows = []
     for name, section in students.items():
@@ -610,6 +611,11 @@ def format_validation_table(report: Mapping) -> str:
             kept = " (kept)" if section.get("kept_epoch") == score["epoch"] else ""
             rows.append([name, str(score["epoch"] + 1) + kept, str(score["step"]), _percent(score["accuracy"]),
                          _percent(min(score["per_language"].values(), default=None))])
+    for name, section in (report.get("ablation_validation") or {}).items():
+        for point in section["curve"]:  # scored after each epoch's last step: epoch is a whole number then
+            kept = " (kept)" if section.get("kept_step") == point["step"] else ""
+            rows.append([name, f"{point['epoch']:g}{kept}", str(point["step"]), _percent(point["accuracy"]),
+                         _percent(min(point["per_language"].values(), default=None))])
     if not rows:
         return ""
     return _markdown_table(["Student", "Epoch", "Step", "Dev accuracy", "Weakest language"], rows)
@@ -622,6 +628,10 @@ def early_stopping_lines(report: Mapping) -> str:
              f"{stopped['after_epoch'] + 1}; trained {stopped['last_epoch'] + 1} of {report['epochs']} planned epochs"
              + (" (the epoch under way was finished)" if stopped["last_epoch"] > stopped["after_epoch"] else "")
              for name, section in students.items() if (stopped := section.get("stopped_early"))]
+    lines += [f"- {name} stopped early by the same rule: trained {section['curve'][-1]['epoch']:g} of "
+              f"{report['epochs']} planned epochs"
+              for name, section in (report.get("ablation_validation") or {}).items()
+              if section.get("stopped_early") and section.get("curve")]
     return "\n\n" + "\n".join(lines) if lines else ""
 
 

@@ -52,3 +52,5 @@ def test_a_student_whose_dev_score_stops_improving_ends_early_with_exact_account
 
     ablation = json.loads((tmp_path / "out" / "ablation" / "validation.json").read_text())
     assert ablation["stopped_early"] and len(ablation["curve"]) == 2
+    assert report["ablation_validation"] == {"ablation": ablation}  # and in the report, beside the student's epochs
+    assert "ablation stopped early by the same rule: trained 2 of" in (tmp_path / "out" / "report.md").read_text()

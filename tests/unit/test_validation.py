@@ -3,10 +3,13 @@ together, and how the report shows the scores."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from polydistill.cluster.config import ConfigError, validate_config
 from polydistill.storage.ledger import EpochLedger
+from polydistill.student.evaluate import ABLATION_VALIDATION_FILE, ablation_validation
 from polydistill.student.report import early_stopping_lines, format_validation_table
 from polydistill.student.validation import best_weights_file, epochs_to_validate
 
@@ -78,3 +81,26 @@ def test_the_report_table_marks_the_kept_epoch_and_shows_the_weakest_language():
     assert rows[2:] == [["student", "1", "10", "70.0%", "55.0%"], ["student", "2 (kept)", "20", "74.0%", "61.0%"],
                         ["tiny", "1", "10", "70.0%", "55.0%"]]
     assert format_validation_table({"validation": []}) == ""
+
+
+def test_the_ablations_dev_scores_sit_beside_the_students_with_the_kept_one_marked():
+    student = [{"epoch": 0, "step": 10, "accuracy": 0.70, "per_language": {"eng": 0.8, "yor": 0.55}}]
+    ablation = {"curve": [{"step": 10, "epoch": 1.0, "accuracy": 0.68, "per_language": {"eng": 0.8, "yor": 0.5}},
+                          {"step": 20, "epoch": 2.0, "accuracy": 0.66, "per_language": {"eng": 0.79, "yor": 0.49}}],
+                "kept_step": 10, "stopped_early": True}
+    report = {"epochs": 5, "validation": student, "ablation_validation": {"ablation": ablation}}
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in format_validation_table(report).splitlines()]
+    assert rows[2:] == [["student", "1", "10", "70.0%", "55.0%"], ["ablation", "1 (kept)", "10", "68.0%", "50.0%"],
+                        ["ablation", "2", "20", "66.0%", "49.0%"]]
+    assert early_stopping_lines(report) == "\n\n- ablation stopped early by the same rule: trained 2 of 5 planned epochs"
+    ablation["stopped_early"] = False
+    assert early_stopping_lines(report) == ""
+
+
+def test_an_ablations_dev_curve_is_read_from_beside_its_weights(tmp_path):
+    scored, unscored = tmp_path / "ablation", tmp_path / "ablation-tiny"
+    scored.mkdir(), unscored.mkdir()
+    record = {"curve": [{"step": 4, "epoch": 1.0, "accuracy": 0.5, "per_language": {"eng": 0.5}}], "kept_step": 4,
+              "stopped_early": False}
+    (scored / ABLATION_VALIDATION_FILE).write_text(json.dumps(record))
+    assert ablation_validation({"ablation": scored, "ablation:tiny": unscored}) == {"ablation": record}
