@@ -268,6 +268,10 @@ class JobTracking:
                 self.each("log_metrics", metrics, step)
             for step, metrics in validation_metrics(extra.get("validation") or [], prefix=f"dev.{name}"):
                 self.each("log_metrics", metrics, step)
+        # Each hard-label ablation's dev curve at its own steps, which are the student's at each epoch's end.
+        for name, ablation in (report.get("ablation_validation") or {}).items():
+            for step, metrics in validation_metrics(ablation["curve"], prefix=f"dev.{name}"):
+                self.each("log_metrics", metrics, step)
         last_step = int(report.get("student_steps") or 0)
         self.each("log_metrics", report_metrics(report), last_step)
         for name in _ARTEFACTS:

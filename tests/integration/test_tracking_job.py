@@ -64,6 +64,9 @@ def test_the_job_leaves_an_mlflow_run_and_tensorboard_events_with_dev_scores_per
         best["accuracy"])
     ablation = json.loads((out / "ablation" / "validation.json").read_text())
     assert len(ablation["curve"]) == 2 and ablation["kept_step"] is not None
+    ablation_scores = client.get_metric_history(run.info.run_id, "dev.ablation/accuracy")
+    assert [(m.step, m.value) for m in ablation_scores] == [(p["step"], pytest.approx(p["accuracy"]))
+                                                            for p in ablation["curve"]]
     assert "## Dev accuracy by epoch" in (out / "report.md").read_text()
 
     events = EventAccumulator(str(out / "tensorboard"))

@@ -135,6 +135,18 @@ def test_finish_logs_losses_figures_and_the_files_there_are(tmp_path):
     assert recorder.artefacts == ["report.md", "job.yaml"]
 
 
+def test_finish_logs_the_ablations_dev_curve_beside_the_students(tmp_path):
+    recorder = Recorder()
+    point = {"step": 10, "epoch": 1.0, "accuracy": 0.6, "per_language": {"eng_Latn": 0.7}}
+    JobTracking([recorder]).finish({"status": "completed", "ablation_validation": {
+        "ablation": {"curve": [point], "kept_step": 10, "stopped_early": False},
+        "ablation:tiny": {"curve": [dict(point, accuracy=0.5)], "kept_step": 10, "stopped_early": False}}}, tmp_path)
+    assert (10, {"dev.ablation/accuracy": 0.6, "dev.ablation/epoch": 1.0,
+                 "dev.ablation/per_language/eng_Latn": 0.7}) in recorder.metrics
+    assert (10, {"dev.ablation:tiny/accuracy": 0.5, "dev.ablation:tiny/epoch": 1.0,
+                 "dev.ablation:tiny/per_language/eng_Latn": 0.7}) in recorder.metrics
+
+
 @pytest.mark.parametrize(("status", "raised", "run_status"), [
     ("completed", None, "FINISHED"), ("completed_with_dead_letters", None, "FINISHED"),
     ("failed", None, "FAILED"), (None, RuntimeError("boom"), "FAILED"),
