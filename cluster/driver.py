@@ -71,7 +71,6 @@ from polydistill.storage.knowledge_cache import is_complete
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.streams import JobStreams, RedisUnavailable, connect_job
 from polydistill.storage.job_data import has_own_split, load_job_split
-from polydistill.student.token_inputs import check_students_read_alike
 from polydistill.student.metrics import ablation_name
 from polydistill.student.checkpoint import discard_checkpoint, find_checkpoint
 from polydistill.student.evaluate import ablation_validation
@@ -235,10 +234,6 @@ def check_before_models(config: JobConfig) -> None:
         raise ConfigError(f"training.validate_each_epoch scores the student on data.dev_split ({data.dev_split!r}), "
                           f"which {data.path} does not have: set data.dev_from_train: true to carve it from the "
                           "training split, or name a split the data has")
-    try:
-        check_students_read_alike(config)  # else the feeder refuses, after the teacher's fine-tuning
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
 
 
 def _stopped(config: JobConfig, out_dir: Path, stopped_by: str, interrupted: bool, *,

@@ -52,7 +52,7 @@ from polydistill.student.teacher_gate import (
     weak_languages_warning,
     write_teacher_record,
 )
-from polydistill.student.token_inputs import STUDENT_INIT_FOLDER
+from polydistill.student.token_inputs import STUDENT_INIT_FOLDER, student_dir
 from polydistill.student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -182,11 +182,6 @@ def _scores_entry(scores: DevScores) -> dict:
 def _dev_description(splits: TeacherSplits) -> str:
     where = "the data's own" if splits.dev_source == "data" else "carved from the training split"
     return f"the dev split {splits.dev_split_name!r} ({len(splits.dev.dataset):,} rows, {where})"
-
-
-def student_dir(out_dir: Path, name: str) -> Path:
-    """Where a student's files live: the main student at the top, extra students under students/."""
-    return out_dir if name == "student" else out_dir / "students" / name
 
 
 def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit,

@@ -22,7 +22,8 @@ first time its class is used. Rules the declaration relies on:
 - ``optional`` fields may be None and travel as nil; every declared key is on the wire, except the
   fields of a ``variant`` (SoftLabels: "full" or "topk"), which travel only in that variant,
   named under the key ``kind``, and fields declared ``added`` (optional fields that later builds
-  added to a schema version): those are left out when None and read as None when absent, so a
+  added to a schema version): those are left out when None (an added tuple of messages: when empty)
+  and read as None (or an empty tuple) when absent, so a
   payload written before them still decodes and today's encoder writes it byte for byte.
 - Layer maps travel as [layer, array] pairs: integer map keys would force readers to turn off
   msgpack's strict_map_key hash-flooding guard.
@@ -165,8 +166,8 @@ def nested(message: type, *, optional: bool = False) -> Any:
     return _declare(Spec(Kind.MESSAGE, optional=optional, message=message), **_optional_default(optional))
 
 
-def nested_tuple(message: type, *, part: str | None = None) -> Any:
-    return _declare(Spec(Kind.MESSAGES, message=message, part=part), default=())
+def nested_tuple(message: type, *, part: str | None = None, added: bool = False) -> Any:
+    return _declare(Spec(Kind.MESSAGES, message=message, part=part, added=added), default=())
 
 
 @functools.cache
@@ -391,7 +392,7 @@ def write_body(message: Any, writer: ArrayWriter = INLINE_WRITER) -> dict[str, A
         value = getattr(message, name)
         if spec.variant is not None and (packed is not None or spec.variant != variant):
             continue
-        if not (spec.added and value is None):
+        if not (spec.added and (value is None or (spec.kind is Kind.MESSAGES and len(value) == 0))):
             body[spec.key or name] = _write_value(value, spec, writer)
     return body
 
@@ -476,7 +477,7 @@ def read_body(cls: type, body: dict, where: str, reader: ArrayReader = INLINE_RE
 def _read_value(body: dict, key: str, spec: Spec, where: str, reader: ArrayReader) -> Any:
     kind = spec.kind
     if spec.added and key not in body:
-        return None
+        return () if kind is Kind.MESSAGES else None
     # Only nested tuples may be nil without being optional: nil reads as none.
     value = get(body, key, _WIRE_TYPES[kind], where, optional=spec.optional or kind is Kind.MESSAGES)
     if value is None:

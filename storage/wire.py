@@ -70,9 +70,8 @@ from polydistill.storage.schema import (
 
 __all__ = [
     "KIND_KNOWLEDGE", "KIND_WORK", "MAX_MESSAGE_BYTES", "SCHEMA_VERSION", "SOFT_FULL", "SOFT_TOPK", "Knowledge",
-    "Message", "SoftLabels", "TeacherVote", "WireCodec", "WireError", "WireVersionError", "WorkBatch", "decode",
-    "encode",
-    "knowledge_nbytes", "topk_soft_labels",
+    "Message", "SoftLabels", "StudentTokens", "TeacherVote", "WireCodec", "WireError", "WireVersionError",
+    "WorkBatch", "decode", "encode", "knowledge_nbytes", "topk_soft_labels",
 ]
 
 SCHEMA_VERSION = 2
@@ -93,6 +92,24 @@ SOFT_TOPK = "topk"
 
 
 @dataclass(frozen=True, eq=False)
+class StudentTokens:
+    """The batch's texts in one student tokenizer's ids, for the students that read that tokenizer
+    (``student/token_inputs.py``: a trimmed vocabulary, or ``student.tokenizer``). ``source`` names the
+    tokenizer as ``token_inputs.token_source`` does, so that each student finds its own."""
+
+    source: str = text()
+    input_ids: np.ndarray = integers(np.int32)  # [n, L], the tokenizer's own length
+    attention_mask: np.ndarray = integers(np.uint8, allow_bool=True)  # [n, L], 1 = real token
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        require_shape(self.input_ids, f"StudentTokens[{self.source!r}].input_ids", (None, None),
+                      "n samples x its own length")
+        require_shape(self.attention_mask, f"StudentTokens[{self.source!r}].attention_mask", self.input_ids.shape,
+                      "same as input_ids")
+
+
+@dataclass(frozen=True, eq=False)
 class WorkBatch:
     """One batch of tokenised samples for a teacher, self-contained."""
 
@@ -110,9 +127,12 @@ class WorkBatch:
     pair_attention_mask: np.ndarray | None = integers(np.uint8, optional=True, allow_bool=True)
     # Per-token labels, [n, L], -100 where none (masked LM: the original ids of masked positions).
     token_labels: np.ndarray | None = integers(np.int64, optional=True, per_token_ndim=2)
-    # The same texts in the student's own tokenizer, when it has one (student.tokenizer); [n, L3].
+    # The same texts in one student tokenizer's ids, [n, L3]: how batches written before student_tokens
+    # carried the one tokenization all students shared. Read still; the feeder writes student_tokens.
     student_input_ids: np.ndarray | None = integers(np.int32, optional=True)
     student_attention_mask: np.ndarray | None = integers(np.uint8, optional=True, allow_bool=True)
+    # The same texts in each tokenizer that some student of the job reads instead of the teacher's.
+    student_tokens: tuple[StudentTokens, ...] = nested_tuple(StudentTokens, added=True)
     # Multi-task jobs (extra_tasks): which of the job's tasks this batch belongs to; None is the main task.
     task: str | None = text(optional=True)
     # distill.align_language: the teacher's embedding of each sample's sentence in that language [n, d], and
@@ -144,6 +164,12 @@ class WorkBatch:
             if ids is not None:
                 require_shape(ids, f"WorkBatch.{ids_name}", (n, None), "n samples x its own length")
                 require_shape(mask, f"WorkBatch.{mask_name}", ids.shape, f"same as {ids_name}")
+        sources = [tokens.source for tokens in self.student_tokens]
+        if len(set(sources)) != len(sources):
+            raise WireError(f"WorkBatch.student_tokens: each tokenizer once, got {sources}")
+        for tokens in self.student_tokens:
+            require_shape(tokens.input_ids, f"WorkBatch.student_tokens[{tokens.source!r}].input_ids", (n, None),
+                          "n samples x its own length")
         if (self.align_targets is None) != (self.align_found is None):
             raise WireError("WorkBatch.align_targets and align_found come together or not at all")
         if self.align_targets is not None:

@@ -50,6 +50,8 @@ from polydistill.storage.keys import JobKeys
 from polydistill.storage.ledger import EpochLedger
 from polydistill.storage.message_checks import MessageRejected, ModelLimits, check_in_plan, check_token_ids
 from polydistill.storage.streams import Entry, GroupMissing, JobStreams
+from polydistill.student.contract import ContractError
+from polydistill.student.token_inputs import tokens_for
 
 log = logging.getLogger(__name__)
 
@@ -193,25 +195,27 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class StudentInputs:
-    """What a batch may ask of the student: the token ids it reads (``ids_field`` of the work batch) within
-    ``limits``. A trimmed vocabulary's student reads the teacher's ids through its table, whose length is
-    then the vocabulary checked."""
+    """What a batch may ask of the student: the token ids it reads (the teacher's, or those of the tokenizer
+    ``source`` names: student/token_inputs.py) within ``limits``. A trimmed vocabulary's student that reads
+    the teacher's ids reads them through its table, whose length is then the vocabulary checked."""
 
     limits: ModelLimits
-    ids_field: str = "input_ids"
+    source: str | None = None
 
     @classmethod
-    def of(cls, model_config, *, own_token_ids: bool, id_map_size: int | None = None) -> "StudentInputs":
+    def of(cls, model_config, *, source: str | None, id_map_size: int | None = None) -> "StudentInputs":
         limits = ModelLimits.of(model_config)
         if id_map_size is not None:
             limits = ModelLimits(id_map_size, limits.max_positions)
-        return cls(limits, "student_input_ids" if own_token_ids else "input_ids")
+        return cls(limits, source)
 
     def check(self, work: wire.WorkBatch) -> None:
-        ids = getattr(work, self.ids_field)
-        if ids is None:
-            raise MessageRejected(f"WorkBatch.{self.ids_field}: missing, but this student reads it")
-        check_token_ids(ids, self.limits, f"WorkBatch.{self.ids_field}", model="student")
+        try:
+            ids, _ = tokens_for(work, self.source)
+        except ContractError as error:
+            raise MessageRejected(str(error)) from None
+        where = "WorkBatch.input_ids" if self.source is None else f"the ids of {self.source}"
+        check_token_ids(ids, self.limits, where, model="student")
 
 
 Decision = Learn | Duplicate | PastEnd | Hold | Redelivered | DeadLetter

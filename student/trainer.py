@@ -57,7 +57,7 @@ from polydistill.student.precision import use_bf16
 from polydistill.student.strategy import SingleWorker, StepStrategy
 from polydistill.student.supervised import StoppingState, after_dev_score
 from polydistill.student.task_kinds import task_kind
-from polydistill.student.token_inputs import reads_own_token_ids
+from polydistill.student.token_inputs import reads_own_token_ids, token_source
 from polydistill.student.validation import (
     NEVER_STOP,
     DevValidation,
@@ -183,7 +183,7 @@ class StudentTrainer:
             EpochLedger(batches_per_epoch=batches_per_epoch, epochs=training.epochs),
             shared_stream=config.knowledge_stream_shared, block_ms=config.transport.block_ms,
             reconnect_timeout_s=config.transport.reconnect_timeout_s, chunk_limits=ChunkLimits.of(config.transport),
-            inputs=StudentInputs.of(self.model.config, own_token_ids=reads_own_token_ids(config),
+            inputs=StudentInputs.of(self.model.config, source=token_source(config),
                                     id_map_size=None if self.runner.id_map is None else len(self.runner.id_map)))
         # Data-parallel workers apply up to world_size batches per optimiser step.
         total_steps = -(-batches_per_epoch * training.epochs // world_size)

@@ -1,5 +1,6 @@
-"""A student with its own tokenizer: work batches carry both tokenizations of each text, the
-student reads its own ids, and sequence-level knowledge (soft labels) needs no alignment."""
+"""Students with tokenizers of their own: work batches carry the teacher's tokenization of each text and
+one per student tokenizer, each student reads its own ids, and sequence-level knowledge (soft labels)
+needs no alignment."""
 
 from __future__ import annotations
 
@@ -53,6 +54,29 @@ def test_a_student_with_a_trimmed_vocabulary_learns_its_own_ids_of_every_sample_
     difference = intervals["student_minus_ablation"]
     assert -1 <= difference["low"] <= difference["estimate"] <= difference["high"] <= 1
     assert report["overall"]["intervals"]["resamples"] == 1000
+
+
+def test_students_of_one_teacher_pass_learn_over_vocabularies_of_their_own(tmp_path, redis_server, local_ray):
+    """The main student over the pieces used twice or more, an extra one over those used five times or more:
+    each learns its own tokenizer's ids of every sample once, and is evaluated and saved with that tokenizer."""
+    config = tiny_config(tmp_path, redis_server.url, "student.trim_vocabulary=true", "student.vocab_min_count=2",
+                         "extra_students=[{name: small, trim_vocabulary: true, vocab_min_count: 5}]",
+                         "training.epochs=1", "teacher.replicas=1", "data.limit_per_language=100",
+                         "data.languages=[eng_Latn, zho_Hans]", "evaluation.latency=false")
+    report = run_job(config, show_progress=False)
+
+    small = report["extra_students"]["small"]
+    for student in (report, small):
+        assert student["samples_distilled"] == report["samples_expected"] == 200
+        assert student["duplicates_dropped"] == 0
+    sizes = {name: len(AutoTokenizer.from_pretrained(student["student_path"]))
+             for name, student in (("student", report), ("small", small))}
+    assert sizes["small"] < sizes["student"]
+    for name, size in sizes.items():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            report["student_path"] if name == "student" else small["student_path"])
+        assert model.config.vocab_size == size, name  # it read (and learnt) ids of its own tokenizer only
+    assert 0 <= report["per_language"]["zho_Hans"]["small"]["accuracy"] <= 1
 
 
 def test_token_level_knowledge_across_tokenizers_is_refused(tmp_path):

@@ -100,14 +100,6 @@ def oversized_outgoing_message(tmp_path):
     wire.encode(wire.Knowledge(work=work, teacher_id="t", soft=wire.SoftLabels.full(huge)))
 
 
-def extra_student_with_another_vocabulary(tmp_path):
-    from polydistill.cluster.driver import check_before_models
-
-    check_before_models(load_config(TINY, [
-        "student.trim_vocabulary=true", "student.vocab_min_count=2",
-        "extra_students=[{name: small, trim_vocabulary: true, vocab_min_count: 16}]"]))
-
-
 def validation_without_a_dev_split(tmp_path):
     from polydistill.cluster.driver import check_before_models
 
@@ -140,7 +132,6 @@ CASES = [
     (newer_schema_version, wire.WireVersionError, "upgrade polydistill"),
     (oversized_message, wire.WireError, "exceeds the limit"),
     (oversized_outgoing_message, wire.WireError, "distill.top_k"),
-    (extra_student_with_another_vocabulary, ConfigError, "extra student 'small' reads its own token ids"),
     (validation_without_a_dev_split, ConfigError, "set data.dev_from_train: true"),
     (rows_longer_than_the_teacher_reads, ConfigError, "data.max_length is 1024, but the teacher (random) reads rows "
      "of at most 128 tokens (max_position_embeddings): set data.max_length to 128 or less"),

@@ -72,12 +72,15 @@ def lm_knowledge(n=6, length=32, k=16, vocab=100, seed=0) -> wire.Knowledge:
 
 def classifier_knowledge(n=5, length=32, hidden=64, attentions=False) -> wire.Knowledge:
     rng = np.random.default_rng(1)
-    # With the student's own tokenization beside the teacher's (student.tokenizer): rows of their own length.
+    # With two students' own tokenizations beside the teacher's (trimmed vocabularies): rows of their own length.
+    student_tokens = tuple(wire.StudentTokens(source, rng.integers(0, 30, size=(n, length + extra)),
+                                              np.ones((n, length + extra), np.uint8))
+                           for source, extra in (("teacher trimmed to pieces used 2+ times", 3),
+                                                 ("teacher trimmed to pieces used 16+ times", 7)))
     work = wire.WorkBatch(job_id="job", epoch=0, batch_id=0, sample_ids=np.arange(n), languages=("fra",) * n,
                           input_ids=rng.integers(0, 30, size=(n, length)),
                           attention_mask=np.ones((n, length), np.uint8), labels=np.arange(n) % 3,
-                          student_input_ids=rng.integers(0, 30, size=(n, length + 3)),
-                          student_attention_mask=np.ones((n, length + 3), np.uint8))
+                          student_tokens=student_tokens)
     return wire.Knowledge(
         work=work, teacher_id="teacher-1", soft=wire.SoftLabels.full(rng.normal(size=(n, 3)).astype(np.float32)),
         hidden_states={2: rng.normal(size=(n, length, hidden)).astype(np.float16)},
@@ -113,7 +116,10 @@ def every_field_knowledge(n=24, length=8, target_length=12) -> wire.Knowledge:
                           pair_attention_mask=np.ones((n, length + 1), np.uint8),
                           token_labels=rng.integers(-1, 30, size=(n, length)),
                           student_input_ids=rng.integers(0, 30, size=(n, length + 2)),
-                          student_attention_mask=np.ones((n, length + 2), np.uint8), task="translation",
+                          student_attention_mask=np.ones((n, length + 2), np.uint8),
+                          student_tokens=(wire.StudentTokens("own", rng.integers(0, 30, size=(n, length + 4)),
+                                                             np.ones((n, length + 4), np.uint8)),),
+                          task="translation",
                           align_targets=rng.normal(size=(n, 5)).astype(np.float16),
                           align_found=(np.arange(n) % 2).astype(np.uint8))
     votes = (wire.TeacherVote("teacher", rng.normal(size=(n, 3)).astype(np.float32), np.ones(n, np.uint8)),)
@@ -195,7 +201,8 @@ def test_classifier_knowledge_with_features_splits_by_rows():
     knowledge = classifier_knowledge()
     chunks = decode_all(knowledge_messages(knowledge, len(wire.encode(knowledge)) // 2))
     assert len(chunks) >= 2
-    assert all(chunk.work.student_input_ids.shape == (chunk.work.n_samples, 35) for chunk in chunks)
+    assert all([tokens.input_ids.shape for tokens in chunk.work.student_tokens]
+               == [(chunk.work.n_samples, 35), (chunk.work.n_samples, 39)] for chunk in chunks)
     assert_same(merge_chunks(chunks), knowledge)
 
 

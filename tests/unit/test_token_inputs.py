@@ -19,7 +19,7 @@ from polydistill.storage.job_data import load_job_split
 from polydistill.student.build import materialize_random_teacher
 from polydistill.student.contract import ContractError
 from polydistill.student.objectives import classifier_forward
-from polydistill.student.token_inputs import check_students_read_alike, reads_own_token_ids, student_inputs
+from polydistill.student.token_inputs import reads_own_token_ids, student_inputs, token_source
 from polydistill.student.trainer import StudentTrainer
 from polydistill.student.vocab_trim import VOCAB_MAP_FILE, VocabMap
 
@@ -93,16 +93,42 @@ def test_token_level_knowledge_keeps_the_teachers_positions_through_the_id_map(p
 def test_a_batch_without_the_students_ids_is_refused(prepared):
     config, _, teacher_dir, _ = prepared
     work = Feeder(config, str(teacher_dir), NO_REDIS).work_batch(0, 0, np.arange(4))
-    assert student_inputs(work, config)[0] is work.student_input_ids
-    with pytest.raises(ContractError, match="carries no student_input_ids"):
-        student_inputs(replace(work, student_input_ids=None, student_attention_mask=None), config)
+    (own,) = work.student_tokens
+    assert own.source == token_source(config) == "teacher trimmed to pieces used 2+ times"
+    assert student_inputs(work, config)[0] is own.input_ids
+    with pytest.raises(ContractError, match="carries no ids of the student's tokenizer"):
+        student_inputs(replace(work, student_tokens=()), config)
+    # A batch written before batches named their tokenizations carried one, which every student read.
+    legacy = replace(work, student_tokens=(), student_input_ids=own.input_ids, student_attention_mask=own.attention_mask)
+    assert student_inputs(legacy, config)[0] is own.input_ids
 
 
-def test_every_student_that_reads_its_own_ids_must_read_the_main_students(tmp_path):
-    same = tiny(tmp_path, "extra_students=[{name: twin, trim_vocabulary: true, vocab_min_count: 2}]")
-    untrimmed = tiny(tmp_path, "extra_students=[{name: plain}]")  # reads the teacher's ids itself
-    check_students_read_alike(same)
-    check_students_read_alike(untrimmed)
-    other = tiny(tmp_path, "extra_students=[{name: other, trim_vocabulary: true, vocab_min_count: 1}]")
-    with pytest.raises(ValueError, match="extra student 'other' reads its own token ids"):
-        check_students_read_alike(other)
+def test_students_of_one_teacher_pass_each_train_on_their_own_vocabularys_ids(tmp_path):
+    """A student over a smaller vocabulary beside the main one: each reads its own tokenizer's ids of
+    the same texts; a student whose settings give the main one's vocabulary shares its tokenization."""
+    config = tiny(tmp_path, "extra_students=[{name: small, trim_vocabulary: true, vocab_min_count: 6}, "
+                            "{name: twin, trim_vocabulary: true, vocab_min_count: 2}, {name: plain}]")
+    train = load_job_split(config.data, config.data.train_split)
+    teacher_dir = materialize_random_teacher(config.teacher, train.label_names, train.dataset["text"],
+                                             tmp_path / "teacher", config.training.seed)
+    out_dir = Path(config.output_dir).resolve()
+    init_dirs = {name: prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)[0]
+                 for name in config.student_names}
+    feeder = Feeder(config, str(teacher_dir), NO_REDIS)
+    rows = np.arange(len(train.dataset))
+    work = feeder.work_batch(0, 0, rows)
+    assert [tokens.source for tokens in work.student_tokens] == [
+        "teacher trimmed to pieces used 2+ times", "teacher trimmed to pieces used 6+ times"]
+
+    texts = train.dataset["text"]
+    read: dict[str, list[list[int]]] = {}
+    for name, init_dir in init_dirs.items():
+        ids, mask = student_inputs(work, config.for_student(name))
+        read[name] = [row[keep == 1].tolist() for row, keep in zip(ids, mask)]
+        saved = AutoTokenizer.from_pretrained(init_dir)
+        assert read[name] == [saved(text, truncation=True, max_length=config.data.max_length)["input_ids"]
+                              for text in texts], name
+    assert read["twin"] == read["student"] and read["small"] != read["student"]
+    assert student_inputs(work, config.for_student("plain"))[0] is work.input_ids
+    # The smaller vocabulary segments the same texts into more pieces.
+    assert sum(map(len, read["small"])) > sum(map(len, read["student"]))

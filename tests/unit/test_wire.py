@@ -11,7 +11,9 @@ from polydistill.storage.wire import (
     SCHEMA_VERSION,
     Knowledge,
     SoftLabels,
+    StudentTokens,
     TeacherVote,
+    WireCodec,
     WireError,
     WireVersionError,
     WorkBatch,
@@ -396,6 +398,25 @@ def test_second_texts_and_the_students_own_ids_round_trip_and_are_checked():
         WorkBatch(**base, student_input_ids=np.ones((2, 3), np.int32))
     with pytest.raises(WireError, match="pair_input_ids"):
         WorkBatch(**base, pair_input_ids=np.ones((3, 3), np.int32), pair_attention_mask=np.ones((3, 3), np.uint8))
+
+
+def test_each_students_tokenization_round_trips_under_its_name_and_is_checked():
+    base = dict(job_id="j", epoch=0, batch_id=1, sample_ids=np.arange(2), languages=("fra", "swh"),
+                input_ids=np.ones((2, 4), np.int32), attention_mask=np.ones((2, 4), np.uint8))
+    small, large = (StudentTokens(name, np.full((2, width), width), np.ones((2, width), np.uint8))
+                    for name, width in (("small vocabulary", 6), ("large vocabulary", 3)))
+    back = decode(encode(WorkBatch(**base, student_tokens=(small, large)), WireCodec()))
+    assert [tokens.source for tokens in back.student_tokens] == ["small vocabulary", "large vocabulary"]
+    assert [tokens.input_ids.tolist() for tokens in back.student_tokens] == [[[6] * 6] * 2, [[3] * 3] * 2]
+    assert back.student_tokens[0].input_ids.dtype == np.int32 and back.student_input_ids is None
+    assert decode(encode(WorkBatch(**base))).student_tokens == ()
+    with pytest.raises(WireError, match="each tokenizer once"):
+        WorkBatch(**base, student_tokens=(small, small))
+    with pytest.raises(WireError, match=r"student_tokens\['small vocabulary'\].input_ids"):
+        WorkBatch(**base, student_tokens=(StudentTokens("small vocabulary", np.ones((3, 2), np.int32),
+                                                        np.ones((3, 2), np.uint8)),))
+    with pytest.raises(WireError, match="same as input_ids"):
+        StudentTokens("small vocabulary", np.ones((2, 2), np.int32), np.ones((2, 3), np.uint8))
 
 
 # -- the declaration ----------------------------------------------------------- #
