@@ -117,9 +117,17 @@ class JobRef:
 
 
 def _client(address: str | None, headers: dict[str, str] | None = None):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address, headers=headers)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        where = f"at {address}" if address else "found on this machine (no --address given)"
+        raise ConnectionError(
+            f"the Ray cluster {where} asks for its authentication token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "(or ~/.ray/auth_token) as for `ray job submit`, or give --address the cluster that runs the job. A job "
+            "run with `polydistill run` is not a submitted job: its progress is in its own output") from None
 
 
 # --------------------------------------------------------------------------------------------------
