@@ -133,8 +133,10 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             if task_teachers:
                 prepare_task_heads(config, student_init_dir, task_teachers)
             extra_init: dict[str, Path] = {}
+            extra_info: dict[str, dict] = {}
             for name in config.student_names[1:]:
-                extra_init[name], _ = prepare_student(config.for_student(name), teacher_dir, out_dir, train, name)
+                extra_init[name], extra_info[name] = prepare_student(config.for_student(name), teacher_dir, out_dir,
+                                                                     train, name)
                 check_student_contract(config.for_student(name), teacher_dir, extra_init[name])
             stage_seconds["prepare_student"] = _lap(started, stage_seconds)
             if config.distill.align_language is not None:  # the teacher's embeddings of one language's rows
@@ -182,6 +184,8 @@ def run_job(config: JobConfig, show_progress: bool = True, resume: bool = False,
             report["status"] = outcome
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             report["student_init"] = student_info
+            for name, info in extra_info.items():  # each student's vocabulary, which may be its own
+                report["extra_students"].setdefault(name, {})["student_init"] = info
             report["teacher_path"] = str(teacher_dir)
             # How the teacher was fine-tuned and how it fared against the baselines on dev, when this job prepared it.
             teacher_record = read_teacher_record(out_dir, teacher_dir)

@@ -256,7 +256,7 @@ def format_students_table(report: Mapping) -> str:
     job trained extra students."""
     if not has_extra_students(report):
         return ""
-    header = ["model", "parameters", "share of teacher", "speed-up, batch 32", "mean over languages",
+    header = ["model", "parameters", "share of teacher", "vocabulary", "speed-up, batch 32", "mean over languages",
               "retention [95% CI]", "− its ablation, points [95% CI]", "weakest language (retention)"]
     summaries = student_summaries(report)
     teacher_params = next((s["params"] for s in summaries if s["role"] == "teacher"), None)
@@ -265,6 +265,8 @@ def format_students_table(report: Mapping) -> str:
         kept, weakest = summary.get("retention"), summary.get("weakest_language")
         rows.append([
             summary["model"], _integer(summary["params"]), _percent(_ratio(summary["params"], teacher_params)),
+            _integer(summary.get("vocabulary")) if summary["role"] == "teacher" or summary.get("vocabulary")
+            else "the teacher's",
             _times(summary["speedup_batch32"]), _percent(summary["score"]),
             MISSING if not kept else f"{_percent(kept['estimate'])} {_percent_interval(kept)}",
             _points_interval(summary.get("minus_ablation")),

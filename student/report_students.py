@@ -66,21 +66,30 @@ def student_summaries(report: Mapping) -> list[dict]:
     summaries = []
     if "teacher" in averages:
         summaries.append({"model": "teacher", "role": "teacher", "params": teacher_costs.get("params"),
-                          "speedup_batch32": 1.0 if teacher_costs else None, "score": averages["teacher"]})
+                          "speedup_batch32": 1.0 if teacher_costs else None, "score": averages["teacher"],
+                          "vocabulary": (report.get("student_init") or {}).get("vocabulary_before")})
     for name in distilled_students(report):
         costs = efficiency.get(name) or {}
         minus, kept = comparison_names(name)
         speedup = efficiency.get("speedup_batch32") if name == "student" else costs.get("speedup_batch32")
+        vocabulary = _trimmed_vocabulary(report, name)
         summaries.append({
             "model": name, "role": "student", "params": costs.get("params"), "speedup_batch32": speedup,
             "score": averages[name], "retention": intervals.get(kept), "minus_ablation": intervals.get(minus),
-            "weakest_language": _weakest_language(report, name),
+            "weakest_language": _weakest_language(report, name), "vocabulary": vocabulary,
         })
         ablation = ablation_name(name)
-        if ablation in averages:  # the same architecture as its student: the same size and speed
+        if ablation in averages:  # the same architecture and vocabulary as its student: the same size and speed
             summaries.append({"model": ablation, "role": "ablation", "params": costs.get("params"),
-                              "speedup_batch32": speedup, "score": averages[ablation]})
+                              "speedup_batch32": speedup, "score": averages[ablation], "vocabulary": vocabulary})
     return summaries
+
+
+def _trimmed_vocabulary(report: Mapping, name: str) -> int | None:
+    """The pieces of student ``name``'s trimmed vocabulary; None when it kept its tokenizer's whole."""
+    section = report if name == "student" else (report.get("extra_students") or {}).get(name) or {}
+    init = section.get("student_init") or {}
+    return init.get("vocabulary_after") if init.get("trimmed_vocabulary") else None
 
 
 def _weakest_language(report: Mapping, name: str) -> tuple[str, float] | None:

@@ -72,6 +72,8 @@ def test_students_of_one_teacher_pass_learn_over_vocabularies_of_their_own(tmp_p
     sizes = {name: len(AutoTokenizer.from_pretrained(student["student_path"]))
              for name, student in (("student", report), ("small", small))}
     assert sizes["small"] < sizes["student"]
+    assert (report["student_init"]["vocabulary_after"], small["student_init"]["vocabulary_after"]) == (
+        sizes["student"], sizes["small"])
     for name, size in sizes.items():
         model = AutoModelForSequenceClassification.from_pretrained(
             report["student_path"] if name == "student" else small["student_path"])

@@ -33,6 +33,10 @@ def _report():
         "small": {"params": 90_000, "latency_ms_batch32": 6.0, "speedup_batch32": 5.0, "param_ratio": 0.09},
         "speedup_batch32": 2.5,
     }
+    # The main student over a trimmed vocabulary of its own, the small one over a smaller one.
+    report["student_init"] = {"trimmed_vocabulary": True, "vocabulary_before": 250_037, "vocabulary_after": 57_092}
+    report["extra_students"] = {"small": {"student_init": {"trimmed_vocabulary": True, "vocabulary_before": 250_037,
+                                                           "vocabulary_after": 16_918}}}
     return report
 
 
@@ -61,6 +65,17 @@ def test_summaries_give_each_model_its_size_speed_and_weakest_language():
     assert summaries["ablation:small"]["params"] == 90_000  # its student's architecture
     assert summaries["small"]["weakest_language"] == ("aa", 0.75)
     assert summaries["student"]["weakest_language"] == ("bb", 0.5)
+    assert [summaries[name]["vocabulary"] for name in summaries] == [250_037, 57_092, 57_092, 16_918, 16_918]
+
+
+def test_the_students_table_names_each_students_vocabulary():
+    report = _report()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in format_students_table(report).splitlines()[2:]}
+    assert rows["teacher"][2] == "250,037" and rows["student"][2] == "57,092"
+    assert rows["small"][2] == rows["ablation:small"][2] == "16,918"
+    report["extra_students"]["small"]["student_init"] = {"trimmed_vocabulary": False}
+    assert "| the teacher's " in format_students_table(report)
 
 
 def test_the_students_section_and_plot_appear_only_with_extra_students(tmp_path):
