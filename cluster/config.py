@@ -194,6 +194,12 @@ class StudentConfig(_Strict):
         description="Keep only the tokenizer pieces the training text uses (plus specials): for a "
         "250k-piece multilingual vocabulary this removes most of the student's parameters.",
     )
+    embedding_size: int | None = Field(
+        default=None, ge=2,
+        description="Factorise the word embedding, ALBERT style: vocabulary x embedding_size plus an embedding_size x "
+        "hidden_size map, initialised from the leading directions of the student's own embedding (after trimming); "
+        "the student is saved as an ALBERT model. For BERT-architecture students; null keeps the full table.",
+    )
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)

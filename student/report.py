@@ -265,14 +265,22 @@ def format_students_table(report: Mapping) -> str:
         kept, weakest = summary.get("retention"), summary.get("weakest_language")
         rows.append([
             summary["model"], _integer(summary["params"]), _percent(_ratio(summary["params"], teacher_params)),
-            _integer(summary.get("vocabulary")) if summary["role"] == "teacher" or summary.get("vocabulary")
-            else "the teacher's",
+            _vocabulary_cell(summary),
             _times(summary["speedup_batch32"]), _percent(summary["score"]),
             MISSING if not kept else f"{_percent(kept['estimate'])} {_percent_interval(kept)}",
             _points_interval(summary.get("minus_ablation")),
             MISSING if not weakest else f"{weakest[0]} {_percent(weakest[1])}",
         ])
     return _markdown_table(header, rows)
+
+
+def _vocabulary_cell(summary: Mapping) -> str:
+    """A model's pieces, "× E" after them for a factorised embedding E wide."""
+    if summary["role"] == "teacher" or summary.get("vocabulary"):
+        pieces = _integer(summary.get("vocabulary"))
+    else:
+        pieces = "the teacher's"
+    return f"{pieces} × {summary['embedding_size']}" if summary.get("embedding_size") else pieces
 
 
 def format_sequence_length_table(report: Mapping) -> str:

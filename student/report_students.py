@@ -72,24 +72,28 @@ def student_summaries(report: Mapping) -> list[dict]:
         costs = efficiency.get(name) or {}
         minus, kept = comparison_names(name)
         speedup = efficiency.get("speedup_batch32") if name == "student" else costs.get("speedup_batch32")
-        vocabulary = _trimmed_vocabulary(report, name)
+        init = _student_init(report, name)
+        vocabulary = init.get("vocabulary_after") if init.get("trimmed_vocabulary") else None
+        embedding_size = init.get("embedding_size")  # a factorised embedding (student/factorise.py)
         summaries.append({
             "model": name, "role": "student", "params": costs.get("params"), "speedup_batch32": speedup,
             "score": averages[name], "retention": intervals.get(kept), "minus_ablation": intervals.get(minus),
             "weakest_language": _weakest_language(report, name), "vocabulary": vocabulary,
+            "embedding_size": embedding_size,
         })
         ablation = ablation_name(name)
         if ablation in averages:  # the same architecture and vocabulary as its student: the same size and speed
             summaries.append({"model": ablation, "role": "ablation", "params": costs.get("params"),
-                              "speedup_batch32": speedup, "score": averages[ablation], "vocabulary": vocabulary})
+                              "speedup_batch32": speedup, "score": averages[ablation], "vocabulary": vocabulary,
+                              "embedding_size": embedding_size})
     return summaries
 
 
-def _trimmed_vocabulary(report: Mapping, name: str) -> int | None:
-    """The pieces of student ``name``'s trimmed vocabulary; None when it kept its tokenizer's whole."""
+def _student_init(report: Mapping, name: str) -> Mapping:
+    """How student ``name`` was prepared (cluster/prepare.py ``prepare_student``): its trimmed vocabulary's
+    size when it was trimmed, the width of its factorised embedding when it has one."""
     section = report if name == "student" else (report.get("extra_students") or {}).get(name) or {}
-    init = section.get("student_init") or {}
-    return init.get("vocabulary_after") if init.get("trimmed_vocabulary") else None
+    return section.get("student_init") or {}
 
 
 def _weakest_language(report: Mapping, name: str) -> tuple[str, float] | None:

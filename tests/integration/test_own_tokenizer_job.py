@@ -57,10 +57,11 @@ def test_a_student_with_a_trimmed_vocabulary_learns_its_own_ids_of_every_sample_
 
 
 def test_students_of_one_teacher_pass_learn_over_vocabularies_of_their_own(tmp_path, redis_server, local_ray):
-    """The main student over the pieces used twice or more, an extra one over those used five times or more:
-    each learns its own tokenizer's ids of every sample once, and is evaluated and saved with that tokenizer."""
+    """The main student over the pieces used twice or more, an extra one over those used five times or more
+    through a factorised embedding: each learns its own tokenizer's ids of every sample once, and is evaluated
+    and saved with that tokenizer."""
     config = tiny_config(tmp_path, redis_server.url, "student.trim_vocabulary=true", "student.vocab_min_count=2",
-                         "extra_students=[{name: small, trim_vocabulary: true, vocab_min_count: 5}]",
+                         "extra_students=[{name: small, trim_vocabulary: true, vocab_min_count: 5, embedding_size: 16}]",
                          "training.epochs=1", "teacher.replicas=1", "data.limit_per_language=100",
                          "data.languages=[eng_Latn, zho_Hans]", "evaluation.latency=false")
     report = run_job(config, show_progress=False)
@@ -78,6 +79,9 @@ def test_students_of_one_teacher_pass_learn_over_vocabularies_of_their_own(tmp_p
         model = AutoModelForSequenceClassification.from_pretrained(
             report["student_path"] if name == "student" else small["student_path"])
         assert model.config.vocab_size == size, name  # it read (and learnt) ids of its own tokenizer only
+        # The small one trained and was saved as the stock ALBERT model its factorised embedding makes.
+        assert model.config.model_type == ("albert" if name == "small" else "bert"), name
+    assert small["student_init"]["embedding_size"] == model.config.embedding_size == 16
     assert 0 <= report["per_language"]["zho_Hans"]["small"]["accuracy"] <= 1
 
 

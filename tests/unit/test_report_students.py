@@ -78,6 +78,15 @@ def test_the_students_table_names_each_students_vocabulary():
     assert "| the teacher's " in format_students_table(report)
 
 
+def test_a_factorised_embedding_shows_its_width_beside_the_vocabulary():
+    report = _report()
+    report["extra_students"]["small"]["student_init"]["embedding_size"] = 128
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in format_students_table(report).splitlines()[2:]}
+    assert rows["small"][2] == rows["ablation:small"][2] == "16,918 × 128"
+    assert rows["student"][2] == "57,092"
+
+
 def test_the_students_section_and_plot_appear_only_with_extra_students(tmp_path):
     report = _report()
     table = format_students_table(report)
