@@ -161,6 +161,10 @@ class TeacherStage:
         return self.languages is None or language in self.languages
 
 
+# The main student's name: its consumer group, report entries and checkpoint folder; extra students name theirs.
+MAIN_STUDENT = "student"
+
+
 class StudentConfig(_Strict):
     model: str | None = Field(
         default=None,
@@ -1031,7 +1035,7 @@ class JobConfig(_Strict):
 
     def for_student(self, name: str) -> "JobConfig":
         """This job as one of its students sees it: ``student`` is that student's section."""
-        if name == "student":
+        if name == MAIN_STUDENT:
             return self
         extra = next((student for student in self.extra_students if student.name == name), None)
         if extra is None:
@@ -1109,7 +1113,7 @@ class JobConfig(_Strict):
 
     @property
     def student_names(self) -> list[str]:
-        return ["student", *(student.name for student in self.extra_students)]
+        return [MAIN_STUDENT, *(student.name for student in self.extra_students)]
 
     @property
     def resolved_job_id(self) -> str:

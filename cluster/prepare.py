@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from polydistill.cluster.config import ConfigError, JobConfig
+from polydistill.cluster.config import MAIN_STUDENT, ConfigError, JobConfig
 from polydistill.storage.alignment import AlignmentTable, pivot_rows, row_index_ids
 from polydistill.storage.job_data import JobSplit, pad_token_id, tokenize_split
 from polydistill.storage.message_checks import check_max_length
@@ -186,7 +186,7 @@ def _dev_description(splits: TeacherSplits) -> str:
 
 
 def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: JobSplit,
-                    name: str = "student") -> tuple[Path, dict]:
+                    name: str = MAIN_STUDENT) -> tuple[Path, dict]:
     """Saves the student's initial weights (and tokenizer) once, so that the distilled student and
     the hard-label ablation start from the same point; trims the vocabulary when asked.
     ``config`` is the job as this student sees it (``JobConfig.for_student``)."""

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from polydistill.cluster.config import JobConfig
+from polydistill.cluster.config import MAIN_STUDENT, JobConfig
 from polydistill.storage import wire
 from polydistill.storage.model_sources import resolve_model_source
 from polydistill.student.contract import ContractError
 
 # The folder a student's initial weights and tokenizer are saved in, under its own folder.
 STUDENT_INIT_FOLDER = "student_init"
-MAIN_STUDENT = "student"
 
 
 def student_dir(out_dir: Path, name: str) -> Path:

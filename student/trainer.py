@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from polydistill.cluster.config import JobConfig
+from polydistill.cluster.config import MAIN_STUDENT, JobConfig
 from polydistill.storage import wire
 from polydistill.storage.keys import JobKeys, dev_accuracy_field
 from polydistill.storage.ledger import EpochLedger
@@ -150,7 +150,7 @@ class StudentTrainer:
         batches_per_epoch: int,
         redis_url: str,
         student_dir: str,
-        name: str = "student",
+        name: str = MAIN_STUDENT,
         progress: Callable[[dict], None] | None = None,
         checkpoint_dir: str | None = None,
         rank: int = 0,
