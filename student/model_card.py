@@ -65,6 +65,8 @@ def render_model_card(report: Mapping, config: JobConfig, name: str = "student")
         + (f", initialised from teacher layers {student_config.init_from_teacher_layers}"
            if student_config.init_from_teacher_layers else "")
         + (", vocabulary trimmed to the pieces the training text uses" if student_config.trim_vocabulary else "")
+        + (f", word embedding factorised ALBERT style ({student_config.embedding_size} wide, then mapped to the "
+           "hidden width)" if student_config.embedding_size else "")
         + ".",
         f"- Knowledge: soft labels at temperature {distill.temperature} (weight {distill.soft_weight}), "
         f"gold labels (weight {distill.hard_weight}); {training.epochs} epochs, batch {training.batch_size}, "

@@ -12,7 +12,7 @@ def _config(**data) -> JobConfig:
     return JobConfig.model_validate({
         "teacher": {"model": "intfloat/multilingual-e5-small"},
         "student": {"config": {"num_hidden_layers": 4}, "init_from_teacher_layers": [0, 4, 8, 11]},
-        "extra_students": [{"name": "small", "config": {"num_hidden_layers": 2}}],
+        "extra_students": [{"name": "small", "config": {"num_hidden_layers": 2}, "embedding_size": 128}],
         "data": {"path": "./data/sib200", **data},
         "output_dir": "/tmp/out",
     })
@@ -31,6 +31,7 @@ def test_the_card_states_the_recipe_results_and_licence_of_its_own_student():
     assert header["base_model"] == "intfloat/multilingual-e5-small"
     assert header["language"] == ["aa", "bb"]
     assert "with 2 layers" in card and "1,234 samples in 56 s" in card
+    assert "word embedding factorised ALBERT style (128 wide" in card
     assert "| aa       | 100.0%      | 75.0%" in card            # the small student's own row, not the main one's
     assert "+37.5 points over its hard-label ablation" in card
     assert "90,000 parameters (1,000,000 in the teacher); 5.00×" in card
@@ -54,6 +55,7 @@ def test_cards_go_beside_each_students_weights(tmp_path):
     written = write_model_cards(report, _config())
     assert written == [tmp_path / "student" / "README.md", tmp_path / "small" / "README.md"]
     assert "with 4 layers" in written[0].read_text() and "with 2 layers" in written[1].read_text()
+    assert "factorised" not in written[0].read_text()
 
 
 def test_languages_take_the_iso_code_of_a_flores_name():
