@@ -967,6 +967,15 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _factorised_student_not_pruned(self) -> "JobConfig":
+        """Pruning removes heads and neurons of BERT-layout layers; a factorised student is an ALBERT model."""
+        pruned = self.compress is not None and any(stage.kind == "prune" for stage in self.compress.stages)
+        if pruned and self.student.embedding_size is not None:
+            raise ValueError("compress: a 'prune' stage needs a BERT-layout student, and student.embedding_size makes "
+                             "the student an ALBERT model: drop the prune stage or student.embedding_size")
+        return self
+
+    @model_validator(mode="after")
     def _balance_without_cache(self) -> "JobConfig":
         if self.data.balance is not None and self.knowledge_cache.enabled:
             raise ValueError("data.balance draws some rows twice and others not at all in an epoch, but the knowledge "

@@ -103,3 +103,10 @@ def test_report_shows_a_stages_table_only_when_there_are_stages():
     assert "## Compression stages" in markdown
     table = format_stages_table(report)
     assert "| distil" in table and "| int8" in table and "1,000,000" in table and "95.0%" in table
+
+
+def test_a_factorised_student_is_not_pruned():
+    message = _refused(_with({"stages": CHAIN}, student={"embedding_size": 64}))
+    assert "'prune' stage needs a BERT-layout student" in message and "student.embedding_size" in message
+    without_pruning = [stage for stage in CHAIN if stage["kind"] != "prune"]
+    assert validate_config(_with({"stages": without_pruning}, student={"embedding_size": 64})).compress
