@@ -163,6 +163,8 @@ class TeacherStage:
 
 # The main student's name: its consumer group, report entries and checkpoint folder; extra students name theirs.
 MAIN_STUDENT = "student"
+# The tasks whose BERT-layout student student/factorise.py turns into an ALBERT one (student.embedding_size).
+FACTORISABLE_TASKS = ("sequence-classification", "token-classification", "sentence-embedding")
 
 
 class StudentConfig(_Strict):
@@ -185,7 +187,8 @@ class StudentConfig(_Strict):
     freeze_embeddings: bool = Field(
         default=False,
         description="Keep the input word embeddings fixed (copied from the teacher): cheaper steps, "
-        "and the words of languages rare in the training data keep the teacher's vectors.",
+        "and the words of languages rare in the training data keep the teacher's vectors. With embedding_size, "
+        "the narrow table is the one kept fixed (at its initialisation) and its map to the hidden width still trains.",
     )
     tokenizer: str | None = Field(
         default=None,
@@ -967,12 +970,26 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _factorised_student_not_pruned(self) -> "JobConfig":
-        """Pruning removes heads and neurons of BERT-layout layers; a factorised student is an ALBERT model."""
-        pruned = self.compress is not None and any(stage.kind == "prune" for stage in self.compress.stages)
-        if pruned and self.student.embedding_size is not None:
-            raise ValueError("compress: a 'prune' stage needs a BERT-layout student, and student.embedding_size makes "
-                             "the student an ALBERT model: drop the prune stage or student.embedding_size")
+    def _factorised_students(self) -> "JobConfig":
+        """What a factorised student (an ALBERT model, student/factorise.py) cannot do, refused before any model
+        is built: the check in factorise.py itself runs only once the teacher is fine-tuned."""
+        keys = [("student.embedding_size" if name == MAIN_STUDENT else f"extra_students[{name}].embedding_size")
+                for name, student in zip(self.student_names, (self.student, *self.extra_students), strict=True)
+                if student.embedding_size is not None]
+        if not keys:
+            return self
+        if self.task not in FACTORISABLE_TASKS:
+            raise ValueError(f"{keys[0]}: a factorised embedding is made for the tasks {', '.join(FACTORISABLE_TASKS)}, "
+                             f"not {self.task}: drop {keys[0]}")
+        if self.extra_tasks:
+            raise ValueError(f"{keys[0]}: the heads of extra_tasks are built on a BERT-layout encoder: drop {keys[0]} "
+                             "or extra_tasks")
+        # Pruning (structured or by magnitude) finds the layers where BERT keeps them; compression takes the main student.
+        pruning = [stage.name for stage in (self.compress.stages if self.compress else ())
+                   if stage.kind in ("prune", "magnitude")]
+        if pruning and self.student.embedding_size is not None:
+            raise ValueError(f"compress: the stage {pruning[0]!r} prunes a BERT-layout student, and student.embedding_size "
+                             "makes the student an ALBERT model: drop that stage or student.embedding_size")
         return self
 
     @model_validator(mode="after")

@@ -54,7 +54,7 @@ from polydistill.student.teacher_gate import (
     write_teacher_record,
 )
 from polydistill.student.token_inputs import STUDENT_INIT_FOLDER, student_dir
-from polydistill.student.vocab_trim import count_parameters, trim_model_and_tokenizer
+from polydistill.student.vocab_trim import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,12 @@ def prepare_student(config: JobConfig, teacher_dir: Path, out_dir: Path, train: 
                 "params_after_trim": result.params_after}
     else:
         shutil.rmtree(init_dir, ignore_errors=True)
-        model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
     if config.student.embedding_size is not None:  # after trimming: the kept rows decide the directions
         model = factorised_student(model, config.student.embedding_size)
-        model.save_pretrained(init_dir)
-        info.update(embedding_size=config.student.embedding_size, params_factorised=count_parameters(model))
+        info["embedding_size"] = config.student.embedding_size
+    if config.student.embedding_size is not None or not config.student.trim_vocabulary:
+        model.save_pretrained(init_dir)  # in place of the model trimming saved, if it did
     save_teacher_config(init_dir, teacher_dir)  # the student sizes its feature projections from it
     return init_dir, info
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from polydistill.cluster.config import JobConfig
+from polydistill.cluster.config import MAIN_STUDENT, JobConfig
 from polydistill.student.report import format_language_table
 from polydistill.student.report_students import distilled_students, student_summaries, student_view
 
@@ -36,7 +36,7 @@ def card_languages(report: Mapping) -> list[str]:
     return sorted({language.split("_")[0].split("-")[0] for language in report.get("per_language") or {}})
 
 
-def render_model_card(report: Mapping, config: JobConfig, name: str = "student") -> str:
+def render_model_card(report: Mapping, config: JobConfig, name: str = MAIN_STUDENT) -> str:
     """The card of student ``name`` ("student" or an extra student's name) of the job in ``report``."""
     pipeline, auto_class = _PIPELINE[config.task]
     student_config = config.for_student(name).student
@@ -65,8 +65,8 @@ def render_model_card(report: Mapping, config: JobConfig, name: str = "student")
         + (f", initialised from teacher layers {student_config.init_from_teacher_layers}"
            if student_config.init_from_teacher_layers else "")
         + (", vocabulary trimmed to the pieces the training text uses" if student_config.trim_vocabulary else "")
-        + (f", word embedding factorised ALBERT style ({student_config.embedding_size} wide, then mapped to the "
-           "hidden width)" if student_config.embedding_size else "")
+        + (f", saved as an ALBERT model whose word embedding is factorised ({student_config.embedding_size} wide, "
+           "then mapped to the hidden width)" if student_config.embedding_size else "")
         + ".",
         f"- Knowledge: soft labels at temperature {distill.temperature} (weight {distill.soft_weight}), "
         f"gold labels (weight {distill.hard_weight}); {training.epochs} epochs, batch {training.batch_size}, "
@@ -112,11 +112,11 @@ def _headline(summary: Mapping, report: Mapping) -> str:
 
 def write_model_cards(report: Mapping, config: JobConfig) -> list[Path]:
     """A card beside the weights of every distilled student the report names; returns the cards written."""
-    folders = {"student": report.get("student_path")}
+    folders = {MAIN_STUDENT: report.get("student_path")}
     folders.update({name: section.get("student_path")
                     for name, section in (report.get("extra_students") or {}).items()})
     written = []
-    for name in distilled_students(report) or ["student"]:
+    for name in distilled_students(report) or [MAIN_STUDENT]:
         folder = folders.get(name)
         if not folder or not Path(folder).is_dir():
             continue

@@ -14,13 +14,14 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from polydistill.cluster.config import MAIN_STUDENT
 from polydistill.student.metrics import ablation_name, comparison_names, is_distilled_student, retention
 
 
 def distilled_students(report: Mapping) -> list[str]:
     """The distilled students the evaluation scored, the main one first."""
     averages = (report.get("overall") or {}).get("language_average") or {}
-    return sorted(filter(is_distilled_student, averages), key=lambda name: (name != "student", name))
+    return sorted(filter(is_distilled_student, averages), key=lambda name: (name != MAIN_STUDENT, name))
 
 
 def has_extra_students(report: Mapping) -> bool:
@@ -71,7 +72,7 @@ def student_summaries(report: Mapping) -> list[dict]:
     for name in distilled_students(report):
         costs = efficiency.get(name) or {}
         minus, kept = comparison_names(name)
-        speedup = efficiency.get("speedup_batch32") if name == "student" else costs.get("speedup_batch32")
+        speedup = efficiency.get("speedup_batch32") if name == MAIN_STUDENT else costs.get("speedup_batch32")
         init = _student_init(report, name)
         vocabulary = init.get("vocabulary_after") if init.get("trimmed_vocabulary") else None
         embedding_size = init.get("embedding_size")  # a factorised embedding (student/factorise.py)
@@ -92,7 +93,7 @@ def student_summaries(report: Mapping) -> list[dict]:
 def _student_init(report: Mapping, name: str) -> Mapping:
     """How student ``name`` was prepared (cluster/prepare.py ``prepare_student``): its trimmed vocabulary's
     size when it was trimmed, the width of its factorised embedding when it has one."""
-    section = report if name == "student" else (report.get("extra_students") or {}).get(name) or {}
+    section = report if name == MAIN_STUDENT else (report.get("extra_students") or {}).get(name) or {}
     return section.get("student_init") or {}
 
 

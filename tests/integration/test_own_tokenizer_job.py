@@ -4,7 +4,10 @@ needs no alignment."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from polydistill.cluster.config import ConfigError
@@ -75,13 +78,16 @@ def test_students_of_one_teacher_pass_learn_over_vocabularies_of_their_own(tmp_p
     assert sizes["small"] < sizes["student"]
     assert (report["student_init"]["vocabulary_after"], small["student_init"]["vocabulary_after"]) == (
         sizes["student"], sizes["small"])
+    models = {name: AutoModelForSequenceClassification.from_pretrained(student["student_path"])
+              for name, student in (("student", report), ("small", small))}
     for name, size in sizes.items():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            report["student_path"] if name == "student" else small["student_path"])
-        assert model.config.vocab_size == size, name  # it read (and learnt) ids of its own tokenizer only
-        # The small one trained and was saved as the stock ALBERT model its factorised embedding makes.
-        assert model.config.model_type == ("albert" if name == "small" else "bert"), name
-    assert small["student_init"]["embedding_size"] == model.config.embedding_size == 16
+        assert models[name].config.vocab_size == size, name  # it read (and learnt) ids of its own tokenizer only
+    # The small one trained as, and was saved as, the stock ALBERT model its factorised embedding makes.
+    assert models["student"].config.model_type == "bert" and models["small"].config.model_type == "albert"
+    assert small["student_init"]["embedding_size"] == models["small"].config.embedding_size == 16
+    start = AutoModelForSequenceClassification.from_pretrained(Path(small["student_path"]).parent / "student_init")
+    narrow_tables = [model.get_input_embeddings().weight for model in (start, models["small"])]
+    assert narrow_tables[0].shape == narrow_tables[1].shape and not torch.equal(*narrow_tables)
     assert 0 <= report["per_language"]["zho_Hans"]["small"]["accuracy"] <= 1
 
 

@@ -107,6 +107,8 @@ def test_report_shows_a_stages_table_only_when_there_are_stages():
 
 def test_a_factorised_student_is_not_pruned():
     message = _refused(_with({"stages": CHAIN}, student={"embedding_size": 64}))
-    assert "'prune' stage needs a BERT-layout student" in message and "student.embedding_size" in message
+    assert "the stage 'pruned' prunes a BERT-layout student" in message and "student.embedding_size" in message
+    by_magnitude = [CHAIN[0], {"name": "sparse", "kind": "magnitude", "sparsity": 0.5}, *CHAIN[2:]]
+    assert "the stage 'sparse'" in _refused(_with({"stages": by_magnitude}, student={"embedding_size": 64}))
     without_pruning = [stage for stage in CHAIN if stage["kind"] != "prune"]
     assert validate_config(_with({"stages": without_pruning}, student={"embedding_size": 64})).compress

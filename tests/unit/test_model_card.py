@@ -31,7 +31,7 @@ def test_the_card_states_the_recipe_results_and_licence_of_its_own_student():
     assert header["base_model"] == "intfloat/multilingual-e5-small"
     assert header["language"] == ["aa", "bb"]
     assert "with 2 layers" in card and "1,234 samples in 56 s" in card
-    assert "word embedding factorised ALBERT style (128 wide" in card
+    assert "saved as an ALBERT model whose word embedding is factorised (128 wide" in card
     assert "| aa       | 100.0%      | 75.0%" in card            # the small student's own row, not the main one's
     assert "+37.5 points over its hard-label ablation" in card
     assert "90,000 parameters (1,000,000 in the teacher); 5.00×" in card
