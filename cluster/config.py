@@ -973,9 +973,9 @@ class JobConfig(_Strict):
     def _factorised_students(self) -> "JobConfig":
         """What a factorised student (an ALBERT model, student/factorise.py) cannot do, refused before any model
         is built: the check in factorise.py itself runs only once the teacher is fine-tuned."""
-        keys = [("student.embedding_size" if name == MAIN_STUDENT else f"extra_students[{name}].embedding_size")
-                for name, student in zip(self.student_names, (self.student, *self.extra_students), strict=True)
-                if student.embedding_size is not None]
+        keys = ["student.embedding_size"] if self.student.embedding_size is not None else []
+        keys += [f"extra_students[{extra.name}].embedding_size" for extra in self.extra_students
+                 if extra.embedding_size is not None]
         if not keys:
             return self
         if self.task not in FACTORISABLE_TASKS:

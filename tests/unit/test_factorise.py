@@ -4,7 +4,6 @@ by stock transformers and onnxruntime."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -12,7 +11,6 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
-    PreTrainedTokenizerFast,
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
 )
@@ -23,9 +21,9 @@ from polydistill.student.factorise import factorised_student
 from polydistill.student.onnx_export import export_classifier_onnx
 from polydistill.student.quantize import onnx_unavailable_reason
 from polydistill.student.vocab_trim import count_parameters
+from tests.unit.test_onnx_export import WORDS, word_level_tokenizer
 
 HIDDEN, LAYERS, VOCAB, POSITIONS = 48, 2, 300, 40
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "short", "sentence", ".", "somewhat", "longer", ",", "for", "the"]
 
 
 def _config(**fields) -> BertConfig:
@@ -179,10 +177,7 @@ def test_onnxruntime_runs_the_exported_factorised_student(tmp_path):
     config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, num_labels=3)
     factorised_student(BertForSequenceClassification(config).eval(), 8).save_pretrained(tmp_path / "student")
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]").save_pretrained(tmp_path / "student")
+    word_level_tokenizer().save_pretrained(tmp_path / "student")
 
     exported = export_classifier_onnx(tmp_path / "student", tmp_path / "onnx", int8=False)
     assert exported.float_max_abs_diff < 1e-4

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(onnx_unavailable_reason() is not None, reason=st
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "short", "sentence", ".", "somewhat", "longer", ",", "for", "the"]
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def word_level_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
@@ -27,7 +27,7 @@ def _saved_classifier(folder):
     config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, num_labels=3)
     BertForSequenceClassification(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    word_level_tokenizer().save_pretrained(folder)
     return folder
 
 
