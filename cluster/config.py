@@ -666,6 +666,13 @@ class EvaluationConfig(_Strict):
     )
     latency: bool = Field(default=True, description="Measure the latency of teacher and students (on the device "
                           "the evaluation runs on, named in the report).")
+    latency_rounds: int = Field(
+        default=5, ge=1, le=100,
+        description="Rounds of latency timing: each round runs every measured model once (the teacher and the "
+        "students in turn, so that a speed-up compares latencies taken together), and each latency is the median "
+        "over the rounds. More rounds: steadier figures, a longer evaluation (seq2seq translates the latency "
+        "sample twice a round per model).",
+    )
     resources: StageResources | None = Field(
         default=None,
         description="What the ablations, the evaluation of every model and the compression stages ask Ray for; "

@@ -6,7 +6,8 @@ import statistics
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ from torch import Tensor, nn
 from polydistill.student.devices import model_device
 
 ModelInputs = Mapping[str, Tensor]
-InputsFactory = Callable[[int], ModelInputs]
 
 
 def _input_embedding_modules(model: nn.Module) -> list[nn.Module]:
@@ -67,88 +67,62 @@ def disk_bytes(path: str | Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def _batch_of(inputs: ModelInputs | InputsFactory, batch_size: int) -> dict[str, Tensor]:
-    """A batch of exactly `batch_size` rows, cycling through the examples if there are fewer."""
-    if callable(inputs):
-        return dict(inputs(batch_size))
-    if not inputs:
-        raise ValueError("measure_latency needs at least one input tensor (e.g. input_ids)")
-    sizes = {name: tensor.shape[0] for name, tensor in inputs.items()}
-    n_examples = next(iter(sizes.values()))
-    if len(set(sizes.values())) != 1 or n_examples == 0:
-        raise ValueError(f"input tensors need the same non-zero batch dimension, got {sizes}")
-    rows = torch.arange(batch_size) % n_examples
-    return {name: tensor[rows] for name, tensor in inputs.items()}
+@dataclass(frozen=True)
+class TimedWork:
+    """Work whose latency is measured: ``run`` does ``units`` of the measured thing (one forward pass of a
+    batch, or one pass over 32 single rows, 32 units), and a latency is the time of one unit."""
+
+    run: Callable[[], object]
+    units: int = 1
 
 
-def measure_latency(
-    model: nn.Module,
-    inputs: ModelInputs | InputsFactory,
-    *,
-    batch_size: int,
-    repeats: int = 20,
-    warmup: int = 3,
-) -> dict[str, float]:
-    """Median forward-pass latency for one batch, and the throughput it implies.
-
-    `inputs` is either a dict of tensors (e.g. a tokenizer's output), whose rows are cycled
-    to fill `batch_size`, or a callable ``batch_size -> dict`` that builds the batch. The
-    batch is built once, outside the timed region, so tokenisation is not measured. The
-    median over `repeats` resists the outliers (GC, scheduler) that skew a mean; `warmup`
-    calls first let lazy initialisation and allocator growth happen off the clock.
-    The model runs in eval mode under ``torch.inference_mode``; its training flag is
-    restored afterwards.
-    """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(
-            "need batch_size >= 1, repeats >= 1, warmup >= 0; "
-            f"got {batch_size}, {repeats}, {warmup}"
-        )
+def forward_work(model: nn.Module, batches: Sequence[ModelInputs]) -> TimedWork:
+    """One forward pass over each of `batches`, a unit each, in eval mode without autograd. The tensors
+    move to the model's device here, outside the timed region; on CUDA the run waits for the device,
+    whose launches are asynchronous, so that the clock stops when the work does."""
     device = model_device(model)
-    batch = {name: tensor.to(device) for name, tensor in _batch_of(inputs, batch_size).items()}
-    # CUDA launches are asynchronous: without a sync the clock stops before the work does.
+    on_device = [{name: tensor.to(device) for name, tensor in batch.items()} for batch in batches]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(**batch)
-            synchronize()
-            timings_s = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(**batch)
+
+    def run() -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for batch in on_device:
+                    model(**batch)
                 synchronize()
-                timings_s.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    median_s = statistics.median(timings_s)
-    return {"latency_ms": median_s * 1e3, "samples_per_s": batch_size / median_s}
+        finally:
+            model.train(was_training)
+
+    return TimedWork(run, units=len(on_device))
 
 
-def measure_latency_per_row(
-    model: nn.Module,
-    rows: Sequence[ModelInputs],
-    *,
-    repeats: int = 3,
-    warmup: int = 3,
-) -> dict[str, float]:
-    """Batch-1 latency over several single rows: the mean of each row's median.
+def interleaved_latency_ms(work: Mapping[Hashable, TimedWork], *, rounds: int, warmup: int = 1,
+                           clock: Callable[[], float] = time.perf_counter) -> dict[Hashable, float]:
+    """The median time of one unit of each entry of `work`, in milliseconds, timed in shared rounds.
 
-    One row's latency depends on its length, so a single row says little about a mix of
-    languages whose texts segment into very different numbers of tokens; the mean over a sample
-    spread across the languages estimates the latency of a request drawn from that mix.
-    `warmup` calls on the first row happen off the clock.
+    A speed-up is the ratio of two latencies. Timed minutes apart, each carries the machine's state of its
+    moment (another process on the cores, the clock's frequency), and one model's ratio to the teacher
+    moved between 4.9x and 6.2x from one job to the next. So every round runs each entry once, in an order
+    rotated by one place a round (no entry always runs first, after another's caches), and each entry's
+    latency is the median over the rounds, which resists a round that a pause hit. `warmup` rounds first,
+    off the clock, let lazy initialisation and allocator growth happen.
     """
-    if not rows:
-        raise ValueError("measure_latency_per_row needs at least one row")
-    per_row_ms = [
-        measure_latency(model, row, batch_size=1, repeats=repeats, warmup=warmup if index == 0 else 0)["latency_ms"]
-        for index, row in enumerate(rows)
-    ]
-    mean_ms = statistics.fmean(per_row_ms)
-    return {"latency_ms": mean_ms, "samples_per_s": 1e3 / mean_ms}
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    names = list(work)
+    for _ in range(warmup):
+        for name in names:
+            work[name].run()
+    seconds: dict[Hashable, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            start = clock()
+            work[name].run()
+            seconds[name].append((clock() - start) / work[name].units)
+    return {name: statistics.median(times) * 1e3 for name, times in seconds.items()}
 
 
 def spread_over_languages(languages: Sequence[str], size: int, seed: int = 0) -> list[int]:

@@ -32,7 +32,8 @@ from polydistill.student.metrics import (
     retention,
 )
 # The scorers live in student/scoring.py, below the task kinds that use them.
-from polydistill.student.scoring import describe_latency_sample
+from polydistill.student.efficiency import interleaved_latency_ms
+from polydistill.student.scoring import LATENCY_FIGURES, describe_latency_sample, latency_figures
 from polydistill.student.supervised import DevStopping, train_supervised
 from polydistill.student.task_kinds import task_kind
 from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest
@@ -89,7 +90,7 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     split = load_job_split(config.data, config.data.eval_split, label_names=label_names)
     held_out = HeldOut(config, split, label_names)
     models = {"teacher": teacher_dir, "student": student_dir, **(extra_models or {})}
-    results, costs = {}, {}
+    results, costs, latency_work = {}, {}, {}
     for name, model_dir in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = model_class(config.task).from_pretrained(model_dir).to(device)
@@ -97,8 +98,14 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
         with_costs = (name == "teacher" or is_distilled_student(name)) and config.evaluation.latency
         # The teacher comes first; the models after it are scored against it too where the kind compares them.
         results[name], costs_of = kind.evaluate(held_out, tested, results.get("teacher"), with_costs)
-        if with_costs:
-            costs[name] = costs_of
+        if costs_of is not None:
+            costs[name] = dict(costs_of.sizes)
+            latency_work.update({(name, figure): work for figure, work in costs_of.latency_work.items()})
+    # The teacher and the students are timed in the same rounds, so that each speed-up is a ratio of two
+    # latencies taken under the same conditions.
+    timed = interleaved_latency_ms(latency_work, rounds=config.evaluation.latency_rounds)
+    for name in costs:
+        costs[name].update(latency_figures({figure: timed[(name, figure)] for figure in LATENCY_FIGURES}))
     report = side_by_side(results, primary=kind.primary_score)
     if all("row_correct" in result for result in results.values()):  # classifiers and taggers
         add_confidence_intervals(report, results, split.dataset.with_format(None)["language"][:])

@@ -8,6 +8,7 @@ size and CPU latency on a fixed sample of rows spread over the languages. The ta
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from polydistill.student.efficiency import (
     count_parameters,
     disk_bytes,
     mean_tokens_per_language,
-    measure_latency,
-    measure_latency_per_row,
+    TimedWork,
+    forward_work,
+    interleaved_latency_ms,
     spread_over_languages,
 )
 from polydistill.student.metrics import classification_metrics, per_language_metrics
@@ -33,6 +35,12 @@ EVAL_BATCH = 64
 # each of them alone.
 LATENCY_ROWS = 32
 LATENCY_SEED = 0
+LATENCY_BATCH = 32
+# The latencies a model's costs report, each the time of one unit of its work (``latency_work``).
+LATENCY_FIGURES = ("latency_ms_batch1", "latency_ms_batch32")
+# Rounds of timing, each running every model's work once (efficiency.interleaved_latency_ms): the median
+# over them is each latency. evaluation.latency_rounds sets it for a job's report.
+LATENCY_ROUNDS = 5
 
 
 @torch.inference_mode()
@@ -120,29 +128,43 @@ def _model_inputs(token_ids: list[np.ndarray], pad_id: int) -> dict[str, torch.T
     }
 
 
-def latency(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None) -> dict:
-    """Latency at batch 1 and 32 on the rows of `latency_sample` (any model answering
-    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call); ``sample``:
-    those rows, when the caller has drawn them already."""
+def latency_work(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None) -> dict[str, TimedWork]:
+    """The two latencies the report gives, as work to time: each row of `latency_sample` alone (batch 1, a
+    unit a row) and all of them as one batch (batch 32). ``sample``: those rows, when drawn already."""
     sample = latency_sample(rows.languages) if sample is None else sample
-    batch1 = measure_latency_per_row(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample],
-                                     repeats=3, warmup=3)
-    batch32 = measure_latency(model, _model_inputs([rows.token_ids[i] for i in sample], pad_id),
-                              batch_size=32, repeats=5, warmup=1)
     return {
-        "latency_ms_batch1": round(batch1["latency_ms"], 3),
-        "latency_ms_batch32": round(batch32["latency_ms"], 3),
-        "samples_per_s_batch32": round(batch32["samples_per_s"], 1),
+        "latency_ms_batch1": forward_work(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample]),
+        # A sample of fewer rows (a small held-out split) is cycled to fill the batch.
+        "latency_ms_batch32": forward_work(
+            model, [_model_inputs([rows.token_ids[sample[i % len(sample)]] for i in range(LATENCY_BATCH)], pad_id)]),
     }
 
 
-def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
-    """Size, latency on the rows of `latency_sample`, and the model's tokens per row in each language."""
+def latency_figures(latency_ms: Mapping[str, float]) -> dict:
+    """The report's latency entries of one model from its timed `latency_work`."""
+    return {**{figure: round(latency_ms[figure], 3) for figure in LATENCY_FIGURES},
+            "samples_per_s_batch32": round(LATENCY_BATCH * 1e3 / latency_ms["latency_ms_batch32"], 1)}
+
+
+def latency(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None,
+            rounds: int = LATENCY_ROUNDS) -> dict:
+    """Latency of one model at batch 1 and 32 on the rows of `latency_sample` (any model answering
+    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call). A report that
+    compares models times them together instead (student/evaluate.py)."""
+    return latency_figures(interleaved_latency_ms(latency_work(model, rows, pad_id, sample), rounds=rounds))
+
+
+def sizes(model, model_dir: Path, rows: TokenizedSplit) -> dict:
+    """Parameters, size on disk, and the model's tokens per row: in each language and on the latency sample."""
     sample = latency_sample(rows.languages)
     return {
         **count_parameters(model),
         "disk_bytes": disk_bytes(model_dir),
-        **latency(model, rows, pad_id, sample),
         "latency_sample_mean_tokens": round(float(np.mean([len(rows.token_ids[i]) for i in sample])), 2),
         "mean_tokens_per_row": mean_tokens_per_language(rows.lengths, rows.languages),
     }
+
+
+def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
+    """Size and latency of one model on the rows of `latency_sample`."""
+    return {**sizes(model, model_dir, rows), **latency(model, rows, pad_id)}

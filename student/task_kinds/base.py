@@ -20,7 +20,8 @@ from polydistill.storage import wire
 from polydistill.storage.job_data import JobSplit, TokenizedSplit, pad_rows, pad_token_id, tokenize_split
 from polydistill.student.contract import KnowledgeRequest
 from polydistill.student.objectives import Objective
-from polydistill.student.scoring import efficiency
+from polydistill.student.efficiency import TimedWork
+from polydistill.student.scoring import latency_work, sizes
 from polydistill.student.teacher_pass import compute_knowledge
 
 
@@ -46,8 +47,17 @@ class ModelUnderTest:
 WorkTokens = Callable[[TokenizedSplit, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 # (the job, the teacher's tokenizer, its pad id) -> how the feeder builds each work batch's tokens.
 WorkTokensOf = Callable[[JobConfig, Any, int], WorkTokens]
+@dataclass(frozen=True)
+class Costs:
+    """What a model costs: its sizes, measured when it is scored, and the work its latencies are the time of,
+    which evaluate_job times in the same rounds as the other models' (efficiency.interleaved_latency_ms)."""
+
+    sizes: dict
+    latency_work: dict[str, TimedWork]
+
+
 # (held-out split, model, the teacher's quality or None, measure costs?) -> quality, costs (None when not measured).
-Evaluation = Callable[[HeldOut, ModelUnderTest, dict | None, bool], tuple[dict, dict | None]]
+Evaluation = Callable[[HeldOut, ModelUnderTest, dict | None, bool], tuple[dict, Costs | None]]
 # (held-out split, model, its tokenized rows, pad id, the teacher's quality or None) -> quality.
 RowScore = Callable[[HeldOut, ModelUnderTest, TokenizedSplit, int, dict | None], dict]
 
@@ -74,11 +84,13 @@ def scored_on_rows(score: RowScore) -> Evaluation:
     quality, and the costs are measured on the same rows."""
 
     def evaluate(held_out: HeldOut, tested: ModelUnderTest, reference: dict | None,
-                 with_costs: bool) -> tuple[dict, dict | None]:
+                 with_costs: bool) -> tuple[dict, Costs | None]:
         pad_id = pad_token_id(tested.tokenizer)
         rows = tokenize_split(held_out.split.dataset, tested.tokenizer, held_out.config.data.max_length)
         quality = score(held_out, tested, rows, pad_id, reference)
-        return quality, efficiency(tested.model, tested.directory, rows, pad_id) if with_costs else None
+        if not with_costs:
+            return quality, None
+        return quality, Costs(sizes(tested.model, tested.directory, rows), latency_work(tested.model, rows, pad_id))
 
     return evaluate
 

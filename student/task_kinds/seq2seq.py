@@ -20,7 +20,7 @@ from polydistill.cluster.config import JobConfig
 from polydistill.cluster.task_specs.seq2seq import SPEC
 from polydistill.storage import wire
 from polydistill.student.contract import ContractError, KnowledgeRequest
-from polydistill.student.efficiency import count_parameters, disk_bytes, mean_tokens_per_language
+from polydistill.student.efficiency import TimedWork, count_parameters, disk_bytes, mean_tokens_per_language
 from polydistill.student.lm_losses import masked_lm_ce, masked_lm_distillation_loss
 from polydistill.student.losses import combine_losses
 from polydistill.student.objectives import (
@@ -33,9 +33,9 @@ from polydistill.student.objectives import (
     lm_loss_settings,
     missing_knowledge,
 )
-from polydistill.student.scoring import latency_sample
+from polydistill.student.scoring import LATENCY_BATCH, latency_sample
 from polydistill.student.seq2seq import generated_targets, reference_targets
-from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest, TaskKind
+from polydistill.student.task_kinds.base import Costs, HeldOut, ModelUnderTest, TaskKind
 from polydistill.student.teacher_pass import soft_labels_on_device
 from polydistill.student.translation_eval import translate, translation_scores
 
@@ -105,7 +105,7 @@ def seq2seq_loss(logits: Tensor, knowledge: wire.Knowledge, labels: np.ndarray,
 
 
 def evaluate_translations(held_out: HeldOut, tested: ModelUnderTest, reference: dict | None,
-                          with_costs: bool) -> tuple[dict, dict | None]:
+                          with_costs: bool) -> tuple[dict, Costs | None]:
     """The model translates the held-out sources; BLEU and chrF per language against the references
     (sacrebleu, on its 0-100 scale). With the costs, its size and the time to translate one sentence and 32."""
     config, model, tokenizer = held_out.config, tested.model, tested.tokenizer
@@ -125,22 +125,24 @@ def evaluate_translations(held_out: HeldOut, tested: ModelUnderTest, reference: 
         return quality, None
     sample = latency_sample(languages)
 
-    def milliseconds_to_translate(texts: list[str]) -> float:
-        started = time.perf_counter()
-        translate(model, tokenizer, texts, **settings)
-        return 1000 * (time.perf_counter() - started)
+    singles = [[sources[i]] for i in sample]
+    batch = [sources[sample[i % len(sample)]] for i in range(LATENCY_BATCH)]  # a short sample cycled
+
+    def translate_each(groups: list[list[str]]) -> None:
+        for texts in groups:
+            translate(model, tokenizer, texts, **settings)
 
     encoded = tokenizer(sources, truncation=True, max_length=config.data.max_length)["input_ids"]
     source_lengths = [len(ids) for ids in encoded]
-    costs = {
+    sizes = {
         **count_parameters(model),
         "disk_bytes": disk_bytes(tested.directory),
-        "latency_ms_batch1": round(float(np.mean([milliseconds_to_translate([sources[i]]) for i in sample])), 3),
-        "latency_ms_batch32": round(milliseconds_to_translate([sources[i] for i in sample]), 3),
         "latency_sample_mean_tokens": round(float(np.mean([source_lengths[i] for i in sample])), 2),
         "mean_tokens_per_row": mean_tokens_per_language(source_lengths, languages),
     }
-    return quality, costs
+    # Batch 1: each sampled sentence translated alone, a unit each; batch 32: all of them at once.
+    return quality, Costs(sizes, {"latency_ms_batch1": TimedWork(lambda: translate_each(singles), len(singles)),
+                                  "latency_ms_batch32": TimedWork(lambda: translate_each([batch]))})
 
 
 KIND = TaskKind(

@@ -1,7 +1,6 @@
 """Parameter counts against hand sums of a tiny BERT's shapes; latency sanity; the rows latency is
 measured on, spread over every language."""
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -14,7 +13,9 @@ from polydistill.student.efficiency import (
     count_parameters,
     disk_bytes,
     mean_tokens_per_language,
-    measure_latency,
+    TimedWork,
+    forward_work,
+    interleaved_latency_ms,
     spread_over_languages,
 )
 
@@ -67,43 +68,65 @@ def test_disk_bytes_sums_files_recursively(tmp_path):
         disk_bytes(tmp_path / "missing")
 
 
-def _assert_sane(result, batch_size):
-    assert set(result) == {"latency_ms", "samples_per_s"}
-    assert math.isfinite(result["latency_ms"]) and result["latency_ms"] > 0
-    assert result["samples_per_s"] == pytest.approx(batch_size * 1000 / result["latency_ms"])
+class FakeClock:
+    """A clock each piece of work advances by its own cost, so timings are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
 
 
-def test_measure_latency_with_example_tensors_cycled_to_batch_size(tiny_bert):
-    examples = {
-        "input_ids": torch.randint(0, VOCAB, (3, 12)),
-        "attention_mask": torch.ones(3, 12, dtype=torch.long),
+def _work(clock, log, name, costs, units=1):
+    """Work that logs its runs and advances `clock` by the next of `costs` (seconds) each run."""
+    remaining = list(costs)
+
+    def run():
+        log.append(name)
+        clock.now += remaining.pop(0)
+
+    return TimedWork(run, units=units)
+
+
+def test_interleaved_rounds_rotate_the_order_and_take_each_entrys_median_per_unit():
+    clock, log = FakeClock(), []
+    work = {
+        "teacher": _work(clock, log, "teacher", [9.0, 1.0, 1.2, 50.0, 1.1]),  # warm-up 9 s, a round hit by a pause
+        "student": _work(clock, log, "student", [9.0, 0.2, 0.3, 0.25, 0.4], units=2),
+        ("student", "batch32"): _work(clock, log, "s32", [9.0, 0.5, 0.5, 0.5, 0.5]),
     }
+    latencies = interleaved_latency_ms(work, rounds=4, warmup=1, clock=clock)
+    assert log == ["teacher", "student", "s32",  # warm-up, off the clock
+                   "teacher", "student", "s32",  # each round runs every entry once,
+                   "student", "s32", "teacher",  # starting one place further on
+                   "s32", "teacher", "student",
+                   "teacher", "student", "s32"]
+    assert latencies == pytest.approx({"teacher": 1150.0, "student": 137.5, ("student", "batch32"): 500.0})
+
+
+def test_interleaved_latency_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        interleaved_latency_ms({}, rounds=0)
+    with pytest.raises(ValueError, match="warmup >= 0"):
+        interleaved_latency_ms({}, rounds=1, warmup=-1)
+
+
+def test_forward_work_runs_each_batch_in_eval_mode_and_restores_the_training_flag(tiny_bert):
+    batches = [{"input_ids": torch.randint(0, VOCAB, (rows, 6))} for rows in (1, 1, 3)]
+    seen = []
+    hook = tiny_bert.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((module.training, torch.is_inference_mode_enabled(),
+                                                  kwargs["input_ids"].shape[0])), with_kwargs=True)
     tiny_bert.train()
-    result = measure_latency(tiny_bert, examples, batch_size=8, repeats=3, warmup=1)
-    _assert_sane(result, 8)
+    try:
+        work = forward_work(tiny_bert, batches)
+        work.run()
+    finally:
+        hook.remove()
+    assert work.units == 3
+    assert seen == [(False, True, 1), (False, True, 1), (False, True, 3)]
     assert tiny_bert.training, "the model's training flag must be restored"
-
-
-def test_measure_latency_with_a_factory(tiny_bert):
-    seen_sizes = []
-
-    def make_batch(batch_size):
-        seen_sizes.append(batch_size)
-        return {"input_ids": torch.randint(0, VOCAB, (batch_size, 10))}
-
-    _assert_sane(measure_latency(tiny_bert, make_batch, batch_size=1, repeats=2, warmup=0), 1)
-    assert seen_sizes == [1]
-
-
-def test_measure_latency_rejects_bad_arguments(tiny_bert):
-    with pytest.raises(ValueError, match="repeats >= 1"):
-        measure_latency(tiny_bert, {"input_ids": torch.zeros(1, 2).long()}, batch_size=1, repeats=0)
-    with pytest.raises(ValueError, match="same non-zero batch"):
-        measure_latency(
-            tiny_bert,
-            {"input_ids": torch.zeros(2, 4).long(), "attention_mask": torch.ones(3, 4).long()},
-            batch_size=1,
-        )
 
 
 # --------------------------------------------------------------------------- the latency sample
@@ -140,7 +163,7 @@ def _rows_marked_by_language() -> TokenizedSplit:
 
 
 def test_efficiency_times_rows_from_every_language_the_same_rows_every_run(tiny_bert, tmp_path):
-    from polydistill.student.scoring import efficiency
+    from polydistill.student.scoring import LATENCY_ROUNDS, efficiency
 
     names = sorted(set(LANGUAGES))
     rows = _rows_marked_by_language()
@@ -159,9 +182,11 @@ def test_efficiency_times_rows_from_every_language_the_same_rows_every_run(tiny_
     singles = [b for b in first_batches if b.shape[0] == 1]
     batch32 = [b for b in first_batches if b.shape[0] == 32]
     assert singles and batch32 and len(singles) + len(batch32) == len(first_batches)
-    single_languages = Counter(names[int(b[0, 0]) - 1] for b in singles[3:])  # after the 3 warm-up calls
-    assert single_languages == {"yor_Latn": 3 * 3, "amh_Ethi": 8 * 3, "eng_Latn": 7 * 3, "fra_Latn": 7 * 3,
-                                "zho_Hans": 7 * 3}  # 3 timed calls a row
+    single_languages = Counter(names[int(b[0, 0]) - 1] for b in singles)
+    runs = 1 + LATENCY_ROUNDS  # a warm-up round, then the timed ones
+    assert single_languages == {"yor_Latn": 3 * runs, "amh_Ethi": 8 * runs, "eng_Latn": 7 * runs,
+                                "fra_Latn": 7 * runs, "zho_Hans": 7 * runs}
+    assert len(batch32) == runs
     batch_languages = Counter(names[int(token) - 1] for token in batch32[0][:, 0])
     assert batch_languages == {"yor_Latn": 3, "amh_Ethi": 8, "eng_Latn": 7, "fra_Latn": 7, "zho_Hans": 7}
 
@@ -171,4 +196,5 @@ def test_efficiency_times_rows_from_every_language_the_same_rows_every_run(tiny_
     assert first["latency_sample_mean_tokens"] == pytest.approx((8 * 3 + 7 * 4 + 7 * 5 + 3 * 6 + 7 * 7) / 32, abs=0.01)
     assert {key for key in first if key.startswith("latency")} == {
         "latency_ms_batch1", "latency_ms_batch32", "latency_sample_mean_tokens"}
+    assert first["samples_per_s_batch32"] == pytest.approx(32e3 / first["latency_ms_batch32"], rel=1e-3)
     assert first["mean_tokens_per_row"] == second["mean_tokens_per_row"]
