@@ -671,7 +671,8 @@ class EvaluationConfig(_Strict):
         description="Rounds of latency timing: each round runs every measured model once (the teacher and the "
         "students in turn, so that a speed-up compares latencies taken together), and each latency is the median "
         "over the rounds. More rounds: steadier figures, a longer evaluation (seq2seq translates the latency "
-        "sample twice a round per model).",
+        "sample twice a round per model). The timed models stay loaded together until the timing; the compression "
+        "stages' rows are timed one by one, in 5 rounds.",
     )
     resources: StageResources | None = Field(
         default=None,

@@ -75,11 +75,15 @@ class TimedWork:
     run: Callable[[], object]
     units: int = 1
 
+    def __post_init__(self) -> None:
+        if self.units < 1:
+            raise ValueError(f"timed work needs at least one unit (a batch or a row), got {self.units}")
+
 
 def forward_work(model: nn.Module, batches: Sequence[ModelInputs]) -> TimedWork:
     """One forward pass over each of `batches`, a unit each, in eval mode without autograd. The tensors
-    move to the model's device here, outside the timed region; on CUDA the run waits for the device,
-    whose launches are asynchronous, so that the clock stops when the work does."""
+    move to the model's device here, outside the timed region. On CUDA each pass waits for the device,
+    whose launches are asynchronous: a unit is one request's latency, not passes overlapping in a queue."""
     device = model_device(model)
     on_device = [{name: tensor.to(device) for name, tensor in batch.items()} for batch in batches]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -91,7 +95,7 @@ def forward_work(model: nn.Module, batches: Sequence[ModelInputs]) -> TimedWork:
             with torch.inference_mode():
                 for batch in on_device:
                     model(**batch)
-                synchronize()
+                    synchronize()
         finally:
             model.train(was_training)
 

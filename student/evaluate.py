@@ -7,6 +7,7 @@ runs on) go into one report section each, with the student's retention of the te
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -31,8 +32,8 @@ from polydistill.student.metrics import (
     is_distilled_student,
     retention,
 )
-# The scorers live in student/scoring.py, below the task kinds that use them.
 from polydistill.student.efficiency import interleaved_latency_ms
+# The scorers live in student/scoring.py, below the task kinds that use them.
 from polydistill.student.scoring import LATENCY_FIGURES, describe_latency_sample, latency_figures
 from polydistill.student.supervised import DevStopping, train_supervised
 from polydistill.student.task_kinds import task_kind
@@ -106,11 +107,15 @@ def evaluate_job(config: JobConfig, teacher_dir: Path, student_dir: Path, label_
     timed = interleaved_latency_ms(latency_work, rounds=config.evaluation.latency_rounds)
     for name in costs:
         costs[name].update(latency_figures({figure: timed[(name, figure)] for figure in LATENCY_FIGURES}))
+    del latency_work, tested, model  # the timed models were held until now: free them before the bootstrap
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     report = side_by_side(results, primary=kind.primary_score)
     if all("row_correct" in result for result in results.values()):  # classifiers and taggers
         add_confidence_intervals(report, results, split.dataset.with_format(None)["language"][:])
     if costs:
-        costs["latency_sample"] = describe_latency_sample(split)
+        costs["latency_sample"] = {**describe_latency_sample(split), "rounds": config.evaluation.latency_rounds}
         costs["device"] = device.type
         # The main student's ratios sit at the top of the section, each extra student's in its own entry.
         costs.update(_against_teacher(costs["teacher"], costs["student"]))

@@ -312,9 +312,12 @@ def _latency_sample_line(report: Mapping) -> str:
     lengths = [f"{role} {_decimal(efficiency.get(role, {}).get('latency_sample_mean_tokens'), 1)}"
                for role in ("teacher", "student") if efficiency.get(role, {}).get("latency_sample_mean_tokens")]
     device = "a GPU" if efficiency.get("device") == "cuda" else "the CPU"
+    rounds = sample.get("rounds")
+    timing = (f" The teacher and the students were timed in the same {rounds} rounds, each round running every model "
+              "once; each latency is the median over the rounds." if rounds else "")
     line = (f"Latency measured on {device}, on {sample.get('rows')} held-out rows drawn evenly from {len(languages)} languages "
-            f"(seed {sample.get('seed')}, the same rows every run): batch 32 on all of them at once, batch 1 on "
-            "each alone (the mean of the rows).")
+            f"(seed {sample.get('seed')}, the same rows every run): batch 32 on all of them at once (cycled to 32 "
+            f"when there are fewer), batch 1 on each alone (the mean of the rows).{timing}")
     return line + (f" Mean tokens per row of that sample: {', '.join(lengths)}." if lengths else "")
 
 

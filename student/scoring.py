@@ -17,12 +17,12 @@ import torch
 from polydistill.storage.job_data import JobSplit, TokenizedSplit, pad_rows
 from polydistill.storage.token_tags import token_predictions_to_words
 from polydistill.student.efficiency import (
+    TimedWork,
     count_parameters,
     disk_bytes,
-    mean_tokens_per_language,
-    TimedWork,
     forward_work,
     interleaved_latency_ms,
+    mean_tokens_per_language,
     spread_over_languages,
 )
 from polydistill.student.metrics import classification_metrics, per_language_metrics
@@ -39,7 +39,8 @@ LATENCY_BATCH = 32
 # The latencies a model's costs report, each the time of one unit of its work (``latency_work``).
 LATENCY_FIGURES = ("latency_ms_batch1", "latency_ms_batch32")
 # Rounds of timing, each running every model's work once (efficiency.interleaved_latency_ms): the median
-# over them is each latency. evaluation.latency_rounds sets it for a job's report.
+# over them is each latency. The compression rows use this; the evaluation of teacher and students takes
+# evaluation.latency_rounds (cluster/config.py, whose default is the same 5).
 LATENCY_ROUNDS = 5
 
 
@@ -132,6 +133,8 @@ def latency_work(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | N
     """The two latencies the report gives, as work to time: each row of `latency_sample` alone (batch 1, a
     unit a row) and all of them as one batch (batch 32). ``sample``: those rows, when drawn already."""
     sample = latency_sample(rows.languages) if sample is None else sample
+    if not sample:
+        raise ValueError("latency needs at least one held-out row: the evaluation split is empty")
     return {
         "latency_ms_batch1": forward_work(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample]),
         # A sample of fewer rows (a small held-out split) is cycled to fill the batch.
@@ -149,8 +152,9 @@ def latency_figures(latency_ms: Mapping[str, float]) -> dict:
 def latency(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None,
             rounds: int = LATENCY_ROUNDS) -> dict:
     """Latency of one model at batch 1 and 32 on the rows of `latency_sample` (any model answering
-    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call). A report that
-    compares models times them together instead (student/evaluate.py)."""
+    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call), timed on its own:
+    the compression stages' rows. The evaluation's teacher and students are timed together instead
+    (student/evaluate.py), which is what their speed-ups are taken from."""
     return latency_figures(interleaved_latency_ms(latency_work(model, rows, pad_id, sample), rounds=rounds))
 
 

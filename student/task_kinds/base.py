@@ -19,8 +19,8 @@ from polydistill.cluster.task_specs.spec import TaskSpec
 from polydistill.storage import wire
 from polydistill.storage.job_data import JobSplit, TokenizedSplit, pad_rows, pad_token_id, tokenize_split
 from polydistill.student.contract import KnowledgeRequest
-from polydistill.student.objectives import Objective
 from polydistill.student.efficiency import TimedWork
+from polydistill.student.objectives import Objective
 from polydistill.student.scoring import latency_work, sizes
 from polydistill.student.teacher_pass import compute_knowledge
 
@@ -47,6 +47,8 @@ class ModelUnderTest:
 WorkTokens = Callable[[TokenizedSplit, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 # (the job, the teacher's tokenizer, its pad id) -> how the feeder builds each work batch's tokens.
 WorkTokensOf = Callable[[JobConfig, Any, int], WorkTokens]
+
+
 @dataclass(frozen=True)
 class Costs:
     """What a model costs: its sizes, measured when it is scored, and the work its latencies are the time of,

@@ -140,7 +140,8 @@ def evaluate_translations(held_out: HeldOut, tested: ModelUnderTest, reference: 
         "latency_sample_mean_tokens": round(float(np.mean([source_lengths[i] for i in sample])), 2),
         "mean_tokens_per_row": mean_tokens_per_language(source_lengths, languages),
     }
-    # Batch 1: each sampled sentence translated alone, a unit each; batch 32: all of them at once.
+    # Batch 1: each sampled sentence translated alone, a unit each; batch 32: the sample (cycled to 32
+    # when shorter) in one call. Both include the tokenizing and decoding `translate` does.
     return quality, Costs(sizes, {"latency_ms_batch1": TimedWork(lambda: translate_each(singles), len(singles)),
                                   "latency_ms_batch32": TimedWork(lambda: translate_each([batch]))})
 

@@ -160,9 +160,10 @@ def test_sequence_lengths_per_language_and_the_latency_sample_in_the_efficiency_
         "student": {**FULL_REPORT["efficiency"]["student"], "latency_sample_mean_tokens": 45.5,
                     "mean_tokens_per_row": {"amh_Ethi": 70.0, "eng_Latn": 25.0}},
         "latency_sample": {"rows": 32, "seed": 0, "rows_per_language": {"amh_Ethi": 16, "eng_Latn": 16},
-                           "sample_ids": list(range(32))},
+                           "sample_ids": list(range(32)), "rounds": 7},
     }
     markdown = render_markdown({"efficiency": efficiency})
+    assert "timed in the same 7 rounds" in markdown
     table = format_sequence_length_table({"efficiency": efficiency}).splitlines()
     assert table[0].split("|")[1:-1] == [" language ", " teacher tokens ", " student tokens ", " student ÷ teacher "]
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in table[2:]}

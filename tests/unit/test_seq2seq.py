@@ -1,8 +1,10 @@
 """Sequence-to-sequence pieces: the decoder targets built from references and from generated output,
 the wire's target_ids (soft labels run along the target, not the source), chunking that keeps them,
-and the config's refusals."""
+the config's refusals, and what a translator's latency times."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +84,32 @@ def test_seq2seq_settings_are_checked(changes, message):
 def test_sequence_level_distillation_needs_no_soft_labels():
     config = validate_config({**BASE, "distill": {"soft_weight": 0, "hard_weight": 1, "seq2seq_target": "teacher"}})
     assert config.distill.seq2seq_target == "teacher"
+
+
+def test_a_translators_latency_work_times_each_sampled_sentence_alone_and_32_of_them_in_one_call(tmp_path):
+    from datasets import Dataset
+
+    from polydistill.cluster.config import load_config
+    from polydistill.storage.job_data import JobSplit
+    from polydistill.student.task_kinds.base import HeldOut, ModelUnderTest
+    from polydistill.student.task_kinds.seq2seq import evaluate_translations
+    from tests.unit.test_translation_eval import EchoSeq2Seq, build_wordpiece_tokenizer
+
+    config = load_config(Path(__file__).parents[2] / "examples" / "tiny_seq2seq.yaml")
+    sources = [f"{word} {word}" for word in ("alpha", "beta", "gamma", "delta", "epsilon")]
+    split = JobSplit(Dataset.from_dict({"sample_id": list(range(5)), "text": sources, "pair": sources,
+                                        "language": ["fra", "fra", "deu", "deu", "deu"]}), [], {})
+    model, folder = EchoSeq2Seq(), tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"x" * 10)
+    tokenizer = build_wordpiece_tokenizer(tmp_path / "wordpiece")
+    _, costs = evaluate_translations(HeldOut(config, split, []), ModelUnderTest(model, tokenizer, folder), None, True)
+
+    assert costs.sizes["disk_bytes"] == 10 and costs.sizes["params"] == 1
+    model.calls.clear()
+    costs.latency_work["latency_ms_batch1"].run()
+    assert [call["rows"] for call in model.calls] == [1] * 5  # every row of a 5-row split, alone
+    assert costs.latency_work["latency_ms_batch1"].units == 5
+    model.calls.clear()
+    costs.latency_work["latency_ms_batch32"].run()
+    assert [call["rows"] for call in model.calls] == [32]  # the 5 rows cycled to a batch of 32
