@@ -129,6 +129,12 @@ def _model_inputs(token_ids: list[np.ndarray], pad_id: int) -> dict[str, torch.T
     }
 
 
+def batch_of_sample(sample: list[int]) -> list[int]:
+    """The rows of the batch-32 latency: the sample, cycled to fill the batch when it is shorter (a small
+    held-out split)."""
+    return [sample[i % len(sample)] for i in range(LATENCY_BATCH)]
+
+
 def latency_work(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None) -> dict[str, TimedWork]:
     """The two latencies the report gives, as work to time: each row of `latency_sample` alone (batch 1, a
     unit a row) and all of them as one batch (batch 32). ``sample``: those rows, when drawn already."""
@@ -137,9 +143,8 @@ def latency_work(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | N
         raise ValueError("latency needs at least one held-out row: the evaluation split is empty")
     return {
         "latency_ms_batch1": forward_work(model, [_model_inputs([rows.token_ids[i]], pad_id) for i in sample]),
-        # A sample of fewer rows (a small held-out split) is cycled to fill the batch.
         "latency_ms_batch32": forward_work(
-            model, [_model_inputs([rows.token_ids[sample[i % len(sample)]] for i in range(LATENCY_BATCH)], pad_id)]),
+            model, [_model_inputs([rows.token_ids[i] for i in batch_of_sample(sample)], pad_id)]),
     }
 
 

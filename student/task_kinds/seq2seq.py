@@ -33,7 +33,7 @@ from polydistill.student.objectives import (
     lm_loss_settings,
     missing_knowledge,
 )
-from polydistill.student.scoring import LATENCY_BATCH, latency_sample
+from polydistill.student.scoring import batch_of_sample, latency_sample
 from polydistill.student.seq2seq import generated_targets, reference_targets
 from polydistill.student.task_kinds.base import Costs, HeldOut, ModelUnderTest, TaskKind
 from polydistill.student.teacher_pass import soft_labels_on_device
@@ -126,7 +126,7 @@ def evaluate_translations(held_out: HeldOut, tested: ModelUnderTest, reference: 
     sample = latency_sample(languages)
 
     singles = [[sources[i]] for i in sample]
-    batch = [sources[sample[i % len(sample)]] for i in range(LATENCY_BATCH)]  # a short sample cycled
+    batch = [sources[i] for i in batch_of_sample(sample)]
 
     def translate_each(groups: list[list[str]]) -> None:
         for texts in groups:
