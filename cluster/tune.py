@@ -86,8 +86,14 @@ log = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "tune_report.json", "tune_report.md", "pareto.png"
 MISSING = "—"
-# Size/latency objectives a trial reports (the student's, from the job's efficiency section).
-COST_KEYS = ("params", "non_embedding_params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32")
+# Size/latency objectives a trial reports (the student's, from the job's efficiency section). A latency
+# share is the student's latency over the teacher's, timed in the same rounds of the trial's own evaluation:
+# unlike milliseconds, it compares trials that ran minutes apart on a machine whose speed drifts.
+LATENCY_SHARES = {"latency_share_batch1": "speedup_batch1", "latency_share_batch32": "speedup_batch32"}
+COST_KEYS = ("params", "non_embedding_params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32",
+             *LATENCY_SHARES)
+AXIS_LABELS = {"latency_share_batch1": "student latency at batch 1 / teacher's, timed together",
+               "latency_share_batch32": "student latency at batch 32 / teacher's, timed together"}
 METRIC_KEYS = ("accuracy", "overall_accuracy", "macro_f1", "retention")
 # The named dimensions of `space` and the job keys they set.
 NAMED_KEYS = {
@@ -251,9 +257,11 @@ class TuneConfig(_Strict):
         description="What the best trial maximises: accuracy is the student's language-average accuracy.",
     )
     minimize: list[Literal["params", "non_embedding_params", "disk_bytes", "latency_ms_batch1",
-                           "latency_ms_batch32"]] = Field(
-        default_factory=lambda: ["params", "latency_ms_batch32"],
-        description="The costs of the Pareto front (the student's); latencies need evaluation.latency: true.",
+                           "latency_ms_batch32", "latency_share_batch1", "latency_share_batch32"]] = Field(
+        default_factory=lambda: ["params", "latency_share_batch32"],
+        description="The costs of the Pareto front (the student's); latencies need evaluation.latency: true. "
+        "A latency share (the student's latency over the teacher's, timed together in each trial) compares "
+        "trials fairly; milliseconds carry the machine's state at each trial's moment.",
     )
     seed: int | None = Field(default=0, description="Seeds the random search; null: a different search each run.")
     warmup: bool = Field(
@@ -376,7 +384,7 @@ def _number(value: Any) -> float | None:
 
 
 def pareto_front(rows: Sequence[Mapping[str, Any]], maximize: str = "accuracy",
-                 minimize: Sequence[str] = ("params", "latency_ms_batch32")) -> list[Mapping[str, Any]]:
+                 minimize: Sequence[str] = ("params", "latency_share_batch32")) -> list[Mapping[str, Any]]:
     """The rows no other row dominates: at least as good on every objective and better on one.
 
     ``maximize`` is higher-is-better; each of ``minimize`` is lower-is-better. A cost that no row
@@ -422,7 +430,8 @@ def best_trial(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy",
 def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     """What a trial reports, read from its job report (``cluster.driver.run_job``)."""
     overall = report.get("overall") or {}
-    student = (report.get("efficiency") or {}).get("student") or {}
+    efficiency = report.get("efficiency") or {}
+    student = efficiency.get("student") or {}
     teachers = report.get("teachers") or []
     computed = sum(int(teacher.get("samples") or 0) for teacher in teachers)
     metrics = {
@@ -431,7 +440,8 @@ def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
         "macro_f1": (overall.get("student") or {}).get("macro_f1"),
         "retention": overall.get("retention"),
         "teacher_accuracy": (overall.get("language_average") or {}).get("teacher"),
-        **{key: student.get(key) for key in COST_KEYS},
+        **{key: student.get(key) for key in COST_KEYS if key not in LATENCY_SHARES},
+        **{share: _inverse(efficiency.get(speedup)) for share, speedup in LATENCY_SHARES.items()},
         "final_loss": report.get("final_loss"),
         "wall_seconds": report.get("total_seconds", report.get("wall_seconds")),
         "samples_distilled": report.get("samples_distilled"),
@@ -442,6 +452,12 @@ def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     if "knowledge_cache" in report:  # whatever the job says about its cache, kept as it is
         metrics["knowledge_cache"] = json.dumps(report["knowledge_cache"], default=str)
     return metrics
+
+
+def _inverse(speedup: Any) -> float | None:
+    """The student's latency as a share of the teacher's, from the speed-up the job timed together."""
+    value = _number(speedup)
+    return None if value is None or value <= 0 else round(1 / value, 4)
 
 
 def _short_names(keys: Iterable[str]) -> dict[str, str]:
@@ -471,6 +487,11 @@ def _count(value: Any) -> str:
     return MISSING if number is None else f"{int(number):,}"
 
 
+def _speedup(share: Any) -> str:
+    value = _number(share)
+    return MISSING if value is None or value <= 0 else f"{1 / value:.2f}×"
+
+
 def _ms(value: Any) -> str:
     number = _number(value)
     return MISSING if number is None else f"{number:.2f}"
@@ -486,7 +507,7 @@ def format_tune_table(result: Mapping[str, Any]) -> str:
     split = (result.get("selected_on") or {}).get("split")
     scored_on = f" ({split})" if split else ""  # every trial's scores are on the dev split it was chosen on
     header = ["trial", *names.values(), f"accuracy{scored_on}", f"retention{scored_on}", "params", "latency b32 (ms)",
-              "knowledge", "front"]
+              "speed-up b32", "knowledge", "front"]
     lines = []
     for row in rows:
         marks = ("★" if row["trial"] == best else "") + ("◆" if row["trial"] in front else "")
@@ -499,7 +520,7 @@ def format_tune_table(result: Mapping[str, Any]) -> str:
         config = row.get("config") or {}
         lines.append([row["trial"], *(_cell(config.get(key)) for key in keys), _percent(row.get("accuracy")),
                       _percent(row.get("retention")), _count(row.get("params")), _ms(row.get("latency_ms_batch32")),
-                      knowledge, marks])
+                      _speedup(row.get("latency_share_batch32")), knowledge, marks])
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -611,7 +632,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], front_names: Iterable[str], b
                         textcoords="offset points")
             if row["trial"] == best_name:
                 ax.scatter([x], [100 * y], marker="*", s=200, color="gold", edgecolor="black", label="best", zorder=4)
-        ax.set_xlabel(f"student {cost}")
+        ax.set_xlabel(AXIS_LABELS.get(cost, f"student {cost}"))
         ax.set_ylabel(f"student {metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

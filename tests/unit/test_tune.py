@@ -86,7 +86,7 @@ def test_numpy_values_from_tune_become_plain():
 
 
 def row(name, accuracy, params, latency, status="ok"):
-    return {"trial": name, "status": status, "accuracy": accuracy, "params": params, "latency_ms_batch32": latency}
+    return {"trial": name, "status": status, "accuracy": accuracy, "params": params, "latency_share_batch32": latency}
 
 
 ROWS = [
@@ -115,13 +115,13 @@ def test_pareto_front_on_one_cost_and_no_cost():
 
 
 def test_pareto_front_ignores_a_cost_no_row_has():
-    rows = [{**r, "latency_ms_batch32": None} for r in ROWS]  # evaluation.latency: false
+    rows = [{**r, "latency_share_batch32": None} for r in ROWS]  # evaluation.latency: false
     assert names(pareto_front(rows)) == ["d", "a", "g", "b"]
 
 
 def test_pareto_front_is_non_dominated_and_dominates_the_rest():
     front = pareto_front(ROWS)
-    keys = ("params", "latency_ms_batch32")
+    keys = ("params", "latency_share_batch32")
 
     def dominates(x, y):
         no_worse = x["accuracy"] >= y["accuracy"] and all(x[k] <= y[k] for k in keys)
@@ -148,7 +148,7 @@ def test_best_trial_is_the_argmax_first_of_equals():
 
 def test_equal_scores_go_to_the_cheaper_trial_which_is_on_the_front():
     rows = [row("p", 0.5, 200, 1.0), row("q", 0.5, 100, 9.0), row("r", 0.5, 100, 3.0), row("s", 0.4, 50, 1.0)]
-    costs = ("params", "latency_ms_batch32")
+    costs = ("params", "latency_share_batch32")
     best = best_trial(rows, tie_break=costs)
     assert best["trial"] == "r" and best in pareto_front(rows, minimize=costs)
     assert best_trial(rows)["trial"] == "p"  # no tie-break: the first of equals
@@ -169,7 +169,7 @@ def problem(raw) -> str:
 def test_defaults():
     config = validate_tune_config(SPACE)
     assert config.num_samples == 8 and config.max_concurrent_trials == 1
-    assert config.metric == "accuracy" and config.minimize == ["params", "latency_ms_batch32"]
+    assert config.metric == "accuracy" and config.minimize == ["params", "latency_share_batch32"]
     assert list(config.space.dimensions()) == ["distill.temperature", "training.lr"]
 
 
@@ -254,17 +254,35 @@ def test_trial_metrics_read_the_job_report():
         "overall": {"language_average": {"student": 0.5, "teacher": 0.6}, "retention": 0.83,
                     "student": {"accuracy": 0.52, "macro_f1": 0.4}},
         "efficiency": {"student": {"params": 1000, "disk_bytes": 4000, "latency_ms_batch1": 1.0,
-                                   "latency_ms_batch32": 3.0}},
+                                   "latency_ms_batch32": 3.0},
+                       "speedup_batch1": 2.0, "speedup_batch32": 4.0},
         "teachers": [{"samples": 0}], "samples_distilled": 64, "total_seconds": 12.0, "final_loss": 0.7,
         "knowledge_cache": {"key": "k", "read_from_start": True},
     }
     metrics = trial_metrics(report)
     assert metrics["accuracy"] == 0.5 and metrics["retention"] == 0.83 and metrics["macro_f1"] == 0.4
     assert metrics["params"] == 1000 and metrics["latency_ms_batch32"] == 3.0
+    assert metrics["latency_share_batch1"] == 0.5 and metrics["latency_share_batch32"] == 0.25
     assert metrics["knowledge_from_cache"] is True and metrics["teacher_samples_computed"] == 0
     assert '"read_from_start": true' in metrics["knowledge_cache"]
     computed = trial_metrics({**report, "teachers": [{"samples": 40}, {"samples": 24}]})
     assert computed["knowledge_from_cache"] is False and computed["teacher_samples_computed"] == 64
+
+
+def test_latency_share_compares_trials_timed_on_a_machine_whose_speed_drifted():
+    """Two trials of the same student, the second timed while the machine ran at half speed: their
+    milliseconds differ twofold, their shares of the teacher's latency (timed in the same rounds) do not."""
+    def report(student_ms, teacher_ms, accuracy):
+        return {"overall": {"language_average": {"student": accuracy}},
+                "efficiency": {"student": {"params": 1000, "latency_ms_batch32": student_ms},
+                               "speedup_batch32": teacher_ms / student_ms}}
+    fast, slow = trial_metrics(report(10.0, 40.0, 0.80)), trial_metrics(report(20.0, 80.0, 0.81))
+    assert fast["latency_share_batch32"] == slow["latency_share_batch32"] == 0.25
+    rows = [{"trial": "fast", **fast}, {"trial": "slow", **slow}]
+    assert names(pareto_front(rows)) == ["slow"]  # as fast in truth, and more accurate
+    assert names(pareto_front(rows, minimize=("params", "latency_ms_batch32"))) == ["slow", "fast"]
+    no_latency = trial_metrics({"overall": {}, "efficiency": {}})
+    assert no_latency["latency_share_batch32"] is None
 
 
 def test_table_marks_best_and_front(tmp_path):
@@ -276,7 +294,7 @@ def test_table_marks_best_and_front(tmp_path):
     line = {cells.split("|")[1].strip(): cells for cells in table[2:]}
     assert "★◆" in line["d"] and "◆" in line["a"] and "◆" not in line["c"] and "failed" in line["f"]
     assert "[[1, 2]]" in line["a"]
-    path = plot_pareto(rows, result["pareto_front"], "d", "accuracy", ["params", "latency_ms_batch32"],
+    path = plot_pareto(rows, result["pareto_front"], "d", "accuracy", ["params", "latency_share_batch32"],
                        tmp_path / "pareto.png")
     assert path is not None and path.read_bytes().startswith(b"\x89PNG")
 
