@@ -4,7 +4,8 @@
 one in-memory model; after each it saves the model (HF format, plus the student's tokenizer)
 under ``out_dir/<stage name>`` and measures it on the same held-out rows as the teacher, giving
 the report's rows: ``{name, params, disk_bytes, latency_ms_batch1, latency_ms_batch32, accuracy,
-retention, per_language}``.
+retention, per_language}``. The stages' latencies are timed together at the end, in the same rounds,
+so that they compare with each other.
 
 The stages are the job config's ``compress.stages`` (``cluster.config.CompressStageConfig``, with
 the chain rules in ``cluster.config.check_stages``). Stage kinds:
@@ -23,9 +24,10 @@ the chain rules in ``cluster.config.check_stages``). Stage kinds:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from polydistill.cluster.config import CompressStageConfig, DistillConfig, check_stages
 from polydistill.storage import wire
 from polydistill.storage.job_data import TokenizedSplit
-from polydistill.student.efficiency import count_parameters, disk_bytes
+from polydistill.student.efficiency import TimedWork, count_parameters, disk_bytes, interleaved_latency_ms
 from polydistill.student.onnx_export import OnnxRuntimeClassifier, export_model_onnx
-from polydistill.student.scoring import efficiency, latency, quality
+from polydistill.student.scoring import LATENCY_FIGURES, LATENCY_ROUNDS, latency_figures, latency_work, quality
 from polydistill.student.losses import combine_losses
 from polydistill.student.metrics import retention
 from polydistill.student.objectives import label_terms, loss_weights
@@ -97,6 +99,10 @@ def run_stages(
     model = AutoModelForSequenceClassification.from_pretrained(student_dir)
     masks: dict[str, Tensor] = {}
     rows = []
+    # Every stage's model (and its ONNX graph) is timed at the end, all in the same rounds, so that the
+    # rows' latencies compare stages under the same machine state; the chain changes `model` in place,
+    # so each stage's timed model is a copy of it as it was.
+    timed_work: dict[tuple[str, str, str], TimedWork] = {}
     for stage in stages:
         stage_dir = out_dir / stage.name
         details: dict = {}
@@ -119,40 +125,64 @@ def run_stages(
                 apply_masks(model, masks)
 
         if stage.kind == "measure":
-            measured, model_dir, size = model, student_dir, disk_bytes(student_dir)
+            measured, size = model, disk_bytes(student_dir)
         elif stage.kind == "quantize":
             _save(model, student_dir, stage_dir, quantized=True, embeddings=stage.embeddings)
-            measured, model_dir = load_quantized(stage_dir), stage_dir
+            measured = load_quantized(stage_dir)
             size = serialized_size_bytes(measured)
             marker = read_marker(stage_dir)
             details = {"method": marker["method"], "embedding_modules": marker.get("embedding_modules", []),
                        "float_checkpoint_bytes": disk_bytes(stage_dir)}
         else:
             _save(model, student_dir, stage_dir, quantized=False)
-            measured, model_dir, size = model, stage_dir, disk_bytes(stage_dir)
-        rows.append(_measure(stage, measured, model_dir, size, count_parameters(model), eval_rows, pad_id,
+            measured, size = model, disk_bytes(stage_dir)
+        rows.append(_measure(stage, measured, size, count_parameters(model), eval_rows, pad_id,
                              num_labels, teacher_quality, details))
+        timed = measured if stage.kind == "quantize" else copy.deepcopy(measured)  # quantize: loaded, and last
+        timed_work.update(_keyed(stage.name, "model", latency_work(timed, eval_rows, pad_id)))
         if stage.export == "onnx":
             tokenizer_dir = student_dir if stage.kind == "measure" else stage_dir
-            details["onnx"] = _onnx_runtime_row(model, tokenizer_dir, stage_dir / "onnx", stage.kind == "quantize",
-                                                eval_rows, pad_id, num_labels, teacher_quality)
-    return rows
+            details["onnx"], runtime_model = _onnx_runtime_row(
+                model, tokenizer_dir, stage_dir / "onnx", stage.kind == "quantize", eval_rows, pad_id, num_labels,
+                teacher_quality)
+            timed_work.update(_keyed(stage.name, "onnx", latency_work(runtime_model, eval_rows, pad_id)))
+    latency_ms = interleaved_latency_ms(timed_work, rounds=LATENCY_ROUNDS)
+    del timed_work  # the copies
+    return [_with_latency(row, latency_ms) for row in rows]
+
+
+def _keyed(stage: str, runtime: str, work: Mapping[str, TimedWork]) -> dict[tuple[str, str, str], TimedWork]:
+    return {(stage, runtime, figure): item for figure, item in work.items()}
+
+
+def _with_latency(row: StageRow, latency_ms: Mapping[tuple[str, str, str], float]) -> StageRow:
+    """The row with its model's latencies, and its ONNX graph's where it was exported."""
+    def figures(runtime: str) -> dict:
+        return latency_figures({figure: latency_ms[(row.name, runtime, figure)] for figure in LATENCY_FIGURES})
+
+    model = figures("model")
+    details = row.details
+    if "onnx" in details:
+        details = {**details, "onnx": {**details["onnx"], **figures("onnx")}}
+    return replace(row, latency_ms_batch1=model["latency_ms_batch1"], latency_ms_batch32=model["latency_ms_batch32"],
+                   details=details)
 
 
 def _onnx_runtime_row(model: nn.Module, tokenizer_dir: Path, onnx_dir: Path, int8: bool, eval_rows: TokenizedSplit,
-                      pad_id: int, num_labels: int, teacher: Mapping) -> dict:
-    """The stage's model as the ONNX graph it ships as (int8 for a quantize stage), scored in onnxruntime."""
+                      pad_id: int, num_labels: int, teacher: Mapping) -> tuple[dict, OnnxRuntimeClassifier]:
+    """The stage's model as the ONNX graph it ships as (int8 for a quantize stage), scored in onnxruntime;
+    and that graph's runtime, for the timing of all stages together."""
     export = export_model_onnx(model, tokenizer_dir, onnx_dir, int8=int8)
     shipped = export.int8_path if int8 else export.float_path
     runtime_model = OnnxRuntimeClassifier(shipped)
     scores = quality(runtime_model, eval_rows, pad_id, num_labels)
     accuracy = scores["overall"]["accuracy"]
-    return {"file": str(shipped.relative_to(onnx_dir.parent)), "disk_bytes": shipped.stat().st_size,
-            "max_abs_diff": export.int8_max_abs_diff if int8 else export.float_max_abs_diff,
-            "accuracy": accuracy, "retention": retention(accuracy, teacher["overall"]["accuracy"]),
-            "per_language_accuracy": {language: metrics["accuracy"]
-                                      for language, metrics in scores["per_language"].items()},
-            **latency(runtime_model, eval_rows, pad_id)}
+    row = {"file": str(shipped.relative_to(onnx_dir.parent)), "disk_bytes": shipped.stat().st_size,
+           "max_abs_diff": export.int8_max_abs_diff if int8 else export.float_max_abs_diff,
+           "accuracy": accuracy, "retention": retention(accuracy, teacher["overall"]["accuracy"]),
+           "per_language_accuracy": {language: metrics["accuracy"]
+                                     for language, metrics in scores["per_language"].items()}}
+    return row, runtime_model
 
 
 def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantized: bool,
@@ -166,10 +196,10 @@ def _save(model: PreTrainedModel, student_dir: Path, stage_dir: Path, *, quantiz
         AutoTokenizer.from_pretrained(student_dir).save_pretrained(stage_dir)
 
 
-def _measure(stage: CompressStageConfig, model: nn.Module, model_dir: Path, size: int, params: dict, eval_rows: TokenizedSplit,
+def _measure(stage: CompressStageConfig, model: nn.Module, size: int, params: dict, eval_rows: TokenizedSplit,
              pad_id: int, num_labels: int, teacher: Mapping, details: dict) -> StageRow:
+    """The stage's row, its latencies still to be timed (`_with_latency`)."""
     scores = quality(model, eval_rows, pad_id, num_labels)
-    cost = efficiency(model, model_dir, eval_rows, pad_id)
     per_language = {
         language: {
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
@@ -181,7 +211,7 @@ def _measure(stage: CompressStageConfig, model: nn.Module, model_dir: Path, size
     accuracy = scores["overall"]["accuracy"]
     return StageRow(
         name=stage.name, kind=stage.kind, params=params["params"], non_embedding_params=params["non_embedding_params"],
-        disk_bytes=size, latency_ms_batch1=cost["latency_ms_batch1"], latency_ms_batch32=cost["latency_ms_batch32"],
+        disk_bytes=size, latency_ms_batch1=math.nan, latency_ms_batch32=math.nan,
         accuracy=accuracy, retention=retention(accuracy, teacher["overall"]["accuracy"]),
         per_language=per_language, details=details,
     )

@@ -21,7 +21,6 @@ from polydistill.student.efficiency import (
     count_parameters,
     disk_bytes,
     forward_work,
-    interleaved_latency_ms,
     mean_tokens_per_language,
     spread_over_languages,
 )
@@ -39,8 +38,8 @@ LATENCY_BATCH = 32
 # The latencies a model's costs report, each the time of one unit of its work (``latency_work``).
 LATENCY_FIGURES = ("latency_ms_batch1", "latency_ms_batch32")
 # Rounds of timing, each running every model's work once (efficiency.interleaved_latency_ms): the median
-# over them is each latency. The compression rows use this; the evaluation of teacher and students takes
-# evaluation.latency_rounds (cluster/config.py, whose default is the same 5).
+# over them is each latency. The compression stages' rows use this (all stages in the same rounds); the
+# evaluation of teacher and students takes evaluation.latency_rounds (cluster/config.py, default the same 5).
 LATENCY_ROUNDS = 5
 
 
@@ -154,15 +153,6 @@ def latency_figures(latency_ms: Mapping[str, float]) -> dict:
             "samples_per_s_batch32": round(LATENCY_BATCH * 1e3 / latency_ms["latency_ms_batch32"], 1)}
 
 
-def latency(model, rows: TokenizedSplit, pad_id: int, sample: list[int] | None = None,
-            rounds: int = LATENCY_ROUNDS) -> dict:
-    """Latency of one model at batch 1 and 32 on the rows of `latency_sample` (any model answering
-    ``model(input_ids=..., attention_mask=...)``: torch, or onnxruntime behind that call), timed on its own:
-    the compression stages' rows. The evaluation's teacher and students are timed together instead
-    (student/evaluate.py), which is what their speed-ups are taken from."""
-    return latency_figures(interleaved_latency_ms(latency_work(model, rows, pad_id, sample), rounds=rounds))
-
-
 def sizes(model, model_dir: Path, rows: TokenizedSplit) -> dict:
     """Parameters, size on disk, and the model's tokens per row: in each language and on the latency sample."""
     sample = latency_sample(rows.languages)
@@ -172,8 +162,3 @@ def sizes(model, model_dir: Path, rows: TokenizedSplit) -> dict:
         "latency_sample_mean_tokens": round(float(np.mean([len(rows.token_ids[i]) for i in sample])), 2),
         "mean_tokens_per_row": mean_tokens_per_language(rows.lengths, rows.languages),
     }
-
-
-def efficiency(model, model_dir: Path, rows: TokenizedSplit, pad_id: int) -> dict:
-    """Size and latency of one model on the rows of `latency_sample`."""
-    return {**sizes(model, model_dir, rows), **latency(model, rows, pad_id)}

@@ -170,3 +170,36 @@ def test_recovery_and_distillation_give_the_same_loss_for_the_same_logits():
     training, _ = distillation_losses(student_logits, knowledge, config)
     torch.testing.assert_close(recovery, training)
     assert recovery.item() > 0
+
+
+def test_stages_are_timed_together_each_on_the_model_it_was(student_dir, tmp_path, monkeypatch):
+    """One timing call holds every stage's work; the distilled stage's work still holds the unpruned model
+    after pruning changed the chain's model in place; each row gets its own stage's latencies."""
+    import polydistill.student.compress as compress
+    from polydistill.student.prune import heads_per_layer
+
+    rows = tiny_rows(16, seed=5)
+    teacher_quality = quality(AutoModelForSequenceClassification.from_pretrained(student_dir), rows, 0, LABELS)
+    timed_models, calls = [], []
+    real_latency_work = compress.latency_work
+
+    def recording_latency_work(model, *args, **kwargs):
+        timed_models.append(model)
+        return real_latency_work(model, *args, **kwargs)
+
+    def fake_timing(work, *, rounds):
+        calls.append(dict(work))
+        return {key: 100.0 + index for index, key in enumerate(work)}
+
+    monkeypatch.setattr(compress, "latency_work", recording_latency_work)
+    monkeypatch.setattr(compress, "interleaved_latency_ms", fake_timing)
+    stages = [stage("distil", "measure"), stage("prune", "prune", head_sparsity=0.5, calibration_batches=1)]
+    result = run_stages(student_dir, stages, out_dir=tmp_path, calibration=rows, eval_rows=rows, pad_id=0,
+                        num_labels=LABELS, teacher_quality=teacher_quality)
+
+    keys = [(name, "model", figure) for name in ("distil", "prune") for figure in ("latency_ms_batch1", "latency_ms_batch32")]
+    assert len(calls) == 1 and list(calls[0]) == keys
+    assert heads_per_layer(timed_models[0]) == [4, 4] and sum(heads_per_layer(timed_models[1])) == 4
+    by_name = {row.name: row for row in result}
+    assert (by_name["distil"].latency_ms_batch1, by_name["distil"].latency_ms_batch32) == (100.0, 101.0)
+    assert (by_name["prune"].latency_ms_batch1, by_name["prune"].latency_ms_batch32) == (102.0, 103.0)
