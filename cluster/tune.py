@@ -89,11 +89,11 @@ MISSING = "—"
 # Size/latency objectives a trial reports (the student's, from the job's efficiency section). A latency
 # share is the student's latency over the teacher's, timed in the same rounds of the trial's own evaluation:
 # unlike milliseconds, it compares trials that ran minutes apart on a machine whose speed drifts.
-LATENCY_SHARES = {"latency_share_batch1": "speedup_batch1", "latency_share_batch32": "speedup_batch32"}
+LATENCY_SHARES = {"latency_share_batch1": "latency_ms_batch1", "latency_share_batch32": "latency_ms_batch32"}
 COST_KEYS = ("params", "non_embedding_params", "disk_bytes", "latency_ms_batch1", "latency_ms_batch32",
              *LATENCY_SHARES)
-AXIS_LABELS = {"latency_share_batch1": "student latency at batch 1 / teacher's, timed together",
-               "latency_share_batch32": "student latency at batch 32 / teacher's, timed together"}
+AXIS_LABELS = {"latency_share_batch1": "student ÷ teacher latency, batch 1",
+               "latency_share_batch32": "student ÷ teacher latency, batch 32"}
 METRIC_KEYS = ("accuracy", "overall_accuracy", "macro_f1", "retention")
 # The named dimensions of `space` and the job keys they set.
 NAMED_KEYS = {
@@ -431,7 +431,7 @@ def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     """What a trial reports, read from its job report (``cluster.driver.run_job``)."""
     overall = report.get("overall") or {}
     efficiency = report.get("efficiency") or {}
-    student = efficiency.get("student") or {}
+    student, teacher_costs = efficiency.get("student") or {}, efficiency.get("teacher") or {}
     teachers = report.get("teachers") or []
     computed = sum(int(teacher.get("samples") or 0) for teacher in teachers)
     metrics = {
@@ -441,7 +441,7 @@ def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
         "retention": overall.get("retention"),
         "teacher_accuracy": (overall.get("language_average") or {}).get("teacher"),
         **{key: student.get(key) for key in COST_KEYS if key not in LATENCY_SHARES},
-        **{share: _inverse(efficiency.get(speedup)) for share, speedup in LATENCY_SHARES.items()},
+        **{share: _share(student.get(figure), teacher_costs.get(figure)) for share, figure in LATENCY_SHARES.items()},
         "final_loss": report.get("final_loss"),
         "wall_seconds": report.get("total_seconds", report.get("wall_seconds")),
         "samples_distilled": report.get("samples_distilled"),
@@ -454,10 +454,12 @@ def trial_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def _inverse(speedup: Any) -> float | None:
-    """The student's latency as a share of the teacher's, from the speed-up the job timed together."""
-    value = _number(speedup)
-    return None if value is None or value <= 0 else round(1 / value, 4)
+def _share(student_ms: Any, teacher_ms: Any) -> float | None:
+    """The student's latency as a share of the teacher's, both timed in the same rounds of the job."""
+    student_value, teacher_value = _number(student_ms), _number(teacher_ms)
+    if student_value is None or teacher_value is None or teacher_value <= 0:
+        return None
+    return student_value / teacher_value
 
 
 def _short_names(keys: Iterable[str]) -> dict[str, str]:
@@ -506,8 +508,8 @@ def format_tune_table(result: Mapping[str, Any]) -> str:
     front = set(result.get("pareto_front") or [])
     split = (result.get("selected_on") or {}).get("split")
     scored_on = f" ({split})" if split else ""  # every trial's scores are on the dev split it was chosen on
-    header = ["trial", *names.values(), f"accuracy{scored_on}", f"retention{scored_on}", "params", "latency b32 (ms)",
-              "speed-up b32", "knowledge", "front"]
+    header = ["trial", *names.values(), f"accuracy{scored_on}", f"retention{scored_on}", "params",
+              "latency b32 (ms, this trial's moment)", "speed-up b32", "knowledge", "front"]
     lines = []
     for row in rows:
         marks = ("★" if row["trial"] == best else "") + ("◆" if row["trial"] in front else "")

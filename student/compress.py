@@ -59,6 +59,8 @@ from polydistill.student.prune import (
 from polydistill.student.quantize import load_quantized, read_marker, save_quantized, serialized_size_bytes
 
 RecoverFn = Callable[[PreTrainedModel], object]
+# The stage kinds that change the chain's in-memory model (a quantize stage converts a copy of it).
+CHANGES_MODEL = frozenset({"prune", "magnitude", "recover"})
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def run_stages(
     # rows' latencies compare stages under the same machine state; the chain changes `model` in place,
     # so each stage's timed model is a copy of it as it was.
     timed_work: dict[tuple[str, str, str], TimedWork] = {}
-    for stage in stages:
+    for position, stage in enumerate(stages):
         stage_dir = out_dir / stage.name
         details: dict = {}
         if stage.kind == "prune":
@@ -138,7 +140,9 @@ def run_stages(
             measured, size = model, disk_bytes(stage_dir)
         rows.append(_measure(stage, measured, size, count_parameters(model), eval_rows, pad_id,
                              num_labels, teacher_quality, details))
-        timed = measured if stage.kind == "quantize" else copy.deepcopy(measured)  # quantize: loaded, and last
+        # A copy only where a later stage changes the model in place (quantize saves a converted copy).
+        changed_later = any(later.kind in CHANGES_MODEL for later in stages[position + 1:])
+        timed = copy.deepcopy(measured) if measured is model and changed_later else measured
         timed_work.update(_keyed(stage.name, "model", latency_work(timed, eval_rows, pad_id)))
         if stage.export == "onnx":
             tokenizer_dir = student_dir if stage.kind == "measure" else stage_dir

@@ -169,7 +169,7 @@ def test_efficiency_times_rows_from_every_language_the_same_rows_every_run(tiny_
     from polydistill.student.efficiency import interleaved_latency_ms
     from polydistill.student.scoring import LATENCY_ROUNDS, latency_figures, latency_work, sizes
 
-    def efficiency(model, model_dir, rows, pad_id):  # what evaluation and compression report of one model
+    def efficiency(model, model_dir, rows, pad_id):  # what evaluation reports of one model timed alone
         timed = interleaved_latency_ms(latency_work(model, rows, pad_id), rounds=LATENCY_ROUNDS)
         return {**sizes(model, model_dir, rows), **latency_figures(timed)}
 

@@ -89,15 +89,15 @@ def row(name, accuracy, params, latency, status="ok"):
     return {"trial": name, "status": status, "accuracy": accuracy, "params": params, "latency_share_batch32": latency}
 
 
-ROWS = [
-    row("a", 0.80, 100, 10.0),
-    row("b", 0.70, 50, 10.0),    # smaller than a, less accurate: on the front
-    row("c", 0.70, 100, 10.0),   # a is as small, as fast and more accurate: dominated
-    row("d", 0.90, 200, 20.0),   # the most accurate: on the front
-    row("e", 0.60, 50, 5.0),     # the fastest: on the front
+ROWS = [  # the latency: the student's share of the teacher's
+    row("a", 0.80, 100, 0.25),
+    row("b", 0.70, 50, 0.25),    # smaller than a, less accurate: on the front
+    row("c", 0.70, 100, 0.25),   # a is as small, as fast and more accurate: dominated
+    row("d", 0.90, 200, 0.5),    # the most accurate: on the front
+    row("e", 0.60, 50, 0.125),   # the fastest: on the front
     row("f", None, None, None, status="error"),  # failed: never a candidate
-    row("g", 0.80, 100, 10.0),   # equal to a: equals do not dominate each other
-    row("h", 0.60, 50, 6.0),     # e is as small, faster, as accurate: dominated
+    row("g", 0.80, 100, 0.25),   # equal to a: equals do not dominate each other
+    row("h", 0.60, 50, 0.15),    # e is as small, faster, as accurate: dominated
 ]
 
 
@@ -255,7 +255,7 @@ def test_trial_metrics_read_the_job_report():
                     "student": {"accuracy": 0.52, "macro_f1": 0.4}},
         "efficiency": {"student": {"params": 1000, "disk_bytes": 4000, "latency_ms_batch1": 1.0,
                                    "latency_ms_batch32": 3.0},
-                       "speedup_batch1": 2.0, "speedup_batch32": 4.0},
+                       "teacher": {"latency_ms_batch1": 2.0, "latency_ms_batch32": 12.0}},
         "teachers": [{"samples": 0}], "samples_distilled": 64, "total_seconds": 12.0, "final_loss": 0.7,
         "knowledge_cache": {"key": "k", "read_from_start": True},
     }
@@ -275,7 +275,7 @@ def test_latency_share_compares_trials_timed_on_a_machine_whose_speed_drifted():
     def report(student_ms, teacher_ms, accuracy):
         return {"overall": {"language_average": {"student": accuracy}},
                 "efficiency": {"student": {"params": 1000, "latency_ms_batch32": student_ms},
-                               "speedup_batch32": teacher_ms / student_ms}}
+                               "teacher": {"latency_ms_batch32": teacher_ms}}}
     fast, slow = trial_metrics(report(10.0, 40.0, 0.80)), trial_metrics(report(20.0, 80.0, 0.81))
     assert fast["latency_share_batch32"] == slow["latency_share_batch32"] == 0.25
     rows = [{"trial": "fast", **fast}, {"trial": "slow", **slow}]
@@ -294,6 +294,8 @@ def test_table_marks_best_and_front(tmp_path):
     line = {cells.split("|")[1].strip(): cells for cells in table[2:]}
     assert "★◆" in line["d"] and "◆" in line["a"] and "◆" not in line["c"] and "failed" in line["f"]
     assert "[[1, 2]]" in line["a"]
+    assert "4.00×" in line["a"] and "8.00×" in line["e"] and "2.00×" in line["d"]  # the speed-up: 1 / share
+    assert "| — " in line["f"]
     path = plot_pareto(rows, result["pareto_front"], "d", "accuracy", ["params", "latency_share_batch32"],
                        tmp_path / "pareto.png")
     assert path is not None and path.read_bytes().startswith(b"\x89PNG")
