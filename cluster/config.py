@@ -178,7 +178,8 @@ class StudentConfig(_Strict):
     )
     init_from_teacher_layers: list[int] | None = Field(
         default=None,
-        description="Copy the teacher's embeddings and these encoder layers (DistilBERT style). "
+        description="Copy the teacher's embeddings, these encoder layers and its head. On the multilingual case "
+        "study the lowest layers ([0, 1, 2, 3]) beat layers spread over the depth ([0, 4, 8, 11]) by 3 points. "
         "Needs the student's width and heads to equal the teacher's.",
     )
     vocab_min_count: int = Field(
