@@ -256,8 +256,7 @@ class TuneConfig(_Strict):
         default="accuracy",
         description="What the best trial maximises: accuracy is the student's language-average accuracy.",
     )
-    minimize: list[Literal["params", "non_embedding_params", "disk_bytes", "latency_ms_batch1",
-                           "latency_ms_batch32", "latency_share_batch1", "latency_share_batch32"]] = Field(
+    minimize: list[Literal[COST_KEYS]] = Field(
         default_factory=lambda: ["params", "latency_share_batch32"],
         description="The costs of the Pareto front (the student's); latencies need evaluation.latency: true. "
         "A latency share (the student's latency over the teacher's, timed together in each trial) compares "

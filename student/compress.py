@@ -151,7 +151,6 @@ def run_stages(
                 teacher_quality)
             timed_work.update(_keyed(stage.name, "onnx", latency_work(runtime_model, eval_rows, pad_id)))
     latency_ms = interleaved_latency_ms(timed_work, rounds=LATENCY_ROUNDS)
-    del timed_work  # the copies
     return [_with_latency(row, latency_ms) for row in rows]
 
 
