@@ -635,16 +635,19 @@ def format_validation_table(report: Mapping) -> str:
 
 
 def early_stopping_lines(report: Mapping) -> str:
-    """training.patience: one line per student that stopped before its planned epochs."""
+    """training.patience: one line per student that stopped before its planned epochs. The rule may fire on
+    the last planned epoch too; that model trained its whole plan and gets no line."""
+    planned = report["epochs"]
     students = {"student": report, **{name: section for name, section in (report.get("extra_students") or {}).items()}}
     lines = [f"- {name} stopped early: no new best dev score in the {stopped['patience']} epoch(s) up to epoch "
-             f"{stopped['after_epoch'] + 1}; trained {stopped['last_epoch'] + 1} of {report['epochs']} planned epochs"
+             f"{stopped['after_epoch'] + 1}; trained {stopped['last_epoch'] + 1} of {planned} planned epochs"
              + (" (the epoch under way was finished)" if stopped["last_epoch"] > stopped["after_epoch"] else "")
-             for name, section in students.items() if (stopped := section.get("stopped_early"))]
+             for name, section in students.items()
+             if (stopped := section.get("stopped_early")) and stopped["last_epoch"] + 1 < planned]
     lines += [f"- {name} stopped early by the same rule: trained {section['curve'][-1]['epoch']:g} of "
-              f"{report['epochs']} planned epochs"
+              f"{planned} planned epochs"
               for name, section in (report.get("ablation_validation") or {}).items()
-              if section.get("stopped_early") and section.get("curve")]
+              if section.get("stopped_early") and section.get("curve") and section["curve"][-1]["epoch"] < planned]
     return "\n\n" + "\n".join(lines) if lines else ""
 
 

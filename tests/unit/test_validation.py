@@ -71,6 +71,18 @@ def test_the_report_says_which_students_stopped_early_and_after_which_epoch():
     assert early_stopping_lines({"epochs": 2}) == ""
 
 
+def test_a_rule_that_fires_on_the_last_planned_epoch_is_not_called_stopping_early():
+    # the best dev epoch was the third of five: two epochs without a new best end the plan where it ended anyway
+    curve = [{"step": 10 * epoch, "epoch": float(epoch), "accuracy": 0.7, "per_language": {}}
+             for epoch in (1, 2, 3, 4, 5)]
+    report = {"epochs": 5, "stopped_early": {"after_epoch": 4, "patience": 2, "last_epoch": 4},
+              "ablation_validation": {"ablation:tiny": {"curve": curve, "kept_step": 30, "stopped_early": True}}}
+    assert early_stopping_lines(report) == ""
+    report["ablation_validation"]["ablation:tiny"]["curve"] = curve[:4]
+    assert early_stopping_lines(report) == ("\n\n- ablation:tiny stopped early by the same rule: "
+                                            "trained 4 of 5 planned epochs")
+
+
 def test_the_report_table_marks_the_kept_epoch_and_shows_the_weakest_language():
     scores = [{"epoch": 0, "step": 10, "accuracy": 0.70, "per_language": {"eng": 0.8, "yor": 0.55}},
               {"epoch": 1, "step": 20, "accuracy": 0.74, "per_language": {"eng": 0.82, "yor": 0.61}}]
