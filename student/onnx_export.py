@@ -21,6 +21,7 @@ FLOAT_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 # Text to trace and check the graphs on: two lengths, so the padding path is exercised too.
 CHECK_TEXTS = ("A short sentence.", "A somewhat longer sentence, for the graph to see padding as well.")
+SPINNING_ENTRY = "session.intra_op.allow_spinning"  # onnxruntime's name for the setting
 # Files of the model folder that the exported one keeps, so a tokenizer and the label names load beside it.
 KEPT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "sentencepiece.bpe.model", "vocab.txt", "README.md")
@@ -90,7 +91,13 @@ class OnnxRuntimeClassifier(torch.nn.Module):
         import onnxruntime
 
         self.path = Path(path)
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # It is timed in the same rounds as torch models (student/efficiency.py): the same number of threads,
+        # and no worker threads left spinning after a run, taking the cores from the next model timed.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry(SPINNING_ENTRY, "0")
+        self.session = onnxruntime.InferenceSession(str(path), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
         (logits,) = self.session.run(["logits"], {"input_ids": input_ids.numpy().astype(np.int64),

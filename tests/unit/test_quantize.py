@@ -14,6 +14,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
+from polydistill.student.onnx_export import SPINNING_ENTRY, OnnxRuntimeClassifier
 from polydistill.student.prune import prune_heads
 from polydistill.student.quantize import (
     METHOD,
@@ -233,3 +234,14 @@ def test_onnx_export_matches_torch(model, inputs, tmp_path):
     sample = {name: tensor[:4] for name, tensor in inputs.items()}
     path = export_onnx(model, sample, tmp_path / "model.onnx")
     assert onnx_max_abs_diff(model, path, sample) < 1e-4
+
+
+@pytest.mark.skipif(onnx_unavailable_reason() is not None, reason=str(onnx_unavailable_reason()))
+def test_the_onnx_classifier_timed_beside_torch_uses_torchs_threads_and_leaves_no_thread_spinning(
+        model, inputs, tmp_path):
+    sample = {name: tensor[:4] for name, tensor in inputs.items()}
+    runtime = OnnxRuntimeClassifier(export_onnx(model, sample, tmp_path / "model.onnx"))
+    options = runtime.session.get_session_options()
+    assert options.intra_op_num_threads == torch.get_num_threads()
+    assert options.get_session_config_entry(SPINNING_ENTRY) == "0"
+    assert torch.allclose(runtime(**sample).logits, logits(model, sample), atol=1e-4)
